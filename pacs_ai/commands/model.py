@@ -1,0 +1,32 @@
+"""`pacs-ai model`: print the model card of the model the service would load."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "print the loaded model's card: name, version, threshold, validation metrics"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model file (default: the shipped model)")
+    parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacs_ai.model import PneumoniaModel
+
+    model = PneumoniaModel.load(args.model)
+    metadata = model.info.metadata
+    if args.json:
+        print(json.dumps(metadata, indent=2, sort_keys=True))
+        return 0
+    metrics = metadata.get("validation_metrics", {})
+    print(f"model:      {model.info.label}")
+    print(f"file:       {model.path}")
+    print(f"threshold:  {model.info.threshold:.4f} ({metadata.get('threshold_rule', 'rule not recorded')})")
+    print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
+        if key in metrics:
+            print(f"val {key + ':':<13}{metrics[key]:.4f}")
+    return 0

@@ -1,0 +1,159 @@
+"""Loading a model file and checking it against the contract (see DESIGN.md).
+
+A model file is TorchScript saved with an extra file ``pacs_ai.json`` holding its metadata.
+Input: float32 [N, 1, 200, 200] from :func:`pacs_ai.imaging.to_model_input`.
+Output: [N] logits or probabilities of class "pneumonia", as ``output`` in the metadata says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacs_ai.errors import UserError
+from pacs_ai.imaging import MODEL_INPUT_SIZE, PREPROCESSING_ID
+
+METADATA_FILE = "pacs_ai.json"
+FORMAT_ID = "pacs-ai-model/1"
+SHIPPED_MODEL_FILENAME = "pacs-ai-pneumonia.pt"
+EXPECTED_INPUT_SHAPE = [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
+REQUIRED_KEYS = ("format", "name", "version", "classes", "positive_class", "input", "output",
+                 "threshold")
+
+
+class ModelContractError(UserError):
+    """The model file is missing, unreadable or does not match the contract."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the service needs to know about a loaded model."""
+
+    name: str
+    version: str
+    threshold: float
+    output_kind: str  # "logit" or "probability"
+    metadata: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+def default_model_path() -> Path:
+    """The shipped model: $PACS_AI_MODEL, the source checkout, or the installed copy."""
+    override = os.environ.get("PACS_AI_MODEL")
+    if override:
+        return Path(override)
+    candidates = [
+        Path(__file__).resolve().parent.parent / "deploy" / "models" / SHIPPED_MODEL_FILENAME,
+        Path(sys.prefix) / "share" / "pacs-ai" / "models" / SHIPPED_MODEL_FILENAME,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return candidates[0]
+
+
+def validate_metadata(metadata: Any) -> ModelInfo:
+    """Check metadata against the contract; raise ModelContractError naming what is wrong."""
+    if not isinstance(metadata, dict):
+        raise ModelContractError("model metadata is not a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ModelContractError(f"model metadata lacks required keys: {', '.join(missing)}")
+    if metadata["format"] != FORMAT_ID:
+        raise ModelContractError(
+            f"model format {metadata['format']!r} is not supported (expected {FORMAT_ID!r})")
+    model_input = metadata["input"]
+    shape = model_input.get("shape") if isinstance(model_input, dict) else None
+    if shape != EXPECTED_INPUT_SHAPE:
+        raise ModelContractError(
+            f"model expects input shape {shape}, but this service produces {EXPECTED_INPUT_SHAPE}")
+    preprocessing = model_input.get("preprocessing")
+    if preprocessing != PREPROCESSING_ID:
+        raise ModelContractError(
+            f"model was trained with preprocessing {preprocessing!r}, this service provides "
+            f"{PREPROCESSING_ID!r}")
+    if metadata["output"] not in ("logit", "probability"):
+        raise ModelContractError(
+            f"model output kind {metadata['output']!r} must be 'logit' or 'probability'")
+    if metadata["positive_class"] != "pneumonia" or "pneumonia" not in metadata["classes"]:
+        raise ModelContractError("model must output the probability of class 'pneumonia'")
+    threshold = metadata["threshold"]
+    if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ModelContractError(f"model threshold {threshold!r} must be a number in [0, 1]")
+    return ModelInfo(name=str(metadata["name"]), version=str(metadata["version"]),
+                     threshold=float(threshold), output_kind=metadata["output"],
+                     metadata=metadata)
+
+
+class PneumoniaModel:
+    """A loaded, validated TorchScript model: batches of model input in, probabilities out."""
+
+    def __init__(self, module: Any, info: ModelInfo, path: Path):
+        self.module = module
+        self.info = info
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> "PneumoniaModel":
+        import torch
+
+        model_path = Path(path) if path is not None else default_model_path()
+        if not model_path.is_file():
+            raise ModelContractError(f"model file not found: {model_path}")
+        extra_files = {METADATA_FILE: ""}
+        try:
+            module = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra_files)
+        except Exception as error:  # torch raises RuntimeError/ValueError/zip errors alike
+            raise ModelContractError(
+                f"{model_path} is not a TorchScript model file: {error}") from None
+        raw = extra_files[METADATA_FILE]
+        if not raw:
+            raise ModelContractError(
+                f"{model_path} has no {METADATA_FILE} metadata; export it with "
+                "`python -m training export` so the service knows its threshold and input")
+        try:
+            metadata = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ModelContractError(f"{model_path}: metadata is not valid JSON: {error}") from None
+        info = validate_metadata(metadata)
+        module.eval()
+        model = cls(module, info, model_path)
+        model._check_runs()
+        return model
+
+    def _check_runs(self) -> None:
+        """Run one blank image so a shape mismatch shows at load time, not on the first patient."""
+        blank = np.full((1, *EXPECTED_INPUT_SHAPE), 0.5, dtype=np.float32)
+        try:
+            probabilities = self.predict(blank)
+        except Exception as error:
+            raise ModelContractError(
+                f"{self.path}: model failed on a [1, 1, 200, 200] input: {error}") from None
+        if probabilities.shape != (1,):
+            raise ModelContractError(
+                f"{self.path}: model output has shape {probabilities.shape}, expected [N]")
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of pneumonia, shape [N], for a float32 batch [N, 1, 200, 200]."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        with torch.inference_mode():
+            output = self.module(tensor)
+        output = output.reshape(-1)
+        if self.info.output_kind == "logit":
+            output = torch.sigmoid(output)
+        return output.double().numpy()
+
+    def finding(self, probability: float) -> str:
+        """'pneumonia' at or above the stored threshold, else 'normal'."""
+        return "pneumonia" if probability >= self.info.threshold else "normal"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs on a fresh Debian machine with Python 3.11, then runs it.
+# Debian packages: DCMTK, dicom3tools and Orthanc are the real DICOM peers the tests talk to.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "${need_apt[@]}"
+fi
+
+bash scripts/setup-venv.sh dev
+exec .venv/bin/python -m pytest "$@"
