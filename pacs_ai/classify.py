@@ -1,0 +1,130 @@
+"""Offline classification of files: DICOM, PNG or JPEG in, one result dict per file out.
+
+The same steps as the service (filter, decode, preprocess, model), without the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacs_ai.filters import FilterPolicy, skip_reason
+from pacs_ai.imaging import to_model_input
+from pacs_ai.model import PneumoniaModel
+from pacs_ai.pixels import DEFAULT_MAX_PIXELS, PixelDataError, display_array
+
+BATCH_SIZE = 32
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class SkipImage(Exception):
+    """The file is a valid image the model was not made for; str(error) is the reason."""
+
+
+@dataclass
+class Prepared:
+    path: Path
+    model_input: np.ndarray | None = None
+    status: str = "ok"
+    reason: str | None = None
+
+
+def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given, and every file under a folder, in sorted order."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> np.ndarray:
+    """A display-oriented 2-D array from a DICOM, PNG or JPEG file.
+
+    Raises SkipImage for images outside the model's scope, ValueError for unreadable ones.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    if head[128:132] == b"DICM":
+        return read_dicom_image(path, policy, max_pixels)
+    if path.suffix.lower() in PICTURE_SUFFIXES or head.startswith((b"\x89PNG", b"\xff\xd8")):
+        return read_picture(path, max_pixels)
+    return read_dicom_image(path, policy, max_pixels)
+
+
+def read_picture(path: Path, max_pixels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            if picture.width * picture.height > max_pixels:
+                raise ValueError(f"too-large: {picture.width} x {picture.height} pixels")
+            return np.asarray(picture.convert("L"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"unreadable: not a readable PNG/JPEG ({error})") from None
+
+
+def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise ValueError("not-dicom: not a DICOM, PNG or JPEG file") from None
+    except Exception as error:  # pydicom raises many kinds on corrupt headers
+        raise ValueError(f"unreadable: DICOM header cannot be parsed ({error})") from None
+    reason = skip_reason(dataset, policy)
+    if reason is not None:
+        raise SkipImage(reason)
+    return display_array(dataset, max_pixels=max_pixels)
+
+
+def prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
+    try:
+        image = read_display_image(path, policy, max_pixels)
+        return Prepared(path, model_input=to_model_input(image))
+    except SkipImage as skip:
+        return Prepared(path, status="skipped", reason=str(skip))
+    except PixelDataError as error:
+        return Prepared(path, status="error", reason=str(error))
+    except (ValueError, OSError, MemoryError) as error:
+        return Prepared(path, status="error", reason=str(error) or type(error).__name__)
+    except Exception as error:  # a decoder bug must not end a run over hundreds of files
+        return Prepared(path, status="error", reason=f"decode-failed: {type(error).__name__}: {error}")
+
+
+def classify_files(paths: Iterable[str | Path], model: PneumoniaModel,
+                   policy: FilterPolicy = FilterPolicy(),
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
+    """One result dict per file, in input order, classifying in batches."""
+    pending: list[Prepared] = []
+    for path in expand_paths(paths):
+        pending.append(prepare(path, policy, max_pixels))
+        if sum(p.model_input is not None for p in pending) >= BATCH_SIZE:
+            yield from _finish(pending, model)
+            pending = []
+    yield from _finish(pending, model)
+
+
+def _finish(pending: list[Prepared], model: PneumoniaModel) -> Iterator[dict[str, Any]]:
+    ready = [p for p in pending if p.model_input is not None]
+    probabilities = (model.predict(np.stack([p.model_input for p in ready])) if ready else [])
+    by_path = dict(zip((id(p) for p in ready), probabilities))
+    model_label = {"name": model.info.name, "version": model.info.version}
+    for item in pending:
+        result: dict[str, Any] = {"path": str(item.path), "status": item.status,
+                                  "probability": None, "finding": None,
+                                  "threshold": model.info.threshold, "model": model_label}
+        if item.model_input is not None:
+            probability = float(by_path[id(item)])
+            result["probability"] = round(probability, 6)
+            result["finding"] = model.finding(probability)
+        else:
+            result["reason"] = item.reason
+        yield result

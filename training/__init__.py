@@ -1,0 +1,1 @@
+"""Training package: chest X-ray folders -> TorchScript model file for pacs_ai (see README)."""
