@@ -1,0 +1,144 @@
+"""Prometheus metrics and the small HTTP server that exposes them with a health check.
+
+All metrics live on a dedicated `REGISTRY` (not prometheus-client's global one), so importing this
+module twice in a process, or starting several services in one test process, never collides on
+metric names. The listener increments the objects below; `start_metrics_server` serves
+`/metrics` (Prometheus text format) and `/healthz` (JSON from a callback; 200 when ok, else 503).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+
+from pacs_ai.errors import UserError
+
+log = structlog.get_logger()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECEIVED = Counter(
+    "pacs_ai_received", "Instances received by C-STORE and acknowledged (durably spooled).",
+    registry=REGISTRY)
+SKIPPED = Counter(
+    "pacs_ai_skipped", "Instances not classified because a filter excluded them, by reason code.",
+    ["reason"], registry=REGISTRY)
+CLASSIFIED = Counter(
+    "pacs_ai_classified", "Instances classified by the model, by finding.",
+    ["finding"], registry=REGISTRY)
+REPORTED = Counter(
+    "pacs_ai_reported", "Structured reports delivered, by destination.",
+    ["destination"], registry=REGISTRY)
+FAILED = Counter(
+    "pacs_ai_failed", "Jobs that failed, by pipeline stage (receive, classify, report, send).",
+    ["stage"], registry=REGISTRY)
+REJECTED = Counter(
+    "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",
+    ["reason"], registry=REGISTRY)
+# Inference on CPU takes tens of milliseconds to seconds; delivery waits on retries, so minutes.
+CLASSIFY_SECONDS = Histogram(
+    "pacs_ai_classify_seconds", "Time to decode, preprocess and classify one instance.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY)
+RECEIVE_TO_DELIVERY_SECONDS = Histogram(
+    "pacs_ai_receive_to_delivery_seconds",
+    "Time from acknowledging an instance to delivering its report to a destination.",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0),
+    registry=REGISTRY)
+BACKLOG = Gauge(
+    "pacs_ai_backlog_jobs", "Jobs received but not yet finished (queued or being retried).",
+    registry=REGISTRY)
+
+HealthCallback = Callable[[], dict[str, Any]]
+
+
+def reason_code(reason: str) -> str:
+    """The label value for a skip/reject reason: the code before the colon ('modality: MR' -> 'modality').
+
+    Keeps label cardinality bounded: the free text after the colon varies per instance.
+    """
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+class MetricsServer:
+    """A running metrics/health HTTP server in a daemon thread."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.host: str = httpd.server_address[0]
+        self.port: int = httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket; safe to call more than once."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=5)
+        self._httpd.server_close()
+
+
+def _handler_class(health: HealthCallback) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        server_version = "pacs-ai-metrics"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
+            elif path == "/healthz":
+                status, body = _health_response(health)
+                self._send(status, "application/json", body)
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            # Scrapes every few seconds would flood the journal; keep them at debug level.
+            log.debug("metrics_http_request", client=self.client_address[0], request=format % args)
+
+    return MetricsHandler
+
+
+def _health_response(health: HealthCallback) -> tuple[int, bytes]:
+    """Never lets a failing health callback take the server down: it reports unhealthy instead."""
+    try:
+        report = dict(health())
+    except Exception as error:  # the check itself failing is a health finding, not a crash
+        log.warning("health_check_failed", error=str(error))
+        report = {"ok": False, "error": f"health check failed: {error}"}
+    status = 200 if report.get("ok") else 503
+    return status, (json.dumps(report, default=str, sort_keys=True) + "\n").encode()
+
+
+def start_metrics_server(host: str, port: int, health: HealthCallback) -> MetricsServer:
+    """Serve /metrics and /healthz on host:port (port 0: a free port) in a daemon thread."""
+    try:
+        httpd = ThreadingHTTPServer((host, port), _handler_class(health))
+    except OSError as error:
+        raise UserError(
+            f"cannot serve metrics on {host}:{port}: {error.strerror or error}; "
+            "choose another [metrics] port or host in the config, or set [metrics] enabled = false"
+        ) from error
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name=f"metrics-{port}", daemon=True)
+    thread.start()
+    server = MetricsServer(httpd, thread)
+    log.info("metrics_serving", url=server.url)
+    return server
