@@ -1,0 +1,154 @@
+"""`python -m training train|evaluate|export|table`.
+
+  train     train one named configuration on ROOT/train (validation split carved from it by
+            patient), write the run folder with its report and model.pt
+  evaluate  run a model file (through the service's contract) on a folder split and write a report
+  export    copy a run's model into a model file with a release version (the shipped model)
+  table     the comparison table (markdown) of several runs' validation figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "chest_xray"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.models import CONFIGS
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a named configuration")
+    train.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="chest_xray root folder")
+    train.add_argument("--out", type=Path, required=True, help="run folder to create")
+    train.add_argument("--seed", type=int, default=0, help="seeds the split, weights and order")
+    train.add_argument("--epochs", type=int, help="override the configuration's epochs")
+    train.add_argument("--validation-fraction", type=float, default=0.15)
+    train.add_argument("--limit-per-class", type=int, help="first N images per class (smoke runs)")
+    train.add_argument("--version", default="dev", help="version written into the model file")
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model file on a folder split")
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    evaluate.add_argument("--split", default="val", help="sub-folder of --data (never tune on test)")
+    evaluate.add_argument("--out", type=Path, required=True)
+
+    export = commands.add_parser("export", help="release a run's model file under a version")
+    export.add_argument("--run", type=Path, required=True)
+    export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--version", required=True)
+    export.add_argument("--name", default="pacs-ai-pneumonia")
+
+    table = commands.add_parser("table", help="markdown table of several runs")
+    table.add_argument("runs", nargs="+", type=Path)
+    return parser
+
+
+def command_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.data import load_split
+    from training.models import CONFIGS
+    from training.split import make_split, save_split
+    from training.train import train_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = CONFIGS[args.config]
+    images = load_split(args.data, "train", limit_per_class=args.limit_per_class,
+                        progress=not args.quiet)
+    split = make_split(images, args.validation_fraction, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_split(split, images, args.out / "split.json", args.seed)
+    data_description = {
+        "source": "Kermany et al. 2018 pediatric chest X-ray (CC BY 4.0), official train/ only",
+        "train_images": len(split["train"]), "validation_images": len(split["validation"]),
+        "validation_fraction": args.validation_fraction, "split_seed": args.seed,
+    }
+    metrics = train_run(config, images.subset(split["train"]), images.subset(split["validation"]),
+                        args.out, seed=args.seed, epochs=args.epochs, version=args.version,
+                        data_description=data_description, progress=not args.quiet)
+    print(json.dumps({"run": str(args.out), "threshold": metrics["threshold"],
+                      "val_auc": metrics["roc_auc"], "val_accuracy": metrics["accuracy"],
+                      "val_sensitivity": metrics["sensitivity"],
+                      "training_seconds": round(metrics["training_seconds"], 1)}))
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pacs_ai.classify import classify_files
+    from pacs_ai.model import PneumoniaModel
+    from training.data import list_split
+    from training.report import write_report
+
+    model = PneumoniaModel.load(args.model)
+    items = list_split(args.data, args.split)
+    results = list(classify_files([p for p, _ in items], model))
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} images could not be classified, e.g. {failed[0]}", file=sys.stderr)
+        return 1
+    probabilities = np.array([r["probability"] for r in results])
+    labels = np.array([label for _, label in items])
+    metrics = write_report(args.out, probabilities, labels, model.info.threshold,
+                           title=f"{args.split}")
+    print(json.dumps({k: metrics[k] for k in ("count", "accuracy", "sensitivity", "specificity",
+                                              "roc_auc", "ece")}))
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from pacs_ai.model import PneumoniaModel
+    from training.export import build_metadata, export_model
+    from training.models import CONFIGS, build_network
+
+    source = PneumoniaModel.load(args.run / "model.pt").info.metadata
+    config = CONFIGS[source["training"]["config"]]
+    network = build_network(config)
+    network.load_state_dict(torch.load(args.run / "checkpoint.pt", weights_only=True))
+    kept = {k: v for k, v in source.items()
+            if k not in ("format", "name", "version", "classes", "positive_class", "input",
+                         "output", "threshold", "threshold_rule", "created", "git_commit")}
+    metadata = build_metadata(name=args.name, version=args.version, threshold=source["threshold"],
+                              threshold_rule=source["threshold_rule"], output=source["output"],
+                              **kept)
+    metadata["git_commit"] = source["git_commit"]  # the commit that trained it, not this one
+    export_model(network, args.output, metadata)
+    shutil.copy(args.run / "split.json", args.output.with_suffix(".split.json"))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def command_table(args: argparse.Namespace) -> int:
+    rows = [json.loads((run / "summary.json").read_text()) for run in args.runs]
+    print("| configuration | epochs | val accuracy @0.5 | val AUC | threshold | val accuracy | "
+          "sensitivity | specificity | sens @ spec 0.90 | ECE | train time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['config']} | {row['epochs']} | {row['accuracy_at_0.5']:.3f} | "
+              f"{row['roc_auc']:.3f} | {row['threshold']:.3f} | {row['accuracy']:.3f} | "
+              f"{row['sensitivity']:.3f} | {row['specificity']:.3f} | "
+              f"{row['sensitivity_at_specificity_0.90']:.3f} | {row['ece']:.3f} | "
+              f"{row['training_seconds'] / 60:.1f} min |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": command_train, "evaluate": command_evaluate, "export": command_export,
+               "table": command_table}[args.command]
+    return handler(args)
