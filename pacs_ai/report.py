@@ -1,0 +1,395 @@
+"""The DICOM Structured Report pacs-ai sends back: one SR per classified chest radiograph.
+
+Content (TID 1500 Imaging Measurement Report, as the IHE AI Results profile uses it)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, observer = the algorithm as a device (TID 1001/1004)
+      Procedure reported = Plain chest X-ray (SCT 399208008)
+      Image Library (TID 1600): the source image with its descriptors
+      Imaging Measurements
+        Measurement Group (TID 1501)
+          Tracking Identifier + Tracking Unique Identifier
+          Finding Site = Lung (SCT 39607008)
+          Algorithm Name / Version / Parameters ("threshold=<t>")
+          Probability (DCM 122157) = p, unit UCUM "1"     <- the model output, 0..1
+          Pneumonia (SCT 233604007) = Present (SCT 52101004) | Absent (SCT 272519000)
+          Source = the source image
+
+Why DCM 122157 "Probability" for the number: it is the DICOM concept for a probability as such
+(the finding is already named by the qualitative evaluation next to it, and by the group), and
+unlike "Probability of cancer" (DCM 111047) it claims no disease. UCUM "1" is the unit of a pure
+number (DICOM CID 7181 "no units").
+
+Present means ``probability >= model.threshold``, the same rule as
+:meth:`pacs_ai.model.PneumoniaModel.finding`.
+
+Patient and study attributes come from the source (highdicom copies them from the evidence); the
+SR keeps the source's Study Instance UID, gets its own series (one per study and model version)
+and deterministic UIDs (:mod:`pacs_ai.uids`), and says VerificationFlag UNVERIFIED: nobody
+accountable has checked it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import highdicom as hd
+import structlog
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageContentItem,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+    UIDRefContentItem,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
+
+import pacs_ai
+from pacs_ai.model import ModelInfo
+from pacs_ai.uids import device_observer_uid, report_series_uid, report_uid, tracking_uid
+
+log = structlog.get_logger()
+
+# --- Codes (the meanings are those DICOM PS3.16 gives) ---------------------------------------
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+LUNG = Code("39607008", "SCT", "Lung")
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+PROBABILITY = Code("122157", "DCM", "Probability")
+UNITLESS = Code("1", "UCUM", "no units")
+SOURCE = Code("260753009", "SCT", "Source")  # concept name highdicom gives library images
+
+# --- What a report is made from ---------------------------------------------------------------
+SR_KINDS = {
+    "comprehensive3d": hd.sr.Comprehensive3DSR,
+    "comprehensive": hd.sr.ComprehensiveSR,
+}
+DEFAULT_SR_KIND = "comprehensive3d"
+SUPPORTED_SOURCE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+}
+REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                              "SeriesInstanceUID", "Rows", "Columns")
+# Type 2 attributes highdicom reads from the evidence; an empty value is valid, absence is not.
+TYPE2_PATIENT_STUDY_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                                  "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                                  "ReferringPhysicianName")
+VALID_PATIENT_SEX = {"M", "F", "O"}
+
+# --- The SR's own series and equipment ----------------------------------------------------------
+DEFAULT_MANUFACTURER = "pacs-ai"
+SERIES_DESCRIPTION = "pacs-ai pneumonia (AI, not verified)"
+# High, so viewers sort the AI series after the acquired images.
+DEFAULT_SERIES_NUMBER = 9901
+TRACKING_IDENTIFIER = "pacs-ai pneumonia finding"
+
+
+class ReportSourceError(ValueError):
+    """The source dataset cannot be reported on (missing attribute, unsupported SOP class)."""
+
+
+def threshold_parameter(threshold: float) -> str:
+    """The Algorithm Parameters text that records the decision threshold."""
+    return f"threshold={threshold:.6g}"
+
+
+def build_report(
+    source: Dataset,
+    probability: float,
+    model: ModelInfo,
+    *,
+    sr_kind: str = DEFAULT_SR_KIND,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+) -> Dataset:
+    """The SR (a pydicom Dataset with file_meta, ready to save or C-STORE) for one source image.
+
+    ``source`` may have been read with ``stop_before_pixels``; it is not modified.
+    Raises :class:`ReportSourceError` for a source that lacks what a report needs, and
+    ``ValueError`` for a probability outside [0, 1] or an unknown ``sr_kind``.
+    """
+    sr_class = SR_KINDS.get(sr_kind)
+    if sr_class is None:
+        raise ValueError(f"sr_kind {sr_kind!r} is not one of {', '.join(sorted(SR_KINDS))}")
+    probability = float(probability)
+    if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
+        raise ValueError(f"probability {probability!r} is not in [0, 1]")
+
+    header = source_header(source)
+    source_uid = str(header.SOPInstanceUID)
+    content = _measurement_report(header, probability, model, manufacturer)
+
+    sr = sr_class(
+        evidence=[header],
+        content=content,
+        series_instance_uid=report_series_uid(header.StudyInstanceUID, model.name, model.version),
+        series_number=series_number,
+        sop_instance_uid=report_uid(source_uid, model.name, model.version),
+        instance_number=_instance_number(header),
+        manufacturer=manufacturer,
+        manufacturer_model_name=model.name,
+        software_versions=[f"pacs-ai {pacs_ai.__version__}", f"model {model.version}"],
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        series_description=SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    log.debug("report built", sr_sop_instance_uid=sr.SOPInstanceUID,
+              source_sop_instance_uid=source_uid, sr_kind=sr_kind)
+    return sr
+
+
+def source_header(source: Dataset) -> Dataset:
+    """A copy of the source without bulk data, checked and fit to serve as SR evidence.
+
+    Absent Type 2 patient/study attributes become empty ones, and values highdicom cannot parse
+    (a PatientSex outside M/F/O, malformed dates/times) are emptied rather than copied into an
+    invalid report. Only attribute keywords are logged, never values.
+    """
+    missing = [keyword for keyword in REQUIRED_SOURCE_ATTRIBUTES
+               if keyword not in source or source[keyword].value in (None, "")]
+    if missing:
+        raise ReportSourceError(f"source dataset lacks {', '.join(missing)}")
+    if str(source.SOPClassUID) not in SUPPORTED_SOURCE_SOP_CLASSES:
+        raise ReportSourceError(
+            f"source SOP class {source.SOPClassUID} is not a CR or DX image; "
+            f"reports are made for {', '.join(SUPPORTED_SOURCE_SOP_CLASSES.values())}")
+
+    header = Dataset()
+    for element in source:
+        if element.tag.group >= 0x7F00 or element.tag.group in range(0x6000, 0x6100):
+            continue  # pixel data, waveforms, overlays: not needed, possibly large
+        header.add(copy.deepcopy(element))
+
+    for keyword in TYPE2_PATIENT_STUDY_ATTRIBUTES:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    emptied = _empty_unparsable_values(header)
+    if emptied:
+        log.warning("source values not valid DICOM, left empty in the report",
+                    attributes=emptied, source_sop_instance_uid=str(source.SOPInstanceUID))
+    return header
+
+
+def _empty_unparsable_values(header: Dataset) -> list[str]:
+    emptied = []
+    sex = str(header.PatientSex or "").strip().upper()
+    if sex not in VALID_PATIENT_SEX | {""}:
+        sex = ""
+        emptied.append("PatientSex")
+    header.PatientSex = sex
+    for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        raw = header[keyword].value
+        if raw in (None, ""):
+            continue
+        try:
+            parse(str(raw))
+        except ValueError:
+            setattr(header, keyword, "")
+            emptied.append(keyword)
+    return emptied
+
+
+def _instance_number(header: Dataset) -> int:
+    """The source's Instance Number, so the SR of image n sorts as n in the AI series."""
+    try:
+        number = int(header.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if number >= 1 else 1
+
+
+def _measurement_report(header: Dataset, probability: float, model: ModelInfo,
+                        manufacturer: str) -> MeasurementReport:
+    source_uid = str(header.SOPInstanceUID)
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(model.name, model.version),
+            name=model.name,
+            manufacturer_name=manufacturer,
+            model_name=model.name,
+        ),
+    )
+    algorithm = AlgorithmIdentification(
+        name=model.name, version=model.version,
+        parameters=[threshold_parameter(model.threshold)])
+    is_present = probability >= model.threshold
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(source_uid, model.name, model.version),
+            identifier=TRACKING_IDENTIFIER),
+        finding_sites=[FindingSite(anatomic_location=LUNG)],
+        algorithm_id=algorithm,
+        measurements=[Measurement(name=PROBABILITY, value=probability, unit=UNITLESS)],
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if is_present else ABSENT)],
+        source_images=[SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=header.SOPClassUID,
+            referenced_sop_instance_uid=header.SOPInstanceUID)],
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=[group],
+    )
+    _insert_image_library(report, header)
+    return report
+
+
+def _insert_image_library(report: MeasurementReport, header: Dataset) -> None:
+    """Put the TID 1600 Image Library before Imaging Measurements, where TID 1500 orders it.
+
+    Built here, not by highdicom's ``referenced_images``: highdicom requires Imager Pixel Spacing
+    and a two-valued Patient Orientation for CR/DX, which CR images (and some DX) do not carry.
+    The TID 1603 projection descriptors are optional, so we write those the source has.
+    """
+    root_items = report[0].ContentSequence
+    measurements_index = next(
+        index for index, item in enumerate(root_items)
+        if item.name == codes.DCM.ImagingMeasurements)
+    root_items.insert(measurements_index, image_library(header))
+
+
+def image_library(header: Dataset) -> ContainerContentItem:
+    """TID 1600 Image Library with one group holding the source image (TID 1601-1603)."""
+    image = ImageContentItem(
+        name=SOURCE,
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    image.ContentSequence = ContentSequence(image_descriptors(header))
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                 relationship_type=RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = ContentSequence([image])
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                   relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
+def image_descriptors(header: Dataset) -> list[Any]:
+    """TID 1602 (modality, size) and TID 1603 (orientation, spacing) items the source supports."""
+    acquisition = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+    modality = (codes.cid29.ComputedRadiography if header.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1"
+                else codes.cid29.DigitalRadiography)
+    items: list[Any] = [
+        CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acquisition),
+    ]
+    if header.get("FrameOfReferenceUID"):
+        items.append(UIDRefContentItem(name=codes.DCM.FrameOfReferenceUID,
+                                       value=header.FrameOfReferenceUID,
+                                       relationship_type=acquisition))
+    items += [
+        NumContentItem(name=codes.DCM.PixelDataRows, value=int(header.Rows), unit=pixels,
+                       relationship_type=acquisition),
+        NumContentItem(name=codes.DCM.PixelDataColumns, value=int(header.Columns), unit=pixels,
+                       relationship_type=acquisition),
+    ]
+    orientation = header.get("PatientOrientation")
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 \
+            and all(orientation):
+        items += [
+            TextContentItem(name=codes.DCM.PatientOrientationRow, value=str(orientation[0]),
+                            relationship_type=acquisition),
+            TextContentItem(name=codes.DCM.PatientOrientationColumn, value=str(orientation[1]),
+                            relationship_type=acquisition),
+        ]
+    spacing = header.get("ImagerPixelSpacing")
+    if spacing is not None and not isinstance(spacing, (str, float, int)) and len(spacing) == 2:
+        items += [
+            NumContentItem(name=codes.DCM.HorizontalPixelSpacing, value=float(spacing[1]),
+                           unit=codes.UCUM.Millimeter, relationship_type=acquisition),
+            NumContentItem(name=codes.DCM.VerticalPixelSpacing, value=float(spacing[0]),
+                           unit=codes.UCUM.Millimeter, relationship_type=acquisition),
+        ]
+    return items
+
+
+# --- Reading a report back (tests, status, the PACS side of pipeline tests) ---------------------
+
+def report_summary(sr: Dataset) -> dict[str, Any]:
+    """What a pacs-ai SR says, read generically from its content tree (works on received SRs).
+
+    Keys: sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid,
+    source_sop_instance_uid, finding ("pneumonia"/"normal"), probability, algorithm_name,
+    algorithm_version, algorithm_parameters, tracking_uid, verification_flag.
+    """
+    items = list(_walk(sr.get("ContentSequence", [])))
+
+    def first(code: Code, attribute: str) -> Any:
+        for item in items:
+            if _concept_is(item, code) and attribute in item:
+                return item
+        return None
+
+    evaluation = first(PNEUMONIA, "ConceptCodeSequence")
+    finding = None
+    if evaluation is not None:
+        value = evaluation.ConceptCodeSequence[0]
+        finding = {PRESENT.value: "pneumonia", ABSENT.value: "normal"}.get(value.CodeValue)
+    measurement = first(PROBABILITY, "MeasuredValueSequence")
+    probability = (float(measurement.MeasuredValueSequence[0].NumericValue)
+                   if measurement is not None else None)
+    source_uids = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                   for item in items if item.get("ValueType") == "IMAGE"]
+    tracking = first(codes.DCM.TrackingUniqueIdentifier, "UID")
+    return {
+        "sop_instance_uid": str(sr.SOPInstanceUID),
+        "series_instance_uid": str(sr.SeriesInstanceUID),
+        "study_instance_uid": str(sr.StudyInstanceUID),
+        "sop_class_uid": str(sr.SOPClassUID),
+        "source_sop_instance_uid": str(source_uids[0]) if source_uids else None,
+        "finding": finding,
+        "probability": probability,
+        "algorithm_name": next(iter(_texts(items, codes.DCM.AlgorithmName)), None),
+        "algorithm_version": next(iter(_texts(items, codes.DCM.AlgorithmVersion)), None),
+        "algorithm_parameters": _texts(items, codes.DCM.AlgorithmParameters),
+        "tracking_uid": str(tracking.UID) if tracking is not None else None,
+        "verification_flag": sr.get("VerificationFlag"),
+    }
+
+
+def _walk(sequence: Any):
+    for item in sequence:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _concept_is(item: Dataset, code: Code) -> bool:
+    names = item.get("ConceptNameCodeSequence")
+    return bool(names) and names[0].CodeValue == code.value \
+        and names[0].CodingSchemeDesignator == code.scheme_designator
+
+
+def _texts(items: list[Dataset], code: Code) -> list[str]:
+    return [str(item.TextValue) for item in items if _concept_is(item, code) and "TextValue" in item]

@@ -1,0 +1,53 @@
+"""Deterministic DICOM UIDs for what pacs-ai creates.
+
+Every UID pacs-ai writes is a name-based UUID (RFC 4122 version 5) under the ``2.25`` root, which
+DICOM (PS3.5 B.2) allows without a registered org root. Being derived from names, the same inputs
+always give the same UID: a re-sent image classified by the same model yields the same report
+UID, so a PACS sees one report, not a second, different one.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+# Fixed namespace for all pacs-ai name-based UUIDs (uuid5(NAMESPACE_URL, "urn:pacs-ai:uids")).
+# Never change it: every UID already sent to a PACS was derived from it.
+PACS_AI_UID_NAMESPACE = uuid.UUID("7af338f2-a458-53c0-ba3f-1134d5711094")
+
+# Separates the name parts so ("ab", "c") and ("a", "bc") cannot give the same UID.
+_PART_SEPARATOR = "\x1f"
+
+
+def deterministic_uid(purpose: str, *parts: str) -> str:
+    """``2.25.<uuid5 as integer>`` of ``purpose`` and ``parts``; at most 44 characters.
+
+    ``purpose`` keeps UIDs of different kinds apart even when made from the same parts.
+    """
+    for part in (purpose, *parts):
+        if not isinstance(part, str) or not part:
+            raise ValueError(f"UID parts must be non-empty strings, got {part!r}")
+        if _PART_SEPARATOR in part:
+            raise ValueError(f"UID part {part!r} contains a control character")
+    name = _PART_SEPARATOR.join((purpose, *parts))
+    return f"2.25.{uuid.uuid5(PACS_AI_UID_NAMESPACE, name).int}"
+
+
+def report_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
+    """SOP Instance UID of the SR about one source image made by one model version."""
+    return deterministic_uid("sr-instance", str(source_sop_instance_uid), model_name,
+                             model_version)
+
+
+def report_series_uid(study_instance_uid: str, model_name: str, model_version: str) -> str:
+    """Series Instance UID shared by all SRs of one model version within one study."""
+    return deterministic_uid("sr-series", str(study_instance_uid), model_name, model_version)
+
+
+def tracking_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
+    """Tracking Unique Identifier of the measurement group (the finding) in the SR."""
+    return deterministic_uid("tracking", str(source_sop_instance_uid), model_name, model_version)
+
+
+def device_observer_uid(model_name: str, model_version: str) -> str:
+    """Device Observer UID naming the algorithm (one per model version) as the observer."""
+    return deterministic_uid("device-observer", model_name, model_version)
