@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,10 @@ class PneumoniaModel:
             raise ModelContractError(f"model file not found: {model_path}")
         extra_files = {METADATA_FILE: ""}
         try:
-            module = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra_files)
+            with warnings.catch_warnings():  # TorchScript is our contract; keep the logs clean
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(model_path), map_location="cpu",
+                                        _extra_files=extra_files)
         except Exception as error:  # torch raises RuntimeError/ValueError/zip errors alike
             raise ModelContractError(
                 f"{model_path} is not a TorchScript model file: {error}") from None

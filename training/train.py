@@ -91,7 +91,7 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += float(loss) * len(index)
+            total_loss += loss.item() * len(index)
             correct += int(((logits > 0) == (labels > 0.5)).sum())
         validation_probabilities = predict(network, validation_set.inputs)
         validation_loss = float(F.binary_cross_entropy(
