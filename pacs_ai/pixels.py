@@ -1,26 +1,270 @@
-"""DICOM pixels -> display-oriented 2-D array (placeholder; the pixel issue completes it)."""
+"""DICOM pixels -> the display-oriented 2-D picture a radiologist sees.
+
+This is the DICOM half of the pixel path; `pacs_ai.imaging.to_model_input` is the other half.
+Steps, in the order of the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2):
+
+1. Guards, before anything is decoded: pixel data present, a single monochrome frame, a
+   supported bit depth, a declared size within `max_pixels`, and pixel data at least as long
+   as the header declares. A failure raises `PixelDataError("<code>: <detail>")`.
+2. Decode with pydicom's pixel handlers (pylibjpeg-libjpeg/-openjpeg/-rle and pyjpegls plug
+   in for JPEG, JPEG-LS, JPEG 2000 and RLE).
+3. Modality LUT Sequence, else Rescale Slope/Intercept.
+4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width (LINEAR,
+   LINEAR_EXACT or SIGMOID), else a robust window from the image's own histogram.
+5. Polarity: MONOCHROME1, or Presentation LUT Shape INVERSE, is inverted once. The DX IOD
+   requires INVERSE together with MONOCHROME1 (PS3.3 C.8.11.7), where it restates the same
+   inversion, so the two together are not inverted twice.
+
+The result is float32 in [0, 1], 0 black and 1 white.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.encaps import generate_fragments
+from pydicom.uid import UID
 
+# A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
+# (float64 intermediate: 400 MB).
 DEFAULT_MAX_PIXELS = 50_000_000
+
+# Robust window when the file has neither VOI LUT nor window: clip the outer 0.5 % each side,
+# as viewers' "auto window" does, so a few hot or dead pixels do not set the contrast.
+ROBUST_WINDOW_PERCENTILES = (0.5, 99.5)
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COLOUR_PHOTOMETRICS = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+                       "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV")
 
 
 class PixelDataError(ValueError):
-    """The pixel data cannot be turned into a picture; str(error) is the recorded reason."""
+    """The pixel data cannot be turned into a picture; str(error) is the recorded reason,
+    "<code>: <detail>" with code one of: no-pixel-data, bad-pixel-header, too-large,
+    multi-frame, colour, not-monochrome, unsupported-bit-depth, unsupported-transfer-syntax,
+    truncated-pixel-data, decode-failed."""
 
 
 def display_array(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decoded, modality- and VOI-LUT-applied pixels, MONOCHROME1 inverted; float32 2-D."""
+    """Decoded pixels with Modality LUT, VOI and polarity applied: float32 2-D in [0, 1]."""
+    check_pixel_header(ds, max_pixels=max_pixels)
+    stored = decode_pixels(ds)
+    values = apply_modality(stored, ds)
+    display = apply_voi(values, ds)
+    if is_inverted(ds):
+        display = 1.0 - display
+    return display.astype(np.float32, copy=False)
+
+
+def check_pixel_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise PixelDataError unless the pixel data can be decoded safely as one grey frame.
+
+    Only header values and the length of the Pixel Data value are read, so a hostile header
+    (60000 x 60000, say) is refused before any memory is allocated for it.
+    """
     if "PixelData" not in ds:
-        raise PixelDataError("no-pixel-data: the dataset has no Pixel Data")
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    if rows * columns > max_pixels:
-        raise PixelDataError(f"too-large: {rows} x {columns} pixels exceeds {max_pixels}")
-    pixels = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    return pixels
+        kind = ("float pixel data is not supported" if "FloatPixelData" in ds
+                or "DoubleFloatPixelData" in ds else "the dataset has no Pixel Data")
+        raise PixelDataError(f"no-pixel-data: {kind} (an encapsulated file cut short also "
+                             "loses its Pixel Data)")
+    rows, columns = _positive_int(ds, "Rows"), _positive_int(ds, "Columns")
+    frames = _frame_count(ds)
+    if rows * columns * frames > max_pixels:
+        raise PixelDataError(f"too-large: {rows} x {columns} pixels x {frames} frame(s) exceeds "
+                             f"the limit of {max_pixels} pixels")
+    if frames > 1:
+        raise PixelDataError(f"multi-frame: {frames} frames; only single-frame images are read")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if samples != 1 or photometric in COLOUR_PHOTOMETRICS:
+        raise PixelDataError(f"colour: Photometric Interpretation {photometric or '(none)'} "
+                             f"with {samples} sample(s) per pixel; only grey images are read")
+    if photometric not in MONOCHROME:
+        raise PixelDataError(f"not-monochrome: Photometric Interpretation is "
+                             f"{photometric or '(none)'!s}, not MONOCHROME1 or MONOCHROME2")
+    bits_allocated = _positive_int(ds, "BitsAllocated")
+    bits_stored = int(ds.get("BitsStored", bits_allocated) or bits_allocated)
+    if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
+        raise PixelDataError(f"unsupported-bit-depth: Bits Allocated {bits_allocated}, Bits "
+                             f"Stored {bits_stored}; 8 or 16 allocated and up to 16 stored are read")
+    syntax = transfer_syntax(ds)
+    if syntax.is_compressed:
+        _check_encapsulated(ds, syntax)
+    else:
+        expected = rows * columns * frames * bits_allocated // 8
+        actual = len(ds.PixelData)
+        if actual < expected:
+            raise PixelDataError(f"truncated-pixel-data: Pixel Data has {actual} bytes, the "
+                                 f"header declares {rows} x {columns} x {bits_allocated} bits "
+                                 f"= {expected} bytes")
+
+
+def transfer_syntax(ds: Dataset) -> UID:
+    """The dataset's transfer syntax, from its file meta or how it was read."""
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid:
+        return UID(str(uid))
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if little and implicit is not None:
+        return UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
+    raise PixelDataError("bad-pixel-header: no Transfer Syntax UID, so the pixel data "
+                         "cannot be interpreted")
+
+
+def _check_encapsulated(ds: Dataset, syntax: UID) -> None:
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise PixelDataError(f"unsupported-transfer-syntax: no decoder for {syntax.name} "
+                             f"({syntax})")
+    data = ds.PixelData
+    try:
+        # Skip the Basic Offset Table item, then walk every fragment item to the end.
+        if data[:4] != b"\xfe\xff\x00\xe0":
+            raise ValueError("Pixel Data does not start with an item tag")
+        table_length = int.from_bytes(data[4:8], "little")
+        fragment_bytes = sum(len(fragment) for fragment in
+                             generate_fragments(data[8 + table_length:]))
+    except ValueError as error:
+        raise PixelDataError(f"truncated-pixel-data: encapsulated Pixel Data is malformed or "
+                             f"cut short ({error})") from None
+    if fragment_bytes == 0:
+        raise PixelDataError("truncated-pixel-data: encapsulated Pixel Data holds no "
+                             "compressed frame")
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixel values as a 2-D array (call check_pixel_header first)."""
+    try:
+        stored = ds.pixel_array
+    except MemoryError:
+        raise PixelDataError("decode-failed: out of memory while decoding") from None
+    except Exception as error:  # decoders raise RuntimeError, ValueError, their own kinds
+        raise PixelDataError(f"decode-failed: {transfer_syntax(ds).name}: "
+                             f"{type(error).__name__}: {error}") from None
+    if stored.ndim != 2:
+        raise PixelDataError(f"decode-failed: decoded pixels have shape {stored.shape}, "
+                             "expected one 2-D frame")
+    return stored
+
+
+def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT Sequence, else Rescale Slope/Intercept; float64 out."""
+    modality_luts = ds.get("ModalityLUTSequence")
+    if modality_luts:
+        return _lookup(stored, modality_luts[0], ds)[0]
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return stored.astype(np.float64) * slope + intercept
+
+
+def apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map modality values to [0, 1]: VOI LUT Sequence, else window, else robust window."""
+    voi_luts = ds.get("VOILUTSequence")
+    if voi_luts:
+        mapped, output_bits = _lookup(values, voi_luts[0], ds)
+        full_scale = max(float(2 ** output_bits - 1), float(mapped.max(initial=0.0)), 1.0)
+        return mapped / full_scale
+    window = first_window(ds)
+    if window is not None:
+        center, width = window
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        return apply_window(values, center, width, function)
+    return robust_window(values)
+
+
+def first_window(ds: Dataset) -> tuple[float, float] | None:
+    """The first Window Center/Width pair, or None when absent or unusable (width < 1)."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or center == "" or width == "":
+        return None
+    center_value = float(_first(center))
+    width_value = float(_first(width))
+    if not np.isfinite(center_value) or not np.isfinite(width_value) or width_value < 1:
+        return None
+    return center_value, width_value
+
+
+def apply_window(values: np.ndarray, center: float, width: float,
+                 function: str = "LINEAR") -> np.ndarray:
+    """Window to [0, 1] by the VOI LUT Function's formula (PS3.3 C.11.2.1.2)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    # LINEAR: the classic window with its half-pixel offsets.
+    if width <= 1:
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def robust_window(values: np.ndarray) -> np.ndarray:
+    """Linear window from the image's own 0.5th to 99.5th percentile, to [0, 1]."""
+    sample = values.ravel()[:: max(1, values.size // 1_000_000)]  # percentiles of <= ~1 Mpx
+    low, high = (float(v) for v in np.percentile(sample, ROBUST_WINDOW_PERCENTILES))
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def is_inverted(ds: Dataset) -> bool:
+    """True when white on the display is the lowest value: MONOCHROME1 or INVERSE (once)."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _lookup(values: np.ndarray, item: Dataset, ds: Dataset) -> tuple[np.ndarray, int]:
+    """Apply one LUT item (LUT Descriptor + LUT Data); returns values and the entry bit depth."""
+    try:
+        entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 65536  # 0 means 2**16 entries
+        if first_mapped >= 32768 and int(ds.get("PixelRepresentation", 0)) == 1:
+            first_mapped -= 65536  # Descriptor read as US but the pixels are signed
+        raw = item.LUTData
+        if isinstance(raw, (bytes, bytearray)):
+            table = np.frombuffer(raw, dtype="<u2")[:entries]
+        else:
+            table = np.atleast_1d(np.asarray(raw, dtype=np.int64))[:entries]
+        if table.size == 0:
+            raise ValueError("LUT Data is empty")
+    except (AttributeError, TypeError, ValueError, KeyError) as error:
+        raise PixelDataError(f"bad-pixel-header: unusable LUT ({error})") from None
+    index = np.clip(np.rint(values - first_mapped), 0, table.size - 1).astype(np.intp)
+    return table.astype(np.float64)[index], bits
+
+
+def _positive_int(ds: Dataset, keyword: str) -> int:
+    value: Any = ds.get(keyword)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0:
+        raise PixelDataError(f"bad-pixel-header: {keyword} is {value!r}, a positive number "
+                             "is required")
+    return number
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        raise PixelDataError(f"bad-pixel-header: Number of Frames is "
+                             f"{ds.get('NumberOfFrames')!r}") from None
+
+
+def _first(value: Any) -> Any:
+    """First value of a possibly multi-valued element."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return value[0]
+    return value
