@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Installs pacs-ai as a systemd service. Run from a checkout (or unpacked release) as root:
+#
+#   sudo deploy/install.sh                 install or upgrade (idempotent)
+#   sudo deploy/install.sh --uninstall     remove program and unit; keep spool, config, user
+#
+# What it does, in order:
+#   1. system user and group `pacs-ai` (no login, home = the spool);
+#   2. <prefix>/venv: a Python virtual environment with torch and this checkout (pip install);
+#   3. <prefix>/models/pacs-ai-pneumonia.pt: the shipped model (or --model FILE);
+#   4. /etc/pacs-ai/pacs-ai.toml from deploy/pacs-ai.toml, ONLY if absent (never overwritten;
+#      the new example always lands in <prefix>/share/pacs-ai.toml.example to compare with);
+#   5. /var/lib/pacs-ai, the spool (kept by --uninstall);
+#   6. /etc/systemd/system/pacs-ai.service, enabled; restarted only if it was already running;
+#   7. /usr/local/bin/pacs-ai, a link to the program, so `pacs-ai status` works in a shell.
+#
+# --destdir DIR puts every path under DIR and runs no useradd/chown/systemctl (it prints them):
+# for packaging and for the test suite (tests/test_deploy.py).
+set -euo pipefail
+
+PREFIX=/opt/pacs-ai
+DESTDIR=""
+PYTHON=""
+VENV_FROM=""
+MODEL_SOURCE=""
+ACTION=install
+ENABLE=1
+
+SERVICE_USER=pacs-ai
+CONFIG_DIR=/etc/pacs-ai
+STATE_DIR=/var/lib/pacs-ai
+UNIT_DIR=/etc/systemd/system
+UNIT_NAME=pacs-ai.service
+BIN_LINK=/usr/local/bin/pacs-ai
+MODEL_FILENAME=pacs-ai-pneumonia.pt
+TORCH_REQUIREMENT="torch==2.13.0"
+MARKER=.pacs-ai-install  # in <prefix>: proof that --uninstall may delete the folder
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+usage() {
+  cat <<EOF
+usage: deploy/install.sh [options]
+
+  --prefix DIR       program folder (default $PREFIX)
+  --python PYTHON    Python 3.11+ for the virtual environment (default python3.11, else python3)
+  --venv-from DIR    use this existing virtual environment (with pacs-ai installed) instead of
+                     creating one: <prefix>/venv becomes a link to it and pip is not run
+  --model FILE       install this model file instead of deploy/models/$MODEL_FILENAME
+  --no-enable        install the unit but do not enable it
+  --destdir DIR      install under DIR as a scratch root; run no useradd, chown or systemctl
+                     (print them instead)
+  --uninstall        stop and remove the program, the unit and the link; keep the config
+                     ($CONFIG_DIR), the spool ($STATE_DIR) and the user
+  -h, --help         this text
+EOF
+}
+
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+note() { echo "install.sh: $*"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
+    --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+    --venv-from) VENV_FROM=${2:?--venv-from needs a folder}; shift 2 ;;
+    --model) MODEL_SOURCE=${2:?--model needs a file}; shift 2 ;;
+    --no-enable) ENABLE=0; shift ;;
+    --destdir) DESTDIR=${2:?--destdir needs a folder}; shift 2 ;;
+    --uninstall) ACTION=uninstall; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option '$1'" ;;
+  esac
+done
+
+case "$PREFIX" in
+  /?*) PREFIX=${PREFIX%/} ;;
+  *) die "--prefix must be an absolute path other than /, got '$PREFIX'" ;;
+esac
+if [ -n "$DESTDIR" ]; then
+  mkdir -p "$DESTDIR"
+  DESTDIR=$(cd "$DESTDIR" && pwd)
+  [ "$DESTDIR" != / ] || die "--destdir / is a real install; leave --destdir out instead"
+elif [ "$(id -u)" != 0 ]; then
+  die "run as root (sudo deploy/install.sh), or use --destdir DIR for a scratch install"
+fi
+
+# Commands that change the real system: printed, not run, under --destdir.
+system() {
+  if [ -n "$DESTDIR" ]; then
+    echo "would run:$(printf " %q" "$@")"
+  else
+    "$@"
+  fi
+}
+
+unit_is_active() { [ -z "$DESTDIR" ] && systemctl is-active --quiet "$UNIT_NAME"; }
+
+install_program() {
+  local venv=$DESTDIR$PREFIX/venv
+  mkdir -p "$DESTDIR$PREFIX"
+  if [ -n "$VENV_FROM" ]; then
+    local source_venv
+    source_venv=$(cd "$VENV_FROM" 2>/dev/null && pwd) || die "--venv-from: no folder '$VENV_FROM'"
+    [ -x "$source_venv/bin/pacs-ai" ] \
+      || die "--venv-from $source_venv has no bin/pacs-ai; pip install pacs-ai into it first"
+    if [ -e "$venv" ] && [ ! -L "$venv" ]; then
+      die "$venv is a real virtual environment; remove it first to use --venv-from"
+    fi
+    ln -sfn "$source_venv" "$venv"
+    note "program: $PREFIX/venv -> $source_venv (pip not run)"
+  else
+    if [ -L "$venv" ]; then
+      rm "$venv"  # a --venv-from link from an earlier install; build a real one now
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+      local python=$PYTHON
+      if [ -z "$python" ]; then
+        python=python3.11
+        command -v "$python" >/dev/null 2>&1 || python=python3
+      fi
+      command -v "$python" >/dev/null 2>&1 || die "no Python interpreter '$python'; use --python"
+      "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$python is older than Python 3.11; give a newer one with --python"
+      note "creating virtual environment $PREFIX/venv with $python"
+      "$python" -m venv "$venv"
+    fi
+    note "installing $TORCH_REQUIREMENT and pacs-ai from $REPO (pip honours PIP_INDEX_URL etc.)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade \
+      "$TORCH_REQUIREMENT" "$REPO" || die "pip install failed (network? see the messages above)"
+  fi
+  "$venv/bin/pacs-ai" --version >/dev/null \
+    || die "$PREFIX/venv/bin/pacs-ai does not run; see the error above"
+  echo "pacs-ai installer; remove this folder with deploy/install.sh --uninstall" \
+    > "$DESTDIR$PREFIX/$MARKER"
+}
+
+install_model() {
+  local source=${MODEL_SOURCE:-$REPO/deploy/models/$MODEL_FILENAME}
+  local target=$DESTDIR$PREFIX/models/$MODEL_FILENAME
+  mkdir -p "$DESTDIR$PREFIX/models"
+  if [ -f "$source" ]; then
+    install -m 0644 "$source" "$target"
+    note "model: $PREFIX/models/$MODEL_FILENAME (from $source)"
+  elif [ -n "$MODEL_SOURCE" ]; then
+    die "--model: no file '$MODEL_SOURCE'"
+  elif [ -f "$target" ]; then
+    note "model: keeping the installed $PREFIX/models/$MODEL_FILENAME (this checkout ships none)"
+  else
+    MODEL_MISSING=1
+    echo "install.sh: WARNING: this checkout has no trained model ($source)." >&2
+    echo "  The service will not start until $PREFIX/models/$MODEL_FILENAME exists." >&2
+    echo "  Copy a model file there (or rerun with --model FILE), check it with" >&2
+    echo "  'pacs-ai model --model $PREFIX/models/$MODEL_FILENAME', then start the service." >&2
+  fi
+}
+
+# Prints the example config with [model] path set to the installed model (the example's own
+# path, commented or not, is replaced; a missing [model] table is added).
+config_for_this_install() {
+  local model_path=$PREFIX/models/$MODEL_FILENAME
+  awk -v model_line="path = \"$model_path\"" '
+    /^[[:space:]]*\[/ {
+      if (in_model && !done) { print model_line; done = 1 }
+      in_model = ($0 ~ /^[[:space:]]*\[model\][[:space:]]*(#.*)?$/)
+    }
+    in_model && !done && /^[[:space:]]*#?[[:space:]]*path[[:space:]]*=/ {
+      print model_line; done = 1; next
+    }
+    { print }
+    END {
+      if (in_model && !done) { print model_line; done = 1 }
+      if (!done) { print ""; print "[model]"; print model_line }
+    }
+  ' "$REPO/deploy/pacs-ai.toml"
+}
+
+install_config() {
+  local example=$REPO/deploy/pacs-ai.toml
+  local config=$DESTDIR$CONFIG_DIR/pacs-ai.toml
+  [ -f "$example" ] || die "no example config $example in this checkout"
+  mkdir -p "$DESTDIR$PREFIX/share"
+  config_for_this_install > "$DESTDIR$PREFIX/share/pacs-ai.toml.example"
+  mkdir -p "$DESTDIR$CONFIG_DIR"
+  chmod 0750 "$DESTDIR$CONFIG_DIR"
+  system chown "root:$SERVICE_USER" "$CONFIG_DIR"
+  if [ -e "$config" ]; then
+    note "config: keeping $CONFIG_DIR/pacs-ai.toml (new example: $PREFIX/share/pacs-ai.toml.example)"
+  else
+    config_for_this_install > "$config.new"
+    chmod 0640 "$config.new"
+    mv "$config.new" "$config"
+    system chown "root:$SERVICE_USER" "$CONFIG_DIR/pacs-ai.toml"
+    note "config: wrote $CONFIG_DIR/pacs-ai.toml; edit AE titles and destinations before starting"
+  fi
+}
+
+create_user_and_spool() {
+  if [ -n "$DESTDIR" ] || ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    system useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+      --shell /usr/sbin/nologin --comment "pacs-ai DICOM listener" "$SERVICE_USER"
+  fi
+  mkdir -p "$DESTDIR$STATE_DIR"
+  chmod 0750 "$DESTDIR$STATE_DIR"
+  system chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
+}
+
+install_unit_and_link() {
+  mkdir -p "$DESTDIR$UNIT_DIR" "$DESTDIR$PREFIX/share/doc" "$DESTDIR$(dirname "$BIN_LINK")"
+  # The unit names /opt/pacs-ai; another --prefix is substituted.
+  sed "s|/opt/pacs-ai/|$PREFIX/|g" "$REPO/deploy/$UNIT_NAME" > "$DESTDIR$UNIT_DIR/$UNIT_NAME.new"
+  chmod 0644 "$DESTDIR$UNIT_DIR/$UNIT_NAME.new"
+  mv "$DESTDIR$UNIT_DIR/$UNIT_NAME.new" "$DESTDIR$UNIT_DIR/$UNIT_NAME"
+  install -m 0644 "$REPO/deploy/README.md" "$DESTDIR$PREFIX/share/doc/README.md"
+  ln -sfn "$PREFIX/venv/bin/pacs-ai" "$DESTDIR$BIN_LINK"
+  system systemctl daemon-reload
+  if [ "$ENABLE" = 1 ]; then
+    system systemctl enable "$UNIT_NAME"
+  fi
+  if unit_is_active; then
+    system systemctl restart "$UNIT_NAME"
+    note "service restarted with the new program"
+  elif [ "${MODEL_MISSING:-0}" = 1 ]; then
+    note "done; install a model (see the warning above), then: systemctl start pacs-ai"
+  else
+    note "done; edit $CONFIG_DIR/pacs-ai.toml, then: systemctl start pacs-ai"
+  fi
+}
+
+uninstall() {
+  local prefix_dir=$DESTDIR$PREFIX
+  if [ -e "$DESTDIR$UNIT_DIR/$UNIT_NAME" ]; then
+    # SIGTERM: the service leaves unfinished jobs in the spool for a later install to resume.
+    system systemctl disable --now "$UNIT_NAME"
+    rm -f "$DESTDIR$UNIT_DIR/$UNIT_NAME"
+    system systemctl daemon-reload
+    note "removed $UNIT_DIR/$UNIT_NAME"
+  fi
+  if [ -L "$DESTDIR$BIN_LINK" ] && [ "$(readlink "$DESTDIR$BIN_LINK")" = "$PREFIX/venv/bin/pacs-ai" ]; then
+    rm -f "$DESTDIR$BIN_LINK"
+  fi
+  if [ -d "$prefix_dir" ]; then
+    # Only a folder this script made: a mistyped --prefix must never delete anything else.
+    [ -f "$prefix_dir/$MARKER" ] \
+      || die "$PREFIX was not installed by this script (no $MARKER); not removing it"
+    rm -rf -- "$prefix_dir"
+    note "removed $PREFIX"
+  fi
+  note "kept $CONFIG_DIR, $STATE_DIR and the user $SERVICE_USER (remove them by hand if wanted)"
+}
+
+if [ "$ACTION" = uninstall ]; then
+  uninstall
+else
+  create_user_and_spool
+  install_program
+  install_model
+  install_config
+  install_unit_and_link
+fi
