@@ -1,0 +1,292 @@
+"""deploy/: the systemd unit (checked by systemd-analyze where present) and install.sh.
+
+install.sh runs for real, into a scratch root (--destdir), from a copy of deploy/ so the test
+controls whether a shipped model is present. --venv-from points it at a stand-in environment
+whose bin/pacs-ai runs this checkout's CLI, so no torch venv is built (fast, offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.config import LimitsConfig, parse_config
+from tests.conftest import REPO_ROOT
+
+DEPLOY = REPO_ROOT / "deploy"
+UNIT = DEPLOY / "pacs-ai.service"
+PREFIX = "/opt/pacs-ai"
+INSTALLED_MODEL = f"{PREFIX}/models/pacs-ai-pneumonia.pt"
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+
+
+# --- the unit --------------------------------------------------------------------------------
+
+def unit_service_section(path: Path = UNIT) -> dict[str, list[str]]:
+    """[Service] key -> every value given (systemd allows repeated keys)."""
+    values: dict[str, list[str]] = {}
+    section = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def seconds(timespan: str) -> float:
+    units = {"s": 1, "sec": 1, "min": 60, "m": 60}
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if timespan.endswith(suffix):
+            return float(timespan[: -len(suffix)]) * factor
+    return float(timespan)
+
+
+def test_unit_runs_serve_as_its_own_user_with_restart_and_graceful_stop():
+    service = unit_service_section()
+    assert service["ExecStart"] == [f"{PREFIX}/venv/bin/pacs-ai serve --config /etc/pacs-ai/pacs-ai.toml"]
+    assert service["User"] == ["pacs-ai"] and service["Group"] == ["pacs-ai"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["KillSignal"] == ["SIGTERM"]
+    # systemd must wait longer than the listener's own shutdown grace before it sends SIGKILL.
+    assert seconds(service["TimeoutStopSec"][0]) > LimitsConfig().shutdown_grace_seconds * 2
+
+
+def test_unit_is_hardened_with_the_spool_as_the_only_writable_path():
+    service = unit_service_section()
+    expected = {
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "StateDirectory": "pacs-ai", "ReadWritePaths": "/var/lib/pacs-ai",
+        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+    }
+    for key, value in expected.items():
+        assert service.get(key) == [value], f"{key}={value} expected in the unit"
+    assert "MemoryDenyWriteExecute" not in service, "breaks libffi/PyTorch"
+
+
+def systemd_analyze() -> str:
+    """systemd-analyze, or a skip: systemd is not installed in every container (scripts/test.sh
+    installs it in CI)."""
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    return path
+
+
+def scratch_root_with_unit(root: Path) -> Path:
+    """A file-system root holding the unit, a stand-in for the program it starts and systemd's
+    own units, so `systemd-analyze verify --root` checks the unit as it would run."""
+    shutil.copytree(SYSTEM_UNITS, root / SYSTEM_UNITS.relative_to("/"), symlinks=True)
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    shutil.copy(UNIT, unit_dir / UNIT.name)
+    program = root / f"{PREFIX.lstrip('/')}/venv/bin/pacs-ai"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    return root
+
+
+def test_systemd_analyze_verify_accepts_the_unit_without_warnings(tmp_path):
+    tool = systemd_analyze()
+    if not SYSTEM_UNITS.is_dir():
+        pytest.skip(f"{SYSTEM_UNITS} missing: systemd is not fully installed")
+    root = scratch_root_with_unit(tmp_path / "root")
+    result = subprocess.run([tool, "verify", f"--root={root}", UNIT.name],
+                            capture_output=True, text=True, timeout=60)
+    # Unknown keys and bad values are only warnings (exit 0), so any output is a failure too.
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+
+
+def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path):
+    """The check above can fail: a misspelt key is reported."""
+    tool = systemd_analyze()
+    if not SYSTEM_UNITS.is_dir():
+        pytest.skip(f"{SYSTEM_UNITS} missing: systemd is not fully installed")
+    root = scratch_root_with_unit(tmp_path / "root")
+    unit = root / "etc/systemd/system" / UNIT.name
+    unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystm=strict"))
+    result = subprocess.run([tool, "verify", f"--root={root}", UNIT.name],
+                            capture_output=True, text=True, timeout=60)
+    assert "ProtectSystm" in result.stderr
+
+
+def test_systemd_analyze_security_rates_the_unit_well_hardened(tmp_path):
+    tool = systemd_analyze()
+    unit = tmp_path / UNIT.name
+    shutil.copy(UNIT, unit)
+    # Exposure is 0.0 (locked down) to 10.0 (unprotected); --threshold is in tenths.
+    result = subprocess.run([tool, "security", "--offline=true", "--threshold=20", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+# --- install.sh ------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A copy of deploy/ in a scratch checkout, without any shipped model."""
+    repo = tmp_path / "checkout"
+    (repo / "deploy" / "models").mkdir(parents=True)
+    for name in ("install.sh", "pacs-ai.service", "pacs-ai.toml", "README.md"):
+        shutil.copy(DEPLOY / name, repo / "deploy" / name)
+    return repo
+
+
+@pytest.fixture
+def stand_in_venv(tmp_path) -> Path:
+    """A folder shaped like a virtual environment whose bin/pacs-ai runs this checkout's CLI."""
+    venv = tmp_path / "prebuilt-venv"
+    (venv / "bin").mkdir(parents=True)
+    program = venv / "bin" / "pacs-ai"
+    program.write_text(f"#!/bin/sh\nexec {sys.executable} -m pacs_ai \"$@\"\n")
+    program.chmod(0o755)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def install(checkout: Path, destdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(checkout / "deploy" / "install.sh"), "--destdir",
+                           str(destdir), *args], capture_output=True, text=True, timeout=60)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> content hash (or link target) of every file under root."""
+    listing = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            listing[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            listing[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return listing
+
+
+def test_install_into_a_scratch_root_twice_is_idempotent_and_keeps_an_edited_config(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    root = tmp_path / "root"
+    first = install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(tiny_model))
+    assert first.returncode == 0, first.stderr
+
+    # Nothing touched the real system: the privileged steps were printed instead.
+    for planned in ("would run: useradd --system --user-group", "would run: systemctl enable pacs-ai.service",
+                    "would run: systemctl daemon-reload", "would run: chown pacs-ai:pacs-ai /var/lib/pacs-ai"):
+        assert planned in first.stdout
+    assert (root / "var/lib/pacs-ai").is_dir()
+    assert (root / "etc/systemd/system/pacs-ai.service").read_text() == UNIT.read_text()
+    assert (root / INSTALLED_MODEL.lstrip("/")).read_bytes() == tiny_model.read_bytes()
+    assert os.readlink(root / "usr/local/bin/pacs-ai") == f"{PREFIX}/venv/bin/pacs-ai"
+    assert (root / "opt/pacs-ai/share/doc/README.md").is_file()
+
+    config_file = root / "etc/pacs-ai/pacs-ai.toml"
+    config = tomllib.loads(config_file.read_text())
+    assert config["model"]["path"] == INSTALLED_MODEL
+    # The installed config is one the listener accepts (model path re-rooted into the scratch root).
+    config["model"]["path"] = str(root / INSTALLED_MODEL.lstrip("/"))
+    parse_config(config, base_dir=config_file.parent)
+
+    # The installed program runs and reads the installed model.
+    card = subprocess.run([str(root / "opt/pacs-ai/venv/bin/pacs-ai"), "model", "--model",
+                           str(root / INSTALLED_MODEL.lstrip("/"))],
+                          capture_output=True, text=True, timeout=120)
+    assert card.returncode == 0, card.stderr
+    assert "threshold:" in card.stdout
+
+    edited = config_file.read_text() + "\n# edited by the site admin\n"
+    config_file.write_text(edited)
+    before = tree(root)
+    second = install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(tiny_model))
+    assert second.returncode == 0, second.stderr
+    assert "keeping /etc/pacs-ai/pacs-ai.toml" in second.stdout
+    assert config_file.read_text() == edited
+    assert tree(root) == before
+
+
+def test_uninstall_removes_program_and_unit_but_keeps_config_and_spool(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    root = tmp_path / "root"
+    assert install(checkout, root, "--venv-from", str(stand_in_venv),
+                   "--model", str(tiny_model)).returncode == 0
+    queued = root / "var/lib/pacs-ai/spool/incoming/1.2.3.4.dcm"
+    queued.parent.mkdir(parents=True)
+    queued.write_bytes(b"an acknowledged image")
+    config_before = (root / "etc/pacs-ai/pacs-ai.toml").read_text()
+
+    result = install(checkout, root, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert "would run: systemctl disable --now pacs-ai.service" in result.stdout
+    assert not (root / "opt/pacs-ai").exists()
+    assert not (root / "etc/systemd/system/pacs-ai.service").exists()
+    assert not (root / "usr/local/bin/pacs-ai").is_symlink()
+    assert queued.read_bytes() == b"an acknowledged image"
+    assert (root / "etc/pacs-ai/pacs-ai.toml").read_text() == config_before
+    # The environment given by --venv-from was only linked, never deleted.
+    assert (stand_in_venv / "bin/pacs-ai").is_file()
+
+    again = install(checkout, root, "--uninstall")
+    assert again.returncode == 0, again.stderr
+
+
+def test_uninstall_refuses_to_delete_a_prefix_it_did_not_create(checkout, tmp_path):
+    root = tmp_path / "root"
+    precious = root / "srv/other-app/data.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("not ours")
+    result = install(checkout, root, "--uninstall", "--prefix", "/srv/other-app")
+    assert result.returncode != 0
+    assert "not installed by this script" in result.stderr
+    assert precious.read_text() == "not ours"
+
+
+def test_missing_shipped_model_is_a_clear_warning_and_a_shipped_one_is_installed(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    without = install(checkout, tmp_path / "a", "--venv-from", str(stand_in_venv))
+    assert without.returncode == 0, without.stderr
+    assert "no trained model" in without.stderr and INSTALLED_MODEL in without.stderr
+    assert "install a model" in without.stdout
+
+    shutil.copy(tiny_model, checkout / "deploy/models/pacs-ai-pneumonia.pt")
+    shipped = install(checkout, tmp_path / "b", "--venv-from", str(stand_in_venv))
+    assert shipped.returncode == 0, shipped.stderr
+    assert "no trained model" not in shipped.stderr
+    assert (tmp_path / "b" / INSTALLED_MODEL.lstrip("/")).read_bytes() == tiny_model.read_bytes()
+
+
+def test_another_prefix_is_written_into_unit_and_config(checkout, stand_in_venv, tiny_model, tmp_path):
+    root = tmp_path / "root"
+    result = install(checkout, root, "--prefix", "/srv/pacs-ai", "--venv-from", str(stand_in_venv),
+                     "--model", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    unit = root / "etc/systemd/system/pacs-ai.service"
+    assert unit_service_section(unit)["ExecStart"] == [
+        "/srv/pacs-ai/venv/bin/pacs-ai serve --config /etc/pacs-ai/pacs-ai.toml"]
+    config = tomllib.loads((root / "etc/pacs-ai/pacs-ai.toml").read_text())
+    assert config["model"]["path"] == "/srv/pacs-ai/models/pacs-ai-pneumonia.pt"
+
+
+def test_bad_options_are_refused_with_a_message(checkout, stand_in_venv, tmp_path):
+    unknown = install(checkout, tmp_path / "root", "--frobnicate")
+    assert unknown.returncode != 0 and "unknown option '--frobnicate'" in unknown.stderr
+    no_venv = install(checkout, tmp_path / "root", "--venv-from", str(tmp_path / "nowhere"))
+    assert no_venv.returncode != 0 and "--venv-from" in no_venv.stderr
+    no_model = install(checkout, tmp_path / "root", "--venv-from", str(stand_in_venv),
+                       "--model", str(tmp_path / "missing.pt"))
+    assert no_model.returncode != 0 and "--model: no file" in no_model.stderr
