@@ -1,0 +1,564 @@
+"""The service's configuration: one TOML file, validated at start-up.
+
+Every problem (unknown table or key, wrong type, bad value) raises :class:`ConfigError`, a
+UserError whose message names the key and says how to fix it, so `pacs-ai serve` stops with one
+clear line instead of a traceback. `deploy/pacs-ai.toml` documents every key.
+
+Relative paths in a config file are resolved against the file's folder; the built-in default
+(no file) resolves them against the working folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pacs_ai.errors import UserError
+from pacs_ai.filters import FilterPolicy
+from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+
+# The SOP classes a chest film arrives as. Keywords or dotted UIDs are accepted in the config.
+SOP_CLASS_KEYWORDS = {
+    "ComputedRadiographyImageStorage": "1.2.840.10008.5.1.4.1.1.1",
+    "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
+    "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
+}
+DEFAULT_SOP_CLASSES = tuple(SOP_CLASS_KEYWORDS)
+SR_KINDS = ("comprehensive3d", "comprehensive")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+DEFAULT_PORT = 11112
+DEFAULT_AE_TITLE = "PACS_AI"
+DEFAULT_METRICS_PORT = 9108
+
+
+class ConfigError(UserError):
+    """The config file cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = DEFAULT_AE_TITLE
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: accept any caller
+    sop_classes: tuple[str, ...] = tuple(SOP_CLASS_KEYWORDS.values())  # dotted UIDs
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_associations: int = 10
+    max_pdu_bytes: int = 65536  # 0: no limit
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    network_timeout_seconds: float = 60.0
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    spool_dir: Path = Path("spool")
+    min_free_bytes: int = 256 * 1024 * 1024
+    keep_source_images: bool = False
+    keep_reports: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path | None = None  # None: the shipped model (pacs_ai.model.default_model_path)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 1
+    batch_size: int = 16
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    sr_kind: str = "comprehensive3d"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Certificate files of one TLS end point; None where not given."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerTLSConfig(TLSFiles):
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = DEFAULT_AE_TITLE
+    timeout_seconds: float = 30.0
+    tls: TLSFiles | None = None  # None: plain TCP; TLSFiles(): TLS with the system CAs
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff of deliveries; a delivery fails once either limit is reached."""
+
+    initial_delay_seconds: float = 10.0
+    max_delay_seconds: float = 900.0
+    max_attempts: int = 0  # 0: no limit on attempts
+    max_age_seconds: float = 7 * 24 * 3600.0  # 0: no limit on age
+
+    def delay_after(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th failed attempt (1-based)."""
+        exponent = min(max(attempts - 1, 0), 60)
+        return min(self.initial_delay_seconds * (2.0 ** exponent), self.max_delay_seconds)
+
+    def exhausted(self, attempts: int, age_seconds: float) -> bool:
+        return ((self.max_attempts > 0 and attempts >= self.max_attempts)
+                or (self.max_age_seconds > 0 and age_seconds >= self.max_age_seconds))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+
+
+@dataclass(frozen=True)
+class Config:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    filters: FilterPolicy = field(default_factory=FilterPolicy)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    destinations: tuple[Destination, ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tls: ListenerTLSConfig = field(default_factory=ListenerTLSConfig)
+    source: Path | None = None  # the file it was read from
+
+    def model_path(self) -> Path:
+        from pacs_ai.model import default_model_path
+
+        return self.model.path if self.model.path is not None else default_model_path()
+
+
+def default_config(base_dir: Path | None = None) -> Config:
+    """The configuration without a file: port 11112, AE PACS_AI, spool ./spool, no destination."""
+    base = (base_dir or Path.cwd()).resolve()
+    return Config(storage=StorageConfig(spool_dir=base / "spool"))
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; None gives :func:`default_config`."""
+    if path is None:
+        return default_config()
+    config_path = Path(path)
+    try:
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
+    try:
+        return parse_config(data, base_dir=config_path.resolve().parent, source=config_path)
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: {error}") from None
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+class _Table:
+    """One TOML table being read: typed getters that remember which keys were used."""
+
+    def __init__(self, data: Any, name: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name} must be a table, e.g. {name} on its own line "
+                              f"followed by key = value lines, got {_describe(data)}")
+        self.data = data
+        self.name = name
+        self.known: list[str] = []
+
+    def _key(self, key: str) -> str:
+        return f"{self.name} {key}"
+
+    def _raw(self, key: str) -> tuple[bool, Any]:
+        self.known.append(key)
+        return (key in self.data, self.data.get(key))
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self._key(key)}: {problem}")
+
+    def string(self, key: str, default: str, *, choices: tuple[str, ...] = (),
+               check: Callable[[str], str | None] | None = None) -> str:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a quoted string, got {_describe(value)}; "
+                                 f'write {key} = "..."')
+        if choices and value.lower() not in choices:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+        if check is not None and (problem := check(value)) is not None:
+            raise self.fail(key, problem)
+        return value.lower() if choices else value
+
+    def integer(self, key: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number without quotes, got {_describe(value)}")
+        _check_range(self, key, value, minimum, maximum)
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float | None = None,
+               maximum: float | None = None, exclusive_minimum: bool = False) -> float:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, f"expected a number without quotes, got {_describe(value)}")
+        if exclusive_minimum and minimum is not None and value <= minimum:
+            raise self.fail(key, f"must be greater than {minimum}, got {value}")
+        _check_range(self, key, value, minimum, maximum)
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false (no quotes), got {_describe(value)}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...],
+                check: Callable[[str], str | None] | None = None) -> tuple[str, ...]:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(key, f'expected a list of quoted strings like ["A", "B"], '
+                                 f"got {_describe(value)}")
+        if check is not None:
+            for item in value:
+                if (problem := check(item)) is not None:
+                    raise self.fail(key, f"{item!r}: {problem}")
+        return tuple(value)
+
+    def path(self, key: str, default: Path | None, base_dir: Path, *,
+             must_exist: bool = False) -> Path | None:
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f'expected a file path as a quoted string, got {_describe(value)}')
+        resolved = (base_dir / Path(value).expanduser()).resolve()
+        if must_exist and not resolved.is_file():
+            raise self.fail(key, f"file not found: {resolved}; fix the path or remove the key")
+        return resolved
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - set(self.known))
+        if unknown:
+            raise ConfigError(
+                f"{self.name}: unknown key {unknown[0]!r}; the keys of {self.name} are: "
+                f"{', '.join(dict.fromkeys(self.known))} (see deploy/pacs-ai.toml)")
+
+
+def _check_range(table: _Table, key: str, value: float, minimum: float | None,
+                 maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise table.fail(key, f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise table.fail(key, f"must be at most {maximum}, got {value}")
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def check_ae_title(value: str) -> str | None:
+    """DICOM AE titles: 1 to 16 printable ASCII characters, no backslash, not only spaces."""
+    if not value.strip():
+        return "an AE title must not be empty"
+    if len(value) > 16:
+        return f"an AE title has at most 16 characters, this one has {len(value)}"
+    if not all(32 <= ord(ch) < 127 for ch in value) or "\\" in value:
+        return "an AE title may hold only printable ASCII characters and no backslash"
+    return None
+
+
+def check_sop_class(value: str) -> str | None:
+    if value in SOP_CLASS_KEYWORDS or _is_dotted_uid(value):
+        return None
+    return (f"not a SOP class UID or one of {', '.join(SOP_CLASS_KEYWORDS)}")
+
+
+def _is_dotted_uid(value: str) -> bool:
+    parts = value.split(".")
+    return 0 < len(value) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0"))
+                                        for p in parts)
+
+
+def _check_host(value: str) -> str | None:
+    if not value.strip() or any(ch.isspace() for ch in value):
+        return "expected a host name or IP address without spaces"
+    return None
+
+
+TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
+                    "destinations", "retry", "log", "metrics", "tls")
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
+    """Build a Config from parsed TOML; raise ConfigError naming the first problem."""
+    unknown = sorted(set(data) - set(TOP_LEVEL_TABLES))
+    if unknown:
+        raise ConfigError(f"unknown table or key {unknown[0]!r} at the top level; the tables are "
+                          f"{', '.join(f'[{name}]' for name in TOP_LEVEL_TABLES)}")
+    table = lambda name: _Table(data.get(name, {}), f"[{name}]")  # noqa: E731
+
+    t = table("listener")
+    listener = ListenerConfig(
+        ae_title=t.string("ae_title", DEFAULT_AE_TITLE, check=check_ae_title),
+        host=t.string("host", "0.0.0.0", check=_check_host),
+        port=t.integer("port", DEFAULT_PORT, minimum=1, maximum=65535),
+        allowed_calling_ae_titles=t.strings("allowed_calling_ae_titles", (), check=check_ae_title),
+        sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in
+                          t.strings("sop_classes", DEFAULT_SOP_CLASSES, check=check_sop_class)),
+    )
+    if not listener.sop_classes:
+        raise t.fail("sop_classes", "must list at least one SOP class, e.g. "
+                                    '["ComputedRadiographyImageStorage"]')
+    t.finish()
+
+    t = table("limits")
+    limits = LimitsConfig(
+        max_associations=t.integer("max_associations", 10, minimum=1, maximum=1000),
+        max_pdu_bytes=t.integer("max_pdu_bytes", 65536, minimum=0, maximum=2**32 - 1),
+        max_pixels=t.integer("max_pixels", DEFAULT_MAX_PIXELS, minimum=4),
+        acse_timeout_seconds=t.number("acse_timeout_seconds", 30.0, minimum=0,
+                                      exclusive_minimum=True),
+        dimse_timeout_seconds=t.number("dimse_timeout_seconds", 60.0, minimum=0,
+                                       exclusive_minimum=True),
+        network_timeout_seconds=t.number("network_timeout_seconds", 60.0, minimum=0,
+                                         exclusive_minimum=True),
+        shutdown_grace_seconds=t.number("shutdown_grace_seconds", 10.0, minimum=0),
+    )
+    if 0 < limits.max_pdu_bytes < 4096:
+        raise t.fail("max_pdu_bytes", "must be 0 (no limit) or at least 4096")
+    t.finish()
+
+    t = table("storage")
+    storage = StorageConfig(
+        spool_dir=t.path("spool_dir", base_dir / "spool", base_dir) or base_dir / "spool",
+        min_free_bytes=t.integer("min_free_bytes", StorageConfig.min_free_bytes, minimum=0),
+        keep_source_images=t.boolean("keep_source_images", False),
+        keep_reports=t.boolean("keep_reports", False),
+    )
+    t.finish()
+
+    t = table("model")
+    model = ModelConfig(path=t.path("path", None, base_dir, must_exist=True))
+    t.finish()
+
+    t = table("workers")
+    workers = WorkersConfig(
+        count=t.integer("count", 1, minimum=1, maximum=64),
+        batch_size=t.integer("batch_size", 16, minimum=1, maximum=512),
+        torch_threads=t.integer("torch_threads", 0, minimum=0, maximum=256),
+    )
+    t.finish()
+
+    filters = parse_filter_policy(data.get("filters", {}))
+
+    t = table("report")
+    report = ReportConfig(sr_kind=t.string("sr_kind", "comprehensive3d", choices=SR_KINDS))
+    t.finish()
+
+    destinations = parse_destinations(data.get("destinations", []), base_dir, listener.ae_title)
+
+    t = table("retry")
+    retry = RetryPolicy(
+        initial_delay_seconds=t.number("initial_delay_seconds", 10.0, minimum=0,
+                                       exclusive_minimum=True),
+        max_delay_seconds=t.number("max_delay_seconds", 900.0, minimum=0, exclusive_minimum=True),
+        max_attempts=t.integer("max_attempts", 0, minimum=0),
+        max_age_seconds=t.number("max_age_seconds", RetryPolicy.max_age_seconds, minimum=0),
+    )
+    if retry.max_delay_seconds < retry.initial_delay_seconds:
+        raise t.fail("max_delay_seconds", "must be at least initial_delay_seconds")
+    if retry.max_attempts == 0 and retry.max_age_seconds == 0:
+        raise t.fail("max_attempts", "max_attempts and max_age_seconds are both 0, so a report "
+                                     "for a destination that never comes back would be retried "
+                                     "forever; set at least one of them")
+    t.finish()
+
+    t = table("log")
+    log = LogConfig(level=t.string("level", "info", choices=LOG_LEVELS),
+                    format=t.string("format", "auto", choices=LOG_FORMATS))
+    t.finish()
+
+    t = table("metrics")
+    metrics = MetricsConfig(enabled=t.boolean("enabled", True),
+                            host=t.string("host", "127.0.0.1", check=_check_host),
+                            port=t.integer("port", DEFAULT_METRICS_PORT, minimum=0, maximum=65535))
+    t.finish()
+
+    t = table("tls")
+    tls = ListenerTLSConfig(
+        cert_file=t.path("cert_file", None, base_dir, must_exist=True),
+        key_file=t.path("key_file", None, base_dir, must_exist=True),
+        ca_file=t.path("ca_file", None, base_dir, must_exist=True),
+        require_client_cert=t.boolean("require_client_cert", False),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise t.fail("cert_file", "cert_file and key_file go together: set both to enable TLS, "
+                                  "or neither")
+    if tls.require_client_cert and tls.ca_file is None:
+        raise t.fail("require_client_cert", "needs ca_file, the CA that signs client certificates")
+    if (tls.ca_file is not None or tls.require_client_cert) and tls.cert_file is None:
+        raise t.fail("ca_file", "TLS settings without cert_file and key_file; set both to enable "
+                                "TLS")
+    t.finish()
+
+    return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
+                  filters=filters, report=report, destinations=destinations, retry=retry,
+                  log=log, metrics=metrics, tls=tls, source=source)
+
+
+def parse_filter_policy(data: Any) -> FilterPolicy:
+    """[filters] -> FilterPolicy(**table), checked against the dataclass's own fields.
+
+    Types are checked against each field's default, so a new FilterPolicy field needs no code
+    here: lists become tuples, integers are accepted where a float is expected.
+    """
+    t = _Table(data, "[filters]")
+    fields = {f.name: f for f in dataclasses.fields(FilterPolicy)}
+    unknown = sorted(set(t.data) - set(fields))
+    if unknown:
+        raise ConfigError(f"[filters]: unknown key {unknown[0]!r}; the keys of [filters] are: "
+                          f"{', '.join(fields)} (see deploy/pacs-ai.toml)")
+    values: dict[str, Any] = {}
+    for name, value in t.data.items():
+        values[name] = _coerce_like_default(name, value, fields[name])
+    try:
+        return FilterPolicy(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[filters]: {error}") from None
+
+
+def _coerce_like_default(name: str, value: Any, spec: dataclasses.Field) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = spec.default_factory()  # type: ignore[misc]
+    else:
+        return value
+    where = f"[filters] {name}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {_describe(value)}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        return float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a quoted string, got {_describe(value)}")
+    elif isinstance(default, (tuple, list, frozenset, set)):
+        if not isinstance(value, list):
+            raise ConfigError(f'{where}: expected a list like ["A", "B"], got {_describe(value)}')
+        sample = next(iter(default), None)
+        if sample is not None and not all(isinstance(item, type(sample)) for item in value):
+            raise ConfigError(f"{where}: every item must be {_describe(sample).split(' (')[1][:-1]}"
+                              f", got {value!r}")
+        return type(default)(value)
+    return value
+
+
+def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tuple[Destination, ...]:
+    if not isinstance(data, list):
+        raise ConfigError("destinations must be written as [[destinations]] blocks, one per PACS")
+    destinations: list[Destination] = []
+    for index, item in enumerate(data, start=1):
+        t = _Table(item, f"[[destinations]] #{index}")
+        ae_title = t.string("ae_title", "", check=check_ae_title)
+        host = t.string("host", "", check=_check_host)
+        port = t.integer("port", 0, minimum=1, maximum=65535)
+        for key, value in (("ae_title", ae_title), ("host", host), ("port", port)):
+            if not value:
+                raise t.fail(key, "is required: every destination needs ae_title, host and port")
+        name = t.string("name", f"{ae_title}@{host}:{port}", check=_check_name)
+        calling = t.string("calling_ae_title", listener_ae_title, check=check_ae_title)
+        timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
+        tls = _parse_destination_tls(t, base_dir)
+        t.finish()
+        destinations.append(Destination(name=name, ae_title=ae_title, host=host, port=port,
+                                        calling_ae_title=calling, timeout_seconds=timeout, tls=tls))
+    names = [d.name for d in destinations]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"[[destinations]]: two destinations are named {duplicates[0]!r}; give "
+                          "each a distinct name = \"...\"")
+    return tuple(destinations)
+
+
+def _parse_destination_tls(t: _Table, base_dir: Path) -> TLSFiles | None:
+    present, value = t._raw("tls")
+    if not present or value is False:
+        return None
+    if value is True:
+        return TLSFiles()
+    sub = _Table(value, f"{t.name} tls")
+    files = TLSFiles(cert_file=sub.path("cert_file", None, base_dir, must_exist=True),
+                     key_file=sub.path("key_file", None, base_dir, must_exist=True),
+                     ca_file=sub.path("ca_file", None, base_dir, must_exist=True))
+    if (files.cert_file is None) != (files.key_file is None):
+        raise sub.fail("cert_file", "cert_file and key_file go together (client certificate)")
+    sub.finish()
+    return files
+
+
+def _check_name(value: str) -> str | None:
+    if not value.strip() or len(value) > 100:
+        return "a destination name must be 1 to 100 characters"
+    return None

@@ -1,0 +1,389 @@
+"""The durable job queue: one SQLite file in the spool (WAL, synchronous=FULL).
+
+A job is one received instance. Its life:
+    pending -> classifying -> delivering -> done
+                           -> done        (no destination configured)
+                           -> skipped     (not a film the model was made for; reason kept)
+                           -> failed      (cannot decode, cannot build the report, or a
+                                           delivery gave up; reason kept, `pacs-ai retry` requeues)
+Each job that has a report gets one delivery row per destination:
+    pending (attempts, next_attempt_at) -> done | failed.
+
+Jobs left in `classifying` by a crash go back to `pending` at start-up; a job's report UID is
+deterministic, so doing it again yields the same report. One SOP Instance UID is one job,
+whatever the number of times it is received.
+
+The store is shared by the threads of one process through one connection guarded by a lock;
+other processes (`pacs-ai status`, `pacs-ai retry`) open their own connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pacs_ai.errors import UserError
+
+JOB_STATES = ("pending", "classifying", "delivering", "done", "skipped", "failed")
+DELIVERY_STATES = ("pending", "done", "failed")
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT,
+    calling_ae_title TEXT,
+    image_file TEXT NOT NULL,          -- relative to the spool
+    state TEXT NOT NULL,
+    stage TEXT,                        -- where a failed job failed: classify, report, deliver
+    reason TEXT,                       -- 'code: detail' of a skip or failure
+    probability REAL,
+    finding TEXT,
+    report_uid TEXT,
+    report_file TEXT,                  -- relative to the spool
+    classify_ms REAL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    first_attempt_at REAL,
+    last_error TEXT,
+    delivered_at REAL,
+    PRIMARY KEY (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    calling_ae_title: str | None
+    image_file: str
+    state: str
+    stage: str | None
+    reason: str | None
+    probability: float | None
+    finding: str | None
+    report_uid: str | None
+    report_file: str | None
+    classify_ms: float | None
+    received_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: int
+    destination: str
+    attempts: int
+    first_attempt_at: float | None
+    report_file: str
+    report_uid: str
+    sop_instance_uid: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the C-STORE handler knows about a received instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    calling_ae_title: str | None
+
+
+_JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
+
+
+class JobStore:
+    def __init__(self, connection: sqlite3.Connection, path: Path):
+        self._db = connection
+        self.path = path
+        self._lock = threading.RLock()
+        # Set whenever there may be new work for the workers or senders; they also poll, so a
+        # `pacs-ai retry` from another process is picked up without it.
+        self.work_added = threading.Event()
+
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = True) -> "JobStore":
+        path = Path(path)
+        if not create and not path.is_file():
+            raise UserError(f"no job queue at {path}: the service has not run with this spool "
+                            "yet (check [storage] spool_dir and --config)")
+        try:
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA busy_timeout = 30000")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{path} was written by a newer pacs-ai (queue schema {version}); "
+                                "upgrade pacs-ai or use another spool")
+            connection.executescript(SCHEMA)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise UserError(f"cannot open the job queue {path}: {error}") from None
+        return cls(connection, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- transactions ---------------------------------------------------------------------
+
+    def _write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body` in one immediate (write-locked) transaction, committed durably."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def find(self, sop_instance_uid: str) -> Job | None:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
+                          (sop_instance_uid,))
+        return Job(*rows[0]) if rows else None
+
+    def admit(self, instance: NewInstance, place_file: Callable[[], str]) -> bool:
+        """Record a received instance as a pending job.
+
+        `place_file` moves the already-fsynced file into place and returns its spool-relative
+        path; it runs only when the instance is new, inside the store's lock, so two
+        associations sending the same instance at once produce one job. Returns False for an
+        instance that already has a job (nothing is written then).
+        """
+        with self._lock:
+            if self.find(instance.sop_instance_uid) is not None:
+                return False
+            image_file = place_file()
+            now = time.time()
+            self._write(lambda db: db.execute(
+                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
+                "calling_ae_title, image_file, state, received_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (instance.sop_instance_uid, instance.sop_class_uid, instance.study_instance_uid,
+                 instance.calling_ae_title, image_file, now, now)))
+        self.work_added.set()
+        return True
+
+    # --- classifying ----------------------------------------------------------------------
+
+    def reset_interrupted(self) -> int:
+        """At start-up: jobs a previous run was classifying go back to pending."""
+        return self._write(lambda db: db.execute(
+            "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'classifying'",
+            (time.time(),)).rowcount)
+
+    def claim(self, limit: int) -> list[Job]:
+        """Take up to `limit` of the oldest pending jobs for classification."""
+        def body(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending' "
+                              "ORDER BY id LIMIT ?", (limit,)).fetchall()
+            if rows:
+                db.executemany("UPDATE jobs SET state = 'classifying', updated_at = ? WHERE id = ?",
+                               [(time.time(), row[0]) for row in rows])
+            return [Job(*row) for row in rows]
+        return self._write(body)
+
+    def mark_skipped(self, job_id: int, reason: str) -> None:
+        self._finish(job_id, "skipped", None, reason)
+
+    def mark_failed(self, job_id: int, stage: str, reason: str) -> None:
+        self._finish(job_id, "failed", stage, reason)
+
+    def _finish(self, job_id: int, state: str, stage: str | None, reason: str) -> None:
+        self._write(lambda db: db.execute(
+            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ? WHERE id = ?",
+            (state, stage, reason, time.time(), job_id)))
+
+    def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
+                      report_file: str, classify_ms: float, destinations: Iterable[str]) -> str:
+        """The report is in the outbox: queue one delivery per destination. Returns the new
+        state: 'delivering', or 'done' when there is no destination."""
+        names = list(destinations)
+        state = "delivering" if names else "done"
+
+        def body(db: sqlite3.Connection) -> str:
+            now = time.time()
+            db.execute("UPDATE jobs SET state = ?, stage = NULL, reason = NULL, probability = ?, "
+                       "finding = ?, report_uid = ?, report_file = ?, classify_ms = ?, "
+                       "updated_at = ? WHERE id = ?",
+                       (state, probability, finding, report_uid, report_file, classify_ms, now,
+                        job_id))
+            db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
+                           "next_attempt_at) VALUES (?, ?, 'pending', ?)",
+                           [(job_id, name, now) for name in names])
+            return state
+        result = self._write(body)
+        if names:
+            self.work_added.set()
+        return result
+
+    # --- delivering -----------------------------------------------------------------------
+
+    def due_deliveries(self, destination: str, now: float, limit: int) -> list[Delivery]:
+        rows = self._read(
+            "SELECT d.job_id, d.destination, d.attempts, d.first_attempt_at, j.report_file, "
+            "j.report_uid, j.sop_instance_uid, j.received_at FROM deliveries d "
+            "JOIN jobs j ON j.id = d.job_id WHERE d.destination = ? AND d.state = 'pending' "
+            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.job_id LIMIT ?",
+            (destination, now, limit))
+        return [Delivery(*row) for row in rows]
+
+    def next_attempt_at(self, destination: str) -> float | None:
+        rows = self._read("SELECT MIN(next_attempt_at) FROM deliveries "
+                          "WHERE destination = ? AND state = 'pending'", (destination,))
+        return rows[0][0]
+
+    def delivery_succeeded(self, job_id: int, destination: str) -> Job | None:
+        """Record a delivery; returns the job when this completed all of its deliveries."""
+        def body(db: sqlite3.Connection) -> Job | None:
+            now = time.time()
+            db.execute("UPDATE deliveries SET state = 'done', attempts = attempts + 1, "
+                       "first_attempt_at = COALESCE(first_attempt_at, ?), delivered_at = ?, "
+                       "last_error = NULL WHERE job_id = ? AND destination = ?",
+                       (now, now, job_id, destination))
+            return self._settle_job(db, job_id, now)
+        return self._write(body)
+
+    def delivery_failed(self, job_id: int, destination: str, error: str, *,
+                        retry_at: float | None) -> Job | None:
+        """Record a failed attempt: retried at `retry_at`, or given up for good when None.
+        Returns the job when this was its last open delivery."""
+        def body(db: sqlite3.Connection) -> Job | None:
+            now = time.time()
+            state = "pending" if retry_at is not None else "failed"
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
+                       "first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, "
+                       "last_error = ? WHERE job_id = ? AND destination = ?",
+                       (state, now, retry_at if retry_at is not None else now, error, job_id,
+                        destination))
+            return self._settle_job(db, job_id, now) if retry_at is None else None
+        return self._write(body)
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> Job | None:
+        """Close a delivering job once none of its deliveries is pending."""
+        rows = db.execute("SELECT destination, state, last_error FROM deliveries "
+                          "WHERE job_id = ?", (job_id,)).fetchall()
+        if any(state == "pending" for _, state, _ in rows):
+            return None
+        failed = [(name, error) for name, state, error in rows if state == "failed"]
+        if failed:
+            reason = "; ".join(f"delivery to {name} failed: {error}" for name, error in failed)
+            db.execute("UPDATE jobs SET state = 'failed', stage = 'deliver', reason = ?, "
+                       "updated_at = ? WHERE id = ? AND state = 'delivering'",
+                       (reason, now, job_id))
+        else:
+            db.execute("UPDATE jobs SET state = 'done', stage = NULL, reason = NULL, "
+                       "updated_at = ? WHERE id = ? AND state = 'delivering'", (now, job_id))
+        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(*row)
+
+    def abandon_unknown_destinations(self, configured: Iterable[str]) -> int:
+        """Pending deliveries to a destination no longer in the config can never be made:
+        fail them (with the reason) so their jobs settle; `pacs-ai retry` after re-adding the
+        destination sends them."""
+        names = list(configured)
+
+        def body(db: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(names))
+            unknown = f"AND destination NOT IN ({marks})" if names else ""
+            rows = db.execute("SELECT job_id, destination FROM deliveries WHERE state = 'pending' "
+                              f"{unknown}", names).fetchall()
+            now = time.time()
+            for job_id, name in rows:
+                db.execute("UPDATE deliveries SET state = 'failed', last_error = ? "
+                           "WHERE job_id = ? AND destination = ?",
+                           ("destination-removed: no longer in the config", job_id, name))
+                self._settle_job(db, job_id, now)
+            return len(rows)
+        return self._write(body)
+
+    # --- operator commands ----------------------------------------------------------------
+
+    def requeue_failed(self) -> tuple[int, int]:
+        """`pacs-ai retry`: failed classifications go back to pending, failed deliveries are
+        tried again from the start. Returns (jobs requeued, deliveries requeued)."""
+        def body(db: sqlite3.Connection) -> tuple[int, int]:
+            now = time.time()
+            deliveries = db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, first_attempt_at = NULL, "
+                "next_attempt_at = ?, last_error = NULL WHERE state = 'failed'", (now,)).rowcount
+            redeliver = db.execute(
+                "UPDATE jobs SET state = 'delivering', stage = NULL, reason = NULL, "
+                "updated_at = ? WHERE state = 'failed' AND report_file IS NOT NULL AND id IN "
+                "(SELECT job_id FROM deliveries WHERE state = 'pending')", (now,)).rowcount
+            reclassify = db.execute(
+                "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, updated_at = ? "
+                "WHERE state = 'failed' AND stage IN ('classify', 'report')", (now,)).rowcount
+            return redeliver + reclassify, deliveries
+        result = self._write(body)
+        self.work_added.set()
+        return result
+
+    def job_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(JOB_STATES, 0)
+        counts.update(dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
+        return counts
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for name, state, count in self._read(
+                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
+            result.setdefault(name, dict.fromkeys(DELIVERY_STATES, 0))[state] = count
+        return result
+
+    def backlog(self) -> int:
+        """Instances received but not yet classified."""
+        return self._read("SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'classifying')")[0][0]
+
+    def latest_failures(self, limit: int = 10) -> list[Job]:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'failed' "
+                          "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def latest_skips(self, limit: int = 10) -> list[Job]:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'skipped' "
+                          "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def retrying_deliveries(self, limit: int = 10) -> list[tuple[str, str, int, float, str]]:
+        """(report_uid, destination, attempts, next_attempt_at, last_error) of deliveries that
+        failed at least once and will be tried again."""
+        return self._read(
+            "SELECT j.report_uid, d.destination, d.attempts, d.next_attempt_at, d.last_error "
+            "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' AND "
+            "d.attempts > 0 ORDER BY d.next_attempt_at LIMIT ?", (limit,))
+
+    def all_jobs(self) -> list[Job]:
+        return [Job(*row) for row in self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")]

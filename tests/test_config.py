@@ -1,0 +1,171 @@
+"""The TOML config: defaults, the documented example, and clear errors for every kind of mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.config import (ConfigError, RetryPolicy, default_config, load_config,
+                            parse_config)
+from pacs_ai.filters import FilterPolicy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = REPO_ROOT / "deploy" / "pacs-ai.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pacs-ai.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_is_the_local_one(tmp_path):
+    config = default_config(tmp_path)
+    assert config.listener.port == 11112
+    assert config.listener.ae_title == "PACS_AI"
+    assert config.storage.spool_dir == tmp_path.resolve() / "spool"
+    assert config.destinations == ()
+    assert config.model.path is None
+    assert config.listener.allowed_calling_ae_titles == ()
+    assert load_config(None).storage.spool_dir == Path.cwd().resolve() / "spool"
+
+
+def test_issue_keys_are_read(tmp_path):
+    path = write(tmp_path, """
+[listener]
+ae_title = "AI_NODE"
+host = "127.0.0.1"
+port = 4242
+allowed_calling_ae_titles = ["MODALITY", "CR_ROOM_2"]
+sop_classes = ["ComputedRadiographyImageStorage", "1.2.840.10008.5.1.4.1.1.2"]
+[storage]
+spool_dir = "var/spool"
+min_free_bytes = 0
+[[destinations]]
+ae_title = "PACS"
+host = "pacs.example.org"
+port = 104
+[[destinations]]
+name = "archive"
+ae_title = "ARCHIVE"
+host = "10.0.0.5"
+port = 11113
+calling_ae_title = "AI_OUT"
+[retry]
+initial_delay_seconds = 0.2
+max_delay_seconds = 1
+max_attempts = 5
+[report]
+sr_kind = "Comprehensive"
+""")
+    config = load_config(path)
+    assert config.listener.ae_title == "AI_NODE"
+    assert config.listener.port == 4242
+    assert config.listener.allowed_calling_ae_titles == ("MODALITY", "CR_ROOM_2")
+    assert config.listener.sop_classes == ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2")
+    assert config.storage.spool_dir == (tmp_path / "var" / "spool").resolve()  # relative to file
+    assert [d.name for d in config.destinations] == ["PACS@pacs.example.org:104", "archive"]
+    assert config.destinations[0].calling_ae_title == "AI_NODE"
+    assert config.destinations[1].calling_ae_title == "AI_OUT"
+    assert config.retry.max_attempts == 5 and config.retry.initial_delay_seconds == 0.2
+    assert config.report.sr_kind == "comprehensive"
+    assert config.source == path
+
+
+def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monkeypatch):
+    text = EXAMPLE_CONFIG.read_text()
+    # The example points at /var/lib and the shipped model; neither need exist to parse it.
+    import tomllib
+    data = tomllib.loads(text)
+    data.get("model", {}).pop("path", None)
+    data.get("tls", {}).clear()
+    for destination in data.get("destinations", []):
+        destination.pop("tls", None)
+    config = parse_config(data, base_dir=tmp_path)
+    assert config.listener.port == 11112
+    # Every key the parser knows appears in the example (commented out or set).
+    for section in ("listener", "limits", "storage", "workers", "report", "retry", "log",
+                    "metrics"):
+        for field in dataclasses.fields(getattr(config, section)):
+            assert f"{field.name} =" in text, f"[{section}] {field.name} is not documented"
+    for field in dataclasses.fields(FilterPolicy):
+        assert f"{field.name} =" in text, f"[filters] {field.name} is not documented"
+    for key in ("cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title",
+                "timeout_seconds", "[model]", "path ="):
+        assert key in text
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[listener]\nport = \"11112\"\n", "[listener] port"),
+    ("[listener]\nport = 70000\n", "[listener] port"),
+    ("[listener]\nprot = 104\n", "unknown key 'prot'"),
+    ("[listner]\nport = 104\n", "'listner'"),
+    ("[listener]\nae_title = \"A_TITLE_LONGER_THAN_16\"\n", "[listener] ae_title"),
+    ("[listener]\nallowed_calling_ae_titles = \"MODALITY\"\n", "allowed_calling_ae_titles"),
+    ("[listener]\nsop_classes = [\"CTImageStorage\"]\n", "sop_classes"),
+    ("[storage]\nmin_free_bytes = -1\n", "[storage] min_free_bytes"),
+    ("[storage]\nkeep_source_images = \"yes\"\n", "keep_source_images"),
+    ("[model]\npath = \"missing.pt\"\n", "[model] path"),
+    ("[report]\nsr_kind = \"basic\"\n", "[report] sr_kind"),
+    ("[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\n", "port"),
+    ("[[destinations]]\nae_title = \"PACS\"\nhost = \"h\"\nport = 104\nportt = 1\n", "'portt'"),
+    ("[[destinations]]\nae_title = \"P\"\nhost = \"h\"\nport = 104\n"
+     "[[destinations]]\nae_title = \"P\"\nhost = \"h\"\nport = 104\n", "named"),
+    ("destinations = 5\n", "destinations"),
+    ("[retry]\ninitial_delay_seconds = 0\n", "[retry] initial_delay_seconds"),
+    ("[retry]\ninitial_delay_seconds = 10\nmax_delay_seconds = 1\n", "max_delay_seconds"),
+    ("[retry]\nmax_attempts = 0\nmax_age_seconds = 0\n", "max_attempts"),
+    ("[log]\nlevel = \"loud\"\n", "[log] level"),
+    ("[metrics]\nenabled = 1\n", "[metrics] enabled"),
+    ("[limits]\nmax_pdu_bytes = 100\n", "max_pdu_bytes"),
+    ("[limits]\nmax_associations = 0\n", "max_associations"),
+    ("[workers]\ncount = 1.5\n", "[workers] count"),
+    ("[tls]\ncert_file = \"cert.pem\"\n", "[tls] cert_file"),
+    ("[filters]\nno_such_filter = true\n", "'no_such_filter'"),
+    ("[filters]\nmodalities = \"CR\"\n", "[filters] modalities"),
+    ("[listener\nport = 1\n", "not valid TOML"),
+    ("listener = 5\n", "[listener] must be a table"),
+])
+def test_bad_config_names_the_key(tmp_path, text, named):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert named in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_config_file_is_a_user_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_filters_table_builds_the_policy_generically(tmp_path):
+    policy = load_config(write(tmp_path, '[filters]\nmodalities = ["DX"]\n')).filters
+    assert isinstance(policy, FilterPolicy)
+    assert policy.modalities == ("DX",)
+
+
+def test_tls_files_are_checked(tmp_path):
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    config = load_config(write(tmp_path, '[tls]\ncert_file = "cert.pem"\nkey_file = "key.pem"\n'
+                                         '[[destinations]]\nae_title = "P"\nhost = "h"\n'
+                                         'port = 2762\ntls = true\n'))
+    assert config.tls.enabled and config.tls.cert_file == (tmp_path / "cert.pem").resolve()
+    assert config.destinations[0].tls is not None
+    with pytest.raises(ConfigError, match="require_client_cert"):
+        load_config(write(tmp_path, '[tls]\ncert_file = "cert.pem"\nkey_file = "key.pem"\n'
+                                    'require_client_cert = true\n'))
+
+
+def test_retry_policy_backs_off_exponentially_and_knows_its_limits():
+    policy = RetryPolicy(initial_delay_seconds=1, max_delay_seconds=10, max_attempts=5,
+                         max_age_seconds=100)
+    assert [policy.delay_after(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert not policy.exhausted(4, 50)
+    assert policy.exhausted(5, 50)
+    assert policy.exhausted(1, 100)
+    assert policy.delay_after(10_000) == 10  # no overflow
+

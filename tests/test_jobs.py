@@ -1,0 +1,192 @@
+"""The durable job queue and the spool's durable writes (real SQLite files, real folders)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.errors import UserError
+from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.spool import Spool, SpoolFullError, uid_filename
+
+
+def instance(uid: str) -> NewInstance:
+    return NewInstance(sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                       study_instance_uid="1.2.3", calling_ae_title="MODALITY")
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    return spool
+
+
+@pytest.fixture
+def store(spool) -> JobStore:
+    store = JobStore.open(spool.db_path)
+    yield store
+    store.close()
+
+
+def admit(store: JobStore, spool: Spool, uid: str, data: bytes = b"dicom") -> bool:
+    def place() -> str:
+        target = spool.image_path(uid)
+        spool.write_durably(target, data)
+        return spool.relative(target)
+    return store.admit(instance(uid), place)
+
+
+def test_queue_uses_wal_and_full_sync(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_same_instance_twice_is_one_job_and_the_file_is_not_rewritten(store, spool):
+    assert admit(store, spool, "1.2.3.4", b"first")
+    assert not admit(store, spool, "1.2.3.4", b"second")
+    assert store.job_counts()["pending"] == 1
+    assert spool.image_path("1.2.3.4").read_bytes() == b"first"
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_concurrent_admissions_of_one_instance_make_one_job(store, spool):
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(admit(store, spool, "9.9")))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(results) == [False] * 7 + [True]
+    assert len(store.all_jobs()) == 1
+
+
+def test_job_life_to_done_with_two_destinations(store, spool):
+    admit(store, spool, "1.1")
+    [job] = store.claim(10)
+    assert job.state == "pending" and store.job_counts()["classifying"] == 1
+    assert store.claim(10) == []  # claimed jobs are not handed out twice
+    state = store.mark_reported(job.id, probability=0.8, finding="pneumonia", report_uid="2.25.1",
+                                report_file="outbox/2.25.1.dcm", classify_ms=12.0,
+                                destinations=["a", "b"])
+    assert state == "delivering"
+    now = time.time()
+    assert [d.destination for d in store.due_deliveries("a", now, 10)] == ["a"]
+    assert store.delivery_succeeded(job.id, "a") is None  # b still open
+    finished = store.delivery_succeeded(job.id, "b")
+    assert finished is not None and finished.state == "done"
+    assert finished.probability == 0.8 and finished.report_uid == "2.25.1"
+    assert store.delivery_counts() == {"a": {"pending": 0, "done": 1, "failed": 0},
+                                       "b": {"pending": 0, "done": 1, "failed": 0}}
+
+
+def test_no_destination_means_done_at_once(store, spool):
+    admit(store, spool, "1.1")
+    [job] = store.claim(1)
+    assert store.mark_reported(job.id, probability=0.1, finding="normal", report_uid="2.25.2",
+                               report_file="outbox/x.dcm", classify_ms=1.0,
+                               destinations=[]) == "done"
+
+
+def test_backoff_schedule_failure_and_retry(store, spool):
+    admit(store, spool, "1.1")
+    [job] = store.claim(1)
+    store.mark_reported(job.id, probability=0.5, finding="pneumonia", report_uid="2.25.3",
+                        report_file="outbox/y.dcm", classify_ms=1.0, destinations=["pacs"])
+    later = time.time() + 100
+    assert store.delivery_failed(job.id, "pacs", "connection refused", retry_at=later) is None
+    assert store.due_deliveries("pacs", time.time(), 10) == []
+    assert store.next_attempt_at("pacs") == pytest.approx(later)
+    [(report_uid, name, attempts, _, error)] = store.retrying_deliveries()
+    assert (report_uid, name, attempts, error) == ("2.25.3", "pacs", 1, "connection refused")
+    settled = store.delivery_failed(job.id, "pacs", "association rejected", retry_at=None)
+    assert settled.state == "failed" and settled.stage == "deliver"
+    assert "pacs" in settled.reason and "association rejected" in settled.reason
+    assert [j.id for j in store.latest_failures()] == [job.id]
+
+    assert store.requeue_failed() == (1, 1)
+    [delivery] = store.due_deliveries("pacs", time.time(), 10)
+    assert delivery.attempts == 0 and delivery.report_uid == "2.25.3"
+    assert store.job_counts()["delivering"] == 1
+
+
+def test_failed_classification_is_requeued_as_pending(store, spool):
+    admit(store, spool, "1.1")
+    admit(store, spool, "1.2")
+    first, second = store.claim(2)
+    store.mark_failed(first.id, "classify", "decode-failed: truncated")
+    store.mark_skipped(second.id, "not-chest: body part is KNEE")
+    assert store.requeue_failed() == (1, 0)
+    counts = store.job_counts()
+    assert counts["pending"] == 1 and counts["skipped"] == 1  # skips are final
+
+
+def test_interrupted_jobs_go_back_to_pending_after_a_crash(spool):
+    """A real second process claims jobs and is killed mid-classification."""
+    store = JobStore.open(spool.db_path)
+    for n in range(3):
+        admit(store, spool, f"1.{n}")
+    store.close()
+    script = ("import sys, os; from pacs_ai.jobs import JobStore; "
+              "s = JobStore.open(sys.argv[1]); s.claim(2); os._exit(9)")
+    subprocess.run([sys.executable, "-c", script, str(spool.db_path)], timeout=60)
+    reopened = JobStore.open(spool.db_path)
+    assert reopened.job_counts()["classifying"] == 2
+    assert reopened.reset_interrupted() == 2
+    assert reopened.job_counts()["pending"] == 3
+    assert len(reopened.claim(10)) == 3
+    reopened.close()
+
+
+def test_deliveries_to_a_removed_destination_are_failed_with_reason(store, spool):
+    admit(store, spool, "1.1")
+    [job] = store.claim(1)
+    store.mark_reported(job.id, probability=0.5, finding="pneumonia", report_uid="2.25.4",
+                        report_file="outbox/z.dcm", classify_ms=1.0, destinations=["old", "kept"])
+    assert store.abandon_unknown_destinations(["kept"]) == 1
+    assert store.delivery_succeeded(job.id, "kept").state == "failed"
+    assert "destination-removed" in store.latest_failures()[0].reason
+    assert store.abandon_unknown_destinations([]) == 0
+
+
+def test_status_side_refuses_a_missing_queue(tmp_path):
+    with pytest.raises(UserError, match="no job queue"):
+        JobStore.open(tmp_path / "none.sqlite", create=False)
+
+
+def test_spool_write_is_atomic_and_leftovers_are_cleaned(spool):
+    target = spool.image_path("1.2.840.1")
+    spool.write_durably(target, b"x" * 1000)
+    assert target.read_bytes() == b"x" * 1000
+    (spool.incoming / "crashed.part").write_bytes(b"half")
+    spool.prepare()
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_free_space_floor(spool):
+    spool.check_room(10, 0)
+    with pytest.raises(SpoolFullError):
+        spool.check_room(10, spool.free_bytes() + 1)
+
+
+def test_hostile_uid_never_becomes_a_path():
+    assert uid_filename("1.2.840.10008.1") == "1.2.840.10008.1.dcm"
+    for hostile in ("../../etc/passwd", "1.2/3", "", "1." * 40):
+        name = uid_filename(hostile)
+        assert "/" not in name and name.startswith("x") and name.endswith(".dcm")
+
+
+def test_second_server_on_one_spool_is_refused(spool):
+    spool.lock()
+    other = Spool(spool.root)
+    with pytest.raises(UserError, match="another pacs-ai serve"):
+        other.lock()
+    spool.unlock()
+    other.lock()
+    other.unlock()
