@@ -392,4 +392,5 @@ def _concept_is(item: Dataset, code: Code) -> bool:
 
 
 def _texts(items: list[Dataset], code: Code) -> list[str]:
-    return [str(item.TextValue) for item in items if _concept_is(item, code) and "TextValue" in item]
+    return [str(item.TextValue) for item in items
+            if _concept_is(item, code) and "TextValue" in item]
