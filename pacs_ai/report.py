@@ -59,10 +59,11 @@ from highdicom.sr import (
     TrackingIdentifier,
     UIDRefContentItem,
 )
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TM, validate_value
 
 import pacs_ai
 from pacs_ai.model import ModelInfo
@@ -169,12 +170,12 @@ def build_report(
 def source_header(source: Dataset) -> Dataset:
     """A copy of the source without bulk data, checked and fit to serve as SR evidence.
 
-    Absent Type 2 patient/study attributes become empty ones, and values highdicom cannot parse
-    (a PatientSex outside M/F/O, malformed dates/times) are emptied rather than copied into an
-    invalid report. Only attribute keywords are logged, never values.
+    highdicom copies the Patient and Study modules from this header into the report, so values
+    that are not valid DICOM (wrong VR format, a PatientSex outside M/F/O, impossible dates) are
+    removed here rather than copied into an invalid report; absent or removed Type 2 attributes
+    become empty ones. Only attribute keywords are logged, never values.
     """
-    missing = [keyword for keyword in REQUIRED_SOURCE_ATTRIBUTES
-               if keyword not in source or source[keyword].value in (None, "")]
+    missing = [keyword for keyword in REQUIRED_SOURCE_ATTRIBUTES if not _has_value(source, keyword)]
     if missing:
         raise ReportSourceError(f"source dataset lacks {', '.join(missing)}")
     if str(source.SOPClassUID) not in SUPPORTED_SOURCE_SOP_CLASSES:
@@ -183,28 +184,63 @@ def source_header(source: Dataset) -> Dataset:
             f"reports are made for {', '.join(SUPPORTED_SOURCE_SOP_CLASSES.values())}")
 
     header = Dataset()
-    for element in source:
-        if element.tag.group >= 0x7F00 or element.tag.group in range(0x6000, 0x6100):
+    dropped: list[str] = []
+    for tag in source.keys():
+        if tag.group >= 0x7F00 or 0x6000 <= tag.group < 0x6100:
             continue  # pixel data, waveforms, overlays: not needed, possibly large
+        try:
+            element = source[tag]  # decodes a raw element; a malformed one raises
+        except Exception:
+            dropped.append(str(tag))
+            continue
+        if element.keyword not in REQUIRED_SOURCE_ATTRIBUTES and not _is_valid_value(element):
+            dropped.append(element.keyword or str(tag))
+            continue
         header.add(copy.deepcopy(element))
 
     for keyword in TYPE2_PATIENT_STUDY_ATTRIBUTES:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
-    emptied = _empty_unparsable_values(header)
-    if emptied:
-        log.warning("source values not valid DICOM, left empty in the report",
-                    attributes=emptied, source_sop_instance_uid=str(source.SOPInstanceUID))
+    dropped += _empty_values_highdicom_rejects(header)
+    if dropped:
+        log.warning("source values not valid DICOM, not copied into the report",
+                    attributes=dropped, source_sop_instance_uid=str(source.SOPInstanceUID))
     return header
 
 
-def _empty_unparsable_values(header: Dataset) -> list[str]:
+def _has_value(source: Dataset, keyword: str) -> bool:
+    try:
+        return keyword in source and source[keyword].value not in (None, "")
+    except Exception:  # a malformed raw element
+        return False
+
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+             "UI", "UR", "UT"}
+
+
+def _is_valid_value(element: Any) -> bool:
+    """Whether a top-level text element's value(s) satisfy its VR (pydicom's validators)."""
+    if element.VR not in _TEXT_VRS or element.value is None:
+        return True
+    values = element.value if isinstance(element.value, (list, tuple, MultiValue)) \
+        else [element.value]
+    try:
+        for value in values:
+            if value is not None and value != "":
+                validate_value(element.VR, value if isinstance(value, str) else str(value),
+                               config.RAISE)
+    except ValueError:
+        return False
+    return True
+
+
+def _empty_values_highdicom_rejects(header: Dataset) -> list[str]:
+    """Empty the VR-valid values highdicom would still refuse (enumerations, real dates)."""
     emptied = []
-    sex = str(header.PatientSex or "").strip().upper()
-    if sex not in VALID_PATIENT_SEX | {""}:
-        sex = ""
+    if header.PatientSex not in VALID_PATIENT_SEX | {""}:
+        header.PatientSex = ""
         emptied.append("PatientSex")
-    header.PatientSex = sex
     for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
         raw = header[keyword].value
         if raw in (None, ""):

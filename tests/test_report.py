@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -17,7 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs_ai.model import ModelInfo, PneumoniaModel
@@ -286,15 +287,23 @@ def test_report_survives_a_file_round_trip(tmp_path):
 
 
 def hostile_source() -> Dataset:
-    """A source missing Type 2 patient/study attributes and with values DICOM does not allow."""
+    """A source missing Type 2 patient/study attributes and with values DICOM does not allow,
+    as a careless modality sends them (pydicom keeps such values when reading)."""
     source = make_source("CR")
     for keyword in ("PatientBirthDate", "StudyID", "AccessionNumber", "ReferringPhysicianName",
                     "StudyTime", "InstanceNumber", "SpecificCharacterSet"):
         delattr(source, keyword)
-    source.PatientSex = "X"
-    with warnings.catch_warnings():  # pydicom warns on the bad date; a modality may send it
-        warnings.simplefilter("ignore")
-        source.StudyDate = "5.1.2024"
+    source.PatientSex = "X"  # valid CS, but not one of M/F/O
+    raw = {  # keyword: (VR, bytes as received)
+        "StudyDate": ("DA", b"5.1.2024"),
+        "PatientSize": ("DS", b"1,75"),
+        "StudyDescription": ("LO", b"X" * 70),  # LO allows 64 characters
+        "PatientWeight": ("DS", b"7" * 20),  # DS allows 16
+        "LargestImagePixelValue": ("US", b"\x01\x02\x03"),  # 3 bytes: cannot be decoded
+    }
+    for keyword, (vr, value) in raw.items():
+        tag = Tag(keyword)
+        source[tag] = RawDataElement(tag, vr, len(value), value, 0, True, True)
     return source
 
 
@@ -304,6 +313,9 @@ def test_missing_and_invalid_patient_study_values_are_left_empty():
     for keyword in ("PatientBirthDate", "StudyID", "AccessionNumber", "ReferringPhysicianName",
                     "StudyTime", "PatientSex", "StudyDate"):
         assert keyword in sr and sr[keyword].value in (None, ""), keyword
+    for keyword in ("PatientSize", "PatientWeight", "StudyDescription",
+                    "LargestImagePixelValue"):
+        assert keyword not in sr, keyword
     assert sr.PatientName == source.PatientName
     assert sr.PatientID == source.PatientID
     assert sr.InstanceNumber == 1
