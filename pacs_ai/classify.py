@@ -5,12 +5,14 @@ The same steps as the service (filter, decode, preprocess, model), without the n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from pacs_ai.filters import FilterPolicy, skip_reason
 from pacs_ai.imaging import to_model_input
@@ -18,7 +20,11 @@ from pacs_ai.model import PneumoniaModel
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS, PixelDataError, display_array
 
 BATCH_SIZE = 32
+REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Files a folder walk passes over: documentation and listings next to images (a README.md,
+# a manifest.json). A file named on the command line is always read.
+NOT_IMAGE_SUFFIXES = {".md", ".json", ".txt", ".csv", ".html", ".pdf", ".py", ".toml"}
 
 
 class SkipImage(Exception):
@@ -34,11 +40,13 @@ class Prepared:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given, and every file under a folder, in sorted order."""
+    """Files as given, and the image candidates under a folder, in sorted order."""
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            yield from sorted(p for p in path.rglob("*") if p.is_file()
+                              and not p.name.startswith(".")
+                              and p.suffix.lower() not in NOT_IMAGE_SUFFIXES)
         else:
             yield path
 
@@ -46,7 +54,8 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
 def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> np.ndarray:
     """A display-oriented 2-D array from a DICOM, PNG or JPEG file.
 
-    Raises SkipImage for images outside the model's scope, ValueError for unreadable ones.
+    Raises SkipImage for images outside the model's scope, ValueError ("<code>: <detail>")
+    for unreadable ones.
     """
     with path.open("rb") as handle:
         head = handle.read(132)
@@ -61,10 +70,13 @@ def read_picture(path: Path, max_pixels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as picture:
+        with Image.open(path) as picture:  # reads the header only; pixels on convert()
             if picture.width * picture.height > max_pixels:
-                raise ValueError(f"too-large: {picture.width} x {picture.height} pixels")
+                raise PixelDataError(f"too-large: {picture.width} x {picture.height} pixels "
+                                     f"exceeds the limit of {max_pixels} pixels")
             return np.asarray(picture.convert("L"))
+    except Image.DecompressionBombError as error:
+        raise PixelDataError(f"too-large: {error}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"unreadable: not a readable PNG/JPEG ({error})") from None
 
@@ -78,23 +90,53 @@ def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> np.nd
     except InvalidDicomError:
         raise ValueError("not-dicom: not a DICOM, PNG or JPEG file") from None
     except Exception as error:  # pydicom raises many kinds on corrupt headers
-        raise ValueError(f"unreadable: DICOM header cannot be parsed ({error})") from None
-    reason = skip_reason(dataset, policy)
+        raise ValueError(f"unreadable: DICOM header cannot be parsed "
+                         f"({type(error).__name__}: {error})") from None
+    return dataset_display_image(dataset, policy, max_pixels)
+
+
+def dataset_display_image(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
+                          max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Filter, then decode: SkipImage for "not for this model", PixelDataError for broken."""
+    try:
+        reason = skip_reason(dataset, policy)
+    except Exception as error:  # a header so odd that even the filter cannot read it
+        raise PixelDataError(f"bad-pixel-header: {type(error).__name__}: {error}") from None
     if reason is not None:
         raise SkipImage(reason)
     return display_array(dataset, max_pixels=max_pixels)
 
 
+def dataset_model_input(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The model input [1, 200, 200] for a received dataset, as the service needs it.
+
+    Raises SkipImage (record as skipped) or PixelDataError (record as failed); both carry
+    "<code>: <detail>".
+    """
+    return _model_input(dataset_display_image(dataset, policy, max_pixels))
+
+
+def _model_input(image: np.ndarray) -> np.ndarray:
+    try:
+        return to_model_input(image)
+    except ValueError as error:
+        raise PixelDataError(f"decode-failed: the decoded picture is unusable ({error})") from None
+
+
 def prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
     try:
         image = read_display_image(path, policy, max_pixels)
-        return Prepared(path, model_input=to_model_input(image))
+        return Prepared(path, model_input=_model_input(image))
     except SkipImage as skip:
         return Prepared(path, status="skipped", reason=str(skip))
-    except PixelDataError as error:
-        return Prepared(path, status="error", reason=str(error))
-    except (ValueError, OSError, MemoryError) as error:
-        return Prepared(path, status="error", reason=str(error) or type(error).__name__)
+    except ValueError as error:  # PixelDataError is one; ours all read "<code>: <detail>"
+        reason = str(error) if REASON_PATTERN.match(str(error)) else f"decode-failed: {error}"
+        return Prepared(path, status="error", reason=reason)
+    except OSError as error:
+        return Prepared(path, status="error", reason=f"unreadable: {error}")
+    except MemoryError:
+        return Prepared(path, status="error", reason="too-large: out of memory while reading")
     except Exception as error:  # a decoder bug must not end a run over hundreds of files
         return Prepared(path, status="error", reason=f"decode-failed: {type(error).__name__}: {error}")
 

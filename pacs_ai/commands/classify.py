@@ -10,7 +10,12 @@ HELP = "classify DICOM, PNG or JPEG files or folders; prints one JSON line per f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="files or folders (a folder walk passes over .md/.json/.txt "
+                             "files and hidden files)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="refuse images declaring more pixels than this "
+                             "(default: the service's limit)")
     parser.add_argument("--model", help="model file (default: the shipped model)")
 
 
@@ -18,9 +23,13 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.classify import classify_files
     from pacs_ai.model import PneumoniaModel
 
+    from pacs_ai.filters import FilterPolicy
+    from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+
     model = PneumoniaModel.load(args.model)
+    max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
     classified = 0
-    for result in classify_files(args.paths, model):
+    for result in classify_files(args.paths, model, FilterPolicy(), max_pixels):
         classified += result["status"] == "ok"
         print(json.dumps(result), flush=True)
     if classified == 0:
