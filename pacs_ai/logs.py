@@ -25,8 +25,18 @@ def drop_patient_identifiers(_logger: Any, _method: str, event_dict: dict[str, A
     return event_dict
 
 
+def silence_library_value_logs() -> None:
+    """pydicom's warnings quote element values ("Invalid value for VR DA: '19700101'"), which
+    can be a birth date or a name: they never reach the journal. Our own code logs the reason."""
+    pydicom_logger = logging.getLogger("pydicom")
+    pydicom_logger.handlers.clear()
+    pydicom_logger.addHandler(logging.NullHandler())
+    pydicom_logger.propagate = False
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """fmt: 'json', 'console' or 'auto' (console on a terminal, JSON otherwise)."""
+    silence_library_value_logs()
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = (structlog.processors.JSONRenderer() if use_json
                 else structlog.dev.ConsoleRenderer(colors=False))
