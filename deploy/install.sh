@@ -34,6 +34,8 @@ UNIT_NAME=pacs-ai.service
 BIN_LINK=/usr/local/bin/pacs-ai
 MODEL_FILENAME=pacs-ai-pneumonia.pt
 TORCH_REQUIREMENT="torch==2.13.0"
+# The CPU-only PyTorch build (~200 MB) instead of PyPI's default with CUDA libraries (GBs).
+TORCH_INDEX=https://download.pytorch.org/whl/cpu
 MARKER=.pacs-ai-install  # in <prefix>: proof that --uninstall may delete the folder
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +48,8 @@ usage: deploy/install.sh [options]
   --python PYTHON    Python 3.11+ for the virtual environment (default python3.11, else python3)
   --venv-from DIR    use this existing virtual environment (with pacs-ai installed) instead of
                      creating one: <prefix>/venv becomes a link to it and pip is not run
+  --torch-index URL  extra package index for PyTorch (default $TORCH_INDEX,
+                     the CPU-only build); "none": only pip's configured indexes (PIP_INDEX_URL ...)
   --model FILE       install this model file instead of deploy/models/$MODEL_FILENAME
   --no-enable        install the unit but do not enable it
   --destdir DIR      install under DIR as a scratch root; run no useradd, chown or systemctl
@@ -65,6 +69,7 @@ while [ $# -gt 0 ]; do
     --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
     --venv-from) VENV_FROM=${2:?--venv-from needs a folder}; shift 2 ;;
     --model) MODEL_SOURCE=${2:?--model needs a file}; shift 2 ;;
+    --torch-index) TORCH_INDEX=${2:?--torch-index needs a URL or none}; shift 2 ;;
     --no-enable) ENABLE=0; shift ;;
     --destdir) DESTDIR=${2:?--destdir needs a folder}; shift 2 ;;
     --uninstall) ACTION=uninstall; shift ;;
@@ -125,8 +130,10 @@ install_program() {
       note "creating virtual environment $PREFIX/venv with $python"
       "$python" -m venv "$venv"
     fi
-    note "installing $TORCH_REQUIREMENT and pacs-ai from $REPO (pip honours PIP_INDEX_URL etc.)"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade \
+    local index_args=()
+    [ "$TORCH_INDEX" = none ] || index_args=(--extra-index-url "$TORCH_INDEX")
+    note "installing $TORCH_REQUIREMENT and pacs-ai from $REPO with pip"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade "${index_args[@]}" \
       "$TORCH_REQUIREMENT" "$REPO" || die "pip install failed (network? see the messages above)"
   fi
   "$venv/bin/pacs-ai" --version >/dev/null \
