@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
 from pydicom.uid import UID
 
 # A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
@@ -124,20 +123,35 @@ def _check_encapsulated(ds: Dataset, syntax: UID) -> None:
     if decoder is None or not decoder.is_available:
         raise PixelDataError(f"unsupported-transfer-syntax: no decoder for {syntax.name} "
                              f"({syntax})")
-    data = ds.PixelData
-    try:
-        # Skip the Basic Offset Table item, then walk every fragment item to the end.
-        if data[:4] != b"\xfe\xff\x00\xe0":
-            raise ValueError("Pixel Data does not start with an item tag")
-        table_length = int.from_bytes(data[4:8], "little")
-        fragment_bytes = sum(len(fragment) for fragment in
-                             generate_fragments(data[8 + table_length:]))
-    except ValueError as error:
-        raise PixelDataError(f"truncated-pixel-data: encapsulated Pixel Data is malformed or "
-                             f"cut short ({error})") from None
+    fragment_bytes = _encapsulated_frame_bytes(bytes(ds.PixelData))
     if fragment_bytes == 0:
         raise PixelDataError("truncated-pixel-data: encapsulated Pixel Data holds no "
                              "compressed frame")
+
+
+ITEM_TAG = b"\xfe\xff\x00\xe0"
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+
+
+def _encapsulated_frame_bytes(data: bytes) -> int:
+    """Bytes in the fragment items after the Basic Offset Table (PS3.5 A.4), checking that
+    every item is whole: a file cut short ends inside an item."""
+    offset, items, total = 0, 0, 0
+    while offset < len(data):
+        tag = data[offset:offset + 4]
+        if tag == SEQUENCE_DELIMITER:
+            break
+        if tag != ITEM_TAG or offset + 8 > len(data):
+            raise PixelDataError(f"truncated-pixel-data: encapsulated Pixel Data is malformed "
+                                 f"at byte {offset} (expected an item)")
+        length = int.from_bytes(data[offset + 4:offset + 8], "little")
+        if length == 0xFFFFFFFF or offset + 8 + length > len(data):
+            raise PixelDataError(f"truncated-pixel-data: fragment at byte {offset} declares "
+                                 f"{length} bytes, {len(data) - offset - 8} are present")
+        total += length if items > 0 else 0  # item 0 is the Basic Offset Table
+        items += 1
+        offset += 8 + length
+    return total
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
