@@ -106,8 +106,8 @@ class Spool:
             raise SpoolFullError(errno.ENOSPC, f"spool has {free} bytes free, {size} needed "
                                                f"above the floor of {min_free_bytes}")
 
-    def write_durably(self, target: Path, data: bytes) -> None:
-        """Write `data` to `target` so that it is either complete or absent after a crash."""
+    def stage(self, data: bytes) -> Path:
+        """Write `data` to a new fsynced temp file in incoming/ (same file system as the spool)."""
         fd, temp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
         temp = Path(temp_name)
         try:
@@ -115,11 +115,24 @@ class Spool:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        return temp
+
+    def commit(self, staged: Path, target: Path) -> None:
+        """Move a staged file into place and make the rename itself durable."""
+        os.replace(staged, target)
         fsync_dir(target.parent)
+
+    def write_durably(self, target: Path, data: bytes) -> None:
+        """Write `data` to `target` so that it is either complete or absent after a crash."""
+        staged = self.stage(data)
+        try:
+            self.commit(staged, target)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
 
     def remove(self, relative: str | None) -> None:
         if relative:

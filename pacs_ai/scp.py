@@ -1,0 +1,268 @@
+"""The DICOM listener: C-ECHO and C-STORE over pynetdicom, into the spool and the job queue.
+
+The C-STORE handler never classifies and never waits for the model. It answers Success only
+once the instance is fsynced under spool/images/ and its job row is committed; otherwise:
+
+    0xA700  out of resources: disk below the [storage] min_free_bytes floor (checked before
+            anything is written), disk full, or the queue cannot be written. The sender keeps
+            the image and retries later.
+    0xA900  the dataset's SOP Class UID is not the one the request announced.
+    0xC000  cannot understand: the dataset cannot be parsed.
+    0xC001  cannot understand: no usable SOP Instance UID, or not the one the request announced.
+
+Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reason}).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+
+from pacs_ai import metrics
+from pacs_ai.config import Config, ListenerTLSConfig
+from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.spool import Spool, SpoolFullError
+
+log = structlog.get_logger()
+
+UNCOMPRESSED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                  DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+# Compressed syntaxes a modality or PACS commonly sends; accepted only where pydicom has a
+# decoder installed for it, so an accepted image can always be decoded.
+COMPRESSED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50",   # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",   # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57",   # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",   # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",      # RLE Lossless
+)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_UID = 0xC001
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    from pydicom.pixels.decoders.base import get_decoder
+
+    decodable = []
+    for uid in COMPRESSED_TRANSFER_SYNTAXES:
+        try:
+            if get_decoder(uid).is_available:
+                decodable.append(uid)
+        except (NotImplementedError, ValueError):
+            continue
+    return [str(uid) for uid in UNCOMPRESSED_TRANSFER_SYNTAXES] + decodable
+
+
+def server_ssl_context(tls: ListenerTLSConfig) -> ssl.SSLContext:
+    """TLS for the listener: our certificate, and client certificates checked against ca_file."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    reason: str | None = None  # "code: detail" of a refusal
+
+    def response(self) -> Dataset | int:
+        if self.status == SUCCESS or self.reason is None:
+            return self.status
+        answer = Dataset()
+        answer.Status = self.status
+        answer.ErrorComment = self.reason[:64]  # LO: at most 64 characters
+        return answer
+
+
+class StorageSCP:
+    """The association server. start() returns once the port is bound; stop() is graceful."""
+
+    def __init__(self, config: Config, spool: Spool, store: JobStore):
+        self.config = config
+        self.spool = spool
+        self.store = store
+        self._server = None
+        self._in_flight = 0
+        self._in_flight_changed = threading.Condition()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        listener, limits = self.config.listener, self.config.limits
+        ae = AE(ae_title=listener.ae_title)
+        ae.maximum_associations = limits.max_associations
+        ae.maximum_pdu_size = limits.max_pdu_bytes
+        ae.acse_timeout = limits.acse_timeout_seconds
+        ae.dimse_timeout = limits.dimse_timeout_seconds
+        ae.network_timeout = limits.network_timeout_seconds
+        ae.require_calling_aet = list(listener.allowed_calling_ae_titles)
+        syntaxes = accepted_transfer_syntaxes()
+        ae.add_supported_context(Verification)
+        for sop_class in listener.sop_classes:
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the listener is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        from pacs_ai.errors import UserError
+
+        listener = self.config.listener
+        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_REJECTED, self._on_rejected)]
+        ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
+        try:
+            self._server = self.ae.start_server((listener.host, listener.port), block=False,
+                                                evt_handlers=handlers, ssl_context=ssl_context)
+        except OSError as error:
+            raise UserError(f"cannot listen on {listener.host}:{listener.port}: "
+                            f"{error.strerror or error}; is another DICOM service using the port? "
+                            "Set [listener] port or host in the config") from None
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let running associations finish for up to `grace_seconds`, abort the
+        rest, then wait for C-STORE handlers still writing (so the queue is not closed under
+        them)."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = server.active_associations
+        for association in remaining:
+            association.abort()
+        if remaining:
+            log.warning("associations_aborted_at_shutdown", count=len(remaining))
+        with self._in_flight_changed:
+            self._in_flight_changed.wait_for(lambda: self._in_flight == 0, timeout=30)
+        for association in remaining:
+            association.join(timeout=5)
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _on_echo(self, event: Event) -> int:
+        log.info("echo_received", calling_ae_title=event.assoc.requestor.ae_title,
+                 peer=event.assoc.requestor.address)
+        return SUCCESS
+
+    def _on_rejected(self, event: Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        allowed = self.config.listener.allowed_calling_ae_titles
+        reason = ("calling-ae-not-allowed" if allowed and calling not in allowed
+                  else "association-limit")
+        metrics.REJECTED.labels(reason=reason).inc()
+        log.warning("association_rejected", reason=reason, calling_ae_title=calling,
+                    peer=event.assoc.requestor.address)
+
+    def _on_store(self, event: Event) -> Dataset | int:
+        started = time.perf_counter()
+        with self._in_flight_changed:
+            self._in_flight += 1
+        try:
+            outcome, instance, size, duplicate = self._store(event)
+        except Exception as error:  # never let a bug take the association (or us) down
+            log.exception("store_failed_unexpectedly", error=str(error))
+            outcome, instance, size, duplicate = (
+                StoreOutcome(OUT_OF_RESOURCES, f"internal-error: {type(error).__name__}"),
+                None, 0, False)
+        finally:
+            with self._in_flight_changed:
+                self._in_flight -= 1
+                self._in_flight_changed.notify_all()
+        fields = dict(calling_ae_title=event.assoc.requestor.ae_title,
+                      sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
+                      sop_instance_uid=str(event.request.AffectedSOPInstanceUID or ""),
+                      transfer_syntax=str(event.context.transfer_syntax), bytes=size,
+                      milliseconds=round((time.perf_counter() - started) * 1000, 1))
+        if outcome.status == SUCCESS:
+            metrics.RECEIVED.inc()
+            log.info("instance_received", study_instance_uid=instance.study_instance_uid,
+                     duplicate=duplicate, **fields)
+        else:
+            metrics.REJECTED.labels(reason=metrics.reason_code(outcome.reason or "unknown")).inc()
+            log.warning("instance_refused", status=f"0x{outcome.status:04X}",
+                        reason=outcome.reason, **fields)
+        return outcome.response()
+
+    def _store(self, event: Event) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
+        request = event.request
+        try:
+            dataset = event.dataset
+            sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
+            sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
+            study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
+        except Exception as error:  # pydicom raises many kinds on a malformed stream
+            return StoreOutcome(CANNOT_UNDERSTAND,
+                                f"unparseable: {type(error).__name__}: {error}"), None, 0, False
+        if not sop_instance_uid or sop_instance_uid != str(request.AffectedSOPInstanceUID):
+            return StoreOutcome(CANNOT_UNDERSTAND_UID, "bad-sop-instance-uid: missing or not the "
+                                "one in the request"), None, 0, False
+        if sop_class_uid != str(request.AffectedSOPClassUID):
+            return StoreOutcome(DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch: dataset and "
+                                "request differ"), None, 0, False
+
+        instance = NewInstance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                               study_instance_uid=study_uid,
+                               calling_ae_title=event.assoc.requestor.ae_title)
+        if self.store.find(sop_instance_uid) is not None:
+            return StoreOutcome(SUCCESS), instance, 0, True  # already durable: idempotent
+
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            self.spool.check_room(len(data), self.config.storage.min_free_bytes)
+            staged = self.spool.stage(data)
+        except SpoolFullError as error:
+            return StoreOutcome(OUT_OF_RESOURCES, f"disk-full: {error.strerror}"), instance, \
+                len(data), False
+        except OSError as error:
+            return StoreOutcome(OUT_OF_RESOURCES, f"write-failed: {error.strerror or error}"), \
+                instance, len(data), False
+
+        target = self.spool.image_path(sop_instance_uid)
+
+        def place() -> str:
+            self.spool.commit(staged, target)
+            return self.spool.relative(target)
+
+        try:
+            created = self.store.admit(instance, place)
+        except Exception as error:  # sqlite3 or OS errors: not recorded, so not acknowledged
+            return StoreOutcome(OUT_OF_RESOURCES, f"queue-write-failed: {error}"), instance, \
+                len(data), False
+        finally:
+            staged.unlink(missing_ok=True)  # gone already when placed
+        return StoreOutcome(SUCCESS), instance, len(data), not created
