@@ -1,0 +1,390 @@
+"""Hostile input for the listener: a seeded fuzz corpus, malformed datasets, and raw-socket peers
+that break off associations in the middle of a PDU.
+
+- :func:`fuzz_corpus` makes a bounded, reproducible list of mutated instances (truncations and
+  bit flips of sample files' data sets, each under a fresh SOP Instance UID so every mutation is a
+  distinct instance for the service). :func:`write_mutation` turns one into a Part 10 file whose
+  file meta is intact: :func:`send_raw_files` sends those data set bytes unparsed (pynetdicom's
+  chunked send), exactly as a broken modality would put them on the wire.
+- :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances.
+- :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
+  are raw-socket behaviours: connect and leave, half a PDU, a PDU that announces more than it
+  sends, garbage, an unknown PDU type, an association dropped in the middle of a P-DATA-TF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+VERIFICATION = "1.2.840.10008.1.1"
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+FUZZ_SEED = 20240501
+
+
+# --- fuzz corpus ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mutation:
+    """One fuzzed instance: where it came from, what was done, and its bytes."""
+
+    name: str               # e.g. "cr-mono1.dcm:flip@1234x3"
+    source: Path
+    sop_class_uid: str
+    sop_instance_uid: str   # fresh, so each mutation is its own instance
+    transfer_syntax_uid: str
+    # the mutated data set as it would travel (no file meta); kept out of repr and test logs
+    dataset_bytes: bytes = field(repr=False)
+
+
+def _dataset_bytes(dataset: Dataset, transfer_syntax: str) -> bytes:
+    """The data set encoded in `transfer_syntax`, without preamble or file meta."""
+    buffer = DicomBytesIO()
+    syntax = pydicom.uid.UID(transfer_syntax)
+    # Encapsulated syntaxes are explicit VR little endian on the wire, like their pixel items.
+    buffer.is_little_endian = syntax.is_little_endian
+    buffer.is_implicit_VR = syntax.is_implicit_VR
+    pydicom.filewriter.write_dataset(buffer, dataset)
+    return buffer.getvalue()
+
+
+def fuzz_corpus(samples: Sequence[Path], *, count: int = 300, seed: int = FUZZ_SEED
+                ) -> list[Mutation]:
+    """`count` mutations of the samples, the same list for the same seed and samples.
+
+    Half truncate the data set at a random point (biased towards the header, where the parser
+    works hardest); half flip 1 to 16 random bits, a quarter of them within the first 2 KiB.
+    """
+    rng = random.Random(seed)
+    originals = []
+    for path in sorted(samples):
+        dataset = pydicom.dcmread(path)
+        originals.append((path, dataset, str(dataset.file_meta.TransferSyntaxUID)))
+    if not originals:
+        raise ValueError("fuzz_corpus needs at least one sample file")
+    mutations: list[Mutation] = []
+    for index in range(count):
+        path, original, syntax = originals[index % len(originals)]
+        dataset = copy.deepcopy(original)
+        uid = generate_uid(prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=[
+            str(seed), str(index)])
+        dataset.SOPInstanceUID = uid
+        data = bytearray(_dataset_bytes(dataset, syntax))
+        if index % 2 == 0:
+            header_bias = rng.random() < 0.6
+            limit = min(len(data) - 1, 4096) if header_bias else len(data) - 1
+            cut = rng.randint(1, max(1, limit))
+            data = data[:cut]
+            what = f"truncate@{cut}"
+        else:
+            flips = rng.randint(1, 16)
+            span = min(len(data), 2048) if rng.random() < 0.25 else len(data)
+            positions = sorted(rng.randrange(span) for _ in range(flips))
+            for position in positions:
+                data[position] ^= 1 << rng.randrange(8)
+            what = f"flip@{positions[0]}x{flips}"
+        mutations.append(Mutation(name=f"{path.name}:{what}", source=path,
+                                  sop_class_uid=str(original.SOPClassUID),
+                                  sop_instance_uid=uid, transfer_syntax_uid=syntax,
+                                  dataset_bytes=bytes(data)))
+    return mutations
+
+
+def write_raw_part10(path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+                     transfer_syntax_uid: str, dataset_bytes: bytes) -> Path:
+    """A Part 10 file: preamble, a correct file meta group, then `dataset_bytes` verbatim."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(buffer.getvalue() + dataset_bytes)
+    return path
+
+
+def write_mutation(mutation: Mutation, folder: Path, index: int) -> Path:
+    return write_raw_part10(folder / f"fuzz-{index:04d}.dcm",
+                            sop_class_uid=mutation.sop_class_uid,
+                            sop_instance_uid=mutation.sop_instance_uid,
+                            transfer_syntax_uid=mutation.transfer_syntax_uid,
+                            dataset_bytes=mutation.dataset_bytes)
+
+
+# --- malformed but parseable instances --------------------------------------------------------
+
+def _renamed(dataset: Dataset) -> Dataset:
+    dataset = copy.deepcopy(dataset)
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    return dataset
+
+
+def absurd_dimensions(source: Dataset) -> list[tuple[str, Dataset]]:
+    """Instances whose header claims sizes the pixel data cannot hold or nobody should decode."""
+    cases = []
+    for name, rows, columns in (("65535x65535", 65535, 65535), ("rows-0", 0, 512),
+                                ("1x65535", 1, 65535)):
+        dataset = _renamed(source)
+        dataset.Rows, dataset.Columns = rows, columns
+        cases.append((f"dimensions-{name}", dataset))
+    dataset = _renamed(source)
+    dataset.NumberOfFrames = 100000
+    cases.append(("frames-100000", dataset))
+    dataset = _renamed(source)
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 64, 64, 63
+    cases.append(("bits-allocated-64", dataset))
+    return cases
+
+
+def wrong_vrs(source: Dataset) -> list[tuple[str, Dataset]]:
+    """Instances with elements under a VR the standard does not give them (explicit VR only)."""
+    cases = []
+    for name, tag, vr, value in (
+            ("rows-as-LO", 0x00280010, "LO", "five hundred"),
+            ("bits-allocated-as-DS", 0x00280100, "DS", "16.5"),
+            ("photometric-as-US", 0x00280004, "US", 2),
+            ("study-uid-as-FD", 0x0020000D, "FD", 3.5),
+            ("modality-as-SQ", 0x00080060, "SQ", [])):
+        dataset = _renamed(source)
+        dataset[tag] = DataElement(tag, vr, value)
+        cases.append((f"vr-{name}", dataset))
+    return cases
+
+
+def save_explicit(dataset: Dataset, path: Path) -> Path:
+    """Save as explicit VR little endian Part 10 (keeping the wrong VRs as written)."""
+    dataset = copy.deepcopy(dataset)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        dataset.decompress()
+    dataset.file_meta.TransferSyntaxUID = EXPLICIT_VR_LE
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- sending unparsed data sets ---------------------------------------------------------------
+
+@dataclass
+class RawSendResult:
+    path: Path
+    status: int | None  # None: no response (association aborted or refused)
+    error: str = ""
+
+
+def send_raw_files(host: str, port: int, paths: Sequence[Path], *, called_ae: str,
+                   calling_ae: str = "FUZZER", timeout_s: float = 30.0,
+                   per_association: int = 50) -> list[RawSendResult]:
+    """C-STORE each file's data set bytes unparsed (pynetdicom chunked send); on an abort,
+    carry on in a new association. Returns one result per file."""
+    from pynetdicom import AE, _config
+
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    results: list[RawSendResult] = []
+    try:
+        pending = list(paths)
+        while pending:
+            ae = AE(ae_title=calling_ae)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+            metas = {}
+            for path in pending[:per_association]:
+                meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]
+                                       ).file_meta
+                metas[path] = meta
+            for sop_class, syntax in {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
+                                      for m in metas.values()}:
+                ae.add_requested_context(sop_class, [syntax])
+            association = ae.associate(host, port, ae_title=called_ae)
+            if not association.is_established:
+                results += [RawSendResult(p, None, "association not established")
+                            for p in pending]
+                return results
+            batch = list(metas)
+            sent = 0
+            for path in batch:
+                try:
+                    response = association.send_c_store(path)
+                    status = int(response.Status) if "Status" in response else None
+                    results.append(RawSendResult(path, status))
+                except (ValueError, AttributeError, RuntimeError) as error:
+                    results.append(RawSendResult(path, None, f"{type(error).__name__}: {error}"))
+                sent += 1
+                if not association.is_established:
+                    break
+            if association.is_established:
+                association.release()
+            pending = pending[sent:]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return results
+
+
+# --- raw-socket peers -------------------------------------------------------------------------
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def _uid(uid: str) -> bytes:
+    return uid.encode("ascii")
+
+
+def associate_rq(*, called_ae: str, calling_ae: str = "RAWPEER",
+                 abstract_syntax: str = VERIFICATION,
+                 transfer_syntaxes: Sequence[str] = (EXPLICIT_VR_LE, ImplicitVRLittleEndian),
+                 max_pdu: int = 16384) -> bytes:
+    """A complete A-ASSOCIATE-RQ PDU with one presentation context (id 1)."""
+    context = struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, _uid(abstract_syntax)) + b"".join(
+        _item(0x40, _uid(ts)) for ts in transfer_syntaxes)
+    user_info = _item(0x51, struct.pack(">I", max_pdu)) + _item(
+        0x52, _uid("1.2.826.0.1.3680043.8.498.1"))
+    variable = (_item(0x10, _uid(APPLICATION_CONTEXT)) + _item(0x20, context)
+                + _item(0x50, user_info))
+    body = (struct.pack(">HH", 1, 0) + called_ae.encode().ljust(16)[:16]
+            + calling_ae.encode().ljust(16)[:16] + b"\x00" * 32 + variable)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def p_data_tf(context_id: int, payload: bytes, *, command: bool, last: bool) -> bytes:
+    """One P-DATA-TF PDU carrying one PDV."""
+    header = (0x01 if command else 0x00) | (0x02 if last else 0x00)
+    pdv = struct.pack(">IB", len(payload) + 2, context_id) + bytes([header]) + payload
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _echo_command() -> bytes:
+    """A C-ECHO-RQ command set, implicit VR little endian."""
+    command = Dataset()
+    command.AffectedSOPClassUID = VERIFICATION
+    command.CommandField = 0x0030
+    command.MessageID = 1
+    command.CommandDataSetType = 0x0101
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(buffer, command)
+    body = buffer.getvalue()
+    group_length = struct.pack("<HHII", 0x0000, 0x0000, 4, len(body))
+    return group_length + body
+
+
+@contextlib.contextmanager
+def raw_connection(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0
+                   ) -> Iterator[socket.socket]:
+    connection = socket.create_connection((host, port), timeout=timeout_s)
+    try:
+        yield connection
+    finally:
+        with contextlib.suppress(OSError):
+            connection.close()
+
+
+def read_pdu(connection: socket.socket) -> tuple[int, bytes]:
+    """(PDU type, body) of the next PDU; (0, b"") when the peer closed."""
+    header = _read_exactly(connection, 6)
+    if len(header) < 6:
+        return 0, b""
+    pdu_type, _, length = struct.unpack(">BBI", header)
+    return pdu_type, _read_exactly(connection, length)
+
+
+def _read_exactly(connection: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = connection.recv(min(size, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _connect_and_leave(port: int, called_ae: str) -> str:
+    with raw_connection(port):
+        pass
+    return "closed without sending"
+
+
+def _half_associate_rq(port: int, called_ae: str) -> str:
+    request = associate_rq(called_ae=called_ae)
+    with raw_connection(port) as connection:
+        connection.sendall(request[: len(request) // 2])
+    return "sent half an A-ASSOCIATE-RQ, closed"
+
+
+def _header_only(port: int, called_ae: str) -> str:
+    with raw_connection(port) as connection:
+        connection.sendall(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0))
+    return "announced a 4 GiB A-ASSOCIATE-RQ, closed"
+
+
+def _stall_mid_pdu(port: int, called_ae: str, stall_s: float = 1.0) -> str:
+    request = associate_rq(called_ae=called_ae)
+    with raw_connection(port) as connection:
+        connection.sendall(request[:20])
+        time.sleep(stall_s)
+    return f"sent 20 bytes, stalled {stall_s} s, closed"
+
+
+def _garbage(port: int, called_ae: str) -> str:
+    with raw_connection(port) as connection:
+        connection.sendall(random.Random(7).randbytes(3000))
+    return "sent 3000 random bytes, closed"
+
+
+def _unknown_pdu_type(port: int, called_ae: str) -> str:
+    with raw_connection(port) as connection:
+        connection.sendall(struct.pack(">BBI", 0x7F, 0, 4) + b"\x00" * 4)
+        with contextlib.suppress(OSError):
+            read_pdu(connection)
+    return "sent PDU type 0x7F"
+
+
+def _drop_mid_p_data(port: int, called_ae: str) -> str:
+    with raw_connection(port) as connection:
+        connection.sendall(associate_rq(called_ae=called_ae))
+        pdu_type, _ = read_pdu(connection)
+        if pdu_type != 0x02:
+            return f"association not accepted (PDU type {pdu_type:#04x})"
+        pdu = p_data_tf(1, _echo_command(), command=True, last=True)
+        connection.sendall(pdu[: len(pdu) - 7])
+    return "associated, sent a C-ECHO-RQ P-DATA-TF without its last 7 bytes, closed"
+
+
+def _drop_after_huge_p_data_header(port: int, called_ae: str) -> str:
+    with raw_connection(port) as connection:
+        connection.sendall(associate_rq(called_ae=called_ae))
+        pdu_type, _ = read_pdu(connection)
+        if pdu_type != 0x02:
+            return f"association not accepted (PDU type {pdu_type:#04x})"
+        connection.sendall(struct.pack(">BBI", 0x04, 0, 0xFFFFFF00) + b"\x00" * 100)
+    return "associated, announced a 4 GiB P-DATA-TF, sent 100 bytes, closed"
+
+
+# name -> (port, called AE) -> description of what was done
+BROKEN_PEERS: dict[str, Callable[[int, str], str]] = {
+    "connect-and-leave": _connect_and_leave,
+    "half-associate-rq": _half_associate_rq,
+    "huge-associate-rq-header": _header_only,
+    "stall-mid-associate-rq": _stall_mid_pdu,
+    "garbage": _garbage,
+    "unknown-pdu-type": _unknown_pdu_type,
+    "drop-mid-p-data": _drop_mid_p_data,
+    "huge-p-data-header": _drop_after_huge_p_data_header,
+}
