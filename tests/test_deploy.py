@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -290,3 +291,57 @@ def test_bad_options_are_refused_with_a_message(checkout, stand_in_venv, tmp_pat
     no_model = install(checkout, tmp_path / "root", "--venv-from", str(stand_in_venv),
                        "--model", str(tmp_path / "missing.pt"))
     assert no_model.returncode != 0 and "--model: no file" in no_model.stderr
+
+
+# --- the admin guide (deploy/README.md) agrees with the code ---------------------------------
+
+GUIDE = DEPLOY / "README.md"
+
+
+def guide_blocks(language: str) -> list[str]:
+    """The fenced code blocks of one language in the admin guide."""
+    blocks, current = [], None
+    for line in GUIDE.read_text().splitlines():
+        if current is None and line.strip() == f"```{language}":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_every_config_snippet_in_the_guide_is_accepted_by_the_listener(tmp_path):
+    snippets = guide_blocks("toml")
+    assert len(snippets) >= 4
+    # The snippets name files in /etc/pacs-ai; the config checks that they exist.
+    etc = tmp_path / "etc-pacs-ai"
+    etc.mkdir()
+    for snippet in snippets:
+        for name in re.findall(r"/etc/pacs-ai/([\w.-]+)", snippet):
+            (etc / name).write_text("placeholder\n")
+        parse_config(tomllib.loads(snippet.replace("/etc/pacs-ai/", f"{etc}/")), base_dir=tmp_path)
+
+
+def test_the_guide_lists_exactly_the_metrics_the_service_exports():
+    from prometheus_client import generate_latest
+
+    from pacs_ai.metrics import REGISTRY
+
+    exposition = generate_latest(REGISTRY).decode()
+    exported = {name for name in re.findall(r"^# TYPE (\S+) ", exposition, flags=re.M)
+                if not name.endswith("_created")}  # prometheus-client's own timestamps
+    documented = set(re.findall(r"^\| `(pacs_ai_[a-z_]+)", GUIDE.read_text(), flags=re.M))
+    assert documented == exported
+
+
+def test_the_install_options_in_the_guide_exist():
+    help_text = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--help"],
+                               capture_output=True, text=True, timeout=30).stdout
+    guide = GUIDE.read_text()
+    mentioned = set(re.findall(r"install\.sh[^`\n]*?(--[a-z-]+)", guide))
+    mentioned |= set(re.findall(r"`(--[a-z-]+)[ `]", guide))
+    assert {"--uninstall", "--venv-from", "--model", "--destdir", "--torch-index"} <= mentioned
+    for option in mentioned:
+        assert option in help_text, f"the guide mentions {option}, install.sh does not know it"
