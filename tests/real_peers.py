@@ -1,5 +1,5 @@
 """Real DICOM peers for interop and fault tests: Orthanc as the PACS, DCMTK as the modality,
-and `pacs-ai serve` itself as a subprocess.
+and helpers around `pacs-ai serve` running as a subprocess.
 
 - :class:`Orthanc` starts ``Orthanc`` with a temporary JSON configuration (own DICOM and HTTP
   ports, own storage folder, no plugins, no HTTP authentication, only loopback HTTP access) and
@@ -8,9 +8,9 @@ and `pacs-ai serve` itself as a subprocess.
   per-file store statuses from its log, so a test can count sent / acknowledged / refused.
 - :func:`propose_as_stored` writes a DCMTK association profile that proposes, for every file, its
   own SOP class with only the transfer syntax it is stored in (no fallback to uncompressed).
-- :func:`start_service` writes a TOML config and runs ``python -m pacs_ai serve --config ...``,
-  waiting until its DICOM port accepts connections; :class:`ServiceProcess` kills, stops and
-  inspects it (thread count via ``/proc/<pid>/task``).
+- The service itself runs through ``tests.dicom_peers`` (``write_service_config`` and
+  ``ServiceProcess``); :func:`tiny_model`, :func:`thread_count` (``/proc/<pid>/task``) and
+  :func:`orthanc_destination` add what real-peer and fault tests need.
 
 Every helper that runs an external program calls ``tests.conftest.require_tool`` first, so tests
 using them skip outside CI when the tool is missing and fail in CI; mark them
@@ -29,7 +29,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO_ROOT, require_tool
+from tests.conftest import require_tool
+from tests.dicom_peers import free_port
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT_S = 120
@@ -48,17 +48,10 @@ START_TIMEOUT_S = 60
 
 # --- small utilities --------------------------------------------------------------------------
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
 def wait_for_port(port: int, *, host: str = LOOPBACK, timeout_s: float = START_TIMEOUT_S,
                   process: subprocess.Popen | None = None, what: str = "server") -> None:
     """Return once a TCP connect to host:port succeeds; raise if the process dies or time runs
-    out (the message then carries the process's output file when there is one)."""
+    out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -70,23 +63,6 @@ def wait_for_port(port: int, *, host: str = LOOPBACK, timeout_s: float = START_T
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout_s} s")
-
-
-def wait_until(predicate, *, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
-    """Poll `predicate()` until it returns something truthy (returned) or raise TimeoutError."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s} s (last value {value!r})")
-        time.sleep(interval_s)
-
-
-def thread_count(pid: int) -> int:
-    """Threads of a process right now (entries of /proc/<pid>/task)."""
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def stop_process(process: subprocess.Popen, *, timeout_s: float = 20.0) -> int:
@@ -427,37 +403,8 @@ def propose_as_stored(files: Sequence[Path], config_path: Path,
 
 
 # --- pacs-ai serve as a subprocess ------------------------------------------------------------
-
-def toml_dumps(config: dict[str, Any]) -> str:
-    """TOML text for a config dict of the service's shape: top-level tables of scalars, lists
-    and inline tables, and lists of tables (``destinations``)."""
-
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, (int, float)):
-            return repr(item)
-        if isinstance(item, (str, Path)):
-            return json.dumps(str(item))  # JSON string escapes are valid TOML basic strings
-        if isinstance(item, (list, tuple)):
-            return "[" + ", ".join(value(v) for v in item) + "]"
-        if isinstance(item, dict):
-            return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in item.items()) + " }"
-        raise TypeError(f"cannot write {item!r} as TOML")
-
-    lines: list[str] = []
-    for name, table in config.items():
-        if isinstance(table, list):
-            for entry in table:
-                lines.append(f"[[{name}]]")
-                lines += [f"{k} = {value(v)}" for k, v in entry.items()]
-                lines.append("")
-        else:
-            lines.append(f"[{name}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items()]
-            lines.append("")
-    return "\n".join(lines)
-
+# The service runs through tests.dicom_peers (write_service_config + ServiceProcess); these add
+# what real-peer and fault tests need on top.
 
 _tiny_model_lock = threading.Lock()
 
@@ -473,112 +420,12 @@ def tiny_model(folder: Path) -> Path:
     return path
 
 
-def service_config(folder: Path, *, model_path: Path, port: int | None = None,
-                   ae_title: str = "PACS_AI", destinations: Sequence[dict[str, Any]] = (),
-                   **tables: dict[str, Any]) -> dict[str, Any]:
-    """A config dict for a test service: loopback listener on a free port, spool in `folder`,
-    no metrics port unless asked, fast retries, JSON logs; `tables` override/extend tables."""
-    config: dict[str, Any] = {
-        "listener": {"ae_title": ae_title, "host": LOOPBACK, "port": port or free_port()},
-        "limits": {"acse_timeout_seconds": 10, "dimse_timeout_seconds": 30,
-                   "network_timeout_seconds": 30, "shutdown_grace_seconds": 5},
-        "storage": {"spool_dir": str(Path(folder) / "spool"), "min_free_bytes": 0},
-        "model": {"path": str(model_path)},
-        "workers": {"count": 1, "batch_size": 16, "torch_threads": 1},
-        "retry": {"initial_delay_seconds": 0.5, "max_delay_seconds": 2, "max_attempts": 0,
-                  "max_age_seconds": 600},
-        "log": {"level": "info", "format": "json"},
-        "metrics": {"enabled": False},
-    }
-    for name, table in tables.items():
-        config[name] = {**config.get(name, {}), **table}
-    if destinations:
-        config["destinations"] = list(destinations)
-    return config
+def thread_count(pid: int) -> int:
+    """Threads of a process right now (entries of /proc/<pid>/task)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
-@dataclass
-class ServiceProcess:
-    """A running ``pacs-ai serve``: its process, config and log file."""
-
-    process: subprocess.Popen
-    config: dict[str, Any]
-    config_path: Path
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.config["listener"]["port"])
-
-    @property
-    def ae_title(self) -> str:
-        return str(self.config["listener"]["ae_title"])
-
-    @property
-    def spool_dir(self) -> Path:
-        return Path(self.config["storage"]["spool_dir"])
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def threads(self) -> int:
-        return thread_count(self.pid)
-
-    def kill9(self) -> None:
-        """SIGKILL, no chance to clean up: what a crash or the OOM killer does."""
-        if self.alive():
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=20)
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        return stop_process(self.process, timeout_s=timeout_s)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The JSON log lines as dicts (lines that are not JSON are skipped)."""
-        events = []
-        for line in self.log().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        return events
-
-
-def start_service(config: dict[str, Any], folder: Path, *, name: str = "service",
-                  wait: bool = True, env: dict[str, str] | None = None,
-                  timeout_s: float = START_TIMEOUT_S) -> ServiceProcess:
-    """Write `config` as TOML into `folder` and run ``python -m pacs_ai serve --config`` on it,
-    appending its output to ``<folder>/<name>.log``; wait until its DICOM port accepts
-    connections (raising with the log when it exits first). Restarting with the same `name`
-    appends to the same log."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / f"{name}.toml"
-    config_path.write_text(toml_dumps(config))
-    log_path = folder / f"{name}.log"
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pacs_ai", "serve", "--config", str(config_path)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment,
-            start_new_session=True)
-    service = ServiceProcess(process=process, config=config, config_path=config_path,
-                             log_path=log_path)
-    if wait:
-        try:
-            wait_for_port(service.port, process=process, timeout_s=timeout_s,
-                          what="pacs-ai serve")
-        except (RuntimeError, TimeoutError) as error:
-            service.kill9()
-            raise RuntimeError(f"{error}\n--- {log_path} ---\n{service.log()[-6000:]}") from None
-    return service
+def orthanc_destination(orthanc: "Orthanc", **extra: Any) -> dict[str, Any]:
+    """Orthanc as a [[destinations]] entry of the service's config."""
+    return {"name": "orthanc", "ae_title": orthanc.ae_title, "host": LOOPBACK,
+            "port": orthanc.dicom_port, **extra}
