@@ -1,0 +1,96 @@
+"""`pacs-ai classify` over sample_dicoms/, run as a real subprocess with a tiny model file.
+
+Every sample ends with its expected status (ok / skipped / error) and reason code from
+manifest.json, as one JSON line, with no traceback, and the run goes on past broken files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, SAMPLE_DICOMS
+
+MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def classify(*arguments: str) -> tuple[int, list[dict], str]:
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "pacs_ai", "classify", *arguments],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                            env=environment)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    return result.returncode, lines, result.stderr
+
+
+def by_file(results: list[dict]) -> dict[str, dict]:
+    return {Path(r["path"]).name: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def sample_results(tiny_model) -> tuple[int, dict[str, dict], str]:
+    files = [str(SAMPLE_DICOMS / e["file"]) for e in MANIFEST]
+    code, results, stderr = classify("--model", str(tiny_model), *files)
+    return code, by_file(results), stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("entry", MANIFEST, ids=[e["file"] for e in MANIFEST])
+def test_each_sample_gets_its_expected_status_and_reason(entry, sample_results):
+    _, results, _ = sample_results
+    result = results[entry["file"]]
+    assert result["status"] == entry["expected_status"], result
+    if entry["expected_status"] == "ok":
+        assert 0.0 <= result["probability"] <= 1.0
+        assert result["finding"] is not None and "reason" not in result
+    else:
+        assert result["probability"] is None and result["finding"] is None
+        code, _, detail = result["reason"].partition(": ")
+        assert code == entry["expected_reason"], result["reason"]
+        assert detail, "the reason says what was wrong"
+
+
+@pytest.mark.timeout(300)
+def test_the_run_finishes_cleanly_past_broken_files(sample_results):
+    code, results, stderr = sample_results
+    assert code == 0
+    assert len(results) == len(MANIFEST)
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_folder_gives_one_line_per_sample_and_passes_over_its_docs(tiny_model):
+    code, results, stderr = classify("--model", str(tiny_model), str(SAMPLE_DICOMS))
+    assert code == 0, stderr
+    assert sorted(by_file(results)) == sorted(e["file"] for e in MANIFEST)
+
+
+@pytest.mark.timeout(300)
+def test_only_broken_input_exits_non_zero_with_reasons(tiny_model, tmp_path):
+    broken = [str(SAMPLE_DICOMS / e["file"]) for e in MANIFEST if e["expected_status"] == "error"]
+    missing = str(tmp_path / "no-such-file.dcm")
+    code, results, stderr = classify("--model", str(tiny_model), *broken, missing)
+    assert code == 1
+    assert "nothing could be classified" in stderr and "Traceback" not in stderr
+    assert by_file(results)["no-such-file.dcm"]["reason"].startswith("unreadable: ")
+
+
+@pytest.mark.timeout(300)
+def test_max_pixels_option_refuses_large_images(tiny_model):
+    entry = next(e for e in MANIFEST if e["expected_status"] == "ok")
+    code, results, _ = classify("--model", str(tiny_model), "--max-pixels", "1000",
+                                str(SAMPLE_DICOMS / entry["file"]))
+    assert code == 1
+    assert results[0]["status"] == "error" and results[0]["reason"].startswith("too-large: ")
