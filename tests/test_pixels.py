@@ -285,3 +285,14 @@ def test_unknown_compressed_transfer_syntax():
 
 def test_pixel_data_error_is_a_value_error():
     assert issubclass(PixelDataError, ValueError)
+
+
+def test_bits_above_bits_stored_are_ignored():
+    # Old modalities kept overlays in the unused high bits of 12-bit data.
+    pixels = np.full((ROWS, COLUMNS), 100, dtype=np.uint16)
+    pixels[: ROWS // 2] = 3000
+    dirty = pixels.copy()
+    dirty[0, :] |= 0xF000
+    clean = display_array(dataset(pixels, WindowCenter="2048", WindowWidth="4096"))
+    np.testing.assert_array_equal(
+        display_array(dataset(dirty, WindowCenter="2048", WindowWidth="4096")), clean)
