@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine with Python 3.11, then runs it.
 # Debian packages: DCMTK, dicom3tools and Orthanc are the real DICOM peers the tests talk to.
-# systemd provides systemd-analyze, which checks deploy/pacs-ai.service (it is not started).
+# systemd provides systemd-analyze, which checks deploy/pacs-ai.service (it is not started);
+# curl runs the admin guide's metrics commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd; do
+for tool in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd curl:curl; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

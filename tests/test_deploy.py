@@ -8,11 +8,13 @@ whose bin/pacs-ai runs this checkout's CLI, so no torch venv is built (fast, off
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -345,3 +347,121 @@ def test_the_install_options_in_the_guide_exist():
     assert {"--uninstall", "--venv-from", "--model", "--destdir", "--torch-index"} <= mentioned
     for option in mentioned:
         assert option in help_text, f"the guide mentions {option}, install.sh does not know it"
+
+
+# --- the guide's commands, run as written against an installed service -------------------------
+
+def guide_command(start: str) -> str:
+    """The one command line in the guide's sh blocks that starts with `start`."""
+    lines = [line.strip() for block in guide_blocks("sh") for line in block.splitlines()
+             if line.strip().startswith(start)]
+    assert len(lines) == 1, f"expected one guide command starting {start!r}, found {lines}"
+    return lines[0]
+
+
+def set_config_key(text: str, table: str, key: str, value: str) -> str:
+    """Edit one `key = value` line (commented or not) of one [table], as an admin would."""
+    header = re.search(rf"^\[{re.escape(table)}\][ \t]*$", text, flags=re.M)
+    assert header, f"no [{table}] in the installed config"
+    end = re.search(r"^\[", text[header.end():], flags=re.M)
+    body_end = header.end() + (end.start() if end else len(text) - header.end())
+    body, count = re.subn(rf"^#?[ \t]*{key}[ \t]*=.*$", f"{key} = {value}",
+                          text[header.end():body_end], count=1, flags=re.M)
+    assert count == 1, f"no {key} in [{table}] of the installed config"
+    return text[:header.end()] + body + text[body_end:]
+
+
+@pytest.mark.real_peer
+@pytest.mark.slow
+def test_the_guide_commands_work_against_an_installed_service(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    from tests.dicom_peers import free_port
+    from tests.real_peers import Modality, Orthanc, stop_process, wait_for_port
+    from tests.conftest import SAMPLE_DICOMS, require_tool
+
+    for tool in ("echoscu", "storescu", "curl", "df", "du", "diff"):
+        require_tool(tool)
+    root = tmp_path / "root"
+    assert install(checkout, root, "--venv-from", str(stand_in_venv),
+                   "--model", str(tiny_model)).returncode == 0
+    program = root / "opt/pacs-ai/venv/bin/pacs-ai"
+    listener_port, metrics_port = free_port(), free_port()
+    chest = SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm"
+    pacs = Orthanc(tmp_path / "pacs", ae_title="PACS",
+                   modalities=[Modality("PACS_AI", port=listener_port)])
+
+    def run_as_written(command: str) -> subprocess.CompletedProcess:
+        """The guide's command, with this test's host, ports and scratch root put in."""
+        command = re.sub(r"^sudo (-u pacs-ai )?", "", command)
+        command = re.sub(r"^pacs-ai ", f"{program} ", command)
+        for written, here in (("pacs-ai-host 11112", f"127.0.0.1 {listener_port}"),
+                              ("pacs.example.org 104", f"127.0.0.1 {pacs.dicom_port}"),
+                              ("127.0.0.1:9108", f"127.0.0.1:{metrics_port}"),
+                              ("chest.dcm", str(chest)),
+                              (" /etc/pacs-ai/", f" {root}/etc/pacs-ai/"),
+                              (" /opt/pacs-ai/", f" {root}/opt/pacs-ai/"),
+                              (" /var/lib/pacs-ai", f" {root}/var/lib/pacs-ai")):
+            command = command.replace(written, here)
+        result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    # A fresh install: the config is the example.
+    run_as_written(guide_command("diff /etc/pacs-ai/pacs-ai.toml"))
+    assert "threshold:" in run_as_written(guide_command("pacs-ai model --model /opt")).stdout
+
+    with pacs:
+        # The admin's edits (the guide's [listener] and [[destinations]] examples, this test's
+        # ports) and the scratch root's paths.
+        config_file = root / "etc/pacs-ai/pacs-ai.toml"
+        text = config_file.read_text()
+        for table, key, value in (
+                ("listener", "host", '"127.0.0.1"'), ("listener", "port", str(listener_port)),
+                ("listener", "allowed_calling_ae_titles", '["MODALITY"]'),
+                ("storage", "spool_dir", f'"{root}/var/lib/pacs-ai"'),
+                ("model", "path", f'"{root}{INSTALLED_MODEL}"'),
+                ("metrics", "port", str(metrics_port))):
+            text = set_config_key(text, table, key, value)
+        text += ('\n[[destinations]]\nname = "main-pacs"\nae_title = "PACS"\n'
+                 f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
+        config_file.write_text(text)
+
+        # What systemd runs (ExecStart), with the installed program and config.
+        log_path = tmp_path / "journal.log"
+        with log_path.open("wb") as log:
+            service = subprocess.Popen([str(program), "serve", "--config", str(config_file)],
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        try:
+            wait_for_port(listener_port, process=service, what="installed pacs-ai serve")
+            echo = run_as_written(guide_command("echoscu -v -aet MODALITY"))
+            assert "Received Echo Response (Success)" in echo.stdout + echo.stderr
+            run_as_written(guide_command("storescu -v -aet MODALITY"))
+            run_as_written(guide_command("echoscu -v -aet PACS_AI -aec PACS"))
+
+            def report_in_pacs() -> bool:
+                return any(pacs.get(f"/series/{series}")["MainDicomTags"].get("SeriesDescription")
+                           == "pacs-ai pneumonia (AI, not verified)"
+                           for series in pacs.get("/series"))
+            deadline = time.monotonic() + 90
+            while not report_in_pacs():
+                assert time.monotonic() < deadline and service.poll() is None, log_path.read_text()
+                time.sleep(0.5)
+
+            health = json.loads(run_as_written(guide_command("curl -s http://127.0.0.1:9108/healthz")).stdout)
+            assert health["ok"] is True
+            scrape = run_as_written(guide_command("curl -s http://127.0.0.1:9108/metrics")).stdout
+            assert re.search(r"^pacs_ai_received_total [1-9]", scrape, flags=re.M)
+            assert re.search(r'^pacs_ai_reported_total\{destination="main-pacs"\} [1-9]', scrape,
+                             flags=re.M)
+            assert "`curl -fsS http://127.0.0.1:9108/healthz`" in GUIDE.read_text()
+            run_as_written("curl -fsS http://127.0.0.1:9108/healthz")
+            run_as_written(guide_command("sudo -u pacs-ai pacs-ai status"))
+            run_as_written(guide_command("sudo -u pacs-ai pacs-ai retry"))
+            run_as_written(guide_command("df -h /var/lib/pacs-ai"))
+            run_as_written(guide_command("sudo du -sh /var/lib/pacs-ai/images"))
+        finally:
+            # systemctl stop: SIGTERM, well within the unit's TimeoutStopSec.
+            status = stop_process(service, timeout_s=60)
+        assert status == 0, log_path.read_text()[-4000:]
