@@ -465,3 +465,51 @@ def test_the_guide_commands_work_against_an_installed_service(
             # systemctl stop: SIGTERM, well within the unit's TimeoutStopSec.
             status = stop_process(service, timeout_s=60)
         assert status == 0, log_path.read_text()[-4000:]
+
+
+@pytest.mark.real_peer
+def test_the_guide_tls_check_works_against_the_guide_tls_listener(tiny_model, tmp_path):
+    """The guide's [tls] example (mutual TLS) and its echoscu +tls command, as written."""
+    from tests.dicom_peers import free_port
+    from tests.real_peers import stop_process, wait_for_port
+    from tests.tls_material import make_tls_material
+    from tests.conftest import require_tool
+
+    require_tool("echoscu")
+    material = make_tls_material(tmp_path / "tls")
+    files = {"server.pem": material.server_cert, "server.key": material.server_key,
+             "clients-ca.pem": material.ca_cert, "client.pem": material.client_cert,
+             "client.key": material.client_key, "pacs-ai-ca.pem": material.ca_cert}
+    etc = tmp_path / "etc-pacs-ai"
+    etc.mkdir()
+    for name, source in files.items():
+        shutil.copy(source, etc / name)
+    tls_snippet = next(block for block in guide_blocks("toml") if block.startswith("[tls]"))
+    assert "require_client_cert" in tls_snippet
+    port = free_port()
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(
+        f'[listener]\nhost = "127.0.0.1"\nport = {port}\nallowed_calling_ae_titles = ["MODALITY"]\n'
+        f'[storage]\nspool_dir = "{tmp_path / "spool"}"\nmin_free_bytes = 0\n'
+        f'[model]\npath = "{tiny_model}"\n[metrics]\nenabled = false\n'
+        + tls_snippet.replace("/etc/pacs-ai/", f"{etc}/").replace(
+            "require_client_cert = false", "require_client_cert = true") + "\n")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "pacs_ai", "serve", "--config",
+                                    str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_port(port, process=service, what="pacs-ai serve with TLS")
+        command = guide_command("echoscu -v +tls").replace("pacs-ai-host 2762", f"127.0.0.1 {port}")
+        result = subprocess.run(["bash", "-c", command], cwd=etc, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr + log_path.read_text()[-3000:]
+        assert "Received Echo Response (Success)" in result.stdout + result.stderr
+        # The same echo without TLS is refused: the listener speaks only TLS.
+        plain = subprocess.run(["bash", "-c", command.replace(
+            "+tls client.key client.pem +cf pacs-ai-ca.pem ", "")], cwd=etc,
+            capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0
+    finally:
+        assert stop_process(service, timeout_s=60) == 0, log_path.read_text()[-3000:]
