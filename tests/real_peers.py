@@ -429,3 +429,47 @@ def orthanc_destination(orthanc: "Orthanc", **extra: Any) -> dict[str, Any]:
     """Orthanc as a [[destinations]] entry of the service's config."""
     return {"name": "orthanc", "ae_title": orthanc.ae_title, "host": LOOPBACK,
             "port": orthanc.dicom_port, **extra}
+
+
+# --- what the service recorded ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobRow:
+    sop_instance_uid: str
+    state: str
+    reason: str | None
+    report_uid: str | None
+    image_file: str
+
+
+def spool_jobs(spool_dir: Path) -> dict[str, JobRow]:
+    """The service's jobs by SOP Instance UID, read through a read-only SQLite connection
+    (safe while the service runs: the queue is in WAL mode)."""
+    import sqlite3
+
+    path = Path(spool_dir) / "jobs.sqlite"
+    if not path.is_file():
+        return {}
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = connection.execute(
+            "SELECT sop_instance_uid, state, reason, report_uid, image_file FROM jobs").fetchall()
+    finally:
+        connection.close()
+    return {row[0]: JobRow(*row) for row in rows}
+
+
+def renamed_copy(source: Path, target: Path, *, study_instance_uid: str | None = None) -> Path:
+    """A copy of a DICOM file under fresh SOP Instance, Series and Study Instance UIDs (the
+    study's can be given), pixel data and transfer syntax untouched: the same image as a new
+    instance, so a service that has seen the original treats it as new."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    dataset = pydicom.dcmread(source)
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = study_instance_uid or generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.save_as(target, enforce_file_format=True)
+    return target
