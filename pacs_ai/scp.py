@@ -15,6 +15,7 @@ Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reas
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -150,6 +151,36 @@ class StorageSCP:
             raise UserError(f"cannot listen on {listener.host}:{listener.port}: "
                             f"{error.strerror or error}; is another DICOM service using the port? "
                             "Set [listener] port or host in the config") from None
+        self._harden(self._server)
+
+    def _harden(self, server) -> None:
+        """Bound what a misbehaving peer can hold.
+
+        pynetdicom applies max_associations only once an association request arrives, and reads
+        PDUs from a blocking socket: a peer that connects and stalls (or announces a huge PDU
+        and sends nothing) would hold two threads forever. So every accepted socket gets the
+        network timeout, and open connections are capped at accept time.
+        """
+        timeout = self.config.limits.network_timeout_seconds
+        connection_cap = 2 * self.config.limits.max_associations
+
+        def get_request() -> tuple[socket.socket, tuple[str, int]]:
+            client, address = server.socket.accept()
+            client.settimeout(timeout)  # also bounds a TLS handshake done here
+            if server.ssl_context:
+                client = server.ssl_context.wrap_socket(client, server_side=True)
+            return client, address
+
+        def admit_connection(_request: object, client_address: tuple[str, int]) -> bool:
+            if len(server.active_associations) < connection_cap:
+                return True
+            metrics.REJECTED.labels(reason="connection-limit").inc()
+            log.warning("connection_refused", reason="connection-limit", peer=client_address[0],
+                        open_connections=connection_cap)
+            return False
+
+        server.get_request = get_request
+        server.verify_request = admit_connection  # socketserver closes refused sockets
 
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let running associations finish for up to `grace_seconds`, abort the
@@ -164,7 +195,16 @@ class StorageSCP:
             time.sleep(0.05)
         remaining = server.active_associations
         for association in remaining:
-            association.abort()
+            # Shut the transport first so a reader blocked on a stalled peer returns at once;
+            # abort() waits for that reader, so it runs off this thread.
+            transport = getattr(association.dul.socket, "socket", None)
+            if transport is not None:
+                try:
+                    transport.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            threading.Thread(target=association.abort, name="abort-association",
+                             daemon=True).start()
         if remaining:
             log.warning("associations_aborted_at_shutdown", count=len(remaining))
         with self._in_flight_changed:

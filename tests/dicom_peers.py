@@ -114,6 +114,8 @@ def synthetic_radiograph(*, sop_class_uid: str = CR_IMAGE_STORAGE, modality: str
             ds.compress(transfer_syntax)
         else:
             ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+            if not UID(transfer_syntax).is_little_endian:  # OW bytes are in the syntax's order
+                ds.PixelData = pixels.astype(">u2").tobytes()
     return ds
 
 
@@ -213,6 +215,46 @@ class SimulatedModality:
             if association.is_established:
                 association.release()
         return results
+
+    def send_file_as_is(self, path: str | Path) -> SendResult:
+        """C-STORE a file's bytes exactly as they are (no decoding, no re-encoding), the way a
+        modality with a corrupt dataset would: for testing the listener's refusals."""
+        from pydicom.filereader import read_file_meta_info
+        from pynetdicom import _config
+
+        meta = read_file_meta_info(path)
+        ae = self._ae()
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+        association = self._associate(ae)
+        if not association.is_established:
+            return SendResult(str(meta.MediaStorageSOPInstanceUID), None, "not established")
+        previous = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            status = association.send_c_store(Path(path))
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = previous
+            if association.is_established:
+                association.release()
+        return SendResult(str(meta.MediaStorageSOPInstanceUID),
+                          int(status.Status) if "Status" in status else None,
+                          status.get("ErrorComment"))
+
+
+def write_raw_file(path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+                   transfer_syntax: str, body: bytes) -> Path:
+    """A DICOM file with valid file meta and `body` as its (possibly corrupt) dataset bytes."""
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.filebase import DicomBytesIO
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
+    return path
 
 
 # --- the PACS that receives the reports (an SCP) ---------------------------------------------------
