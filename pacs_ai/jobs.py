@@ -118,9 +118,9 @@ class JobStore:
         self._db = connection
         self.path = path
         self._lock = threading.RLock()
-        # Set whenever there may be new work for the workers or senders; they also poll, so a
-        # `pacs-ai retry` from another process is picked up without it.
-        self.work_added = threading.Event()
+        # Events set whenever there may be new work for the workers or senders; they also
+        # poll, so a `pacs-ai retry` from another process is picked up without them.
+        self._work_listeners: list[threading.Event] = []
 
     @classmethod
     def open(cls, path: str | Path, *, create: bool = True) -> "JobStore":
@@ -144,6 +144,13 @@ class JobStore:
         except sqlite3.DatabaseError as error:
             raise UserError(f"cannot open the job queue {path}: {error}") from None
         return cls(connection, path)
+
+    def notify_on_work(self, event: threading.Event) -> None:
+        self._work_listeners.append(event)
+
+    def _work_added(self) -> None:
+        for event in self._work_listeners:
+            event.set()
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +200,7 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (instance.sop_instance_uid, instance.sop_class_uid, instance.study_instance_uid,
                  instance.calling_ae_title, image_file, now, now)))
-        self.work_added.set()
+        self._work_added()
         return True
 
     # --- classifying ----------------------------------------------------------------------
@@ -246,7 +253,7 @@ class JobStore:
             return state
         result = self._write(body)
         if names:
-            self.work_added.set()
+            self._work_added()
         return result
 
     # --- delivering -----------------------------------------------------------------------
@@ -348,7 +355,7 @@ class JobStore:
                 "WHERE state = 'failed' AND stage IN ('classify', 'report')", (now,)).rowcount
             return redeliver + reclassify, deliveries
         result = self._write(body)
-        self.work_added.set()
+        self._work_added()
         return result
 
     def job_counts(self) -> dict[str, int]:
@@ -364,8 +371,9 @@ class JobStore:
         return result
 
     def backlog(self) -> int:
-        """Instances received but not yet classified."""
-        return self._read("SELECT COUNT(*) FROM jobs WHERE state IN ('pending', 'classifying')")[0][0]
+        """Jobs received but not finished: waiting for classification or for delivery."""
+        return self._read("SELECT COUNT(*) FROM jobs WHERE state IN "
+                          "('pending', 'classifying', 'delivering')")[0][0]
 
     def latest_failures(self, limit: int = 10) -> list[Job]:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'failed' "

@@ -1,0 +1,174 @@
+"""Delivery of reports: one thread per destination, C-STORE with exponential backoff.
+
+Each destination has its own thread, so a PACS that is down or slow delays only its own
+deliveries, never receiving, classifying or the other destinations. The schedule
+(attempts, next attempt time) lives in the job queue, so backoff continues across restarts.
+
+A delivery counts as made when the PACS answers Success or a Warning (0xB000, 0xB006, 0xB007:
+stored, with coercion or elements discarded). Anything else (no connection, association
+rejected or aborted, a failure status) is a failed attempt, retried after
+`RetryPolicy.delay_after(attempts)` until `RetryPolicy.exhausted`, then marked failed with the
+last error (`pacs-ai retry` requeues it).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import pydicom
+import structlog
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+
+from pacs_ai import metrics
+from pacs_ai.config import Destination, RetryPolicy, TLSFiles
+from pacs_ai.jobs import Delivery, Job, JobStore
+from pacs_ai.spool import Spool
+
+log = structlog.get_logger()
+
+BATCH_LIMIT = 50  # reports sent over one association before it is released
+IDLE_POLL_SECONDS = 1.0
+
+
+def client_ssl_context(files: TLSFiles) -> ssl.SSLContext:
+    """TLS towards a destination: verify it (ca_file or the system CAs), present our
+    certificate when one is configured."""
+    context = ssl.create_default_context(cafile=str(files.ca_file) if files.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if files.cert_file is not None:
+        context.load_cert_chain(str(files.cert_file), str(files.key_file))
+    return context
+
+
+def is_stored(status: int) -> bool:
+    return status == 0x0000 or (status & 0xF000) == 0xB000
+
+
+class DestinationSender(threading.Thread):
+    def __init__(self, destination: Destination, spool: Spool, store: JobStore,
+                 policy: RetryPolicy, stop: threading.Event, wake: threading.Event,
+                 on_job_finished: Callable[[Job], None]):
+        super().__init__(name=f"sender-{destination.name}", daemon=True)
+        self.destination = destination
+        self.spool = spool
+        self.store = store
+        self.policy = policy
+        self.stop_event = stop
+        self.wake = wake
+        self.on_job_finished = on_job_finished
+        self._ssl_context = (client_ssl_context(destination.tls)
+                             if destination.tls is not None else None)
+
+    def run(self) -> None:
+        name = self.destination.name
+        while not self.stop_event.is_set():
+            self.wake.clear()
+            try:
+                due = self.store.due_deliveries(name, time.time(), BATCH_LIMIT)
+                if due:
+                    self.send(due)
+                    continue
+                next_at = self.store.next_attempt_at(name)
+            except Exception as error:  # never let one bad round end deliveries for good
+                log.exception("sender_round_failed", destination=name, error=str(error))
+                self.stop_event.wait(IDLE_POLL_SECONDS)
+                continue
+            wait = IDLE_POLL_SECONDS if next_at is None else min(
+                max(next_at - time.time(), 0.01), IDLE_POLL_SECONDS)
+            self.wake.wait(wait)
+
+    def _ae(self) -> AE:
+        destination = self.destination
+        ae = AE(ae_title=destination.calling_ae_title)
+        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+            setattr(ae, timeout, destination.timeout_seconds)
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def send(self, due: list[Delivery]) -> None:
+        """Send the due reports over one association; record each outcome."""
+        destination = self.destination
+        tls_args = (self._ssl_context, destination.host) if self._ssl_context else None
+        try:
+            association = self._ae().associate(destination.host, destination.port,
+                                               ae_title=destination.ae_title, tls_args=tls_args)
+        except Exception as error:  # e.g. TLS errors raised by the socket layer
+            self._attempts_failed(due, f"connection-failed: {error}")
+            return
+        if not association.is_established:
+            reason = ("association-rejected" if association.is_rejected else
+                      "association-aborted" if association.is_aborted else "connection-failed")
+            self._attempts_failed(due, f"{reason}: {destination.ae_title}@{destination.host}:"
+                                       f"{destination.port}")
+            return
+        try:
+            for index, delivery in enumerate(due):
+                if self.stop_event.is_set() or not association.is_established:
+                    if not association.is_established:
+                        self._attempts_failed(due[index:], "association-lost")
+                    return  # on stop, the rest stay due and are sent after the restart
+                self._send_one(association, delivery)
+        finally:
+            if association.is_established:
+                association.release()
+
+    def _send_one(self, association, delivery: Delivery) -> None:
+        try:
+            report = pydicom.dcmread(self.spool.resolve(delivery.report_file))
+        except (OSError, InvalidDicomError) as error:
+            self._attempt_failed(delivery, f"report-unreadable: {error}", permanent=True)
+            return
+        try:
+            answer = association.send_c_store(report)
+        except Exception as error:  # e.g. no accepted presentation context for the SR class
+            self._attempt_failed(delivery, f"send-failed: {error}")
+            return
+        if "Status" not in answer:
+            self._attempt_failed(delivery, "no-answer: association lost or timed out")
+            return
+        status = int(answer.Status)
+        if not is_stored(status):
+            comment = answer.get("ErrorComment")
+            self._attempt_failed(delivery, f"refused: status 0x{status:04X}"
+                                           + (f" ({comment})" if comment else ""))
+            return
+        finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name)
+        seconds = time.time() - delivery.received_at
+        metrics.REPORTED.labels(destination=self.destination.name).inc()
+        metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(seconds)
+        log.info("report_delivered", destination=self.destination.name,
+                 report_uid=delivery.report_uid, sop_instance_uid=delivery.sop_instance_uid,
+                 status=f"0x{status:04X}", attempts=delivery.attempts + 1,
+                 seconds_since_received=round(seconds, 3))
+        if finished is not None:
+            self.on_job_finished(finished)
+
+    def _attempts_failed(self, deliveries: list[Delivery], error: str) -> None:
+        for delivery in deliveries:
+            self._attempt_failed(delivery, error)
+
+    def _attempt_failed(self, delivery: Delivery, error: str, *, permanent: bool = False) -> None:
+        now = time.time()
+        attempts = delivery.attempts + 1
+        age = now - (delivery.first_attempt_at or now)
+        give_up = permanent or self.policy.exhausted(attempts, age)
+        retry_at = None if give_up else now + self.policy.delay_after(attempts)
+        finished = self.store.delivery_failed(delivery.job_id, self.destination.name, error,
+                                              retry_at=retry_at)
+        fields = dict(destination=self.destination.name, report_uid=delivery.report_uid,
+                      sop_instance_uid=delivery.sop_instance_uid, attempts=attempts, error=error)
+        if give_up:
+            metrics.FAILED.labels(stage="send").inc()
+            log.error("delivery_failed", **fields)
+        else:
+            log.warning("delivery_retry_scheduled", retry_in_seconds=round(retry_at - now, 3),
+                        **fields)
+        if finished is not None:
+            self.on_job_finished(finished)

@@ -1,0 +1,148 @@
+"""Classification workers: take pending jobs, classify them, put the report in the outbox.
+
+A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.classify.prepare`: filter ->
+decode pixels -> the one preprocessing function), then the model on a batch, so the service and
+the offline classifier give the same probability for the same file. When a backlog builds, a
+worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
+
+Outcomes per job: skipped (the filter's reason), failed at stage "classify" (the pixel path's
+reason) or "report" (the SR cannot be built), or reported (SR fsynced in outbox/, deliveries
+queued). A crash mid-batch leaves the jobs in `classifying`; start-up puts them back to pending.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import structlog
+
+from pacs_ai import metrics
+from pacs_ai.classify import prepare
+from pacs_ai.config import Config
+from pacs_ai.jobs import Job, JobStore
+from pacs_ai.model import PneumoniaModel
+from pacs_ai.report import build_report
+from pacs_ai.spool import Spool
+
+log = structlog.get_logger()
+
+IDLE_POLL_SECONDS = 0.5  # also how soon a `pacs-ai retry` from another process is noticed
+
+
+@dataclass
+class _Ready:
+    job: Job
+    model_input: np.ndarray
+    prepare_seconds: float
+
+
+class ClassificationWorker(threading.Thread):
+    def __init__(self, name: str, config: Config, spool: Spool, store: JobStore,
+                 model: PneumoniaModel, stop: threading.Event, wake: threading.Event,
+                 on_job_finished: Callable[[Job], None]):
+        super().__init__(name=name, daemon=True)
+        self.config = config
+        self.spool = spool
+        self.store = store
+        self.model = model
+        self.stop_event = stop
+        self.wake = wake
+        self.on_job_finished = on_job_finished
+        self.destination_names = [d.name for d in config.destinations]
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.wake.clear()
+            try:
+                jobs = self.store.claim(self.config.workers.batch_size)
+            except Exception as error:  # the queue briefly unavailable: wait and try again
+                log.error("claim_failed", worker=self.name, error=str(error))
+                self.stop_event.wait(IDLE_POLL_SECONDS)
+                continue
+            if not jobs:
+                self.wake.wait(IDLE_POLL_SECONDS)
+                continue
+            try:
+                self.process(jobs)
+            except Exception as error:  # a bug must not kill the worker; the jobs say why
+                log.exception("batch_failed", worker=self.name, error=str(error))
+                for job in jobs:
+                    self._fail(job, "classify", f"internal-error: {type(error).__name__}: {error}")
+
+    def process(self, jobs: Sequence[Job]) -> None:
+        """Classify and report one batch of claimed jobs."""
+        ready: list[_Ready] = []
+        for job in jobs:
+            started = time.perf_counter()
+            item = prepare(self.spool.resolve(job.image_file), self.config.filters,
+                           self.config.limits.max_pixels)
+            if item.status == "skipped":
+                self.store.mark_skipped(job.id, item.reason or "skipped")
+                metrics.SKIPPED.labels(reason=metrics.reason_code(item.reason or "")).inc()
+                log.info("instance_skipped", sop_instance_uid=job.sop_instance_uid,
+                         reason=item.reason)
+                self.on_job_finished(self._reload(job))
+            elif item.model_input is None:
+                self._fail(job, "classify", item.reason or "error")
+            else:
+                ready.append(_Ready(job, item.model_input, time.perf_counter() - started))
+        if not ready:
+            return
+        started = time.perf_counter()
+        try:
+            probabilities = self.model.predict(np.stack([r.model_input for r in ready]))
+        except Exception as error:
+            for item in ready:
+                self._fail(item.job, "classify", f"model-failed: {type(error).__name__}: {error}")
+            return
+        inference_share = (time.perf_counter() - started) / len(ready)
+        for item, probability in zip(ready, probabilities):
+            self._report(item, float(probability), item.prepare_seconds + inference_share)
+
+    def _report(self, item: _Ready, probability: float, seconds: float) -> None:
+        job = item.job
+        finding = self.model.finding(probability)
+        try:
+            source = pydicom.dcmread(self.spool.resolve(job.image_file), stop_before_pixels=True)
+            report = build_report(source, probability, self.model.info,
+                                  sr_kind=self.config.report.sr_kind)
+            encoded = io.BytesIO()
+            report.save_as(encoded, enforce_file_format=True)
+        except Exception as error:  # ReportSourceError, ValueError, highdicom's checks
+            self._fail(job, "report", f"report-failed: {error}")
+            return
+        report_uid = str(report.SOPInstanceUID)
+        report_path = self.spool.report_path(report_uid)
+        self.spool.write_durably(report_path, encoded.getvalue())
+        state = self.store.mark_reported(
+            job.id, probability=probability, finding=finding, report_uid=report_uid,
+            report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,
+            destinations=self.destination_names)
+        metrics.CLASSIFIED.labels(finding=finding).inc()
+        metrics.CLASSIFY_SECONDS.observe(seconds)
+        log.info("instance_classified", sop_instance_uid=job.sop_instance_uid,
+                 study_instance_uid=job.study_instance_uid, report_uid=report_uid,
+                 probability=round(probability, 6), finding=finding,
+                 milliseconds=round(seconds * 1000, 1), model=self.model.info.label)
+        if state == "done":
+            self.on_job_finished(self._reload(job))
+
+    def _fail(self, job: Job, stage: str, reason: str) -> None:
+        try:
+            self.store.mark_failed(job.id, stage, reason)
+        except Exception as error:  # left in `classifying`: resumed at the next start
+            log.error("mark_failed_failed", sop_instance_uid=job.sop_instance_uid,
+                      error=str(error))
+            return
+        metrics.FAILED.labels(stage=stage).inc()
+        log.warning("instance_failed", sop_instance_uid=job.sop_instance_uid, stage=stage,
+                    reason=reason)
+
+    def _reload(self, job: Job) -> Job:
+        return self.store.find(job.sop_instance_uid) or job
