@@ -1,0 +1,173 @@
+"""The running service: spool + job queue + model + workers + senders + DICOM listener.
+
+Start order puts the listener last, so nothing is acknowledged before the rest can take it;
+stop order is the reverse (see :meth:`Service.stop`). Thread count is bounded: the listener's
+server thread plus at most `[limits] max_associations` association threads, `[workers] count`
+workers, one sender per destination, and the metrics server.
+
+Embedding (tests, benchmarks): ``Service(config).start()`` then ``.stop()``; the CLI adds
+signal handling in :func:`serve_until_signalled`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import structlog
+
+import pacs_ai
+from pacs_ai import metrics
+from pacs_ai.config import Config
+from pacs_ai.jobs import Job, JobStore
+from pacs_ai.model import PneumoniaModel
+from pacs_ai.scp import StorageSCP
+from pacs_ai.sender import DestinationSender
+from pacs_ai.spool import Spool
+from pacs_ai.worker import ClassificationWorker
+
+log = structlog.get_logger()
+
+THREAD_JOIN_SECONDS = 30.0
+
+
+class Service:
+    def __init__(self, config: Config):
+        self.config = config
+        self.spool = Spool(config.storage.spool_dir)
+        self.store: JobStore | None = None
+        self.model: PneumoniaModel | None = None
+        self.scp: StorageSCP | None = None
+        self.workers: list[ClassificationWorker] = []
+        self.senders: list[DestinationSender] = []
+        self.metrics_server: Any = None
+        self._threads_stop = threading.Event()
+        self._started = False
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        assert self.scp is not None
+        return self.scp.port
+
+    def start(self) -> "Service":
+        """Open everything and start listening; on any failure, undo and raise (UserError for
+        what the operator can fix)."""
+        config = self.config
+        try:
+            self.spool.prepare()
+            self.spool.lock()
+            self.store = JobStore.open(self.spool.db_path)
+            resumed = self.store.reset_interrupted()
+            abandoned = self.store.abandon_unknown_destinations(d.name for d in config.destinations)
+            self.model = PneumoniaModel.load(config.model_path())
+            if config.workers.torch_threads:
+                import torch
+                torch.set_num_threads(config.workers.torch_threads)
+            if config.metrics.enabled:
+                self.metrics_server = metrics.start_metrics_server(
+                    config.metrics.host, config.metrics.port, self.health)
+            self._start_threads()
+            self.scp = StorageSCP(config, self.spool, self.store)
+            self.scp.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        self.refresh_gauges()
+        log.info("service_started", version=pacs_ai.__version__, ae_title=config.listener.ae_title,
+                 host=config.listener.host, port=self.port, tls=config.tls.enabled,
+                 spool_dir=str(self.spool.root), model=self.model.info.label,
+                 model_path=str(self.model.path), threshold=self.model.info.threshold,
+                 destinations=[d.name for d in config.destinations],
+                 workers=config.workers.count, resumed_jobs=resumed,
+                 abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"))
+        return self
+
+    def _start_threads(self) -> None:
+        assert self.store is not None and self.model is not None
+        worker_wake = threading.Event()
+        self.store.notify_on_work(worker_wake)
+        for index in range(self.config.workers.count):
+            self.workers.append(ClassificationWorker(
+                f"worker-{index + 1}", self.config, self.spool, self.store, self.model,
+                self._threads_stop, worker_wake, self.job_finished))
+        for destination in self.config.destinations:
+            sender_wake = threading.Event()
+            self.store.notify_on_work(sender_wake)
+            self.senders.append(DestinationSender(
+                destination, self.spool, self.store, self.config.retry, self._threads_stop,
+                sender_wake, self.job_finished))
+        for thread in (*self.workers, *self.senders):
+            thread.start()
+
+    def job_finished(self, job: Job) -> None:
+        """A job reached done or skipped (or failed): drop the files not asked to be kept.
+        Failed jobs keep everything so `pacs-ai retry` can run them again."""
+        storage = self.config.storage
+        if job.state in ("done", "skipped") and not storage.keep_source_images:
+            self.spool.remove(job.image_file)
+        if job.state == "done" and not storage.keep_reports:
+            self.spool.remove(job.report_file)
+
+    def stop(self) -> None:
+        """Graceful stop, in order: stop accepting and let running associations finish (up to
+        [limits] shutdown_grace_seconds); let workers finish their batch and senders their
+        current C-STORE; close the queue. Whatever is unfinished stays in the spool and resumes
+        at the next start. Safe to call more than once and after a failed start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        started = time.monotonic()
+        if self.scp is not None:
+            self.scp.stop(self.config.limits.shutdown_grace_seconds)
+        self._threads_stop.set()
+        for thread in (*self.workers, *self.senders):
+            thread.join(timeout=THREAD_JOIN_SECONDS)
+        still_running = [t.name for t in (*self.workers, *self.senders) if t.is_alive()]
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        if self.store is not None and not still_running:
+            self.store.close()  # else a thread still uses it; the process exit closes it
+        self.spool.unlock()
+        if self._started:
+            log.info("service_stopped", seconds=round(time.monotonic() - started, 3),
+                     threads_still_running=still_running)
+
+    def refresh_gauges(self) -> None:
+        if self.store is not None and not self._stopped:
+            metrics.BACKLOG.set(self.store.backlog())
+
+    def health(self) -> dict[str, Any]:
+        listening = self.scp is not None and self.scp.running
+        workers_alive = sum(t.is_alive() for t in self.workers)
+        senders_alive = sum(t.is_alive() for t in self.senders)
+        counts = self.store.job_counts() if self.store is not None else {}
+        return {"ok": bool(listening and workers_alive == len(self.workers)
+                           and senders_alive == len(self.senders)),
+                "listening": listening, "workers_alive": workers_alive,
+                "senders_alive": senders_alive, "jobs": counts}
+
+
+def serve_until_signalled(config: Config) -> int:
+    """Run the service until SIGTERM or SIGINT, then stop gracefully; exit status 0."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service = Service(config).start()
+        try:
+            while not stop_requested.wait(1.0):
+                service.refresh_gauges()
+        finally:
+            service.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
