@@ -238,3 +238,151 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# --- the whole service: `pacs-ai serve` as a subprocess ----------------------------------------
+
+SAMPLE_DICOMS = Path(__file__).resolve().parent.parent / "sample_dicoms"
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
+
+
+def sample_manifest() -> list[dict]:
+    manifest = SAMPLE_DICOMS / "manifest.json"
+    if not manifest.is_file():
+        pytest.fail("sample_dicoms/manifest.json is missing; regenerate the samples")
+    return json.loads(manifest.read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def split_model(tmp_path_factory) -> Path:
+    """The tiny test model, with its threshold set between the samples' probabilities so that
+    both findings occur (an untrained model's outputs sit close together)."""
+    from pacs_ai.classify import classify_files
+    from pacs_ai.model import PneumoniaModel
+    from training.export import export_untrained_tiny_model
+
+    folder = tmp_path_factory.mktemp("model")
+    probe = PneumoniaModel.load(export_untrained_tiny_model(folder / "probe.pt"))
+    probabilities = sorted(r["probability"] for r in classify_files([SAMPLE_DICOMS], probe)
+                           if r["status"] == "ok")
+    middle = len(probabilities) // 2
+    threshold = (probabilities[middle - 1] + probabilities[middle]) / 2
+    return export_untrained_tiny_model(folder / "tiny.pt", threshold=threshold)
+
+
+def classify_cli(model: Path, paths: list[Path]) -> dict[str, dict]:
+    """`pacs-ai classify` on the files, keyed by file name."""
+    from tests.dicom_peers import pacs_ai_cli
+
+    result = pacs_ai_cli("classify", "--model", str(model), *map(str, paths), timeout=300)
+    assert result.returncode in (0, 1), result.stderr
+    return {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+
+
+@pytest.mark.slow
+def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
+    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.report import report_summary
+    from pacs_ai.uids import report_uid
+    from tests.dicom_peers import RecordingPacs, ServiceProcess, pacs_ai_cli, write_service_config
+
+    manifest = sample_manifest()
+    # A modality can only send what it can read as DICOM.
+    sendable = [entry for entry in manifest if entry["sop_class_uid"]]
+    films = {entry["sop_instance_uid"]: entry for entry in sendable
+             if entry["expected_status"] == "ok"}
+    expected = classify_cli(split_model, [SAMPLE_DICOMS / e["file"] for e in sendable])
+    assert {r["finding"] for r in expected.values() if r["status"] == "ok"} == {"pneumonia",
+                                                                                 "normal"}
+    info = PneumoniaModel.load(split_model).info
+
+    with RecordingPacs() as pacs:
+        config = write_service_config(
+            tmp_path, model=split_model, destinations=[pacs.destination()],
+            tables={"listener": {"sop_classes": [  # accept CT too: it must be skipped, with reason
+                "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
+                "DigitalXRayImageStorageForProcessing", CT_IMAGE_STORAGE]},
+                "workers": {"batch_size": 4}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            modality = SimulatedModality(service.port)
+            results = modality.send([SAMPLE_DICOMS / e["file"] for e in sendable])
+            assert [r.status for r in results] == [0x0000] * len(sendable), results
+            assert pacs.wait_for(len(films), timeout=240), service.log_path.read_text()[-3000:]
+            assert wait_until(lambda: json.loads(pacs_ai_cli(
+                "status", "--config", str(config), "--json").stdout)["backlog"] == 0, 60)
+            status = json.loads(pacs_ai_cli("status", "--config", str(config), "--json",
+                                            "--limit", "50").stdout)
+            time.sleep(1.0)  # a duplicate report would arrive now
+            exit_status = service.terminate()
+            events = service.events()
+    assert exit_status == 0
+
+    reports = pacs.snapshot()
+    summaries = [report_summary(sr) for sr in reports]
+    sources = [s["source_sop_instance_uid"] for s in summaries]
+    assert sorted(sources) == sorted(films)  # one report per chest film, none for the rest
+    for sr, summary in zip(reports, summaries):
+        entry = films[summary["source_sop_instance_uid"]]
+        cli = expected[entry["file"]]
+        assert cli["status"] == "ok"
+        assert abs(summary["probability"] - cli["probability"]) <= 2e-6, entry["file"]
+        assert summary["finding"] == cli["finding"], entry["file"]
+        assert sr.SOPInstanceUID == report_uid(entry["sop_instance_uid"], info.name, info.version)
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+        assert sr.StudyInstanceUID == entry["study_instance_uid"]
+        assert sr.SeriesInstanceUID != entry["series_instance_uid"]
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        assert evidence.StudyInstanceUID == entry["study_instance_uid"]
+        referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == entry["sop_instance_uid"]
+        assert summary["algorithm_name"] == info.name
+        assert summary["algorithm_version"] == info.version
+
+    # Every file that is not a chest film is recorded with its reason.
+    recorded = {item["sop_instance_uid"]: item for item in status["skipped"] + status["failures"]}
+    for entry in sendable:
+        if entry["expected_status"] == "ok":
+            continue
+        item = recorded[entry["sop_instance_uid"]]
+        assert item["reason"].split(":")[0] == entry["expected_reason"], item
+        assert (item["stage"] is None) == (entry["expected_status"] == "skipped")
+    assert status["jobs"]["done"] == len(films)
+
+    # One event per received instance, per classification and per delivery; UIDs, no patient data.
+    names = [event["event"] for event in events]
+    assert names.count("instance_received") == len(sendable)
+    assert names.count("instance_classified") == len(films)
+    assert names.count("report_delivered") == len(films)
+    for event in events:
+        if event["event"] == "instance_classified":
+            assert {"probability", "finding", "milliseconds", "sop_instance_uid",
+                    "report_uid"} <= set(event)
+    log_text = (tmp_path / "serve.log").read_text()
+    for entry in sendable:
+        source = pydicom.dcmread(SAMPLE_DICOMS / entry["file"], stop_before_pixels=True)
+        for keyword in PATIENT_KEYWORDS:
+            value = str(source.get(keyword, "") or "")
+            if len(value) >= 4:
+                assert value not in log_text, f"{keyword} of {entry['file']} is in the log"
+
+
+def test_serve_with_bad_config_prints_one_line_not_a_traceback(tmp_path):
+    from tests.dicom_peers import pacs_ai_cli
+
+    path = tmp_path / "pacs-ai.toml"
+    path.write_text("[listener]\nport = \"x\"\n")
+    result = pacs_ai_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "[listener] port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_unusable_model_with_a_message(tmp_path):
+    from tests.dicom_peers import pacs_ai_cli, write_service_config
+
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_bytes(b"not torchscript")
+    config = write_service_config(tmp_path, model=not_a_model)
+    result = pacs_ai_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "not a TorchScript model file" in result.stderr and "Traceback" not in result.stderr
