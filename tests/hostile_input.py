@@ -28,6 +28,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -205,9 +206,7 @@ def send_raw_files(host: str, port: int, paths: Sequence[Path], *, called_ae: st
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
             metas = {}
             for path in pending[:per_association]:
-                meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]
-                                       ).file_meta
-                metas[path] = meta
+                metas[path] = read_file_meta_info(path)  # the data set may not parse
             for sop_class, syntax in {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
                                       for m in metas.values()}:
                 ae.add_requested_context(sop_class, [syntax])

@@ -275,6 +275,16 @@ class Orthanc:
                                          "Query": {"StudyInstanceUID": study_instance_uid}})
         return [self.instance_tags(i) for i in hits]
 
+    def study_sop_instance_uids(self, study_instance_uid: str, *,
+                                modality: str | None = None) -> list[str]:
+        """SOP Instance UIDs stored in a study (of one modality, e.g. "SR"), one REST call;
+        a UID stored twice would appear twice."""
+        query = {"StudyInstanceUID": study_instance_uid}
+        if modality is not None:
+            query["Modality"] = modality
+        hits = self.post("/tools/find", {"Level": "Instance", "Expand": True, "Query": query})
+        return [hit["MainDicomTags"]["SOPInstanceUID"] for hit in hits]
+
     def instance_file(self, orthanc_id: str) -> bytes:
         """The stored Part 10 file, byte for byte as received."""
         return self.get_bytes(f"/instances/{orthanc_id}/file")

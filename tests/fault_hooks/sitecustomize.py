@@ -1,0 +1,56 @@
+"""Test-only fault injection for `pacs-ai serve` subprocesses; never installed, never imported by
+the service itself. A test that wants it starts the service with ``PYTHONPATH`` set to this
+folder, so Python imports this module at start-up (the ``sitecustomize`` hook of ``site``).
+
+``PACS_AI_FAULT_ENOSPC_FLAG=<path>``: while the file <path> exists, every write to a spool temp
+file (``<spool>/incoming/*.part``) writes the first half of its bytes and then fails with
+``OSError(ENOSPC)``, as a full disk does in the middle of a write. Only those files: the job queue
+(SQLite) is unaffected. tests/test_faults.py uses it where a small tmpfs cannot be mounted (no
+CAP_SYS_ADMIN) and says so in its output.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+_FLAG = os.environ.get("PACS_AI_FAULT_ENOSPC_FLAG")
+
+
+class _FillingUpFile:
+    """A file object whose writes hit a full disk while the flag file exists."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data) -> int:
+        if _FLAG and os.path.exists(_FLAG):
+            self._handle.write(bytes(data)[: len(data) // 2])
+            self._handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device (injected by the test hook)")
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._handle.__exit__(*exc_info)
+
+
+if _FLAG:
+    _real_fdopen = os.fdopen
+
+    def _fdopen(fd, *args, **kwargs):
+        handle = _real_fdopen(fd, *args, **kwargs)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return handle
+        if f"{os.sep}incoming{os.sep}" in target and target.endswith(".part"):
+            return _FillingUpFile(handle)
+        return handle
+
+    os.fdopen = _fdopen
