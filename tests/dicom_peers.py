@@ -180,14 +180,17 @@ class SimulatedModality:
             association.release()
         return accepted
 
-    def send(self, items: Iterable[Dataset | str | Path],
-             stop_after: int | None = None) -> list[SendResult]:
-        """C-STORE each dataset or file over one association, in order.
+    def send(self, items: Iterable[Dataset | str | Path], stop_after: int | None = None,
+             interval: float = 0.0) -> list[SendResult]:
+        """C-STORE each dataset or file over one association, in order, `interval` seconds
+        apart (to stretch a stream over time).
 
         Proposes one presentation context per (SOP class, transfer syntax) in the input.
         Once the association is lost, the remaining instances get status None.
         """
         datasets = [load(item) for item in items]
+        if not datasets:
+            return []
         ae = self._ae()
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
                     for ds in datasets}
@@ -202,10 +205,13 @@ class SimulatedModality:
             for index, ds in enumerate(datasets):
                 if stop_after is not None and index >= stop_after:
                     break
-                if not association.is_established:
+                if index and interval:
+                    time.sleep(interval)
+                try:
+                    status = association.send_c_store(ds)
+                except RuntimeError:  # the association ended (the peer stopped or crashed)
                     results.append(SendResult(str(ds.SOPInstanceUID), None, "association lost"))
                     continue
-                status = association.send_c_store(ds)
                 if "Status" in status:
                     results.append(SendResult(str(ds.SOPInstanceUID), int(status.Status),
                                               status.get("ErrorComment")))
