@@ -22,7 +22,7 @@ import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from pacs_ai import metrics
@@ -96,15 +96,18 @@ class DestinationSender(threading.Thread):
         """Send the due reports over one association; record each outcome."""
         destination = self.destination
         tls_args = (self._ssl_context, destination.host) if self._ssl_context else None
+        connected: list[bool] = []  # EVT_CONN_OPEN tells a refused connection from an abort
         try:
-            association = self._ae().associate(destination.host, destination.port,
-                                               ae_title=destination.ae_title, tls_args=tls_args)
+            association = self._ae().associate(
+                destination.host, destination.port, ae_title=destination.ae_title,
+                tls_args=tls_args,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
         except Exception as error:  # e.g. TLS errors raised by the socket layer
             self._attempts_failed(due, f"connection-failed: {error}")
             return
         if not association.is_established:
             reason = ("association-rejected" if association.is_rejected else
-                      "association-aborted" if association.is_aborted else "connection-failed")
+                      "association-aborted" if connected else "connection-failed")
             self._attempts_failed(due, f"{reason}: {destination.ae_title}@{destination.host}:"
                                        f"{destination.port}")
             return

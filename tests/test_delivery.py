@@ -1,0 +1,154 @@
+"""Delivering reports: a PACS that is down, comes back, refuses, or is one of two.
+
+`pacs-ai serve` runs as a subprocess with retry delays of ~0.2 s (doubling up to 1 s).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pacs_ai.report import report_summary
+from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
+                               pacs_ai_cli, synthetic_radiograph, wait_until,
+                               write_service_config)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def status(config: Path) -> dict:
+    result = pacs_ai_cli("status", "--config", str(config), "--json", "--limit", "50")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def send_films(port: int, count: int, seed: int = 0) -> set[str]:
+    datasets = [synthetic_radiograph(seed=seed + n) for n in range(count)]
+    results = SimulatedModality(port).send(datasets)
+    assert all(r.acknowledged for r in results), results
+    return {str(ds.SOPInstanceUID) for ds in datasets}
+
+
+def reported_sources(pacs: RecordingPacs) -> list[str]:
+    return [report_summary(sr)["source_sop_instance_uid"] for sr in pacs.snapshot()]
+
+
+def retrying_attempts(config: Path) -> int:
+    return max((item["attempts"] for item in status(config)["retrying"]), default=0)
+
+
+@pytest.mark.slow
+def test_destination_down_then_up_delivers_everything_once(tmp_path, tiny_model):
+    pacs = RecordingPacs(port=free_port())  # not started yet: the PACS is down
+    config = write_service_config(tmp_path, model=tiny_model, destinations=[pacs.destination()])
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        sources = send_films(service.port, 4)
+        assert wait_until(lambda: retrying_attempts(config) >= 5, 30)
+        report = status(config)
+        assert report["jobs"]["delivering"] == 4 and report["backlog"] == 4
+        assert all("connection-failed" in item["last_error"] for item in report["retrying"])
+        first_report = report["retrying"][0]["report_uid"]
+        delays = [event["retry_in_seconds"] for event in service.events()
+                  if event["event"] == "delivery_retry_scheduled"
+                  and event["report_uid"] == first_report]
+        # The initial delay, doubling, capped at max_delay_seconds.
+        assert delays[:5] == pytest.approx([0.2, 0.4, 0.8, 1.0, 1.0], abs=0.01)
+        with pacs:
+            assert pacs.wait_for(4, timeout=30)
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 4, 30)
+            assert service.terminate() == 0
+    assert sorted(reported_sources(pacs)) == sorted(sources)
+
+
+@pytest.mark.slow
+def test_a_down_destination_blocks_neither_receiving_nor_the_other_destination(tmp_path,
+                                                                               tiny_model):
+    down = RecordingPacs(port=free_port(), ae_title="DOWN")  # never started
+    with RecordingPacs(ae_title="UP") as up:
+        config = write_service_config(
+            tmp_path, model=tiny_model,
+            destinations=[down.destination(name="down"), up.destination(name="up")])
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            first = send_films(service.port, 3)
+            assert up.wait_for(3, timeout=30)
+            second = send_films(service.port, 3, seed=50)  # still received while one is down
+            assert up.wait_for(6, timeout=30)
+            report = status(config)
+            assert report["deliveries"]["up"]["done"] == 6
+            assert report["deliveries"]["down"]["done"] == 0
+            assert report["deliveries"]["down"]["pending"] == 6
+            assert report["jobs"]["delivering"] == 6  # finished only when both have it
+            assert service.terminate() == 0
+    assert sorted(reported_sources(up)) == sorted(first | second)
+
+
+@pytest.mark.slow
+def test_delivery_gives_up_at_the_limit_with_its_reason_and_retry_requeues(tmp_path,
+                                                                           tiny_model):
+    pacs = RecordingPacs(port=free_port())
+    config = write_service_config(tmp_path, model=tiny_model, destinations=[pacs.destination()],
+                                  tables={"retry": {"max_attempts": 3}})
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        sources = send_films(service.port, 2)
+        assert wait_until(lambda: status(config)["jobs"]["failed"] == 2, 30)
+        failures = status(config)["failures"]
+        assert {f["sop_instance_uid"] for f in failures} == sources
+        for failure in failures:
+            assert failure["stage"] == "deliver"
+            assert "connection-failed" in failure["reason"] and pacs.ae_title in failure["reason"]
+        text = pacs_ai_cli("status", "--config", str(config)).stdout
+        assert "latest failures:" in text and "connection-failed" in text
+        assert sum(event["event"] == "delivery_failed" for event in service.events()) == 2
+
+        with pacs:
+            result = pacs_ai_cli("retry", "--config", str(config))
+            assert result.returncode == 0 and "requeued 2 failed job(s)" in result.stdout
+            assert pacs.wait_for(2, timeout=30)  # the running service picks them up
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 2, 30)
+            assert service.terminate() == 0
+    assert sorted(reported_sources(pacs)) == sorted(sources)
+
+
+@pytest.mark.slow
+def test_a_pacs_refusing_the_report_is_recorded_with_its_status(tmp_path, tiny_model):
+    with RecordingPacs(answer_status=0xA700) as pacs:
+        config = write_service_config(tmp_path, model=tiny_model,
+                                      destinations=[pacs.destination()],
+                                      tables={"retry": {"max_attempts": 2}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            send_films(service.port, 1)
+            assert wait_until(lambda: status(config)["jobs"]["failed"] == 1, 30)
+            [failure] = status(config)["failures"]
+            assert "refused: status 0xA700" in failure["reason"]
+            assert service.terminate() == 0
+
+
+@pytest.mark.slow
+def test_backoff_continues_across_a_restart(tmp_path, tiny_model):
+    pacs = RecordingPacs(port=free_port())
+    config = write_service_config(tmp_path, model=tiny_model, destinations=[pacs.destination()],
+                                  tables={"retry": {"initial_delay_seconds": 0.5,
+                                                    "max_delay_seconds": 0.5}})
+    log_path = tmp_path / "serve.log"
+    with ServiceProcess(config, log_path) as service:
+        sources = send_films(service.port, 1)
+        assert wait_until(lambda: retrying_attempts(config) >= 2, 30)
+        assert service.terminate() == 0
+    attempts_before = retrying_attempts(config)
+    with ServiceProcess(config, log_path) as restarted:
+        assert wait_until(lambda: retrying_attempts(config) > attempts_before, 30)
+        after_restart = [event["attempts"] for event in restarted.events()
+                         if event["event"] == "delivery_retry_scheduled"]
+        assert after_restart[-1] > attempts_before  # counted on, not started again
+        with pacs:
+            assert pacs.wait_for(1, timeout=30)
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 1, 30)
+            assert restarted.terminate() == 0
+    assert reported_sources(pacs) == list(sources)
