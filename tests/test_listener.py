@@ -386,3 +386,54 @@ def test_serve_refuses_an_unusable_model_with_a_message(tmp_path):
     result = pacs_ai_cli("serve", "--config", str(config))
     assert result.returncode == 2
     assert "not a TorchScript model file" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the service in this process: file retention, metrics and health ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.pt")
+
+
+def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tmp_path,
+                                                                              tiny_model):
+    from pacs_ai.config import load_config
+    from pacs_ai.service import Service
+    from tests.dicom_peers import write_service_config
+
+    config = load_config(write_service_config(
+        tmp_path, model=tiny_model,
+        tables={"storage": {"keep_source_images": False, "keep_reports": False},
+                "metrics": {"enabled": True, "port": 0}}))
+    service = Service(config).start()
+    try:
+        film = synthetic_radiograph(seed=1)
+        lateral = synthetic_radiograph(seed=2, view_position="LL")
+        broken = synthetic_radiograph(seed=3)
+        broken.Rows = 4000  # the header promises far more pixels than the data holds
+        results = SimulatedModality(service.port).send([film, lateral, broken])
+        assert [r.status for r in results] == [0, 0, 0]
+        store = service.store
+        assert wait_until(lambda: store.backlog() == 0, 60)
+        states = {job.sop_instance_uid: job for job in store.all_jobs()}
+        assert states[film.SOPInstanceUID].state == "done"
+        assert states[lateral.SOPInstanceUID].state == "skipped"
+        failed = states[broken.SOPInstanceUID]
+        assert failed.state == "failed" and failed.stage == "classify" and failed.reason
+        remaining = {p.name for p in service.spool.images.iterdir()}
+        assert remaining == {Path(failed.image_file).name}  # kept for `pacs-ai retry`
+        assert list(service.spool.outbox.iterdir()) == []  # no destination: nothing to keep
+
+        import urllib.request
+        base = f"http://127.0.0.1:{service.metrics_server.port}"
+        health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=10).read())
+        assert health["ok"] and health["listening"] and health["workers_alive"] == 1
+        service.refresh_gauges()
+        scrape = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        assert "pacs_ai_received_total" in scrape and "pacs_ai_backlog_jobs 0.0" in scrape
+        assert 'pacs_ai_skipped_total{reason="not-frontal"}' in scrape
+    finally:
+        service.stop()
+    assert not service.scp.running
