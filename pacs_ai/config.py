@@ -11,6 +11,7 @@ Relative paths in a config file are resolved against the file's folder; the buil
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class ListenerConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: accept any caller
+    allowed_peer_addresses: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any address
     sop_classes: tuple[str, ...] = tuple(SOP_CLASS_KEYWORDS.values())  # dotted UIDs
 
 
@@ -323,6 +325,14 @@ def check_ae_title(value: str) -> str | None:
     return None
 
 
+def check_network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return 'not an IP address or network, e.g. "10.1.2.3" or "10.1.0.0/16"'
+    return None
+
+
 def check_sop_class(value: str) -> str | None:
     if value in SOP_CLASS_KEYWORDS or _is_dotted_uid(value):
         return None
@@ -359,6 +369,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         host=t.string("host", "0.0.0.0", check=_check_host),
         port=t.integer("port", DEFAULT_PORT, minimum=1, maximum=65535),
         allowed_calling_ae_titles=t.strings("allowed_calling_ae_titles", (), check=check_ae_title),
+        allowed_peer_addresses=t.strings("allowed_peer_addresses", (), check=check_network),
         sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in
                           t.strings("sop_classes", DEFAULT_SOP_CLASSES, check=check_sop_class)),
     )

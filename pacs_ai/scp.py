@@ -15,6 +15,7 @@ Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reas
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 import threading
@@ -84,6 +85,16 @@ def server_ssl_context(tls: ListenerTLSConfig) -> ssl.SSLContext:
         context.load_verify_locations(cafile=str(tls.ca_file))
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
+
+
+def _address_in(address: str, networks: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == network.version and ip in network for network in networks)
 
 
 @dataclass(frozen=True)
@@ -171,12 +182,20 @@ class StorageSCP:
                 client = server.ssl_context.wrap_socket(client, server_side=True)
             return client, address
 
+        allowed_networks = [ipaddress.ip_network(value, strict=False)
+                            for value in self.config.listener.allowed_peer_addresses]
+
         def admit_connection(_request: object, client_address: tuple[str, int]) -> bool:
-            if len(server.active_associations) < connection_cap:
+            reason = None
+            if allowed_networks and not _address_in(client_address[0], allowed_networks):
+                reason = "peer-address-not-allowed"
+            elif len(server.active_associations) >= connection_cap:
+                reason = "connection-limit"
+            if reason is None:
                 return True
-            metrics.REJECTED.labels(reason="connection-limit").inc()
-            log.warning("connection_refused", reason="connection-limit", peer=client_address[0],
-                        open_connections=connection_cap)
+            metrics.REJECTED.labels(reason=reason).inc()
+            log.warning("connection_refused", reason=reason, peer=client_address[0],
+                        open_connections_limit=connection_cap)
             return False
 
         server.get_request = get_request

@@ -105,6 +105,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
     ("[listener]\nae_title = \"A_TITLE_LONGER_THAN_16\"\n", "[listener] ae_title"),
     ("[listener]\nallowed_calling_ae_titles = \"MODALITY\"\n", "allowed_calling_ae_titles"),
     ("[listener]\nsop_classes = [\"CTImageStorage\"]\n", "sop_classes"),
+    ("[listener]\nallowed_peer_addresses = [\"10.0.0.300\"]\n", "allowed_peer_addresses"),
     ("[storage]\nmin_free_bytes = -1\n", "[storage] min_free_bytes"),
     ("[storage]\nkeep_source_images = \"yes\"\n", "keep_source_images"),
     ("[model]\npath = \"missing.pt\"\n", "[model] path"),

@@ -133,6 +133,20 @@ def test_calling_ae_titles_outside_the_allow_list_are_rejected(tmp_path):
         listener.close()
 
 
+def test_peers_outside_the_allowed_addresses_are_disconnected(tmp_path):
+    listener = Listener(tmp_path, listener={"allowed_peer_addresses": ["10.0.0.0/8"]})
+    try:
+        assert not listener.modality().association_accepted()
+        assert listener.store.all_jobs() == []
+    finally:
+        listener.close()
+    listener = Listener(tmp_path / "second", listener={"allowed_peer_addresses": ["127.0.0.1"]})
+    try:
+        assert listener.modality().echo() == 0x0000
+    finally:
+        listener.close()
+
+
 def test_below_the_disk_floor_answers_out_of_resources_and_writes_nothing(tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
