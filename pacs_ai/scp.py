@@ -32,6 +32,7 @@ from pynetdicom.sop_class import Verification
 
 from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
+from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.spool import Spool, SpoolFullError
 
@@ -149,8 +150,6 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        from pacs_ai.errors import UserError
-
         listener = self.config.listener
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]

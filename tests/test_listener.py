@@ -10,7 +10,6 @@ import json
 import socket
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
