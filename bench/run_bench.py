@@ -1,0 +1,403 @@
+"""Throughput, latency and cost of pacs-ai next to two bare DICOM receivers (issue 7).
+
+One run on this machine sends the same set of files with DCMTK ``storescu`` to
+
+  (a) DCMTK ``storescp`` writing to disk,
+  (b) a bare pynetdicom storage SCP writing to disk (a thread in this process),
+  (c) ``pacs-ai serve`` (a subprocess, the shipped model) with a recording PACS behind it,
+
+at 1, 2, 4... concurrent associations (the file list split across parallel storescu processes),
+and prints images/s received; for pacs-ai also images/s fully reported and the latency from the
+C-STORE acknowledgement (the service's ``instance_received`` log event) to the report stored at
+the PACS (median, p95, max). Micro-figures: decode + preprocessing per transfer syntax, model
+time per image at batch 1 and the service's batch size, and the service's peak RSS.
+
+    .venv/bin/python bench/run_bench.py [--images N] [--concurrency 1,2,4] [--json out.json]
+
+Timings are figures to read, never pass/fail checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+from pydicom import dcmread  # noqa: E402
+from pynetdicom import AE, StoragePresentationContexts, evt  # noqa: E402
+from pynetdicom.presentation import build_context  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
+
+from tests.dicom_peers import (DX_FOR_PRESENTATION_STORAGE, LOCALHOST,  # noqa: E402
+                               RecordingPacs, ServiceProcess, free_port, synthetic_radiograph,
+                               wait_until, write_service_config)
+from tests.real_peers import (propose_as_stored, stop_process, storescu_many,  # noqa: E402
+                              wait_for_port)
+
+SAMPLE_DIR = REPO_ROOT / "sample_dicoms"
+MODEL_PATH = REPO_ROOT / "deploy" / "models" / "pacs-ai-pneumonia.pt"
+CACHE_DIR = REPO_ROOT / "runs" / "bench-cache"  # runs/ is git-ignored
+SYNTHETIC_ROWS, SYNTHETIC_COLUMNS = 2500, 2048
+CALLED_AE = {"storescp": "STORESCP", "pynetdicom": "BARE_SCP", "pacs-ai": "PACS_AI"}
+
+
+# --- the image set ------------------------------------------------------------------------------
+
+def synthetic_files(count: int) -> list[Path]:
+    """`count` 2500x2048 12-bit DX files (about 10 MB each), made once and cached."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = CACHE_DIR / f"dx_{SYNTHETIC_ROWS}x{SYNTHETIC_COLUMNS}_{index:04d}.dcm"
+        if not path.exists():
+            dataset = synthetic_radiograph(sop_class_uid=DX_FOR_PRESENTATION_STORAGE,
+                                           rows=SYNTHETIC_ROWS, columns=SYNTHETIC_COLUMNS,
+                                           seed=index)
+            partial = path.with_suffix(".part")
+            dataset.save_as(partial, enforce_file_format=True)
+            partial.rename(path)  # a killed run leaves no half-written cache entry
+        paths.append(path)
+    return paths
+
+
+def sample_files(limit: int | None) -> list[Path]:
+    """The sample_dicoms files the manifest expects to be classified (status ok)."""
+    manifest = json.loads((SAMPLE_DIR / "manifest.json").read_text())
+    paths = [SAMPLE_DIR / entry["file"] for entry in manifest["files"]
+             if entry["expected_status"] == "ok"]
+    return paths if limit is None else paths[:limit]
+
+
+def split(paths: list[Path], parts: int) -> list[list[Path]]:
+    """Round-robin split, so each association gets a similar mix of big and small files."""
+    return [batch for batch in (paths[index::parts] for index in range(parts)) if batch]
+
+
+# --- the receivers --------------------------------------------------------------------------------
+
+class BareStorageScp:
+    """A plain pynetdicom storage SCP that writes each instance's bytes to disk, as received."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self._server = None
+
+    def start(self) -> "BareStorageScp":
+        from pydicom.uid import AllTransferSyntaxes
+
+        ae = AE(ae_title=CALLED_AE["pynetdicom"])
+        ae.supported_contexts = [build_context(context.abstract_syntax, AllTransferSyntaxes)
+                                 for context in StoragePresentationContexts]
+        ae.add_supported_context(Verification)
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+        ae.maximum_associations = 16
+        self._server = ae.start_server((LOCALHOST, self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def _on_store(self, event) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        (self.folder / f"{uid}.dcm").write_bytes(event.encoded_dataset())
+        return 0x0000
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+class TimedPacs(RecordingPacs):
+    """The recording PACS, noting when each report (by its SOP Instance UID) arrived."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.arrived_at: dict[str, float] = {}
+
+    def _on_store(self, event) -> int:
+        arrived = time.time()
+        status = super()._on_store(event)
+        self.arrived_at[str(event.request.AffectedSOPInstanceUID)] = arrived
+        return status
+
+
+# --- one run: a receiver, a concurrency level ------------------------------------------------------
+
+@dataclass
+class RunResult:
+    receiver: str
+    associations: int
+    sent: int
+    acknowledged: int
+    seconds_to_last_ack: float
+    images_per_second_received: float
+    reported: int | None = None
+    seconds_to_last_report: float | None = None
+    images_per_second_reported: float | None = None
+    latency_seconds: dict[str, float] | None = None  # ack -> report stored at the PACS
+    service_peak_rss_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def send(port: int, receiver: str, paths: list[Path], associations: int, work: Path,
+         timeout_s: float) -> tuple[int, float]:
+    """storescu in `associations` parallel processes; (acknowledged count, seconds)."""
+    profile = propose_as_stored(paths, work / "as-stored.cfg")  # compressed stays compressed
+    started = time.monotonic()
+    runs = storescu_many(port, split(paths, associations), called_ae=CALLED_AE[receiver],
+                         extra=profile, timeout_s=timeout_s)
+    seconds = time.monotonic() - started
+    return sum(len(run.acknowledged) for run in runs), seconds
+
+
+def run_storescp(paths: list[Path], associations: int, work: Path, timeout_s: float) -> RunResult:
+    out = work / "storescp-out"
+    out.mkdir()
+    port = free_port()
+    process = subprocess.Popen([shutil.which("storescp") or "storescp", "-aet",
+                                CALLED_AE["storescp"], "+xa", "-od", str(out), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process=process, what="storescp")
+        acknowledged, seconds = send(port, "storescp", paths, associations, work, timeout_s)
+    finally:
+        stop_process(process)
+    return RunResult("storescp", associations, len(paths), acknowledged, round(seconds, 3),
+                     round(acknowledged / seconds, 2))
+
+
+def run_pynetdicom(paths: list[Path], associations: int, work: Path,
+                   timeout_s: float) -> RunResult:
+    out = work / "pynetdicom-out"
+    out.mkdir()
+    scp = BareStorageScp(out).start()
+    try:
+        acknowledged, seconds = send(scp.port, "pynetdicom", paths, associations, work, timeout_s)
+    finally:
+        scp.stop()
+    return RunResult("pynetdicom", associations, len(paths), acknowledged, round(seconds, 3),
+                     round(acknowledged / seconds, 2))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return {"median": round(statistics.median(ordered), 3), "p95": round(p95, 3),
+            "max": round(ordered[-1], 3), "count": len(ordered)}
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM of a live process, in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def event_time(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: float,
+                report_timeout_s: float) -> RunResult:
+    """A fresh service (fresh spool) per run, so no instance is a duplicate of an earlier run."""
+    with TimedPacs() as pacs:
+        config = write_service_config(
+            work, model=MODEL_PATH, destinations=[pacs.destination()],
+            tables={"listener": {"ae_title": CALLED_AE["pacs-ai"]},
+                    "log": {"level": "info"},
+                    "storage": {"keep_source_images": False, "keep_reports": False}})
+        with ServiceProcess(config, work / "serve.log") as service:
+            started_wall = time.time()
+            acknowledged, seconds = send(service.port, "pacs-ai", paths, associations, work,
+                                         timeout_s)
+            all_reported = pacs.wait_for(acknowledged, timeout=report_timeout_s)
+            rss = peak_rss_mb(service.process.pid)
+            events = service.events()
+    received_at = {event["sop_instance_uid"]: event_time(event) for event in events
+                   if event.get("event") == "instance_received"}
+    report_source = {event["report_uid"]: event["sop_instance_uid"] for event in events
+                     if event.get("event") == "report_delivered"}
+    latencies = [pacs.arrived_at[report_uid] - received_at[source]
+                 for report_uid, source in report_source.items()
+                 if report_uid in pacs.arrived_at and source in received_at]
+    reported = len(pacs.arrived_at)
+    last_report = max(pacs.arrived_at.values(), default=started_wall) - started_wall
+    result = RunResult("pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
+                       round(acknowledged / seconds, 2), reported=reported,
+                       seconds_to_last_report=round(last_report, 3),
+                       images_per_second_reported=round(reported / last_report, 2)
+                       if reported else 0.0,
+                       latency_seconds=percentiles(latencies), service_peak_rss_mb=rss)
+    if not all_reported:
+        result.notes.append(f"only {reported} of {acknowledged} reports within "
+                            f"{report_timeout_s} s")
+    return result
+
+
+# --- micro-figures --------------------------------------------------------------------------------
+
+def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
+    """Median seconds of pacs_ai.classify.prepare (read, decode, preprocess) per file."""
+    from pacs_ai.classify import prepare
+    from pacs_ai.filters import FilterPolicy
+    from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+
+    rows = []
+    for path in paths:
+        meta = dcmread(path, stop_before_pixels=True)
+        timings, status = [], None
+        for _ in range(repeats):
+            started = time.perf_counter()
+            prepared = prepare(path, FilterPolicy(), DEFAULT_MAX_PIXELS)
+            timings.append(time.perf_counter() - started)
+            status = prepared.status
+        rows.append({"file": path.name, "transfer_syntax": str(meta.file_meta.TransferSyntaxUID),
+                     "transfer_syntax_name": meta.file_meta.TransferSyntaxUID.name,
+                     "rows": int(meta.Rows), "columns": int(meta.Columns), "status": status,
+                     "milliseconds_median": round(statistics.median(timings) * 1000, 1)})
+    return rows
+
+
+def model_times(batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Milliseconds per image of PneumoniaModel.predict at each batch size (median of runs)."""
+    from pacs_ai.model import PneumoniaModel
+
+    model = PneumoniaModel.load(MODEL_PATH)
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in batch_sizes:
+        batch = rng.random((size, 1, 200, 200), dtype=np.float32)
+        model.predict(batch)  # warm-up: the first call pays TorchScript's optimisation
+        timings = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model.predict(batch)
+            timings.append(time.perf_counter() - started)
+        rows.append({"batch_size": size,
+                     "milliseconds_per_image": round(statistics.median(timings) * 1000 / size, 2)})
+    return rows
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+def print_table(results: list[RunResult], decode: list[dict], model: list[dict]) -> None:
+    print("\nreceiver     assoc  sent  acked  recv img/s  reported  rep img/s  "
+          "latency med/p95/max (s)  peak RSS MB")
+    for r in results:
+        latency = ("/".join(str(r.latency_seconds.get(k, "-")) for k in ("median", "p95", "max"))
+                   if r.latency_seconds else "-")
+        print(f"{r.receiver:<12} {r.associations:>5} {r.sent:>5} {r.acknowledged:>6} "
+              f"{r.images_per_second_received:>11} {r.reported if r.reported is not None else '-':>9} "
+              f"{r.images_per_second_reported if r.images_per_second_reported is not None else '-':>10}  "
+              f"{latency:<24} {r.service_peak_rss_mb or '-'}"
+              + (f"   NOTE: {'; '.join(r.notes)}" if r.notes else ""))
+    print("\ndecode + preprocess (pacs_ai.classify.prepare), median ms per image")
+    for row in decode:
+        print(f"  {row['milliseconds_median']:>8}  {row['transfer_syntax_name']:<45} "
+              f"{row['rows']}x{row['columns']}  {row['status']}  {row['file']}")
+    print("\nmodel (PneumoniaModel.predict), ms per image")
+    for row in model:
+        print(f"  batch {row['batch_size']:>3}: {row['milliseconds_per_image']}")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=40,
+                        help="synthetic 2500x2048 DX files in the set (default 40)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="use only the first N ok files of sample_dicoms (default all)")
+    parser.add_argument("--concurrency", default="1,2,4",
+                        help="comma-separated numbers of parallel associations (default 1,2,4)")
+    parser.add_argument("--receivers", default="storescp,pynetdicom,pacs-ai",
+                        help="which receivers to run (default all three)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repeats per micro-figure (default 3)")
+    parser.add_argument("--report-timeout", type=float, default=None,
+                        help="seconds to wait for all reports (default 60 + 5 per image)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+    receivers = [name.strip() for name in args.receivers.split(",") if name.strip()]
+    unknown = set(receivers) - set(CALLED_AE)
+    if unknown:
+        parser.error(f"unknown receiver(s) {sorted(unknown)}; choose from {sorted(CALLED_AE)}")
+
+    print(f"preparing {args.images} synthetic {SYNTHETIC_ROWS}x{SYNTHETIC_COLUMNS} DX files "
+          f"in {CACHE_DIR} ...", flush=True)
+    synthetic = synthetic_files(args.images)
+    samples = sample_files(args.samples)
+    paths = synthetic + samples
+    megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    print(f"set: {len(synthetic)} synthetic + {len(samples)} samples = {len(paths)} files, "
+          f"{megabytes:.1f} MB", flush=True)
+    send_timeout = 120 + 10 * len(paths)
+    report_timeout = args.report_timeout or 60 + 5 * len(paths)
+
+    results: list[RunResult] = []
+    for associations in levels:
+        for receiver in receivers:
+            with tempfile.TemporaryDirectory(prefix=f"bench-{receiver}-") as folder:
+                work = Path(folder)
+                print(f"-> {receiver} at {associations} association(s) ...", flush=True)
+                if receiver == "storescp":
+                    result = run_storescp(paths, associations, work, send_timeout)
+                elif receiver == "pynetdicom":
+                    result = run_pynetdicom(paths, associations, work, send_timeout)
+                else:
+                    result = run_pacs_ai(paths, associations, work, send_timeout,
+                                         report_timeout)
+                results.append(result)
+                print(f"   {asdict(result)}", flush=True)
+
+    decode = decode_times(samples + synthetic[:1], args.repeats)
+    from pacs_ai.config import WorkersConfig
+
+    model = model_times(sorted({1, 8, WorkersConfig().batch_size}), max(args.repeats, 3))
+    print_table(results, decode, model)
+
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(), "files": len(paths), "synthetic_images": len(synthetic),
+            "sample_images": len(samples), "megabytes": round(megabytes, 1),
+            "runs": [asdict(result) for result in results],
+            "decode_preprocess": decode, "model": model}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
