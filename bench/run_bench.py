@@ -167,11 +167,14 @@ def send(port: int, receiver: str, paths: list[Path], associations: int, work: P
 
 
 def run_storescp(paths: list[Path], associations: int, work: Path, timeout_s: float) -> RunResult:
+    """storescp accepting every syntax it knows (+xa), writing the bytes as received (+B, as the
+    bare pynetdicom SCP does), one child per association (--fork, as pynetdicom's threads)."""
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
     process = subprocess.Popen([shutil.which("storescp") or "storescp", "-aet",
-                                CALLED_AE["storescp"], "+xa", "-od", str(out), str(port)],
+                                CALLED_AE["storescp"], "+xa", "+B", "--fork", "-od", str(out),
+                                str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, process=process, what="storescp")
