@@ -164,10 +164,13 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = body(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLITE_FULL and the like may have rolled back already: a second ROLLBACK
+                # would hide the real error; a failed COMMIT must not leave one open.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             return result
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
@@ -221,6 +224,21 @@ class JobStore:
                                [(time.time(), row[0]) for row in rows])
             return [Job(*row) for row in rows]
         return self._write(body)
+
+    def requeue(self, job_ids: Iterable[int]) -> int:
+        """Put claimed jobs that are still `classifying` back to pending (their batch hit a
+        temporary problem such as a full disk). Jobs that got further are left alone."""
+        ids = list(job_ids)
+
+        def body(db: sqlite3.Connection) -> int:
+            now = time.time()
+            return sum(db.execute("UPDATE jobs SET state = 'pending', updated_at = ? "
+                                  "WHERE id = ? AND state = 'classifying'",
+                                  (now, job_id)).rowcount for job_id in ids)
+        requeued = self._write(body) if ids else 0
+        if requeued:
+            self._work_added()
+        return requeued
 
     def mark_skipped(self, job_id: int, reason: str) -> None:
         self._finish(job_id, "skipped", None, reason)

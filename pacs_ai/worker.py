@@ -8,11 +8,15 @@ worker claims up to `[workers] batch_size` jobs at once; a lone image is classif
 Outcomes per job: skipped (the filter's reason), failed at stage "classify" (the pixel path's
 reason) or "report" (the SR cannot be built), or reported (SR fsynced in outbox/, deliveries
 queued). A crash mid-batch leaves the jobs in `classifying`; start-up puts them back to pending.
+A full disk (report or queue write) is temporary, not a failure: the worker backs off and puts
+the batch's unfinished jobs back to pending once the queue can be written again.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +37,21 @@ from pacs_ai.spool import Spool
 log = structlog.get_logger()
 
 IDLE_POLL_SECONDS = 0.5  # also how soon a `pacs-ai retry` from another process is noticed
+STORAGE_BACKOFF_FIRST_SECONDS = 1.0  # after a full disk; doubles while it stays full
+STORAGE_BACKOFF_MAX_SECONDS = 30.0
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# SQLITE_FULL, SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (extended codes keep these low bits)
+_TEMPORARY_SQLITE_CODES = {13, 5, 6, 10}
+
+
+def is_temporary_storage_error(error: BaseException) -> bool:
+    """A full disk or quota, or a queue write SQLite could not do right now: worth retrying."""
+    if isinstance(error, sqlite3.OperationalError):
+        code = getattr(error, "sqlite_errorcode", None)
+        return (code is not None and (code & 0xFF) in _TEMPORARY_SQLITE_CODES) \
+            or "disk is full" in str(error)
+    return isinstance(error, OSError) and error.errno in _FULL_ERRNOS
 
 
 @dataclass
@@ -55,6 +74,7 @@ class ClassificationWorker(threading.Thread):
         self.wake = wake
         self.on_job_finished = on_job_finished
         self.destination_names = [d.name for d in config.destinations]
+        self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -69,11 +89,41 @@ class ClassificationWorker(threading.Thread):
                 self.wake.wait(IDLE_POLL_SECONDS)
                 continue
             try:
-                self.process(jobs)
-            except Exception as error:  # a bug must not kill the worker; the jobs say why
-                log.exception("batch_failed", worker=self.name, error=str(error))
-                for job in jobs:
-                    self._fail(job, "classify", f"internal-error: {type(error).__name__}: {error}")
+                self._process_or_fail(jobs)
+            except Exception as error:
+                if not is_temporary_storage_error(error):  # a bug must not kill the worker
+                    log.exception("batch_unsettled", worker=self.name, error=str(error))
+                    continue
+                self._requeue_when_writable(jobs, error)
+            else:
+                self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
+
+    def _process_or_fail(self, jobs: Sequence[Job]) -> None:
+        """Process a batch; an unexpected error fails its jobs with the reason. A temporary
+        storage error (full disk) propagates: the caller requeues the batch instead."""
+        try:
+            self.process(jobs)
+        except Exception as error:
+            if is_temporary_storage_error(error):
+                raise
+            log.exception("batch_failed", worker=self.name, error=str(error))
+            for job in jobs:
+                self._fail(job, "classify", f"internal-error: {type(error).__name__}: {error}")
+
+    def _requeue_when_writable(self, jobs: Sequence[Job], error: BaseException) -> None:
+        """Back off, then put the batch's still-`classifying` jobs back to pending, retrying
+        (with a growing, bounded delay) until the queue can be written. On shutdown they stay
+        in `classifying` and start-up puts them back."""
+        log.warning("storage_full_batch_requeued", worker=self.name, jobs=len(jobs),
+                    error=str(error))
+        job_ids = [job.id for job in jobs]
+        while not self.stop_event.wait(self._storage_backoff):
+            self._storage_backoff = min(self._storage_backoff * 2, STORAGE_BACKOFF_MAX_SECONDS)
+            try:
+                self.store.requeue(job_ids)
+                return
+            except Exception as requeue_error:
+                log.warning("requeue_failed", worker=self.name, error=str(requeue_error))
 
     def process(self, jobs: Sequence[Job]) -> None:
         """Classify and report one batch of claimed jobs."""
@@ -136,7 +186,10 @@ class ClassificationWorker(threading.Thread):
     def _fail(self, job: Job, stage: str, reason: str) -> None:
         try:
             self.store.mark_failed(job.id, stage, reason)
-        except Exception as error:  # left in `classifying`: resumed at the next start
+        except Exception as error:
+            if is_temporary_storage_error(error):  # the batch is requeued, not left claimed
+                raise
+            # left in `classifying`: start-up puts it back to pending
             log.error("mark_failed_failed", sop_instance_uid=job.sop_instance_uid,
                       error=str(error))
             return

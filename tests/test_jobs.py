@@ -126,6 +126,44 @@ def test_failed_classification_is_requeued_as_pending(store, spool):
     assert counts["pending"] == 1 and counts["skipped"] == 1  # skips are final
 
 
+def test_requeue_puts_only_still_classifying_jobs_back_and_wakes_workers(store, spool):
+    for n in range(3):
+        admit(store, spool, f"1.{n}")
+    reported, interrupted, untouched = store.claim(3)
+    store.mark_reported(reported.id, probability=0.9, finding="pneumonia", report_uid="2.1",
+                        report_file="outbox/2.1.dcm", classify_ms=1.0, destinations=["PACS"])
+    store.mark_failed(untouched.id, "classify", "decode-failed: truncated")
+    wake = threading.Event()
+    store.notify_on_work(wake)
+    assert store.requeue([reported.id, interrupted.id, untouched.id]) == 1
+    assert wake.is_set()
+    assert store.find("1.0").state == "delivering"
+    assert store.find("1.1").state == "pending"
+    assert store.find("1.2").state == "failed"
+    assert [job.id for job in store.claim(10)] == [interrupted.id]
+    assert store.requeue([]) == 0
+
+
+def test_a_full_database_fails_the_write_and_leaves_the_store_usable(store, spool):
+    """SQLITE_FULL for real (the file capped with max_page_count): the write raises, nothing is
+    left mid-transaction, and writes work again once there is room."""
+    from pacs_ai.worker import is_temporary_storage_error
+    admit(store, spool, "1.0")
+    (job,) = store.claim(1)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(Exception) as full:
+        store.mark_reported(job.id, probability=0.5, finding="normal", report_uid="2.9",
+                            report_file="outbox/" + "x" * 20000, classify_ms=1.0,
+                            destinations=["PACS"])
+    assert is_temporary_storage_error(full.value), full.value
+    assert not store._db.in_transaction
+    assert store.find("1.0").state == "classifying"
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert store.requeue([job.id]) == 1
+    assert store.find("1.0").state == "pending"
+
+
 def test_interrupted_jobs_go_back_to_pending_after_a_crash(spool):
     """A real second process claims jobs and is killed mid-classification."""
     store = JobStore.open(spool.db_path)
