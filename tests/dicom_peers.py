@@ -407,7 +407,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"pacs-ai serve exited with {self.process.returncode}:\n"
                                    f"{self.log_path.read_text()[-4000:]}")
-            if _port_open(self.port) and modality.echo() == 0x0000:
+            if port_open(self.port) and modality.echo() == 0x0000:
                 return self
             time.sleep(0.1)
         self.kill()
@@ -453,7 +453,8 @@ class ServiceProcess:
                 pass
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """True when something accepts TCP connections on 127.0.0.1:port."""
     try:
         with socket.create_connection((LOCALHOST, port), timeout=0.5):
             return True

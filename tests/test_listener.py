@@ -25,7 +25,7 @@ from pacs_ai.jobs import JobStore
 from pacs_ai.pixels import display_array
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
-from tests.dicom_peers import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
+from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                DX_FOR_PROCESSING_STORAGE, LOCALHOST, SimulatedModality, free_port,
                                synthetic_radiograph, wait_until, write_raw_file)
 
@@ -242,15 +242,7 @@ def test_stop_lets_a_running_association_finish(listener):
     acknowledged = {r.sop_instance_uid for r in results if r.acknowledged}
     recorded = {job.sop_instance_uid for job in listener.store.all_jobs()}
     assert acknowledged <= recorded  # nothing acknowledged is missing
-    assert not _port_open(listener.port)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    assert not port_open(listener.port)
 
 
 # --- the whole service: `pacs-ai serve` as a subprocess ----------------------------------------
