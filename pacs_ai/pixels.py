@@ -49,12 +49,14 @@ class PixelDataError(ValueError):
 def display_array(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decoded pixels with Modality LUT, VOI and polarity applied: float32 2-D in [0, 1]."""
     check_pixel_header(ds, max_pixels=max_pixels)
-    stored = decode_pixels(ds)
-    values = apply_modality(stored, ds)
+    # float32 throughout, one working array per step: a 2500x2048 film is 20 MB per float32
+    # copy, and every copy counts against the service's memory and time (issue 7)
+    values = apply_modality(decode_pixels(ds), ds)
     display = apply_voi(values, ds)
+    del values
     if is_inverted(ds):
-        display = 1.0 - display
-    return display.astype(np.float32, copy=False)
+        np.subtract(1.0, display, out=display)
+    return display
 
 
 def check_pixel_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -170,13 +172,19 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
 
 
 def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Modality LUT Sequence, else Rescale Slope/Intercept; float64 out."""
+    """Modality LUT Sequence, else Rescale Slope/Intercept; a new float32 array out (exact for
+    stored values up to 24 bits)."""
     modality_luts = ds.get("ModalityLUTSequence")
     if modality_luts:
         return _lookup(stored, modality_luts[0], ds)[0]
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return stored.astype(np.float64) * slope + intercept
+    values = stored.astype(np.float32)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
 
 
 def apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -185,7 +193,8 @@ def apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if voi_luts:
         mapped, output_bits = _lookup(values, voi_luts[0], ds)
         full_scale = max(float(2 ** output_bits - 1), float(mapped.max(initial=0.0)), 1.0)
-        return mapped / full_scale
+        mapped /= np.float32(full_scale)  # mapped is our own new array
+        return mapped
     window = first_window(ds)
     if window is not None:
         center, width = window
@@ -212,11 +221,19 @@ def apply_window(values: np.ndarray, center: float, width: float,
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+        return _scale_and_clip(values, center - 0.5 * width, width)
     # LINEAR: the classic window with its half-pixel offsets.
     if width <= 1:
-        return (values > center - 0.5).astype(np.float64)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+        return (values > center - 0.5).astype(np.float32)
+    return _scale_and_clip(values, center - 0.5 - 0.5 * (width - 1), width - 1)
+
+
+def _scale_and_clip(values: np.ndarray, low: float, span: float) -> np.ndarray:
+    """(values - low) / span clipped to [0, 1], as one new array (float32 for float32 input)."""
+    dtype = np.float32 if values.dtype == np.float32 else np.float64
+    out = np.subtract(values, low, dtype=dtype)
+    out *= dtype(1.0 / span)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def robust_window(values: np.ndarray) -> np.ndarray:
@@ -226,8 +243,8 @@ def robust_window(values: np.ndarray) -> np.ndarray:
     if high <= low:
         low, high = float(values.min()), float(values.max())
     if high <= low:
-        return np.zeros(values.shape, dtype=np.float64)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+        return np.zeros(values.shape, dtype=np.float32)
+    return _scale_and_clip(values, low, high - low)
 
 
 def is_inverted(ds: Dataset) -> bool:
@@ -254,7 +271,7 @@ def _lookup(values: np.ndarray, item: Dataset, ds: Dataset) -> tuple[np.ndarray,
     except (AttributeError, TypeError, ValueError, KeyError) as error:
         raise PixelDataError(f"bad-pixel-header: unusable LUT ({error})") from None
     index = np.clip(np.rint(values - first_mapped), 0, table.size - 1).astype(np.intp)
-    return table.astype(np.float64)[index], bits
+    return table.astype(np.float32)[index], bits
 
 
 def _positive_int(ds: Dataset, keyword: str) -> int:
