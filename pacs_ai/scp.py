@@ -35,6 +35,7 @@ from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.spool import Spool, SpoolFullError
+from pacs_ai.sockets import send_small_messages_at_once
 
 log = structlog.get_logger()
 
@@ -152,7 +153,8 @@ class StorageSCP:
     def start(self) -> None:
         listener = self.config.listener
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_REJECTED, self._on_rejected)]
+                    (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_CONN_OPEN, lambda event: send_small_messages_at_once(event.assoc))]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         try:
             self._server = self.ae.start_server((listener.host, listener.port), block=False,

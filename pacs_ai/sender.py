@@ -29,6 +29,7 @@ from pacs_ai import metrics
 from pacs_ai.config import Destination, RetryPolicy, TLSFiles
 from pacs_ai.jobs import Delivery, Job, JobStore
 from pacs_ai.spool import Spool
+from pacs_ai.sockets import send_small_messages_at_once
 
 log = structlog.get_logger()
 
@@ -111,6 +112,7 @@ class DestinationSender(threading.Thread):
             self._attempts_failed(due, f"{reason}: {destination.ae_title}@{destination.host}:"
                                        f"{destination.port}")
             return
+        send_small_messages_at_once(association)
         try:
             for index, delivery in enumerate(due):
                 if self.stop_event.is_set() or not association.is_established:
