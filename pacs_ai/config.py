@@ -78,6 +78,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class WorkersConfig:
     count: int = 1
+    processes: int = 1  # helper processes per worker for decoding and SRs; 0: in the worker thread
     batch_size: int = 16
     torch_threads: int = 0  # 0: torch's default
 
@@ -411,6 +412,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     t = table("workers")
     workers = WorkersConfig(
         count=t.integer("count", 1, minimum=1, maximum=64),
+        processes=t.integer("processes", 1, minimum=0, maximum=64),
         batch_size=t.integer("batch_size", 16, minimum=1, maximum=512),
         torch_threads=t.integer("torch_threads", 0, minimum=0, maximum=256),
     )

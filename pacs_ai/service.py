@@ -26,6 +26,7 @@ from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP
 from pacs_ai.sender import DestinationSender
 from pacs_ai.spool import Spool
+from pacs_ai.image_work import ImageWork
 from pacs_ai.worker import ClassificationWorker
 
 log = structlog.get_logger()
@@ -41,6 +42,7 @@ class Service:
         self.model: PneumoniaModel | None = None
         self.scp: StorageSCP | None = None
         self.workers: list[ClassificationWorker] = []
+        self.image_work: list[ImageWork] = []  # one helper pool per worker
         self.senders: list[DestinationSender] = []
         self.metrics_server: Any = None
         self._threads_stop = threading.Event()
@@ -91,9 +93,13 @@ class Service:
         worker_wake = threading.Event()
         self.store.notify_on_work(worker_wake)
         for index in range(self.config.workers.count):
+            image_work = ImageWork(self.config.workers.processes, log_level=self.config.log.level,
+                                   log_format=self.config.log.format,
+                                   is_stopping=self._threads_stop.is_set)
+            self.image_work.append(image_work)
             self.workers.append(ClassificationWorker(
                 f"worker-{index + 1}", self.config, self.spool, self.store, self.model,
-                self._threads_stop, worker_wake, self.job_finished))
+                self._threads_stop, worker_wake, self.job_finished, image_work))
         for destination in self.config.destinations:
             sender_wake = threading.Event()
             self.store.notify_on_work(sender_wake)
@@ -127,6 +133,8 @@ class Service:
         for thread in (*self.workers, *self.senders):
             thread.join(timeout=THREAD_JOIN_SECONDS)
         still_running = [t.name for t in (*self.workers, *self.senders) if t.is_alive()]
+        for image_work in self.image_work:
+            image_work.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         if self.store is not None and not still_running:

@@ -4,6 +4,7 @@ A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.classify.prepare
 decode pixels -> the one preprocessing function), then the model on a batch, so the service and
 the offline classifier give the same probability for the same file. When a backlog builds, a
 worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
+Decoding and building the SR run in a helper process (`pacs_ai.image_work`), the model here.
 
 Outcomes per job: skipped (the filter's reason), failed at stage "classify" (the pixel path's
 reason) or "report" (the SR cannot be built), or reported (SR fsynced in outbox/, deliveries
@@ -15,7 +16,6 @@ the batch's unfinished jobs back to pending once the queue can be written again.
 from __future__ import annotations
 
 import errno
-import io
 import sqlite3
 import threading
 import time
@@ -23,15 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 import structlog
 
 from pacs_ai import metrics
-from pacs_ai.classify import prepare
 from pacs_ai.config import Config
+from pacs_ai.image_work import ImageWork, ImageWorkStopped, RenderedReport
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.report import build_report
 from pacs_ai.spool import Spool
 
 log = structlog.get_logger()
@@ -64,9 +62,10 @@ class _Ready:
 class ClassificationWorker(threading.Thread):
     def __init__(self, name: str, config: Config, spool: Spool, store: JobStore,
                  model: PneumoniaModel, stop: threading.Event, wake: threading.Event,
-                 on_job_finished: Callable[[Job], None]):
+                 on_job_finished: Callable[[Job], None], image_work: ImageWork):
         super().__init__(name=name, daemon=True)
         self.config = config
+        self.image_work = image_work
         self.spool = spool
         self.store = store
         self.model = model
@@ -90,6 +89,8 @@ class ClassificationWorker(threading.Thread):
                 continue
             try:
                 self._process_or_fail(jobs)
+            except ImageWorkStopped:
+                return  # stopping: the batch stays `classifying`, start-up requeues it
             except Exception as error:
                 if not is_temporary_storage_error(error):  # a bug must not kill the worker
                     log.exception("batch_unsettled", worker=self.name, error=str(error))
@@ -104,7 +105,7 @@ class ClassificationWorker(threading.Thread):
         try:
             self.process(jobs)
         except Exception as error:
-            if is_temporary_storage_error(error):
+            if is_temporary_storage_error(error) or isinstance(error, ImageWorkStopped):
                 raise
             log.exception("batch_failed", worker=self.name, error=str(error))
             for job in jobs:
@@ -127,11 +128,12 @@ class ClassificationWorker(threading.Thread):
 
     def process(self, jobs: Sequence[Job]) -> None:
         """Classify and report one batch of claimed jobs."""
+        started = time.perf_counter()
+        prepared = self.image_work.prepare([self.spool.resolve(job.image_file) for job in jobs],
+                                           self.config.filters, self.config.limits.max_pixels)
+        prepare_share = (time.perf_counter() - started) / len(jobs)
         ready: list[_Ready] = []
-        for job in jobs:
-            started = time.perf_counter()
-            item = prepare(self.spool.resolve(job.image_file), self.config.filters,
-                           self.config.limits.max_pixels)
+        for job, item in zip(jobs, prepared):
             if item.status == "skipped":
                 self.store.mark_skipped(job.id, item.reason or "skipped")
                 metrics.SKIPPED.labels(reason=metrics.reason_code(item.reason or "")).inc()
@@ -141,35 +143,34 @@ class ClassificationWorker(threading.Thread):
             elif item.model_input is None:
                 self._fail(job, "classify", item.reason or "error")
             else:
-                ready.append(_Ready(job, item.model_input, time.perf_counter() - started))
+                ready.append(_Ready(job, item.model_input, prepare_share))
         if not ready:
             return
         started = time.perf_counter()
         try:
-            probabilities = self.model.predict(np.stack([r.model_input for r in ready]))
+            probabilities = [float(p) for p in
+                             self.model.predict(np.stack([r.model_input for r in ready]))]
         except Exception as error:
             for item in ready:
                 self._fail(item.job, "classify", f"model-failed: {type(error).__name__}: {error}")
             return
         inference_share = (time.perf_counter() - started) / len(ready)
-        for item, probability in zip(ready, probabilities):
-            self._report(item, float(probability), item.prepare_seconds + inference_share)
+        reports = self.image_work.render_reports(
+            [(self.spool.resolve(r.job.image_file), p) for r, p in zip(ready, probabilities)],
+            self.model.info, self.config.report.sr_kind)
+        for item, probability, report in zip(ready, probabilities, reports):
+            self._report(item, probability, report, item.prepare_seconds + inference_share)
 
-    def _report(self, item: _Ready, probability: float, seconds: float) -> None:
+    def _report(self, item: _Ready, probability: float, report: RenderedReport,
+                seconds: float) -> None:
         job = item.job
-        finding = self.model.finding(probability)
-        try:
-            source = pydicom.dcmread(self.spool.resolve(job.image_file), stop_before_pixels=True)
-            report = build_report(source, probability, self.model.info,
-                                  sr_kind=self.config.report.sr_kind)
-            encoded = io.BytesIO()
-            report.save_as(encoded, enforce_file_format=True)
-        except Exception as error:  # ReportSourceError, ValueError, highdicom's checks
-            self._fail(job, "report", f"report-failed: {error}")
+        if report.data is None or report.report_uid is None:
+            self._fail(job, "report", report.error or "report-failed")
             return
-        report_uid = str(report.SOPInstanceUID)
+        finding = self.model.finding(probability)
+        report_uid = report.report_uid
         report_path = self.spool.report_path(report_uid)
-        self.spool.write_durably(report_path, encoded.getvalue())
+        self.spool.write_durably(report_path, report.data)
         state = self.store.mark_reported(
             job.id, probability=probability, finding=finding, report_uid=report_uid,
             report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,

@@ -27,6 +27,7 @@ from pacs_ai.model import PneumoniaModel
 from pacs_ai.uids import report_uid
 from tests.conftest import REPO_ROOT, SAMPLE_DICOMS, require_tool
 from tests.dicom_peers import (
+    RecordingPacs,
     ServiceProcess,
     SimulatedModality,
     synthetic_radiograph,
@@ -501,3 +502,35 @@ def test_more_associations_than_the_limit_are_rejected_then_served(guarded_servi
         for association in held:
             association.release()
     still_serving(guarded_service, threads_before)
+
+
+def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_path, model_path):
+    """A decoder that dies in C code (SIGSEGV, injected by tests/fault_hooks) takes down only
+    the helper process: that image is failed with `decode-crashed`, the rest of its batch and
+    the images after it are reported, and the listener keeps serving."""
+    marker = f"CRASH-THE-DECODER-{generate_uid()}"
+    images = [synthetic_radiograph(seed=2000 + i, rows=256, columns=256) for i in range(4)]
+    images[1].ImageComments = marker
+    env = {"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
+           "PACS_AI_FAULT_CRASH_MARKER": marker}
+    with RecordingPacs() as pacs:
+        config = write_service_config(tmp_path, model=model_path,
+                                      destinations=[pacs.destination()])
+        with ServiceProcess(config, tmp_path / "serve.log", env=env) as service:
+            modality = SimulatedModality(service.port, calling_ae_title="XRAY_CRASH")
+            assert [r.status for r in modality.send(images)] == [0x0000] * 4
+            uids = [str(ds.SOPInstanceUID) for ds in images]
+            jobs = settle_jobs(service, uids)
+            crashed = jobs[uids[1]]
+            assert crashed.state == "failed", crashed
+            assert crashed.reason.startswith("decode-crashed"), crashed.reason
+            assert [jobs[uid].state for uid in uids if uid != uids[1]] == ["done"] * 3
+
+            later = synthetic_radiograph(seed=2100, rows=256, columns=256)
+            assert [r.status for r in modality.send([later])] == [0x0000]
+            assert settle_jobs(service, [str(later.SOPInstanceUID)])[
+                str(later.SOPInstanceUID)].state == "done"
+            assert pacs.wait_for(4)
+            assert service.process.poll() is None
+            assert modality.echo() == 0x0000
+            assert any(event.get("event") == "image_helper_crashed" for event in service.events())

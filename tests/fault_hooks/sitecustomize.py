@@ -54,3 +54,26 @@ if _FLAG:
         return handle
 
     os.fdopen = _fdopen
+
+
+# ``PACS_AI_FAULT_CRASH_MARKER=<text>``: in a helper process (not the service's main process),
+# preparing an image whose file contains <text> kills the process with SIGSEGV, as a decoder
+# crashing in C code does. tests/test_faults.py puts <text> in one image's Image Comments.
+_CRASH_MARKER = os.environ.get("PACS_AI_FAULT_CRASH_MARKER")
+
+if _CRASH_MARKER:
+    import multiprocessing
+    import signal
+
+    import pacs_ai.classify
+
+    _real_prepare = pacs_ai.classify.prepare
+
+    def _crashing_prepare(path, *args, **kwargs):
+        if multiprocessing.parent_process() is not None:
+            with open(path, "rb") as handle:
+                if _CRASH_MARKER.encode() in handle.read():
+                    os.kill(os.getpid(), signal.SIGSEGV)
+        return _real_prepare(path, *args, **kwargs)
+
+    pacs_ai.classify.prepare = _crashing_prepare
