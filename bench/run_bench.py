@@ -151,7 +151,9 @@ class RunResult:
     seconds_to_last_report: float | None = None
     images_per_second_reported: float | None = None
     latency_seconds: dict[str, float] | None = None  # ack -> report stored at the PACS
-    service_peak_rss_mb: float | None = None
+    service_peak_rss_mb: float | None = None  # main process + helpers
+    service: dict[str, float] | None = None  # service_figures()
+    cpu_seconds: dict[str, float] | None = None  # this process / reaped children, during the run
     notes: list[str] = field(default_factory=list)
 
 
@@ -207,15 +209,54 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 3), "count": len(ordered)}
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM of a live process, in MB."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the service and its helper processes)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        for task in Path(f"/proc/{pids[index]}/task").glob("*"):
+            try:
+                pids += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        index += 1
+    return pids
+
+
+def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     except OSError:
-        return None
-    return None
+        pass
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def service_figures(pid: int) -> dict[str, float]:
+    """Peak RSS (VmHWM) and CPU seconds of the service's main process and of its helpers, read
+    while they are alive. The total RSS adds the peaks: an upper bound of the peak of the sum."""
+    main, *helpers = process_tree(pid)
+    main_mb = _status_kb(main, "VmHWM") / 1024
+    helpers_mb = sum(_status_kb(child, "VmHWM") for child in helpers) / 1024
+    return {"peak_rss_mb_main": round(main_mb, 1), "peak_rss_mb_helpers": round(helpers_mb, 1),
+            "peak_rss_mb_total": round(main_mb + helpers_mb, 1),
+            "cpu_seconds_main": round(_cpu_seconds(main), 2),
+            "cpu_seconds_helpers": round(sum(_cpu_seconds(child) for child in helpers), 2)}
+
+
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds so far of this process (the bench: bare SCP, recording PACS) and of its
+    reaped children (storescu, storescp, the service once stopped)."""
+    times = os.times()
+    return times.user + times.system, times.children_user + times.children_system
 
 
 def event_time(event: dict[str, Any]) -> float:
@@ -223,20 +264,35 @@ def event_time(event: dict[str, Any]) -> float:
 
 
 def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: float,
-                report_timeout_s: float) -> RunResult:
-    """A fresh service (fresh spool) per run, so no instance is a duplicate of an earlier run."""
+                report_timeout_s: float,
+                settings: dict[str, dict[str, Any]] | None = None,
+                paced: bool = False) -> RunResult:
+    """A fresh service (fresh spool) per run, so no instance is a duplicate of an earlier run.
+    `settings` ({table: {key: value}}) override the service's config, e.g. workers.count.
+    `paced`: an idle service's latency, each image sent alone after the last one's report
+    arrived (images/s are then per second of sending, not a throughput)."""
+    tables: dict[str, dict[str, Any]] = {
+        "listener": {"ae_title": CALLED_AE["pacs-ai"]}, "log": {"level": "info"},
+        "storage": {"keep_source_images": False, "keep_reports": False}}
+    for table, values in (settings or {}).items():
+        tables.setdefault(table, {}).update(values)
     with TimedPacs() as pacs:
-        config = write_service_config(
-            work, model=MODEL_PATH, destinations=[pacs.destination()],
-            tables={"listener": {"ae_title": CALLED_AE["pacs-ai"]},
-                    "log": {"level": "info"},
-                    "storage": {"keep_source_images": False, "keep_reports": False}})
+        config = write_service_config(work, model=MODEL_PATH, destinations=[pacs.destination()],
+                                      tables=tables)
         with ServiceProcess(config, work / "serve.log") as service:
             started_wall = time.time()
-            acknowledged, seconds = send(service.port, "pacs-ai", paths, associations, work,
-                                         timeout_s)
-            all_reported = pacs.wait_for(acknowledged, timeout=report_timeout_s)
-            rss = peak_rss_mb(service.process.pid)
+            if paced:  # one image per association, the next once its report is at the PACS
+                acknowledged, seconds = 0, 0.0
+                for path in paths:
+                    sent_ok, sent_seconds = send(service.port, "pacs-ai", [path], 1, work,
+                                                 timeout_s)
+                    acknowledged, seconds = acknowledged + sent_ok, seconds + sent_seconds
+                    all_reported = pacs.wait_for(acknowledged, timeout=report_timeout_s)
+            else:
+                acknowledged, seconds = send(service.port, "pacs-ai", paths, associations, work,
+                                             timeout_s)
+                all_reported = pacs.wait_for(acknowledged, timeout=report_timeout_s)
+            figures = service_figures(service.process.pid)
             events = service.events()
     received_at = {event["sop_instance_uid"]: event_time(event) for event in events
                    if event.get("event") == "instance_received"}
@@ -247,12 +303,13 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
                  if report_uid in pacs.arrived_at and source in received_at]
     reported = len(pacs.arrived_at)
     last_report = max(pacs.arrived_at.values(), default=started_wall) - started_wall
-    result = RunResult("pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
+    result = RunResult("pacs-ai paced" if paced else "pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
                        round(acknowledged / seconds, 2), reported=reported,
                        seconds_to_last_report=round(last_report, 3),
                        images_per_second_reported=round(reported / last_report, 2)
                        if reported else 0.0,
-                       latency_seconds=percentiles(latencies), service_peak_rss_mb=rss)
+                       latency_seconds=percentiles(latencies),
+                       service_peak_rss_mb=figures["peak_rss_mb_total"], service=figures)
     if not all_reported:
         result.notes.append(f"only {reported} of {acknowledged} reports within "
                             f"{report_timeout_s} s")
@@ -334,6 +391,22 @@ def machine() -> dict[str, Any]:
             "load_average_at_start": os.getloadavg()}
 
 
+def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["workers.count=2"] -> {"workers": {"count": 2}}."""
+    settings: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, separator, raw = item.partition("=")
+        table, dot, key = name.partition(".")
+        if not separator or not dot or not table or not key:
+            raise ValueError(f"--set {item!r}: expected TABLE.KEY=VALUE, e.g. workers.count=2")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        settings.setdefault(table, {})[key] = value
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=40,
@@ -348,8 +421,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeats per micro-figure (default 3)")
     parser.add_argument("--report-timeout", type=float, default=None,
                         help="seconds to wait for all reports (default 60 + 5 per image)")
+    parser.add_argument("--paced", type=int, default=10,
+                        help="also send N synthetic files one at a time, each after the last "
+                             "one's report arrived: an idle service's latency (default 10, 0: no)")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        metavar="TABLE.KEY=VALUE",
+                        help="override a pacs-ai config value, e.g. --set workers.count=2 "
+                             "(repeatable; VALUE is read as JSON, else as a string)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError as error:
+        parser.error(str(error))
 
     levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
     receivers = [name.strip() for name in args.receivers.split(",") if name.strip()]
@@ -374,15 +458,32 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-{receiver}-") as folder:
                 work = Path(folder)
                 print(f"-> {receiver} at {associations} association(s) ...", flush=True)
+                cpu_before = cpu_now()
                 if receiver == "storescp":
                     result = run_storescp(paths, associations, work, send_timeout)
                 elif receiver == "pynetdicom":
                     result = run_pynetdicom(paths, associations, work, send_timeout)
                 else:
                     result = run_pacs_ai(paths, associations, work, send_timeout,
-                                         report_timeout)
+                                         report_timeout, settings)
+                cpu_after = cpu_now()
+                result.cpu_seconds = {
+                    "bench_process": round(cpu_after[0] - cpu_before[0], 2),
+                    "child_processes": round(cpu_after[1] - cpu_before[1], 2)}
                 results.append(result)
                 print(f"   {asdict(result)}", flush=True)
+
+    if args.paced and "pacs-ai" in receivers:
+        with tempfile.TemporaryDirectory(prefix="bench-pacs-ai-paced-") as folder:
+            print(f"-> pacs-ai paced, {args.paced} images one at a time ...", flush=True)
+            cpu_before = cpu_now()
+            result = run_pacs_ai(synthetic_files(args.paced), 1, Path(folder), send_timeout,
+                                 report_timeout, settings, paced=True)
+            cpu_after = cpu_now()
+            result.cpu_seconds = {"bench_process": round(cpu_after[0] - cpu_before[0], 2),
+                                  "child_processes": round(cpu_after[1] - cpu_before[1], 2)}
+            results.append(result)
+            print(f"   {asdict(result)}", flush=True)
 
     decode = decode_times(samples + synthetic[:1], args.repeats)
     from pacs_ai.config import WorkersConfig
@@ -393,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "service_settings": settings,
             "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "files": len(paths), "synthetic_images": len(synthetic),
             "sample_images": len(samples), "megabytes": round(megabytes, 1),
