@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -75,14 +78,30 @@ def render_report(image_path: Path, probability: float, model: ModelInfo,
     return RenderedReport(report_uid=str(report.SOPInstanceUID), data=encoded.getvalue())
 
 
+PARENT_CHECK_SECONDS = 1.0
+
+
 def _start_helper(log_level: str, log_format: str) -> None:
     """In each helper: the service's log set-up; stopping is the service's job (systemd sends
-    SIGTERM to the whole unit, and a helper that died mid-batch would fail the batch)."""
+    SIGTERM to the whole unit, and a helper that died mid-batch would fail the batch), except
+    when the service itself is gone (kill -9, a crash): then the helper ends within a second
+    instead of waiting forever on a queue nobody writes to."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from pacs_ai.logs import configure_logging
 
     configure_logging(log_level, log_format)
+    # the pid spawn recorded, not getppid(): the service may already be gone by now
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
+                     name="parent-watch").start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def _warm_up() -> int:

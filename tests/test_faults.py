@@ -534,3 +534,29 @@ def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_p
             assert service.process.poll() is None
             assert modality.echo() == 0x0000
             assert any(event.get("event") == "image_helper_crashed" for event in service.events())
+
+
+def test_helper_processes_end_when_the_service_is_killed(tmp_path, model_path):
+    """kill -9 of the service must not leave its helper processes behind (each holds ~150 MB and
+    would wait forever on a queue nobody writes to)."""
+    config = write_service_config(tmp_path, model=model_path)
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        pid = service.process.pid
+        assert wait_until(lambda: bool(helper_pids(pid)), 20), "no helper process started"
+        helpers = helper_pids(pid)
+        os.kill(pid, 9)
+        service.process.wait(timeout=10)
+        assert wait_until(lambda: not [h for h in helpers if Path(f"/proc/{h}").exists()
+                                       and Path(f"/proc/{h}/status").read_text().find(
+                                           "State:\tZ") < 0], 10), \
+            f"helpers {helpers} outlived the service"
+
+
+def helper_pids(service_pid: int) -> list[int]:
+    """The service's multiprocessing children that run pacs_ai work (not the resource tracker)."""
+    children = Path(f"/proc/{service_pid}/task/{service_pid}/children")
+    try:
+        pids = [int(p) for p in children.read_text().split()]
+    except OSError:
+        return []
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
