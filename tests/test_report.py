@@ -446,3 +446,61 @@ def test_dsrdump_wrapper_reports_content_tree_errors():
     del number.MeasuredValueSequence
     result = run_dsrdump(sr)
     assert result.returncode != 0 or result.errors or result.warnings, result.output
+
+
+# --- highdicom's module table, parsed per module (pacs_ai.highdicom_tables) -----------------------
+
+TIME_KEYWORDS = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+                 "ContributionDateTime")
+
+
+def without_times(sr: Dataset) -> str:
+    """The report as text with the build's clock readings blanked."""
+    sr = copy.deepcopy(sr)
+
+    def blank(dataset: Dataset, element) -> None:
+        if element.keyword in TIME_KEYWORDS:
+            element.value = ""
+
+    sr.walk(blank)
+    return str(sr)
+
+
+@pytest.mark.parametrize("sr_kind", ["comprehensive3d", "comprehensive"])
+def test_reports_built_with_the_lazy_module_table_equal_highdicoms_own(sr_kind):
+    from pacs_ai import highdicom_tables
+
+    sources = [make_source("CR"), make_source("DX", photometric="MONOCHROME2"),
+               hostile_source()]
+    try:
+        highdicom_tables.use_lazy_module_table()
+        lazy = [build_report(source, 0.7, MODEL, sr_kind=sr_kind) for source in sources]
+        highdicom_tables.use_full_module_table()
+        full = [build_report(source, 0.7, MODEL, sr_kind=sr_kind) for source in sources]
+    finally:
+        highdicom_tables.use_lazy_module_table()
+    for lazy_report, full_report in zip(lazy, full):
+        assert without_times(lazy_report) == without_times(full_report)
+
+
+def test_building_a_report_never_parses_highdicoms_whole_module_table():
+    """In a fresh interpreter: the 80 MB table stays unparsed, a few modules are parsed."""
+    import subprocess
+    import sys
+
+    program = (
+        "import highdicom._standard_utils as su\n"
+        "from pacs_ai import highdicom_tables\n"
+        "from tests.test_report import make_source, MODEL\n"
+        "from pacs_ai.report import build_report\n"
+        "build_report(make_source('CR'), 0.7, MODEL)\n"
+        "print(su.get_module_attribute_map is highdicom_tables.lazy_module_table,"
+        " highdicom_tables._original_loader.cache_info().currsize,"
+        " highdicom_tables.lazy_module_table().parsed_modules)\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    patched, full_table_loads, parsed = result.stdout.splitlines()[-1].split()
+    assert patched == "True"
+    assert full_table_loads == "0"
+    assert 0 < int(parsed) < 100
