@@ -55,6 +55,7 @@ class Service:
         return self.scp.port
 
     def start(self) -> "Service":
+        limit_malloc_arenas()
         """Open everything and start listening; on any failure, undo and raise (UserError for
         what the operator can fix)."""
         config = self.config
@@ -179,3 +180,23 @@ def serve_until_signalled(config: Config) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc heaps for all threads. By default every listener thread may get
+    its own heap, and freed 10 MB datasets stay spread over them: measured 30-40 MB less peak RSS
+    under a 61-image burst at the same throughput (docs/benchmarks.md). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc
+        pass
