@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--version", default="dev", help="version written into the model file")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--device", default="cpu",
+                       help="torch device for the network and batches, e.g. cuda (default: cpu)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model file on a folder split")
     evaluate.add_argument("--model", type=Path, required=True)
@@ -77,7 +79,8 @@ def command_train(args: argparse.Namespace) -> int:
     }
     metrics = train_run(config, images.subset(split["train"]), images.subset(split["validation"]),
                         args.out, seed=args.seed, epochs=args.epochs, version=args.version,
-                        data_description=data_description, progress=not args.quiet)
+                        data_description=data_description, progress=not args.quiet,
+                        device=args.device)
     print(json.dumps({"run": str(args.out), "threshold": metrics["threshold"],
                       "val_auc": metrics["roc_auc"], "val_accuracy": metrics["accuracy"],
                       "val_sensitivity": metrics["sensitivity"],

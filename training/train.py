@@ -23,14 +23,15 @@ from training.models import TrainingConfig, build_network
 from training.report import THRESHOLD_RULE, choose_threshold, metrics_at, write_report
 
 
-def predict(network: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Probabilities of pneumonia for [N, 200, 200] inputs."""
+def predict(network: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """Probabilities of pneumonia for [N, 200, 200] inputs; the network must be on `device`."""
     network.eval()
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             batch = torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32))
-            outputs.append(torch.sigmoid(network(batch.unsqueeze(1))).numpy())
+            outputs.append(torch.sigmoid(network(batch.unsqueeze(1).to(device))).cpu().numpy())
     return np.concatenate(outputs) if outputs else np.empty(0)
 
 
@@ -46,15 +47,22 @@ def class_weights(labels: np.ndarray, balance: bool) -> tuple[float, float]:
 
 def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: ImageSet,
               out_dir: Path, seed: int = 0, epochs: int | None = None, version: str = "dev",
-              data_description: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the validation split, choose the threshold, export. Returns metrics."""
+              data_description: dict[str, Any] | None = None, progress: bool = True,
+              device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Train, evaluate on the validation split, choose the threshold, export. Returns metrics.
+
+    device: where the network and batches live ("cpu", "cuda", ...). Augmentation stays on the
+    CPU with the seeded CPU generator, so every device sees the same augmented pictures; the
+    checkpoint and the exported model are always CPU tensors (the model-file contract).
+    """
     out_dir = Path(out_dir)
+    device = torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     epochs = epochs or config.epochs
-    network = build_network(config)
+    network = build_network(config).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = int(np.ceil(len(train_set) / config.batch_size))
@@ -65,7 +73,8 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
     (out_dir / "config.json").write_text(json.dumps(
         {**asdict(config), "epochs": epochs, "seed": seed, "version": version,
          "train_images": len(train_set), "validation_images": len(validation_set),
-         "class_weights": [weight_normal, weight_pneumonia]}, indent=2, default=str))
+         "class_weights": [weight_normal, weight_pneumonia], "device": str(device)},
+        indent=2, default=str))
 
     history: list[dict[str, float]] = []
     started = time.monotonic()
@@ -84,6 +93,7 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
             labels = torch.from_numpy(train_set.labels[index]).float()
             if config.augment:
                 images = augment_batch(images, generator)
+            images, labels = images.to(device), labels.to(device)
             logits = network(images)
             weights = torch.where(labels > 0.5, weight_pneumonia, weight_normal)
             loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
@@ -93,7 +103,7 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
             schedule.step()
             total_loss += loss.item() * len(index)
             correct += int(((logits > 0) == (labels > 0.5)).sum())
-        validation_probabilities = predict(network, validation_set.inputs)
+        validation_probabilities = predict(network, validation_set.inputs, device=device)
         validation_loss = float(F.binary_cross_entropy(
             torch.from_numpy(validation_probabilities).double().clamp(1e-7, 1 - 1e-7),
             torch.from_numpy(validation_set.labels).double()))
@@ -106,9 +116,10 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
               flush=True)
     training_seconds = time.monotonic() - started
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    probabilities = predict(network, validation_set.inputs, device=device)
+    network = network.cpu()  # the checkpoint and the TorchScript file hold CPU tensors
     torch.save(network.state_dict(), out_dir / "checkpoint.pt")
 
-    probabilities = predict(network, validation_set.inputs)
     threshold = choose_threshold(probabilities, validation_set.labels)
     np.save(out_dir / "validation_probabilities.npy", probabilities)
     metrics = write_report(out_dir / "report", probabilities, validation_set.labels, threshold,
