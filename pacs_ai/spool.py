@@ -106,13 +106,15 @@ class Spool:
             raise SpoolFullError(errno.ENOSPC, f"spool has {free} bytes free, {size} needed "
                                                f"above the floor of {min_free_bytes}")
 
-    def stage(self, data: bytes) -> Path:
-        """Write `data` to a new fsynced temp file in incoming/ (same file system as the spool)."""
+    def stage(self, *chunks: bytes | memoryview) -> Path:
+        """Write the chunks, in order, to a new fsynced temp file in incoming/ (same file system
+        as the spool). Several chunks spare the caller joining them into one more copy."""
         fd, temp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
         temp = Path(temp_name)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for chunk in chunks:
+                    handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
         except BaseException:
