@@ -240,16 +240,19 @@ class JobStore:
             self._work_added()
         return requeued
 
-    def mark_skipped(self, job_id: int, reason: str) -> None:
-        self._finish(job_id, "skipped", None, reason)
+    def mark_skipped(self, job_id: int, reason: str) -> bool:
+        return self._finish(job_id, "skipped", None, reason)
 
-    def mark_failed(self, job_id: int, stage: str, reason: str) -> None:
-        self._finish(job_id, "failed", stage, reason)
+    def mark_failed(self, job_id: int, stage: str, reason: str) -> bool:
+        return self._finish(job_id, "failed", stage, reason)
 
-    def _finish(self, job_id: int, state: str, stage: str | None, reason: str) -> None:
-        self._write(lambda db: db.execute(
-            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ? WHERE id = ?",
-            (state, stage, reason, time.time(), job_id)))
+    def _finish(self, job_id: int, state: str, stage: str | None, reason: str) -> bool:
+        """Settle a claimed job. False (and no change) when it is no longer `classifying`: a
+        batch that breaks after reporting some of its jobs must not mark those failed."""
+        return self._write(lambda db: db.execute(
+            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ? "
+            "WHERE id = ? AND state = 'classifying'",
+            (state, stage, reason, time.time(), job_id)).rowcount) == 1
 
     def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
                       report_file: str, classify_ms: float, destinations: Iterable[str]) -> str:

@@ -186,13 +186,15 @@ class ClassificationWorker(threading.Thread):
 
     def _fail(self, job: Job, stage: str, reason: str) -> None:
         try:
-            self.store.mark_failed(job.id, stage, reason)
+            changed = self.store.mark_failed(job.id, stage, reason)
         except Exception as error:
             if is_temporary_storage_error(error):  # the batch is requeued, not left claimed
                 raise
             # left in `classifying`: start-up puts it back to pending
             log.error("mark_failed_failed", sop_instance_uid=job.sop_instance_uid,
                       error=str(error))
+            return
+        if not changed:  # already reported (or settled) earlier in this batch: keep that
             return
         metrics.FAILED.labels(stage=stage).inc()
         log.warning("instance_failed", sop_instance_uid=job.sop_instance_uid, stage=stage,

@@ -227,3 +227,19 @@ def test_second_server_on_one_spool_is_refused(spool):
     spool.unlock()
     other.lock()
     other.unlock()
+
+
+def test_only_claimed_jobs_can_be_failed_or_skipped(store, spool):
+    """A batch that breaks after reporting some of its jobs fails only the unreported ones."""
+    admit(store, spool, "1.1")
+    admit(store, spool, "1.2")
+    reported, unreported = store.claim(2)
+    store.mark_reported(reported.id, probability=0.9, finding="pneumonia", report_uid="2.9",
+                        report_file="outbox/2.9.dcm", classify_ms=1.0, destinations=["PACS"])
+    assert store.mark_failed(reported.id, "classify", "internal-error: boom") is False
+    assert store.mark_skipped(reported.id, "not-chest") is False
+    assert store.mark_failed(unreported.id, "classify", "internal-error: boom") is True
+    assert store.find("1.1").state == "delivering"
+    assert store.find("1.2").state == "failed"
+    assert store.mark_failed(unreported.id, "classify", "again") is False
+    assert store.find("1.2").reason == "internal-error: boom"
