@@ -11,7 +11,9 @@ from PIL import Image
 
 from tests.conftest import SHARED_DATA
 from training.data import ImageSet, patient_of
-from training.report import choose_threshold, expected_calibration_error, metrics_at, roc_auc
+from training.report import (DECISION_POINT, SENSITIVITY_FLOOR, choose_threshold,
+                             expected_calibration_error, metrics_at, roc_auc,
+                             threshold_for_sensitivity)
 from training.split import make_split
 
 
@@ -56,14 +58,33 @@ def test_roc_auc_equals_the_pairwise_definition():
     assert roc_auc(probabilities, labels) == pytest.approx(pairwise, abs=1e-9)
 
 
-def test_threshold_rule_keeps_the_target_sensitivity_and_is_the_highest_such():
+def test_sensitivity_threshold_keeps_the_target_sensitivity_and_is_the_highest_such():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, 500)
     probabilities = np.clip(rng.normal(0.35 + 0.3 * labels, 0.15), 0, 1)
-    threshold = choose_threshold(probabilities, labels, 0.98)
+    threshold = threshold_for_sensitivity(probabilities, labels, 0.98)
     assert metrics_at(probabilities, labels, threshold)["sensitivity"] >= 0.98
     higher = np.min(probabilities[probabilities > threshold])
     assert metrics_at(probabilities, labels, higher)["sensitivity"] < 0.98
+
+
+def test_threshold_rule_is_the_decision_point_when_it_keeps_the_sensitivity_floor():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 2000)
+    well_separated = np.clip(rng.normal(0.1 + 0.8 * labels, 0.1), 0, 1)
+    assert metrics_at(well_separated, labels, DECISION_POINT)["sensitivity"] >= SENSITIVITY_FLOOR
+    assert choose_threshold(well_separated, labels) == DECISION_POINT
+
+
+def test_threshold_rule_lowers_the_threshold_only_as_far_as_the_floor_needs():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 2000)
+    overlapping = np.clip(rng.normal(0.3 + 0.3 * labels, 0.15), 0, 1)
+    assert metrics_at(overlapping, labels, DECISION_POINT)["sensitivity"] < SENSITIVITY_FLOOR
+    threshold = choose_threshold(overlapping, labels)
+    assert threshold < DECISION_POINT
+    assert threshold == threshold_for_sensitivity(overlapping, labels, SENSITIVITY_FLOOR)
+    assert metrics_at(overlapping, labels, threshold)["sensitivity"] >= SENSITIVITY_FLOOR
 
 
 def test_calibration_error_is_small_when_calibrated_and_large_when_not():

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--version", required=True)
     export.add_argument("--name", default="pacs-ai-pneumonia")
+    export.add_argument("--rethreshold", action="store_true",
+                        help="apply the current threshold rule to the run's validation "
+                             "probabilities first (rewrites its report/ and summary.json)")
+    export.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="chest_xray root, for the validation labels with --rethreshold")
 
     table = commands.add_parser("table", help="markdown table of several runs")
     table.add_argument("runs", nargs="+", type=Path)
@@ -126,14 +131,49 @@ def command_export(args: argparse.Namespace) -> int:
     kept = {k: v for k, v in source.items()
             if k not in ("format", "name", "version", "classes", "positive_class", "input",
                          "output", "threshold", "threshold_rule", "created", "git_commit")}
-    metadata = build_metadata(name=args.name, version=args.version, threshold=source["threshold"],
-                              threshold_rule=source["threshold_rule"], output=source["output"],
-                              **kept)
+    threshold, rule = source["threshold"], source["threshold_rule"]
+    if args.rethreshold:
+        threshold, rule, kept["validation_metrics"] = rethreshold_run(args.run, args.data)
+    metadata = build_metadata(name=args.name, version=args.version, threshold=threshold,
+                              threshold_rule=rule, output=source["output"], **kept)
     metadata["git_commit"] = source["git_commit"]  # the commit that trained it, not this one
     export_model(network, args.output, metadata)
     shutil.copy(args.run / "split.json", args.output.with_suffix(".split.json"))
     print(f"wrote {args.output}")
     return 0
+
+
+SUMMARY_KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc",
+                "sensitivity_at_specificity_0.90", "ece", "count")
+
+
+def rethreshold_run(run: Path, data: Path) -> tuple[float, str, dict]:
+    """The current THRESHOLD_RULE on a finished run's stored validation probabilities (the
+    weights are untouched); rewrites the run's report/ and summary.json to match."""
+    import numpy as np
+
+    from training.data import list_split
+    from training.report import THRESHOLD_RULE, choose_threshold, write_report
+
+    probabilities = np.load(run / "validation_probabilities.npy")
+    names = json.loads((run / "split.json").read_text())["validation"]
+    label_of: dict[str, int] = {}
+    for path, label in list_split(data, "train"):
+        if label_of.setdefault(path.name, label) != label:
+            raise SystemExit(f"{path.name} is in both classes of {data}/train")
+    labels = np.array([label_of[name] for name in names])
+    if len(labels) != len(probabilities):
+        raise SystemExit(f"{run}: {len(probabilities)} probabilities for {len(labels)} images")
+    threshold = choose_threshold(probabilities, labels)
+    history = json.loads((run / "history.json").read_text())
+    metrics = write_report(run / "report", probabilities, labels, threshold, history,
+                           title=run.name)
+    summary = {key: metrics[key] for key in SUMMARY_KEYS}
+    stored = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**stored, "threshold": threshold, **summary},
+                                                 indent=2))
+    print(json.dumps({"run": str(run), "threshold": threshold, **summary}))
+    return threshold, THRESHOLD_RULE, summary
 
 
 def command_table(args: argparse.Namespace) -> int:
