@@ -113,6 +113,11 @@ class NewInstance:
 _JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
 
 
+def accepts_resend(job: Job) -> bool:
+    """A job a re-sent copy of its image should run again: it failed before a report existed."""
+    return job.state == "failed" and job.stage in ("classify", "report")
+
+
 class JobStore:
     def __init__(self, connection: sqlite3.Connection, path: Path):
         self._db = connection
@@ -188,21 +193,35 @@ class JobStore:
         """Record a received instance as a pending job.
 
         `place_file` moves the already-fsynced file into place and returns its spool-relative
-        path; it runs only when the instance is new, inside the store's lock, so two
-        associations sending the same instance at once produce one job. Returns False for an
-        instance that already has a job (nothing is written then).
+        path; it runs only when the instance is new (or a retry, below), inside the store's
+        lock, so two associations sending the same instance at once produce one job. Returns
+        False for an instance that already has a job (nothing is written then).
+
+        A re-sent instance whose job failed to classify or to build its report is a retry:
+        the new bytes replace the kept file and the job is pending again (a modality re-sends
+        after a broken transfer). Jobs in any other state stay as they are.
         """
         with self._lock:
-            if self.find(instance.sop_instance_uid) is not None:
+            existing = self.find(instance.sop_instance_uid)
+            if existing is not None and not accepts_resend(existing):
                 return False
             image_file = place_file()
             now = time.time()
-            self._write(lambda db: db.execute(
-                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
-                "calling_ae_title, image_file, state, received_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (instance.sop_instance_uid, instance.sop_class_uid, instance.study_instance_uid,
-                 instance.calling_ae_title, image_file, now, now)))
+            if existing is None:
+                self._write(lambda db: db.execute(
+                    "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
+                    "calling_ae_title, image_file, state, received_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (instance.sop_instance_uid, instance.sop_class_uid,
+                     instance.study_instance_uid, instance.calling_ae_title, image_file, now,
+                     now)))
+            else:
+                self._write(lambda db: db.execute(
+                    "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, "
+                    "image_file = ?, sop_class_uid = ?, calling_ae_title = ?, received_at = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    (image_file, instance.sop_class_uid, instance.calling_ae_title, now, now,
+                     existing.id)))
         self._work_added()
         return True
 

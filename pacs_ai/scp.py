@@ -34,7 +34,7 @@ from pynetdicom.sop_class import Verification
 from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
-from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
 from pacs_ai.spool import Spool, SpoolFullError
 from pacs_ai.sockets import send_small_messages_at_once
 
@@ -300,7 +300,8 @@ class StorageSCP:
         instance = NewInstance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                                study_instance_uid=study_uid,
                                calling_ae_title=event.assoc.requestor.ae_title)
-        if self.store.find(sop_instance_uid) is not None:
+        existing = self.store.find(sop_instance_uid)
+        if existing is not None and not accepts_resend(existing):
             return StoreOutcome(SUCCESS), instance, 0, True  # already durable: idempotent
 
         # The received bytes as they came, behind a Part 10 header, written from pynetdicom's

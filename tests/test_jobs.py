@@ -243,3 +243,29 @@ def test_only_claimed_jobs_can_be_failed_or_skipped(store, spool):
     assert store.find("1.2").state == "failed"
     assert store.mark_failed(unreported.id, "classify", "again") is False
     assert store.find("1.2").reason == "internal-error: boom"
+
+
+def test_a_resent_image_retries_a_job_that_failed_before_its_report(store, spool):
+    assert admit(store, spool, "1.5", b"broken")
+    [job] = store.claim(1)
+    store.mark_failed(job.id, "classify", "truncated-pixel-data: 10 of 100 bytes")
+    assert admit(store, spool, "1.5", b"whole")  # the modality sends it again
+    again = store.find("1.5")
+    assert again.id == job.id and again.state == "pending" and again.reason is None
+    assert spool.resolve(again.image_file).read_bytes() == b"whole"
+    assert [j.id for j in store.claim(1)] == [job.id]
+
+
+def test_a_resent_image_leaves_reported_and_delivery_failed_jobs_alone(store, spool):
+    admit(store, spool, "1.6")
+    admit(store, spool, "1.7")
+    reported, undeliverable = store.claim(2)
+    store.mark_reported(reported.id, probability=0.2, finding="normal", report_uid="2.6",
+                        report_file="outbox/2.6.dcm", classify_ms=1.0, destinations=["PACS"])
+    store.mark_reported(undeliverable.id, probability=0.2, finding="normal", report_uid="2.7",
+                        report_file="outbox/2.7.dcm", classify_ms=1.0, destinations=["PACS"])
+    store.delivery_failed(undeliverable.id, "PACS", "association rejected", retry_at=None)
+    assert store.find("1.7").state == "failed" and store.find("1.7").stage == "deliver"
+    assert not admit(store, spool, "1.6", b"again")
+    assert not admit(store, spool, "1.7", b"again")
+    assert store.find("1.6").state == "delivering" and store.find("1.7").state == "failed"

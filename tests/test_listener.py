@@ -6,6 +6,7 @@ whole service as a `pacs-ai serve` subprocess: modality -> service -> PACS.
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import threading
@@ -26,7 +27,8 @@ from pacs_ai.pixels import display_array
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
 from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
-                               DX_FOR_PROCESSING_STORAGE, LOCALHOST, SimulatedModality, free_port,
+                               DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
+                               SimulatedModality, free_port,
                                synthetic_radiograph, wait_until, write_raw_file)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -442,3 +444,37 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
     finally:
         service.stop()
     assert not service.scp.running
+
+
+def test_a_resent_image_retries_its_failed_job_and_gets_reported(tmp_path, tiny_model):
+    """A film whose transfer was broken fails; the modality sends it again, whole, and this
+    time it is classified and reported (the acknowledgement alone would lose the finding)."""
+    from pacs_ai.config import load_config
+    from pacs_ai.service import Service
+    from tests.dicom_peers import write_service_config
+
+    with RecordingPacs() as pacs:
+        config = load_config(write_service_config(tmp_path, model=tiny_model,
+                                                  destinations=[pacs.destination()]))
+        service = Service(config).start()
+        try:
+            whole = synthetic_radiograph(seed=7)
+            broken = copy.deepcopy(whole)
+            broken.PixelData = whole.PixelData[: len(whole.PixelData) // 3]
+            modality = SimulatedModality(service.port)
+            assert [r.status for r in modality.send([broken])] == [0x0000]
+            store = service.store
+            uid = str(whole.SOPInstanceUID)
+            assert wait_until(lambda: store.find(uid).state == "failed", 60)
+            assert store.find(uid).reason.startswith("truncated-pixel-data")
+
+            assert [r.status for r in modality.send([whole])] == [0x0000]
+            assert wait_until(lambda: store.find(uid).state == "done", 60), store.find(uid)
+            assert pacs.wait_for(1)
+            [report] = pacs.snapshot()
+            evidence = report.CurrentRequestedProcedureEvidenceSequence[0]
+            assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+                .ReferencedSOPInstanceUID == uid
+            assert store.job_counts()["done"] == 1
+        finally:
+            service.stop()
