@@ -32,10 +32,15 @@ def deterministic_uid(purpose: str, *parts: str) -> str:
     return f"2.25.{uuid.uuid5(PACS_AI_UID_NAMESPACE, name).int}"
 
 
-def report_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
-    """SOP Instance UID of the SR about one source image made by one model version."""
-    return deterministic_uid("sr-instance", str(source_sop_instance_uid), model_name,
-                             model_version)
+def report_uid(source_sop_instance_uid: str, model_name: str, model_version: str,
+               sr_kind: str | None = None) -> str:
+    """SOP Instance UID of the SR about one source image made by one model version. `sr_kind`
+    names a non-default SR class: a report of another class is another instance, so it gets
+    another UID (None, the default class, keeps the UIDs reports always had)."""
+    parts = [str(source_sop_instance_uid), model_name, model_version]
+    if sr_kind is not None:
+        parts.append(f"sr-kind={sr_kind}")
+    return deterministic_uid("sr-instance", *parts)
 
 
 def report_series_uid(study_instance_uid: str, model_name: str, model_version: str) -> str:

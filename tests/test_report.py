@@ -137,7 +137,8 @@ def test_content_tree(kind, photometric, sr_kind, probability, expected):
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.SOPInstanceUID == report_uid(source.SOPInstanceUID, MODEL.name, MODEL.version)
+    assert sr.SOPInstanceUID == report_uid(source.SOPInstanceUID, MODEL.name, MODEL.version,
+                                           None if sr_kind == "comprehensive3d" else sr_kind)
     assert sr.SeriesInstanceUID == report_series_uid(source.StudyInstanceUID, MODEL.name,
                                                      MODEL.version)
     assert sr.VerificationFlag == "UNVERIFIED"
@@ -504,3 +505,15 @@ def test_building_a_report_never_parses_highdicoms_whole_module_table():
     assert patched == "True"
     assert full_table_loads == "0"
     assert 0 < int(parsed) < 100
+
+
+def test_reports_of_another_sr_class_get_another_uid():
+    """Switching [report] sr_kind must not re-use a UID already stored under the other class;
+    the default class keeps the UIDs it always had."""
+    source = make_source("CR")
+    default = build_report(source, 0.7, MODEL, sr_kind="comprehensive3d")
+    other = build_report(source, 0.7, MODEL, sr_kind="comprehensive")
+    assert default.SOPInstanceUID != other.SOPInstanceUID
+    assert default.SOPInstanceUID == report_uid(source.SOPInstanceUID, MODEL.name, MODEL.version)
+    assert build_report(source, 0.7, MODEL, sr_kind="comprehensive").SOPInstanceUID == \
+        other.SOPInstanceUID
