@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -453,37 +454,35 @@ def main(argv: list[str] | None = None) -> int:
     report_timeout = args.report_timeout or 60 + 5 * len(paths)
 
     results: list[RunResult] = []
+
+    def record(label: str, run: Callable[[Path], RunResult]) -> None:
+        """One run in a fresh folder, with the CPU it cost this process and its children."""
+        with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+            print(f"-> {label} ...", flush=True)
+            before = cpu_now()
+            result = run(Path(folder))
+            after = cpu_now()
+        result.cpu_seconds = {"bench_process": round(after[0] - before[0], 2),
+                              "child_processes": round(after[1] - before[1], 2)}
+        results.append(result)
+        print(f"   {asdict(result)}", flush=True)
+
     for associations in levels:
         for receiver in receivers:
-            with tempfile.TemporaryDirectory(prefix=f"bench-{receiver}-") as folder:
-                work = Path(folder)
-                print(f"-> {receiver} at {associations} association(s) ...", flush=True)
-                cpu_before = cpu_now()
-                if receiver == "storescp":
-                    result = run_storescp(paths, associations, work, send_timeout)
-                elif receiver == "pynetdicom":
-                    result = run_pynetdicom(paths, associations, work, send_timeout)
-                else:
-                    result = run_pacs_ai(paths, associations, work, send_timeout,
-                                         report_timeout, settings)
-                cpu_after = cpu_now()
-                result.cpu_seconds = {
-                    "bench_process": round(cpu_after[0] - cpu_before[0], 2),
-                    "child_processes": round(cpu_after[1] - cpu_before[1], 2)}
-                results.append(result)
-                print(f"   {asdict(result)}", flush=True)
-
+            label = f"{receiver} at {associations} association(s)"
+            if receiver == "storescp":
+                record(label, lambda work: run_storescp(paths, associations, work, send_timeout))
+            elif receiver == "pynetdicom":
+                record(label, lambda work: run_pynetdicom(paths, associations, work,
+                                                          send_timeout))
+            else:
+                record(label, lambda work: run_pacs_ai(paths, associations, work, send_timeout,
+                                                       report_timeout, settings))
     if args.paced and "pacs-ai" in receivers:
-        with tempfile.TemporaryDirectory(prefix="bench-pacs-ai-paced-") as folder:
-            print(f"-> pacs-ai paced, {args.paced} images one at a time ...", flush=True)
-            cpu_before = cpu_now()
-            result = run_pacs_ai(synthetic_files(args.paced), 1, Path(folder), send_timeout,
-                                 report_timeout, settings, paced=True)
-            cpu_after = cpu_now()
-            result.cpu_seconds = {"bench_process": round(cpu_after[0] - cpu_before[0], 2),
-                                  "child_processes": round(cpu_after[1] - cpu_before[1], 2)}
-            results.append(result)
-            print(f"   {asdict(result)}", flush=True)
+        paced_files = synthetic_files(args.paced)
+        record(f"pacs-ai paced, {args.paced} images one at a time",
+               lambda work: run_pacs_ai(paced_files, 1, work, send_timeout, report_timeout,
+                                        settings, paced=True))
 
     decode = decode_times(samples + synthetic[:1], args.repeats)
     from pacs_ai.config import WorkersConfig
