@@ -35,8 +35,8 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
-from pacs_ai.spool import Spool, SpoolFullError
 from pacs_ai.sockets import send_small_messages_at_once
+from pacs_ai.spool import Spool, SpoolFullError
 
 log = structlog.get_logger()
 

@@ -28,8 +28,8 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 from pacs_ai import metrics
 from pacs_ai.config import Destination, RetryPolicy, TLSFiles
 from pacs_ai.jobs import Delivery, Job, JobStore
-from pacs_ai.spool import Spool
 from pacs_ai.sockets import send_small_messages_at_once
+from pacs_ai.spool import Spool
 
 log = structlog.get_logger()
 

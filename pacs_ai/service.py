@@ -21,12 +21,12 @@ import structlog
 import pacs_ai
 from pacs_ai import metrics
 from pacs_ai.config import Config
+from pacs_ai.image_work import ImageWork
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP
 from pacs_ai.sender import DestinationSender
 from pacs_ai.spool import Spool
-from pacs_ai.image_work import ImageWork
 from pacs_ai.worker import ClassificationWorker
 
 log = structlog.get_logger()
@@ -55,9 +55,9 @@ class Service:
         return self.scp.port
 
     def start(self) -> "Service":
-        limit_malloc_arenas()
         """Open everything and start listening; on any failure, undo and raise (UserError for
         what the operator can fix)."""
+        limit_malloc_arenas()
         config = self.config
         try:
             self.spool.prepare()
