@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import structlog
 
 from pacs_ai.classify import Prepared, prepare
+from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import ModelInfo
 
@@ -79,6 +80,7 @@ def render_report(image_path: Path, probability: float, model: ModelInfo,
 
 
 PARENT_CHECK_SECONDS = 1.0
+HELPER_START_SECONDS = 120.0  # imports on a slow disk; a helper that takes longer is broken
 
 
 def _start_helper(log_level: str, log_format: str) -> None:
@@ -121,7 +123,20 @@ class ImageWork:
         self._pool: ProcessPoolExecutor | None = None
         if processes:
             self._pool = self._new_pool()
-            self._pool.submit(_warm_up)  # start the helpers now, not on the first image
+            self._wait_until_ready()
+
+    def _wait_until_ready(self) -> None:
+        """Start the helpers now and wait for their imports: the first film is not slowed by
+        them, and a helper that cannot start stops start-up with a message instead of failing
+        every film as a crash."""
+        assert self._pool is not None
+        try:
+            self._pool.submit(_warm_up).result(timeout=HELPER_START_SECONDS)
+        except Exception as error:
+            self.close(wait=False)
+            raise UserError(f"the image helper process did not start ({type(error).__name__}: "
+                            f"{error}); set [workers] processes = 0 to decode in the service "
+                            "process instead") from None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, never fork: the service has threads (a forked lock may be held forever)
@@ -175,7 +190,7 @@ class ImageWork:
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None

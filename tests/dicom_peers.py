@@ -462,7 +462,9 @@ def port_open(port: int) -> bool:
         return False
 
 
-def pacs_ai_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """Run `python -m pacs_ai ARGS...` and capture its output."""
+def pacs_ai_cli(*args: str, timeout: float = 120.0,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pacs_ai ARGS...` and capture its output; `env` adds variables."""
     return subprocess.run([sys.executable, "-m", "pacs_ai", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)

@@ -560,3 +560,18 @@ def helper_pids(service_pid: int) -> list[int]:
     except OSError:
         return []
     return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_a_helper_that_cannot_start_stops_start_up_with_a_message(tmp_path, model_path):
+    """A helper process that cannot start (a broken install) must stop `pacs-ai serve` with a
+    message naming the way out, not fail every film later as a decoder crash."""
+    from tests.dicom_peers import pacs_ai_cli
+
+    config = write_service_config(tmp_path, model=model_path)
+    result = pacs_ai_cli("serve", "--config", str(config),
+                         env={"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
+                              "PACS_AI_FAULT_HELPER_BROKEN": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "image helper process did not start" in result.stderr
+    assert "a library of the helper is missing" in result.stderr
+    assert "processes = 0" in result.stderr and "Traceback" not in result.stderr

@@ -77,3 +77,15 @@ if _CRASH_MARKER:
         return _real_prepare(path, *args, **kwargs)
 
     pacs_ai.classify.prepare = _crashing_prepare
+
+
+# ``PACS_AI_FAULT_HELPER_BROKEN=1``: the helper's start-up check fails as a broken install would
+# (an import error); the service must refuse to start with a message. Only helpers run the check
+# (the service submits it to them by name), so replacing it everywhere is enough.
+if os.environ.get("PACS_AI_FAULT_HELPER_BROKEN"):
+    import pacs_ai.image_work
+
+    def _broken_warm_up() -> int:
+        raise ImportError("injected by the test hook: a library of the helper is missing")
+
+    pacs_ai.image_work._warm_up = _broken_warm_up
