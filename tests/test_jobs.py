@@ -229,13 +229,19 @@ def test_second_server_on_one_spool_is_refused(spool):
     other.unlock()
 
 
+def report(store: JobStore, job, report_uid: str) -> str:
+    """Mark a claimed job reported, with one delivery to "PACS"."""
+    return store.mark_reported(job.id, probability=0.9, finding="pneumonia", report_uid=report_uid,
+                               report_file=f"outbox/{report_uid}.dcm", classify_ms=1.0,
+                               destinations=["PACS"])
+
+
 def test_only_claimed_jobs_can_be_failed_or_skipped(store, spool):
     """A batch that breaks after reporting some of its jobs fails only the unreported ones."""
     admit(store, spool, "1.1")
     admit(store, spool, "1.2")
     reported, unreported = store.claim(2)
-    store.mark_reported(reported.id, probability=0.9, finding="pneumonia", report_uid="2.9",
-                        report_file="outbox/2.9.dcm", classify_ms=1.0, destinations=["PACS"])
+    report(store, reported, "2.9")
     assert store.mark_failed(reported.id, "classify", "internal-error: boom") is False
     assert store.mark_skipped(reported.id, "not-chest") is False
     assert store.mark_failed(unreported.id, "classify", "internal-error: boom") is True
@@ -260,10 +266,8 @@ def test_a_resent_image_leaves_reported_and_delivery_failed_jobs_alone(store, sp
     admit(store, spool, "1.6")
     admit(store, spool, "1.7")
     reported, undeliverable = store.claim(2)
-    store.mark_reported(reported.id, probability=0.2, finding="normal", report_uid="2.6",
-                        report_file="outbox/2.6.dcm", classify_ms=1.0, destinations=["PACS"])
-    store.mark_reported(undeliverable.id, probability=0.2, finding="normal", report_uid="2.7",
-                        report_file="outbox/2.7.dcm", classify_ms=1.0, destinations=["PACS"])
+    report(store, reported, "2.6")
+    report(store, undeliverable, "2.7")
     store.delivery_failed(undeliverable.id, "PACS", "association rejected", retry_at=None)
     assert store.find("1.7").state == "failed" and store.find("1.7").stage == "deliver"
     assert not admit(store, spool, "1.6", b"again")
