@@ -54,7 +54,7 @@ class ListenerConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_associations: int = 10
-    max_pdu_bytes: int = 65536  # 0: no limit
+    max_pdu_bytes: int = 1048576  # 0: no limit
     max_pixels: int = DEFAULT_MAX_PIXELS
     acse_timeout_seconds: float = 30.0
     dimse_timeout_seconds: float = 60.0
@@ -382,7 +382,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     t = table("limits")
     limits = LimitsConfig(
         max_associations=t.integer("max_associations", 10, minimum=1, maximum=1000),
-        max_pdu_bytes=t.integer("max_pdu_bytes", 65536, minimum=0, maximum=2**32 - 1),
+        max_pdu_bytes=t.integer("max_pdu_bytes", 1048576, minimum=0, maximum=2**32 - 1),
         max_pixels=t.integer("max_pixels", DEFAULT_MAX_PIXELS, minimum=4),
         acse_timeout_seconds=t.number("acse_timeout_seconds", 30.0, minimum=0,
                                       exclusive_minimum=True),

@@ -35,7 +35,7 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
-from pacs_ai.sockets import send_small_messages_at_once
+from pacs_ai.sockets import read_pdus_in_large_chunks, send_small_messages_at_once
 from pacs_ai.spool import Spool, SpoolFullError
 
 log = structlog.get_logger()
@@ -152,11 +152,16 @@ class StorageSCP:
             raise RuntimeError("the listener is not running")
         return int(self._server.server_address[1])
 
+    @staticmethod
+    def _on_connection_open(event: Event) -> None:
+        send_small_messages_at_once(event.assoc)
+        read_pdus_in_large_chunks(event.assoc)
+
     def start(self) -> None:
         listener = self.config.listener
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_CONN_OPEN, lambda event: send_small_messages_at_once(event.assoc))]
+                    (evt.EVT_CONN_OPEN, self._on_connection_open)]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         try:
             self._server = self.ae.start_server((listener.host, listener.port), block=False,

@@ -26,3 +26,52 @@ def send_small_messages_at_once(association: Any) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as error:  # a closed socket: the association fails on its own
         log.debug("tcp_nodelay_failed", error=str(error))
+
+
+# One read asks for at most this much; the buffer grows only with bytes that really arrived,
+# so a peer announcing a 4 GB PDU and sending nothing costs nothing.
+READ_CHUNK_BYTES = 1 << 20
+
+
+def read_pdus_in_large_chunks(association: Any) -> None:
+    """Read each PDU in reads of up to 1 MiB instead of pynetdicom's 4 KiB.
+
+    pynetdicom's `AssociationSocket.recv` reads at most 4096 bytes per call, so a 10 MB film
+    costs about 2,500 interpreter round trips in the listener thread (≈16 ms of CPU on this
+    machine, ≈3 ms reading straight into 1 MiB buffers; docs/benchmarks.md). This replaces that method on this
+    association's transport only, with the same contract: return `nr_bytes` bytes, or fewer
+    when the peer closed the connection; timeouts and socket errors propagate as before.
+    """
+    transport = getattr(getattr(association, "dul", None), "socket", None)
+    if transport is None or getattr(transport, "socket", None) is None:
+        return
+
+    def recv(nr_bytes: int) -> bytearray:
+        chunks = []
+        received = 0
+        while received < nr_bytes:
+            chunk = bytearray(min(nr_bytes - received, READ_CHUNK_BYTES))
+            filled = _fill(transport.socket, chunk)
+            received += filled
+            if filled < len(chunk):  # the peer closed the connection: what we have so far
+                chunks.append(chunk[:filled])
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else bytearray().join(chunks)
+
+    transport.recv = recv
+
+
+def _fill(sock: socket.socket, buffer: bytearray) -> int:
+    """Read into `buffer` until it is full or the peer closes; the number of bytes read."""
+    view = memoryview(buffer)
+    filled = 0
+    try:
+        while filled < len(buffer):
+            count = sock.recv_into(view[filled:])
+            if count == 0:
+                break
+            filled += count
+    finally:
+        view.release()
+    return filled
