@@ -63,6 +63,7 @@ from pydicom import Dataset, config
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM, validate_value
 
 import pacs_ai
@@ -85,9 +86,9 @@ UNITLESS = Code("1", "UCUM", "no units")
 SOURCE = Code("260753009", "SCT", "Source")  # concept name highdicom gives library images
 
 # --- What a report is made from ---------------------------------------------------------------
-SR_KINDS = {
-    "comprehensive3d": hd.sr.Comprehensive3DSR,
-    "comprehensive": hd.sr.ComprehensiveSR,
+SR_KINDS = {  # sr_kind -> SOP Class UID
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
 }
 DEFAULT_SR_KIND = "comprehensive3d"
 SUPPORTED_SOURCE_SOP_CLASSES = {
@@ -137,8 +138,8 @@ def build_report(
     Raises :class:`ReportSourceError` for a source that lacks what a report needs, and
     ``ValueError`` for a probability outside [0, 1] or an unknown ``sr_kind``.
     """
-    sr_class = SR_KINDS.get(sr_kind)
-    if sr_class is None:
+    sr_class_uid = SR_KINDS.get(sr_kind)
+    if sr_class_uid is None:
         raise ValueError(f"sr_kind {sr_kind!r} is not one of {', '.join(sorted(SR_KINDS))}")
     probability = float(probability)
     if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
@@ -148,9 +149,10 @@ def build_report(
     source_uid = str(header.SOPInstanceUID)
     content = _measurement_report(header, probability, model, manufacturer)
 
-    sr = sr_class(
-        evidence=[header],
-        content=content,
+    sr = _sr_document(
+        sr_class_uid,
+        header,
+        content,
         series_instance_uid=report_series_uid(header.StudyInstanceUID, model.name, model.version),
         series_number=series_number,
         sop_instance_uid=report_uid(source_uid, model.name, model.version,
@@ -162,13 +164,71 @@ def build_report(
         institution_name=institution_name,
         institutional_department_name=institutional_department_name,
         series_description=SERIES_DESCRIPTION,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
     )
     log.debug("report built", sr_sop_instance_uid=sr.SOPInstanceUID,
               source_sop_instance_uid=source_uid, sr_kind=sr_kind)
     return sr
+
+
+def _sr_document(sop_class_uid: str, header: Dataset, content: MeasurementReport, *,
+                 institution_name: str | None, institutional_department_name: str | None,
+                 **attributes: Any) -> hd.SOPClass:
+    """The SR document around `content`: what highdicom's ComprehensiveSR/Comprehensive3DSR
+    constructors make of these arguments, attribute for attribute.
+
+    Why not call those constructors: per report they deep-copy and re-validate the content
+    tree that highdicom's own builders made a moment before, and search it for the images it
+    references, which here is always the one source image. That was 20 of the 43 ms a report
+    cost (docs/benchmarks.md). tests/test_report.py builds each report both ways and checks
+    the two are equal; a highdicom upgrade that changes its documents fails that test.
+    """
+    document = hd.SOPClass(
+        study_instance_uid=header.StudyInstanceUID,
+        sop_class_uid=sop_class_uid,
+        modality="SR",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate,
+        study_time=header.StudyTime,
+        referring_physician_name=header.get("ReferringPhysicianName"),
+        specific_character_set=header.get("SpecificCharacterSet"),
+        **attributes,
+    )
+    if institution_name is not None:
+        document.InstitutionName = institution_name
+        if institutional_department_name is not None:
+            document.InstitutionalDepartmentName = institutional_department_name
+    document.CompletionFlag = "COMPLETE"
+    document.VerificationFlag = "UNVERIFIED"  # nobody accountable has checked it
+    document.PreliminaryFlag = "PRELIMINARY"
+    for tag, element in content[0].items():  # the root container's attributes
+        document[tag] = element
+    document.CurrentRequestedProcedureEvidenceSequence = [_evidence_reference(header)]
+    document.PerformedProcedureCodeSequence = []
+    document.ReferencedPerformedProcedureStepSequence = []
+    document.copy_patient_and_study_information(header)
+    # the source's acquisition equipment, then highdicom as the processing equipment
+    document._add_contributing_equipment(None, header)
+    return document
+
+
+def _evidence_reference(header: Dataset) -> Dataset:
+    """The Current Requested Procedure Evidence item naming the one source image."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = header.SOPClassUID
+    instance.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = header.SeriesInstanceUID
+    series.ReferencedSOPSequence = [instance]
+    study = Dataset()
+    study.StudyInstanceUID = header.StudyInstanceUID
+    study.ReferencedSeriesSequence = [series]
+    return study
 
 
 def source_header(source: Dataset) -> Dataset:

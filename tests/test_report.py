@@ -7,6 +7,8 @@ MONOCHROME1 and MONOCHROME2, with pixel data and read back with stop_before_pixe
 from __future__ import annotations
 
 import copy
+import io
+import json
 import math
 import re
 from pathlib import Path
@@ -517,3 +519,103 @@ def test_reports_of_another_sr_class_get_another_uid():
     assert default.SOPInstanceUID == report_uid(source.SOPInstanceUID, MODEL.name, MODEL.version)
     assert build_report(source, 0.7, MODEL, sr_kind="comprehensive").SOPInstanceUID == \
         other.SOPInstanceUID
+
+
+# --- the SR document is what highdicom's own constructors make -----------------------------------
+
+def highdicom_built_report(source: Dataset, probability: float, model: ModelInfo, *,
+                           sr_kind: str, institution_name: str | None = None,
+                           institutional_department_name: str | None = None) -> Dataset:
+    """The same report made the way highdicom documents it: its Comprehensive(3D)SR class
+    around the same content tree (report._sr_document stands in for this in the service)."""
+    from pacs_ai import report
+
+    header = report.source_header(source)
+    content = report._measurement_report(header, probability, model, report.DEFAULT_MANUFACTURER)
+    source_uid = str(header.SOPInstanceUID)
+    return SR_READER_OF_KIND[sr_kind](
+        evidence=[header],
+        content=content,
+        series_instance_uid=report_series_uid(header.StudyInstanceUID, model.name, model.version),
+        series_number=report.DEFAULT_SERIES_NUMBER,
+        sop_instance_uid=report_uid(source_uid, model.name, model.version,
+                                    None if sr_kind == report.DEFAULT_SR_KIND else sr_kind),
+        instance_number=report._instance_number(header),
+        manufacturer=report.DEFAULT_MANUFACTURER,
+        manufacturer_model_name=model.name,
+        software_versions=[f"pacs-ai {pacs_ai_version()}", f"model {model.version}"],
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        series_description=report.SERIES_DESCRIPTION,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def pacs_ai_version() -> str:
+    import pacs_ai
+
+    return pacs_ai.__version__
+
+
+def encoded_without_times(sr: Dataset) -> bytes:
+    """The file bytes with the build's clock readings set to one fixed instant."""
+    sr = copy.deepcopy(sr)
+    fixed = {"InstanceCreationDate": "20000101", "ContentDate": "20000101",
+             "InstanceCreationTime": "000000", "ContentTime": "000000",
+             "ContributionDateTime": "20000101000000"}
+
+    def pin(dataset: Dataset, element) -> None:
+        if element.keyword in fixed:
+            element.value = fixed[element.keyword]
+
+    sr.walk(pin)
+    encoded = io.BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    return encoded.getvalue()
+
+
+def sources_of_every_shape() -> list[tuple[str, Dataset]]:
+    """Synthetic CR/DX sources, a hostile one, non-ASCII names, and every sample DICOM that is
+    reported on: the shapes whose reports must match highdicom's."""
+    sources = [(f"{kind}-{photometric}", make_source(kind, photometric=photometric))
+               for kind, photometric in (("CR", "MONOCHROME1"), ("DX", "MONOCHROME2"),
+                                         ("DX-PROC", "MONOCHROME1"))]
+    sources.append(("hostile", hostile_source()))
+    for charset in ("ISO_IR 100", "ISO_IR 192"):
+        source = make_source("DX")
+        source.SpecificCharacterSet = charset
+        source.PatientName = "Müller^Zoë"
+        sources.append((charset, source))
+    with_frame = make_source("DX")
+    with_frame.FrameOfReferenceUID = generate_uid()
+    with_frame.PatientAge = "007Y"
+    sources.append(("frame-of-reference", with_frame))
+    samples = Path(__file__).resolve().parent.parent / "sample_dicoms"
+    manifest = json.loads((samples / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["expected_status"] == "ok":
+            sources.append((entry["file"], pydicom.dcmread(samples / entry["file"],
+                                                           stop_before_pixels=True)))
+    return sources
+
+
+@pytest.mark.parametrize("sr_kind", ["comprehensive3d", "comprehensive"])
+def test_reports_equal_those_highdicoms_sr_classes_build(sr_kind):
+    for name, source in sources_of_every_shape():
+        for probability in (PROBABILITY_PRESENT, PROBABILITY_ABSENT, 0.123456789):
+            ours = build_report(source, probability, MODEL, sr_kind=sr_kind)
+            reference = highdicom_built_report(source, probability, MODEL, sr_kind=sr_kind)
+            assert type(ours) is not type(reference), "two different builds are compared"
+            assert encoded_without_times(ours) == encoded_without_times(reference), name
+
+
+def test_reports_with_an_institution_equal_highdicoms():
+    source = make_source("DX")
+    ours = build_report(source, 0.5, MODEL, institution_name="General Hospital",
+                        institutional_department_name="Radiology")
+    reference = highdicom_built_report(source, 0.5, MODEL, sr_kind="comprehensive3d",
+                                       institution_name="General Hospital",
+                                       institutional_department_name="Radiology")
+    assert encoded_without_times(ours) == encoded_without_times(reference)
