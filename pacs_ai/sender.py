@@ -17,12 +17,16 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pydicom
 import structlog
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from pacs_ai import metrics
@@ -49,6 +53,24 @@ def client_ssl_context(files: TLSFiles) -> ssl.SSLContext:
 
 def is_stored(status: int) -> bool:
     return status == 0x0000 or (status & 0xF000) == 0xB000
+
+
+# A report file whose transfer syntax the PACS accepted is sent as its stored bytes, not decoded
+# and re-encoded: that was about 20 ms of interpreter time per report in the service process,
+# which the listener needs (docs/benchmarks.md). Only send_c_store(path) reads this setting.
+_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def report_to_send(association, path: Path) -> Path | Dataset:
+    """`path` itself when the association accepted the report's SOP class in the transfer
+    syntax it is stored in; otherwise the decoded dataset, which pynetdicom converts to the
+    syntax the PACS accepted (say Implicit VR Little Endian only)."""
+    meta = read_file_meta_info(path)
+    sop_class, syntax = meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID
+    if any(context.abstract_syntax == sop_class and context.transfer_syntax[0] == syntax
+           for context in association.accepted_contexts):
+        return path
+    return pydicom.dcmread(path)
 
 
 class DestinationSender(threading.Thread):
@@ -89,8 +111,11 @@ class DestinationSender(threading.Thread):
         ae = AE(ae_title=destination.calling_ae_title)
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, timeout, destination.timeout_seconds)
+        # One context per transfer syntax, so a PACS that takes both accepts both and the
+        # report goes as stored (Explicit VR); offered together, PACSs often pick Implicit VR.
         for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                ae.add_requested_context(sop_class, [syntax])
         return ae
 
     def send(self, due: list[Delivery]) -> None:
@@ -126,8 +151,8 @@ class DestinationSender(threading.Thread):
 
     def _send_one(self, association, delivery: Delivery) -> None:
         try:
-            report = pydicom.dcmread(self.spool.resolve(delivery.report_file))
-        except (OSError, InvalidDicomError) as error:
+            report = report_to_send(association, self.spool.resolve(delivery.report_file))
+        except (OSError, InvalidDicomError, AttributeError) as error:
             self._attempt_failed(delivery, f"report-unreadable: {error}", permanent=True)
             return
         try:

@@ -31,7 +31,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, UID, generate_uid
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -270,8 +270,10 @@ class RecordingPacs:
     on the same port, to play a destination that goes down and comes back)."""
 
     def __init__(self, *, port: int | None = None, ae_title: str = "PACS",
-                 answer_status: int = 0x0000, store_dir: Path | None = None):
+                 answer_status: int = 0x0000, store_dir: Path | None = None,
+                 transfer_syntaxes: list[str] | None = None):
         self.port = port or free_port()
+        self.transfer_syntaxes = transfer_syntaxes  # None: pynetdicom's default list
         self.ae_title = ae_title
         self.answer_status = answer_status
         self.store_dir = store_dir
@@ -286,7 +288,11 @@ class RecordingPacs:
 
     def start(self) -> "RecordingPacs":
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = StoragePresentationContexts
+        if self.transfer_syntaxes is None:
+            ae.supported_contexts = StoragePresentationContexts
+        else:
+            ae.supported_contexts = [build_context(context.abstract_syntax, self.transfer_syntaxes)
+                                     for context in StoragePresentationContexts]
         ae.add_supported_context(Verification)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 20
         self._server = ae.start_server((LOCALHOST, self.port), block=False,
