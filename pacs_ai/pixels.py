@@ -52,7 +52,7 @@ def display_array(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     # float32 throughout, one working array per step: a 2500x2048 film is 20 MB per float32
     # copy, and every copy counts against the service's memory and time (issue 7)
     values = apply_modality(decode_pixels(ds), ds)
-    display = apply_voi(values, ds)
+    display = apply_voi(values, ds, in_place=True)  # values is ours: no second 20 MB array
     del values
     if is_inverted(ds):
         np.subtract(1.0, display, out=display)
@@ -157,9 +157,16 @@ def _encapsulated_frame_bytes(data: bytes) -> int:
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
-    """Stored pixel values as a 2-D array (call check_pixel_header first)."""
+    """Stored pixel values as a 2-D array (call check_pixel_header first), possibly a read-only
+    view of the Pixel Data bytes.
+
+    The decoder is called directly rather than through `ds.pixel_array`, which would also keep
+    the array on the dataset for as long as the dataset lives (10 MB more per film).
+    """
+    from pydicom.pixels import get_decoder
+
     try:
-        stored = ds.pixel_array
+        stored, _ = get_decoder(transfer_syntax(ds)).as_array(ds, view_only=True)
     except MemoryError:
         raise PixelDataError("decode-failed: out of memory while decoding") from None
     except Exception as error:  # decoders raise RuntimeError, ValueError, their own kinds
@@ -187,8 +194,9 @@ def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return values
 
 
-def apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Map modality values to [0, 1]: VOI LUT Sequence, else window, else robust window."""
+def apply_voi(values: np.ndarray, ds: Dataset, *, in_place: bool = False) -> np.ndarray:
+    """Map modality values to [0, 1]: VOI LUT Sequence, else window, else robust window.
+    `in_place`: a window may overwrite `values` (float32) instead of making a new array."""
     voi_luts = ds.get("VOILUTSequence")
     if voi_luts:
         mapped, output_bits = _lookup(values, voi_luts[0], ds)
@@ -199,8 +207,8 @@ def apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if window is not None:
         center, width = window
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
-        return apply_window(values, center, width, function)
-    return robust_window(values)
+        return apply_window(values, center, width, function, in_place=in_place)
+    return robust_window(values, in_place=in_place)
 
 
 def first_window(ds: Dataset) -> tuple[float, float] | None:
@@ -216,27 +224,31 @@ def first_window(ds: Dataset) -> tuple[float, float] | None:
 
 
 def apply_window(values: np.ndarray, center: float, width: float,
-                 function: str = "LINEAR") -> np.ndarray:
-    """Window to [0, 1] by the VOI LUT Function's formula (PS3.3 C.11.2.1.2)."""
+                 function: str = "LINEAR", *, in_place: bool = False) -> np.ndarray:
+    """Window to [0, 1] by the VOI LUT Function's formula (PS3.3 C.11.2.1.2); `in_place` lets
+    the linear windows write into `values` when it is float32."""
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
-        return _scale_and_clip(values, center - 0.5 * width, width)
+        return _scale_and_clip(values, center - 0.5 * width, width, in_place)
     # LINEAR: the classic window with its half-pixel offsets.
     if width <= 1:
         return (values > center - 0.5).astype(np.float32)
-    return _scale_and_clip(values, center - 0.5 - 0.5 * (width - 1), width - 1)
+    return _scale_and_clip(values, center - 0.5 - 0.5 * (width - 1), width - 1, in_place)
 
 
-def _scale_and_clip(values: np.ndarray, low: float, span: float) -> np.ndarray:
-    """(values - low) / span clipped to [0, 1], as one new array (float32 for float32 input)."""
+def _scale_and_clip(values: np.ndarray, low: float, span: float,
+                    in_place: bool = False) -> np.ndarray:
+    """(values - low) / span clipped to [0, 1] (float32 for float32 input), into `values`
+    itself when `in_place` and it is a writeable float32 array, else into a new array."""
     dtype = np.float32 if values.dtype == np.float32 else np.float64
-    out = np.subtract(values, low, dtype=dtype)
+    reuse = in_place and values.dtype == np.float32 and values.flags.writeable
+    out = np.subtract(values, low, dtype=dtype, out=values if reuse else None)
     out *= dtype(1.0 / span)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def robust_window(values: np.ndarray) -> np.ndarray:
+def robust_window(values: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Linear window from the image's own 0.5th to 99.5th percentile, to [0, 1]."""
     sample = values.ravel()[:: max(1, values.size // 1_000_000)]  # percentiles of <= ~1 Mpx
     low, high = (float(v) for v in np.percentile(sample, ROBUST_WINDOW_PERCENTILES))
@@ -244,7 +256,7 @@ def robust_window(values: np.ndarray) -> np.ndarray:
         low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
-    return _scale_and_clip(values, low, high - low)
+    return _scale_and_clip(values, low, high - low, in_place)
 
 
 def is_inverted(ds: Dataset) -> bool:
