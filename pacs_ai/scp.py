@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import AE, evt
@@ -288,7 +289,7 @@ class StorageSCP:
     def _store(self, event: Event) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
         request = event.request
         try:
-            dataset = event.dataset
+            dataset = received_header(event)
             sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
@@ -340,3 +341,21 @@ class StorageSCP:
         finally:
             staged.unlink(missing_ok=True)  # gone already when placed
         return StoreOutcome(SUCCESS), instance, size, not created
+
+
+PIXEL_DATA_TAG = 0x7FE00010
+
+
+def received_header(event: Event) -> Dataset:
+    """The received dataset up to its pixel data: all the listener reads are three UIDs.
+
+    `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
+    as long as the handler runs (fsync included). A deflated stream is inflated whole anyway.
+    """
+    syntax = event.context.transfer_syntax
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return event.dataset
+    stream = event.request.DataSet
+    stream.seek(0)
+    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                        stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
