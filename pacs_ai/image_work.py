@@ -26,11 +26,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -113,7 +113,8 @@ def _warm_up() -> int:
 
 
 class ImageWork:
-    """Runs prepare_image / render_report for a batch, in helper processes or in-thread."""
+    """Runs prepare_image / render_report for batches, in helper processes or in-thread.
+    Used by one worker thread (not thread-safe)."""
 
     def __init__(self, processes: int, *, log_level: str = "info", log_format: str = "auto",
                  is_stopping: Callable[[], bool] = lambda: False):
@@ -121,6 +122,7 @@ class ImageWork:
         self._log_args = (log_level, log_format)
         self._is_stopping = is_stopping
         self._pool: ProcessPoolExecutor | None = None
+        self._generation = 0  # counts pool restarts
         if processes:
             self._pool = self._new_pool()
             self._wait_until_ready()
@@ -146,47 +148,46 @@ class ImageWork:
 
     def prepare(self, paths: Sequence[Path], policy: FilterPolicy,
                 max_pixels: int) -> list[Prepared]:
+        return self.start_prepare(paths, policy, max_pixels).results()
+
+    def render_reports(self, items: Sequence[tuple[Path, float]], model: ModelInfo,
+                       sr_kind: str) -> list[RenderedReport]:
+        return self.start_render(items, model, sr_kind).results()
+
+    def start_prepare(self, paths: Sequence[Path], policy: FilterPolicy,
+                      max_pixels: int) -> PendingWork[Prepared]:
+        """Hand the images to the helper now; `.results()` waits for them. The worker starts
+        its next batch this way while it writes the current one's reports."""
         calls = [(prepare_image, (path, policy, max_pixels)) for path in paths]
         crashed = [Prepared(path, status="error",
                             reason="decode-crashed: the helper process decoding this image died "
                                    "(a decoder crash); other images are unaffected")
                    for path in paths]
-        return self._run(calls, crashed)
+        return PendingWork(self, calls, crashed)
 
-    def render_reports(self, items: Sequence[tuple[Path, float]], model: ModelInfo,
-                       sr_kind: str) -> list[RenderedReport]:
+    def start_render(self, items: Sequence[tuple[Path, float]], model: ModelInfo,
+                     sr_kind: str) -> PendingWork[RenderedReport]:
         calls = [(render_report, (path, probability, model, sr_kind))
                  for path, probability in items]
         crashed = [RenderedReport(error="report-failed: the helper process building this "
                                         "report died")] * len(items)
-        return self._run(calls, crashed)
+        return PendingWork(self, calls, crashed)
 
-    def _run(self, calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
-             crashed: list[T]) -> list[T]:
-        if self._pool is None:
-            return [function(*args) for function, args in calls]
-        try:
-            futures: list[Future[T]] = [self._pool.submit(function, *args)
-                                        for function, args in calls]
-            return [future.result() for future in futures]
-        except BrokenProcessPool:
-            self._restart_after_crash()
-        # one at a time, so a crash names its own image
-        results: list[T] = []
-        for (function, args), crash_result in zip(calls, crashed):
-            try:
-                results.append(self._pool.submit(function, *args).result())
-            except BrokenProcessPool:
-                self._restart_after_crash()
-                results.append(crash_result)
-        return results
+    def _submit(self, function: Callable[..., T], args: tuple[Any, ...]) -> tuple[Future[T], int]:
+        assert self._pool is not None
+        return self._pool.submit(function, *args), self._generation
 
-    def _restart_after_crash(self) -> None:
+    def _restart_after_crash(self, generation: int) -> None:
+        """Replace the broken pool, once per crash: calls of an earlier batch that were in the
+        same pool see the same broken pool later and must not restart the new one."""
         if self._is_stopping():
             raise ImageWorkStopped("helper process ended during shutdown")
+        if generation != self._generation:
+            return
         log.error("image_helper_crashed", processes=self.processes)
         old = self._pool
         self._pool = self._new_pool()
+        self._generation += 1
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
@@ -194,3 +195,60 @@ class ImageWork:
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
+
+
+# A helper that died fails every call in flight; calls still queued in that pool may instead
+# be cancelled when it is replaced.
+POOL_GONE = (BrokenProcessPool, CancelledError)
+
+
+class PendingWork(Generic[T]):
+    """Calls handed to the helper, whose results are collected later by the same thread.
+
+    When the helper dies, every call in flight fails, its own or not. Those calls are then run
+    again one at a time in the new helper, so a crash names the one image that caused it; the
+    others get their normal results. Without a helper (`processes = 0`) the calls run at once,
+    in the calling thread.
+    """
+
+    def __init__(self, work: ImageWork, calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
+                 crashed: list[T]):
+        self._work = work
+        self._calls = calls
+        self._crashed = crashed
+        self._done: list[T] | None = None
+        self._futures: list[Future[T]] = []
+        self._generation = work._generation  # the pool these calls went to
+        if work._pool is None:
+            self._done = [function(*args) for function, args in calls]
+            return
+        try:
+            for function, args in calls:
+                future, self._generation = work._submit(function, args)
+                self._futures.append(future)
+        except BrokenProcessPool:
+            self._futures = []  # results() runs them one at a time
+
+    def results(self) -> list[T]:
+        if self._done is not None:
+            return self._done
+        if self._futures and len(self._futures) == len(self._calls):
+            try:
+                self._done = [future.result() for future in self._futures]
+                return self._done
+            except POOL_GONE:
+                pass
+        self._work._restart_after_crash(self._generation)
+        self._done = self._one_at_a_time()
+        return self._done
+
+    def _one_at_a_time(self) -> list[T]:
+        results: list[T] = []
+        for (function, args), crash_result in zip(self._calls, self._crashed):
+            future, generation = self._work._submit(function, args)
+            try:
+                results.append(future.result())
+            except POOL_GONE:
+                self._work._restart_after_crash(generation)
+                results.append(crash_result)
+        return results

@@ -1,0 +1,67 @@
+"""The helper process: a crash is pinned on the one image that caused it, even when the
+worker has the next batch in flight (tests/fault_hooks injects a SIGSEGV into the helper)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from pacs_ai.filters import FilterPolicy
+from pacs_ai.image_work import ImageWork
+from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+from tests.dicom_peers import synthetic_radiograph
+
+FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"
+
+
+@pytest.fixture
+def crashing_work(monkeypatch, tmp_path):
+    """ImageWork whose helper dies on any image containing the returned marker."""
+    marker = f"CRASH-THE-DECODER-{generate_uid()}"
+    monkeypatch.setenv("PACS_AI_FAULT_CRASH_MARKER", marker)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(FAULT_HOOKS), os.environ.get("PYTHONPATH", "")]))
+    work = ImageWork(1)
+    yield work, marker
+    work.close()
+
+
+def films(folder: Path, names: list[str], marker: str) -> list[Path]:
+    paths = []
+    for index, name in enumerate(names):
+        dataset = synthetic_radiograph(seed=300 + index, rows=128, columns=96)
+        if name.startswith("crash"):
+            dataset.ImageComments = marker
+        path = folder / f"{name}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def prepare(work: ImageWork, paths: list[Path]):
+    return work.start_prepare(paths, FilterPolicy(), DEFAULT_MAX_PIXELS)
+
+
+@pytest.mark.parametrize("crash_in", ["current", "ahead"])
+def test_a_crash_fails_only_its_image_with_a_second_batch_in_flight(crashing_work, tmp_path,
+                                                                    crash_in):
+    work, marker = crashing_work
+    current_names = ["crash-a", "a2"] if crash_in == "current" else ["a1", "a2"]
+    ahead_names = ["b1", "crash-b"] if crash_in == "ahead" else ["b1", "b2"]
+    current = prepare(work, films(tmp_path, current_names, marker))
+    ahead = prepare(work, films(tmp_path, ahead_names, marker))  # queued behind, as the worker does
+
+    outcomes = {}
+    for pending, names in ((current, current_names), (ahead, ahead_names)):
+        for name, item in zip(names, pending.results()):
+            outcomes[name] = item.status if item.status == "ok" else item.reason.split(":")[0]
+    expected = {name: "decode-crashed" if name.startswith("crash") else "ok"
+                for name in current_names + ahead_names}
+    assert outcomes == expected
+    assert work._generation == 2  # the pool broke twice: once batched, once when isolated
+    # and the new helper keeps working
+    (after,) = prepare(work, films(tmp_path, ["after"], marker)).results()
+    assert after.status == "ok"
