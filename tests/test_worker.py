@@ -1,0 +1,85 @@
+"""The classification worker over a real queue and spool, decoding in-thread (processes = 0):
+it works through a backlog with the next batch claimed ahead, and gives that batch back when
+it stops."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+
+import pytest
+
+from pacs_ai.config import WorkersConfig, default_config
+from pacs_ai.image_work import ImageWork
+from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.model import PneumoniaModel
+from pacs_ai.spool import Spool
+from pacs_ai.worker import ClassificationWorker
+from tests.dicom_peers import synthetic_radiograph, wait_until
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> PneumoniaModel:
+    from training.export import export_untrained_tiny_model
+
+    return PneumoniaModel.load(
+        export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt"))
+
+
+@pytest.fixture
+def backlog(tmp_path):
+    """A spool and queue holding five received films, nothing classified yet."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    store = JobStore.open(spool.db_path)
+    for seed in range(5):
+        dataset = synthetic_radiograph(seed=700 + seed, rows=128, columns=96)
+        encoded = io.BytesIO()
+        dataset.save_as(encoded, enforce_file_format=True)
+        uid = str(dataset.SOPInstanceUID)
+
+        def place(uid=uid, data=encoded.getvalue()) -> str:
+            target = spool.image_path(uid)
+            spool.write_durably(target, data)
+            return spool.relative(target)
+
+        store.admit(NewInstance(sop_instance_uid=uid, sop_class_uid=str(dataset.SOPClassUID),
+                                study_instance_uid=str(dataset.StudyInstanceUID),
+                                calling_ae_title="XRAY"), place)
+    yield spool, store
+    store.close()
+
+
+def worker_for(spool: Spool, store: JobStore, model: PneumoniaModel,
+               stop: threading.Event) -> ClassificationWorker:
+    config = dataclasses.replace(default_config(spool.root.parent),
+                                 workers=WorkersConfig(processes=0, batch_size=2))
+    return ClassificationWorker("worker-test", config, spool, store, model, stop,
+                                threading.Event(), lambda job: None, ImageWork(0))
+
+
+def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, tiny_model):
+    spool, store = backlog
+    stop = threading.Event()
+    worker = worker_for(spool, store, tiny_model, stop)
+    worker.start()
+    try:
+        assert wait_until(lambda: store.job_counts()["done"] == 5, 60), store.job_counts()
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+    counts = store.job_counts()
+    assert counts["classifying"] == 0 and counts["pending"] == 0
+    assert len(list(spool.outbox.iterdir())) == 5
+
+
+def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_worker_stops(backlog, tiny_model):
+    spool, store = backlog
+    worker = worker_for(spool, store, tiny_model, threading.Event())
+    worker._claim_next_batch()
+    assert store.job_counts()["classifying"] == 2
+    worker._give_back_next_batch()
+    assert store.job_counts()["classifying"] == 0
+    assert store.job_counts()["pending"] == 5
