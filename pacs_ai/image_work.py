@@ -1,11 +1,12 @@
 """The per-image CPU work of a worker, run in helper processes.
 
 Why: the listener, the queue and the senders are Python threads of one process and share its
-interpreter lock. Decoding a 10 MB film and building its SR is about 60 ms of mostly-Python CPU
-per image (profile in docs/benchmarks.md); in a helper process it runs on another core while the
-listener keeps receiving. It also contains a crash: a decoder that dies (a segfault in a C codec)
-takes down only the helper. The pool is restarted and the one image that crashed it again, alone,
-is failed with reason `decode-crashed`; every other image of the batch is processed normally.
+interpreter lock. Decoding a 10 MB film and building its SR is about 45 ms of CPU per image
+(27 + 16 ms, docs/benchmarks.md), a compressed one up to 250 ms; in a helper process it runs on
+another core while the listener keeps receiving. It also contains a crash: a decoder that dies (a
+segfault in a C codec) takes down only the helper. The pool is restarted and the calls that were
+in flight run again one at a time, so the one image that crashed it is failed with reason
+`decode-crashed` and every other image is processed normally.
 
 Two kinds of work, both plain functions of picklable arguments:
 - `prepare_image`: `pacs_ai.classify.prepare` (filter -> decode -> the one preprocessing step),
