@@ -4,9 +4,11 @@ and where inside pacs_ai they went. Used for docs/benchmarks.md:
     .venv/bin/pip install py-spy
     .venv/bin/py-spy record --subprocesses --idle -r 100 -f raw -o runs/bench/profile.txt -- \
         .venv/bin/python bench/run_bench.py --images 40 --concurrency 1 --receivers pacs-ai
-    .venv/bin/python bench/profile_summary.py runs/bench/profile.txt
+    .venv/bin/python bench/profile_summary.py runs/bench/profile.txt [depth] [rate]
 
-Samples whose innermost frame is a wait (lock, select, queue, sleep) count as idle. py-spy
+`rate` is py-spy's `-r` (samples per second, default 100). With `--gil` instead of `--idle`,
+py-spy samples only the thread holding each process's interpreter lock: the busy seconds are
+then the lock time per thread. Samples whose innermost frame is a wait (lock, select, queue, sleep) count as idle. py-spy
 shows pynetdicom's 1 ms polling sleeps as the polling function itself, so association
 threads look busier than they are.
 """
@@ -47,7 +49,7 @@ def thread_kind(frames: list[str]) -> str:
     return "main"
 
 
-def main(path: str, depth: int = 2) -> None:
+def main(path: str, depth: int = 2, rate: int = 100) -> None:
     groups: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
         collections.Counter)
     busy: collections.Counter = collections.Counter()
@@ -67,10 +69,12 @@ def main(path: str, depth: int = 2) -> None:
         label = " > ".join(frame.split(" (")[0] for frame in (ours[-depth:] or frames[-2:]))
         groups[key][label] += samples
     for key in sorted(busy, key=lambda k: -busy[k]):
-        print(f"== {key[0]} / {key[1]}: busy {busy[key] / 100:.2f} s, idle {idle[key] / 100:.2f} s")
+        print(f"== {key[0]} / {key[1]}: busy {busy[key] / rate:.2f} s, "
+              f"idle {idle[key] / rate:.2f} s")
         for label, samples in groups[key].most_common(8):
-            print(f"   {samples / 100:6.2f} s  {label}")
+            print(f"   {samples / rate:6.2f} s  {label}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+         int(sys.argv[3]) if len(sys.argv) > 3 else 100)
