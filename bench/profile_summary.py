@@ -8,9 +8,9 @@ and where inside pacs_ai they went. Used for docs/benchmarks.md:
 
 `rate` is py-spy's `-r` (samples per second, default 100). With `--gil` instead of `--idle`,
 py-spy samples only the thread holding each process's interpreter lock: the busy seconds are
-then the lock time per thread. Samples whose innermost frame is a wait (lock, select, queue, sleep) count as idle. py-spy
-shows pynetdicom's 1 ms polling sleeps as the polling function itself, so association
-threads look busier than they are.
+then the lock time per thread. Samples whose innermost frame is a wait (lock, select,
+queue, sleep) count as idle. py-spy shows pynetdicom's 1 ms polling sleeps as the polling
+function itself, so association threads look busier than they are.
 """
 
 from __future__ import annotations
