@@ -220,7 +220,7 @@ class PendingWork(Generic[T]):
         self._done: list[T] | None = None
         self._futures: list[Future[T]] = []
         self._generation = work._generation  # the pool these calls went to
-        if work._pool is None:
+        if work._pool is None or not calls:
             self._done = [function(*args) for function, args in calls]
             return
         try:

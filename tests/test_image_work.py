@@ -65,3 +65,9 @@ def test_a_crash_fails_only_its_image_with_a_second_batch_in_flight(crashing_wor
     # and the new helper keeps working
     (after,) = prepare(work, films(tmp_path, ["after"], marker)).results()
     assert after.status == "ok"
+
+
+def test_an_empty_batch_does_not_restart_the_helper(crashing_work):
+    work, _ = crashing_work
+    assert work.start_prepare([], FilterPolicy(), DEFAULT_MAX_PIXELS).results() == []
+    assert work._generation == 0
