@@ -5,6 +5,8 @@ decode pixels -> the one preprocessing function), then the model on a batch, so 
 the offline classifier give the same probability for the same file. When a backlog builds, a
 worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
 Decoding and building the SR run in a helper process (`pacs_ai.image_work`), the model here.
+Under a backlog the next batch is claimed, and its images handed to the helper, while this
+batch's reports are written; a worker that stops gives that batch back to pending.
 
 Outcomes per job: skipped (the filter's reason), failed at stage "classify" (the pixel path's
 reason) or "report" (the SR cannot be built), or reported (SR fsynced in outbox/, deliveries
