@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import structlog
@@ -126,6 +127,8 @@ class StorageSCP:
         self._server = None
         self._in_flight = 0
         self._in_flight_changed = threading.Condition()
+        # TLS connections accepted whose handshake has not finished: open connections too
+        self._awaiting_handshake: weakref.WeakSet[ssl.SSLSocket] = weakref.WeakSet()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -153,10 +156,10 @@ class StorageSCP:
             raise RuntimeError("the listener is not running")
         return int(self._server.server_address[1])
 
-    @staticmethod
-    def _on_connection_open(event: Event) -> None:
+    def _on_connection_open(self, event: Event) -> None:
         send_small_messages_at_once(event.assoc)
         read_pdus_in_large_chunks(event.assoc)
+        finish_tls_handshake(event, self._awaiting_handshake)
 
     def start(self) -> None:
         listener = self.config.listener
@@ -179,16 +182,22 @@ class StorageSCP:
         pynetdicom applies max_associations only once an association request arrives, and reads
         PDUs from a blocking socket: a peer that connects and stalls (or announces a huge PDU
         and sends nothing) would hold two threads forever. So every accepted socket gets the
-        network timeout, and open connections are capped at accept time.
+        network timeout, and open connections, TLS ones still in their handshake included, are
+        capped at accept time.
         """
         timeout = self.config.limits.network_timeout_seconds
         connection_cap = 2 * self.config.limits.max_associations
 
         def get_request() -> tuple[socket.socket, tuple[str, int]]:
             client, address = server.socket.accept()
-            client.settimeout(timeout)  # also bounds a TLS handshake done here
+            client.settimeout(timeout)  # also bounds the TLS handshake
             if server.ssl_context:
-                client = server.ssl_context.wrap_socket(client, server_side=True)
+                # The handshake happens on the connection's first read, in its own thread: done
+                # here, in the accept loop, one peer that never sends its ClientHello would stop
+                # every other connection for the whole network timeout.
+                client = server.ssl_context.wrap_socket(client, server_side=True,
+                                                        do_handshake_on_connect=False)
+                self._awaiting_handshake.add(client)
             return client, address
 
         allowed_networks = [ipaddress.ip_network(value, strict=False)
@@ -198,7 +207,7 @@ class StorageSCP:
             reason = None
             if allowed_networks and not _address_in(client_address[0], allowed_networks):
                 reason = "peer-address-not-allowed"
-            elif len(server.active_associations) >= connection_cap:
+            elif len(server.active_associations) + self._handshakes_pending() >= connection_cap:
                 reason = "connection-limit"
             if reason is None:
                 return True
@@ -209,6 +218,10 @@ class StorageSCP:
 
         server.get_request = get_request
         server.verify_request = admit_connection  # socketserver closes refused sockets
+
+    def _handshakes_pending(self) -> int:
+        """TLS connections still in their handshake (closed ones no longer count)."""
+        return sum(1 for sock in list(self._awaiting_handshake) if sock.fileno() != -1)
 
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let running associations finish for up to `grace_seconds`, abort the
@@ -359,3 +372,22 @@ def received_header(event: Event) -> Dataset:
     stream.seek(0)
     return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                         stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+
+
+def finish_tls_handshake(event: Event, awaiting: weakref.WeakSet) -> None:
+    """Complete a TLS connection's handshake in the connection's own thread (the accept loop
+    leaves it undone, see StorageSCP._harden), and record one that fails: a plain-TCP client on
+    the TLS port, an untrusted or missing client certificate, a peer that times out. Such a
+    connection is closed and its association ends; nothing else waits on it."""
+    raw = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(raw, ssl.SSLSocket):
+        return
+    try:
+        raw.do_handshake()
+    except (OSError, ValueError) as error:  # ssl.SSLError, timeouts, resets
+        metrics.REJECTED.labels(reason="tls-handshake-failed").inc()
+        log.warning("connection_refused", reason="tls-handshake-failed",
+                    peer=str(event.address[0]), error=str(error))
+        raw.close()  # pynetdicom then ends the association at once, not at its ACSE timeout
+    finally:
+        awaiting.discard(raw)

@@ -9,9 +9,11 @@ requires pacs-ai's client certificate.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pydicom
 import pytest
@@ -126,9 +128,12 @@ def test_storescu_over_tls_is_accepted_and_the_report_goes_out_over_tls(
         "no report reached the TLS PACS:\n" + tls_service.log_path.read_text()[-3000:])
     (report,) = stored_reports_for(tls_orthanc, study, uid)
     check_stored_report(tls_orthanc, report, tmp_path)
-    delivered = [e for e in tls_service.events() if e.get("event") == "report_delivered"
-                 and e.get("sop_instance_uid") == uid]
-    assert delivered and delivered[0]["status"] == "0x0000"
+    def delivered() -> list[dict]:  # logged once the PACS's answer is recorded, just after
+        return [e for e in tls_service.events() if e.get("event") == "report_delivered"
+                and e.get("sop_instance_uid") == uid]
+
+    assert wait_until(delivered, 10), tls_service.log_path.read_text()[-3000:]
+    assert delivered()[0]["status"] == "0x0000"
 
 
 def test_plain_and_wrongly_certified_connections_are_refused(tls_service, pki, tmp_path):
@@ -166,6 +171,58 @@ def test_plain_and_wrongly_certified_connections_are_refused(tls_service, pki, t
                    extra=tls_options(material.client_key, material.client_cert,
                                      material.ca_cert))
     assert good.returncode == 0, good.stdout + good.stderr
+    # Each refused handshake is recorded (4 above; the last one fails on storescu's side).
+    refused = [e for e in tls_service.events() if e.get("event") == "connection_refused"
+               and e.get("reason") == "tls-handshake-failed"]
+    assert len(refused) >= 3, refused
     # Refused handshakes leave no thread behind (bounded wait: the ACSE timeout is 3 s).
     assert wait_until(lambda: thread_count(tls_service.process.pid) <= threads_before, 20), (
         f"threads {threads_before} -> {thread_count(tls_service.process.pid)}")
+
+
+def test_a_peer_that_never_starts_its_handshake_holds_up_nobody(tls_service, pki):
+    """A TCP connection that never sends its TLS ClientHello (a port scanner, a stuck client)
+    must not stop the listener from accepting others until the network timeout (60 s here)."""
+    material, _ = pki
+    with socket.create_connection(("127.0.0.1", tls_service.port), timeout=5):
+        time.sleep(0.5)  # accepted by now
+        good = echoscu(tls_service.port, called_ae="PACS_AI", timeout_s=30,
+                       extra=tls_options(material.client_key, material.client_cert,
+                                         material.ca_cert))
+        assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_silent_tls_peers_are_capped_like_any_open_connection(tmp_path, pki):
+    """Peers stuck before their handshake each hold a thread until the network timeout, so
+    they count against the open-connection cap (2 x max_associations) like any other."""
+    material, _ = pki
+    config = write_service_config(
+        tmp_path, model=tiny_model(tmp_path),
+        tables={"tls": {"cert_file": str(material.server_cert),
+                        "key_file": str(material.server_key),
+                        "ca_file": str(material.ca_cert), "require_client_cert": True},
+                "limits": {"max_associations": 2, "network_timeout_seconds": 30,
+                           "acse_timeout_seconds": 2}})
+    with TLSServiceProcess(config, tmp_path / "serve.log",
+                           ssl_context=client_context(material)) as service:
+        threads_before = thread_count(service.process.pid)
+        silent = [socket.create_connection(("127.0.0.1", service.port), timeout=5)
+                  for _ in range(6)]
+        try:
+            assert wait_until(lambda: sum(
+                e.get("reason") == "connection-limit" for e in service.events()
+                if e.get("event") == "connection_refused") >= 2, 10), \
+                service.log_path.read_text()[-3000:]
+            assert thread_count(service.process.pid) <= threads_before + 4
+        finally:
+            for peer in silent:
+                peer.close()
+        # once they are gone (each admitted one ends as a failed handshake; pynetdicom ends its
+        # association at the ACSE timeout), no thread is left behind and a client gets in
+        assert wait_until(lambda: thread_count(service.process.pid) <= threads_before, 15)
+        good = echoscu(service.port, called_ae="PACS_AI", timeout_s=30,
+                       extra=tls_options(material.client_key, material.client_cert,
+                                         material.ca_cert))
+        assert good.returncode == 0, good.stdout + good.stderr
+    assert not any(e.get("event") == "associations_aborted_at_shutdown"
+                   for e in service.events())
