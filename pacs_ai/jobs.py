@@ -378,6 +378,26 @@ class JobStore:
 
     # --- operator commands ----------------------------------------------------------------
 
+    def redeliver(self, job_id: int) -> int:
+        """A re-sent image whose report could not be delivered (job failed at stage deliver):
+        its failed deliveries start again from the first attempt, as `pacs-ai retry` does for
+        all. Returns the number of deliveries requeued (0 when the job is in another state)."""
+        def body(db: sqlite3.Connection) -> int:
+            now = time.time()
+            job = db.execute("UPDATE jobs SET state = 'delivering', stage = NULL, reason = NULL, "
+                             "updated_at = ? WHERE id = ? AND state = 'failed' AND stage = "
+                             "'deliver' AND report_file IS NOT NULL", (now, job_id)).rowcount
+            if not job:
+                return 0
+            return db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, first_attempt_at = NULL, "
+                "next_attempt_at = ?, last_error = NULL WHERE job_id = ? AND state = 'failed'",
+                (now, job_id)).rowcount
+        requeued = self._write(body)
+        if requeued:
+            self._work_added()
+        return requeued
+
     def requeue_failed(self) -> tuple[int, int]:
         """`pacs-ai retry`: failed classifications go back to pending, failed deliveries are
         tried again from the start. Returns (jobs requeued, deliveries requeued)."""

@@ -321,7 +321,13 @@ class StorageSCP:
                                calling_ae_title=event.assoc.requestor.ae_title)
         existing = self.store.find(sop_instance_uid)
         if existing is not None and not accepts_resend(existing):
-            return StoreOutcome(SUCCESS), instance, 0, True  # already durable: idempotent
+            # already durable: idempotent; but a re-send is the modality asking again, so a
+            # report that could not be delivered is sent again (its image is not needed)
+            if existing.state == "failed" and existing.stage == "deliver":
+                requeued = self.store.redeliver(existing.id)
+                log.info("redelivery_requested", sop_instance_uid=sop_instance_uid,
+                         report_uid=existing.report_uid, deliveries=requeued)
+            return StoreOutcome(SUCCESS), instance, 0, True
 
         # The received bytes as they came, behind a Part 10 header, written from pynetdicom's
         # buffer: event.encoded_dataset() would copy a 10 MB film twice more in memory.

@@ -152,3 +152,28 @@ def test_backoff_continues_across_a_restart(tmp_path, tiny_model):
             assert wait_until(lambda: status(config)["jobs"]["done"] == 1, 30)
             assert restarted.terminate() == 0
     assert reported_sources(pacs) == list(sources)
+
+
+@pytest.mark.slow
+def test_resending_an_image_whose_report_could_not_be_delivered_delivers_it(tmp_path,
+                                                                            tiny_model):
+    """A modality re-sends when it sees no result; if the report was given up on (here the
+    PACS refused it), the re-send delivers that report again, without classifying again."""
+    with RecordingPacs(answer_status=0xA700) as pacs:
+        config = write_service_config(tmp_path, model=tiny_model,
+                                      destinations=[pacs.destination()],
+                                      tables={"retry": {"max_attempts": 1}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            film = synthetic_radiograph(seed=77)
+            assert SimulatedModality(service.port).send([film])[0].acknowledged
+            assert wait_until(lambda: status(config)["jobs"]["failed"] == 1, 30)
+            assert pacs.snapshot() == []
+
+            pacs.answer_status = 0x0000  # the PACS is fixed; the modality sends again
+            assert SimulatedModality(service.port).send([film])[0].acknowledged
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 1, 30), status(config)
+            assert reported_sources(pacs) == [str(film.SOPInstanceUID)]
+            events = service.events()
+            assert sum(e["event"] == "instance_classified" for e in events) == 1
+            assert any(e["event"] == "redelivery_requested" for e in events)
+            assert service.terminate() == 0

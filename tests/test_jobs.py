@@ -273,3 +273,24 @@ def test_a_resent_image_leaves_reported_and_delivery_failed_jobs_alone(store, sp
     assert not admit(store, spool, "1.6", b"again")
     assert not admit(store, spool, "1.7", b"again")
     assert store.find("1.6").state == "delivering" and store.find("1.7").state == "failed"
+
+
+def test_a_resent_image_redelivers_only_the_failed_deliveries_of_its_report(store, spool):
+    admit(store, spool, "1.1")
+    [job] = store.claim(1)
+    store.mark_reported(job.id, probability=0.5, finding="pneumonia", report_uid="2.25.7",
+                        report_file="outbox/2.25.7.dcm", classify_ms=1.0,
+                        destinations=["down", "up"])
+    store.delivery_succeeded(job.id, "up")
+    assert store.redeliver(job.id) == 0  # still delivering: nothing to do
+    settled = store.delivery_failed(job.id, "down", "refused: status 0xA700", retry_at=None)
+    assert settled.state == "failed" and settled.stage == "deliver"
+    wake = threading.Event()
+    store.notify_on_work(wake)
+    assert store.redeliver(job.id) == 1
+    assert wake.is_set()
+    assert store.find("1.1").state == "delivering"
+    [again] = store.due_deliveries("down", time.time(), 10)
+    assert again.attempts == 0
+    assert store.due_deliveries("up", time.time(), 10) == []  # delivered once is enough
+    assert store.redeliver(job.id) == 0
