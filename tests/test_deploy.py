@@ -451,10 +451,17 @@ def test_the_guide_commands_work_against_an_installed_service(
 
             health = json.loads(run_as_written(guide_command("curl -s http://127.0.0.1:9108/healthz")).stdout)
             assert health["ok"] is True
-            scrape = run_as_written(guide_command("curl -s http://127.0.0.1:9108/metrics")).stdout
+            # The PACS holds the report a moment before the sender has recorded its answer.
+            reported = re.compile(r'^pacs_ai_reported_total\{destination="main-pacs"\} [1-9]', re.M)
+            deadline = time.monotonic() + 10
+            while True:
+                scrape = run_as_written(
+                    guide_command("curl -s http://127.0.0.1:9108/metrics")).stdout
+                if reported.search(scrape) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert re.search(r"^pacs_ai_received_total [1-9]", scrape, flags=re.M)
-            assert re.search(r'^pacs_ai_reported_total\{destination="main-pacs"\} [1-9]', scrape,
-                             flags=re.M)
+            assert reported.search(scrape), scrape
             assert "`curl -fsS http://127.0.0.1:9108/healthz`" in GUIDE.read_text()
             run_as_written("curl -fsS http://127.0.0.1:9108/healthz")
             run_as_written(guide_command("sudo -u pacs-ai pacs-ai status"))
