@@ -6,6 +6,7 @@ The same steps as the service (filter, decode, preprocess, model), without the n
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Prepared:
     model_input: np.ndarray | None = None
     status: str = "ok"
     reason: str | None = None
+    seconds: float = 0.0  # reading, decoding and preprocessing this file took
 
 
 def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -125,6 +127,13 @@ def _model_input(image: np.ndarray) -> np.ndarray:
 
 
 def prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
+    started = time.perf_counter()
+    prepared = _prepare(path, policy, max_pixels)
+    prepared.seconds = time.perf_counter() - started
+    return prepared
+
+
+def _prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
     try:
         image = read_display_image(path, policy, max_pixels)
         return Prepared(path, model_input=_model_input(image))

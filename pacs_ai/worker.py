@@ -60,7 +60,6 @@ class _Batch:
     """Claimed jobs whose images the helper is preparing (or has prepared)."""
     jobs: list[Job]
     prepared: PendingWork[Prepared] | None
-    started: float
     error: Exception | None = None  # handing the images over failed: the batch fails with it
 
 
@@ -127,14 +126,13 @@ class ClassificationWorker(threading.Thread):
         jobs = self.store.claim(self.config.workers.batch_size)
         if not jobs:
             return None
-        started = time.perf_counter()
         try:
             prepared = self.image_work.start_prepare(
                 [self.spool.resolve(job.image_file) for job in jobs], self.config.filters,
                 self.config.limits.max_pixels)
         except Exception as error:  # settled with the batch, like any error while processing
-            return _Batch(list(jobs), None, started, error)
-        return _Batch(list(jobs), prepared, started)
+            return _Batch(list(jobs), None, error)
+        return _Batch(list(jobs), prepared)
 
     def _claim_next_batch(self) -> None:
         if self._next is not None or self.stop_event.is_set():
@@ -189,7 +187,6 @@ class ClassificationWorker(threading.Thread):
             raise batch.error or RuntimeError("batch without images")
         jobs = batch.jobs
         prepared = batch.prepared.results()
-        prepare_share = (time.perf_counter() - batch.started) / len(jobs)
         ready: list[_Ready] = []
         for job, item in zip(jobs, prepared):
             if item.status == "skipped":
@@ -201,7 +198,8 @@ class ClassificationWorker(threading.Thread):
             elif item.model_input is None:
                 self._fail(job, "classify", item.reason or "error")
             else:
-                ready.append(_Ready(job, item.model_input, prepare_share))
+                # the image's own decode time, not its wait behind other work in the helper
+                ready.append(_Ready(job, item.model_input, item.seconds))
         if not ready:
             return
         started = time.perf_counter()

@@ -94,3 +94,15 @@ def test_max_pixels_option_refuses_large_images(tiny_model):
                                 str(SAMPLE_DICOMS / entry["file"]))
     assert code == 1
     assert results[0]["status"] == "error" and results[0]["reason"].startswith("too-large: ")
+
+
+def test_prepare_says_how_long_the_file_took(tmp_path):
+    from pacs_ai.classify import prepare
+    from pacs_ai.filters import FilterPolicy
+    from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+
+    prepared = prepare(SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm", FilterPolicy(),
+                       DEFAULT_MAX_PIXELS)
+    assert prepared.status == "ok" and 0 < prepared.seconds < 60
+    missing = prepare(tmp_path / "none.dcm", FilterPolicy(), DEFAULT_MAX_PIXELS)
+    assert missing.status == "error" and missing.seconds > 0

@@ -73,6 +73,8 @@ def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, tiny_model):
     counts = store.job_counts()
     assert counts["classifying"] == 0 and counts["pending"] == 0
     assert len(list(spool.outbox.iterdir())) == 5
+    # each image's own decode + model time, measured where it ran
+    assert all(job.classify_ms and job.classify_ms > 0 for job in store.all_jobs())
 
 
 def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_worker_stops(backlog, tiny_model):
