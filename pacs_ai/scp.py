@@ -192,9 +192,9 @@ class StorageSCP:
             client, address = server.socket.accept()
             client.settimeout(timeout)  # also bounds the TLS handshake
             if server.ssl_context:
-                # The handshake happens on the connection's first read, in its own thread: done
-                # here, in the accept loop, one peer that never sends its ClientHello would stop
-                # every other connection for the whole network timeout.
+                # The handshake is done in the connection's own thread (finish_tls_handshake):
+                # done here, in the accept loop, one peer that never sends its ClientHello would
+                # stop every other connection for the whole network timeout.
                 client = server.ssl_context.wrap_socket(client, server_side=True,
                                                         do_handshake_on_connect=False)
                 self._awaiting_handshake.add(client)
