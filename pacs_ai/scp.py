@@ -37,7 +37,8 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
-from pacs_ai.sockets import read_pdus_in_large_chunks, send_small_messages_at_once
+from pacs_ai.sockets import (association_transport, read_pdus_in_large_chunks,
+                             send_small_messages_at_once)
 from pacs_ai.spool import Spool, SpoolFullError
 
 log = structlog.get_logger()
@@ -385,7 +386,7 @@ def finish_tls_handshake(event: Event, awaiting: weakref.WeakSet) -> None:
     leaves it undone, see StorageSCP._harden), and record one that fails: a plain-TCP client on
     the TLS port, an untrusted or missing client certificate, a peer that times out. Such a
     connection is closed and its association ends; nothing else waits on it."""
-    raw = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+    raw = getattr(association_transport(event.assoc), "socket", None)
     if not isinstance(raw, ssl.SSLSocket):
         return
     try:
