@@ -147,14 +147,6 @@ class ImageWork:
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_helper, initargs=self._log_args)
 
-    def prepare(self, paths: Sequence[Path], policy: FilterPolicy,
-                max_pixels: int) -> list[Prepared]:
-        return self.start_prepare(paths, policy, max_pixels).results()
-
-    def render_reports(self, items: Sequence[tuple[Path, float]], model: ModelInfo,
-                       sr_kind: str) -> list[RenderedReport]:
-        return self.start_render(items, model, sr_kind).results()
-
     def start_prepare(self, paths: Sequence[Path], policy: FilterPolicy,
                       max_pixels: int) -> PendingWork[Prepared]:
         """Hand the images to the helper now; `.results()` waits for them. The worker starts
