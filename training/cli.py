@@ -3,6 +3,8 @@
   train     train one named configuration on ROOT/train (validation split carved from it by
             patient), write the run folder with its report and model.pt
   evaluate  run a model file (through the service's contract) on a folder split and write a report
+  stress    the validation split under acquisition shifts (crop, borders, blur, markers...):
+            AUC, sensitivity, specificity per condition at the model's threshold, and the worst
   export    copy a run's model into a model file with a release version (the shipped model)
   table     the comparison table (markdown) of several runs' validation figures
 """
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="chest_xray root folder")
     train.add_argument("--out", type=Path, required=True, help="run folder to create")
     train.add_argument("--seed", type=int, default=0, help="seeds the split, weights and order")
+    train.add_argument("--split-seed", type=int,
+                       help="seed of the validation split only (default: --seed); ensemble "
+                            "members share one split and differ in --seed")
     train.add_argument("--epochs", type=int, help="override the configuration's epochs")
     train.add_argument("--validation-fraction", type=float, default=0.15)
     train.add_argument("--limit-per-class", type=int, help="first N images per class (smoke runs)")
@@ -44,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, default=DEFAULT_DATA)
     evaluate.add_argument("--split", default="val", help="sub-folder of --data (never tune on test)")
     evaluate.add_argument("--out", type=Path, required=True)
+
+    stress = commands.add_parser("stress", help="the validation split under acquisition shifts")
+    stress.add_argument("--model", type=Path, required=True)
+    stress.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    stress.add_argument("--split-file", type=Path,
+                        help="split.json naming the validation films (default: MODEL.split.json "
+                             "beside a released model, or the split.json of its run folder)")
+    stress.add_argument("--out", type=Path, required=True)
+    stress.add_argument("--conditions", help="comma-separated condition names (default: all)")
+    stress.add_argument("--limit-per-class", type=int, help="first N films per class (smoke runs)")
 
     export = commands.add_parser("export", help="release a run's model file under a version")
     export.add_argument("--run", type=Path, required=True)
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_train(args: argparse.Namespace) -> int:
     import torch
 
-    from training.data import load_split
+    from training.data import load_pictures, load_split
     from training.models import CONFIGS
     from training.split import make_split, save_split
     from training.train import train_run
@@ -74,13 +89,16 @@ def command_train(args: argparse.Namespace) -> int:
     config = CONFIGS[args.config]
     images = load_split(args.data, "train", limit_per_class=args.limit_per_class,
                         progress=not args.quiet)
-    split = make_split(images, args.validation_fraction, args.seed)
+    if config.augment_pictures:
+        images = load_pictures(images, progress=not args.quiet)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    split = make_split(images, args.validation_fraction, split_seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_split(split, images, args.out / "split.json", args.seed)
+    save_split(split, images, args.out / "split.json", split_seed)
     data_description = {
         "source": "Kermany et al. 2018 pediatric chest X-ray (CC BY 4.0), official train/ only",
         "train_images": len(split["train"]), "validation_images": len(split["validation"]),
-        "validation_fraction": args.validation_fraction, "split_seed": args.seed,
+        "validation_fraction": args.validation_fraction, "split_seed": split_seed,
     }
     metrics = train_run(config, images.subset(split["train"]), images.subset(split["validation"]),
                         args.out, seed=args.seed, epochs=args.epochs, version=args.version,
@@ -114,6 +132,17 @@ def command_evaluate(args: argparse.Namespace) -> int:
                            title=f"{args.split}")
     print(json.dumps({k: metrics[k] for k in ("count", "accuracy", "sensitivity", "specificity",
                                               "roc_auc", "ece")}))
+    return 0
+
+
+def command_stress(args: argparse.Namespace) -> int:
+    from training.stress import run_stress
+
+    names = args.conditions.split(",") if args.conditions else None
+    summary = run_stress(args.model, args.data, args.out, args.split_file, names,
+                         args.limit_per_class)
+    print((args.out / "stress.md").read_text())
+    print(json.dumps({"worst": summary["worst"], "mean_shifted": summary["mean_shifted"]}))
     return 0
 
 
@@ -192,6 +221,7 @@ def command_table(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": command_train, "evaluate": command_evaluate, "export": command_export,
+    handler = {"train": command_train, "evaluate": command_evaluate, "stress": command_stress,
+               "export": command_export,
                "table": command_table}[args.command]
     return handler(args)

@@ -1,0 +1,149 @@
+"""The stress test: the validation split under the acquisition shifts of training.shifts.
+
+`python -m training stress --model FILE [--split-file SPLIT.json] --out DIR`
+
+A validation split carved from train/ is in-distribution: it cannot show that a model reads the
+field of view instead of the lungs. Here every validation film is put through each shift (from its
+own pixels, before the service's preprocessing), classified through the model-file contract at the
+model's stored threshold, and scored: AUC, sensitivity, specificity and accuracy per condition,
+and the worst condition for each. Recipes and threshold rules are chosen on these figures together
+with the unshifted ones (docs/generalisation.md). Nothing here reads a test split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+
+from pacs_ai.imaging import to_model_input
+from training.report import metrics_at
+from training.shifts import CONDITIONS, StressCondition
+
+Predict = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 200, 200] -> probabilities [N]
+REPORTED = ("roc_auc", "sensitivity", "specificity", "accuracy")
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A film file as float32 grey levels 0-255, as the training data is read."""
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("L"), dtype=np.float32)
+
+
+def validation_files(split_file: Path, data: Path) -> tuple[list[Path], np.ndarray]:
+    """The validation films named in a split.json (written by `train`) and their labels."""
+    from training.data import list_split
+
+    names = json.loads(Path(split_file).read_text())["validation"]
+    by_name = {path.name: (path, label) for path, label in list_split(data, "train")}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise SystemExit(f"{split_file}: {len(missing)} validation files are not in {data}/train, "
+                         f"e.g. {missing[0]}")
+    return [by_name[n][0] for n in names], np.array([by_name[n][1] for n in names])
+
+
+def shifted_inputs(pictures: list[np.ndarray], condition: StressCondition,
+                   seed: int = 0) -> np.ndarray:
+    """Model inputs [N, 1, 200, 200] of every picture under one condition (seeded per film, so
+    a condition with randomness gives the same films every time)."""
+    inputs = np.empty((len(pictures), 1, 200, 200), dtype=np.float32)
+    for index, picture in enumerate(pictures):
+        rng = np.random.default_rng([seed, index])
+        inputs[index] = to_model_input(condition.apply(picture, rng))
+    return inputs
+
+
+def stress_probabilities(predict: Predict, pictures: list[np.ndarray],
+                         conditions: Iterable[StressCondition] = CONDITIONS,
+                         batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Probabilities of pneumonia per condition name."""
+    results = {}
+    for condition in conditions:
+        inputs = shifted_inputs(pictures, condition)
+        results[condition.name] = np.concatenate(
+            [predict(inputs[start:start + batch_size])
+             for start in range(0, len(inputs), batch_size)])
+    return results
+
+
+def summarise(probabilities: dict[str, np.ndarray], labels: np.ndarray,
+              threshold: float) -> dict:
+    """Figures per condition at the threshold, and the worst shifted condition per figure."""
+    rows = {}
+    for name, values in probabilities.items():
+        metrics = metrics_at(values, labels, threshold)
+        rows[name] = {key: metrics[key] for key in REPORTED}
+        rows[name]["confusion"] = metrics["confusion_matrix"]["rows_true_columns_predicted"]
+    shifted = {name: row for name, row in rows.items() if name != "none"}
+    worst = {}
+    for key in REPORTED:
+        if shifted:
+            name = min(shifted, key=lambda n: shifted[n][key])
+            worst[key] = {"condition": name, "value": shifted[name][key]}
+    mean_shifted = {key: float(np.mean([row[key] for row in shifted.values()]))
+                    for key in REPORTED} if shifted else {}
+    return {"threshold": threshold, "count": int(labels.size),
+            "normal": int((labels == 0).sum()), "pneumonia": int((labels == 1).sum()),
+            "conditions": rows, "worst": worst, "mean_shifted": mean_shifted}
+
+
+def markdown_table(summary: dict, title: str = "") -> str:
+    descriptions = {c.name: c.description for c in CONDITIONS}
+    lines = [f"### {title}" if title else "",
+             f"{summary['count']} validation films ({summary['normal']} normal, "
+             f"{summary['pneumonia']} pneumonia), threshold {summary['threshold']:.3f}", "",
+             "| condition | AUC | sensitivity | specificity | accuracy | what |",
+             "|---|---|---|---|---|---|"]
+    for name, row in summary["conditions"].items():
+        lines.append(f"| {name} | {row['roc_auc']:.3f} | {row['sensitivity']:.3f} | "
+                     f"{row['specificity']:.3f} | {row['accuracy']:.3f} | "
+                     f"{descriptions.get(name, '')} |")
+    if summary["worst"]:
+        worst = summary["worst"]
+        mean = summary["mean_shifted"]
+        lines.append(f"| **worst shifted** | {worst['roc_auc']['value']:.3f} "
+                     f"({worst['roc_auc']['condition']}) | {worst['sensitivity']['value']:.3f} "
+                     f"({worst['sensitivity']['condition']}) | "
+                     f"{worst['specificity']['value']:.3f} ({worst['specificity']['condition']}) | "
+                     f"{worst['accuracy']['value']:.3f} ({worst['accuracy']['condition']}) | |")
+        lines.append(f"| **mean shifted** | {mean['roc_auc']:.3f} | {mean['sensitivity']:.3f} | "
+                     f"{mean['specificity']:.3f} | {mean['accuracy']:.3f} | |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def default_split_file(model_path: Path) -> Path | None:
+    """The split a model was validated on: MODEL.split.json beside a released file, or the
+    split.json of the run folder that holds model.pt."""
+    for candidate in (model_path.with_suffix(".split.json"), model_path.parent / "split.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None = None,
+               condition_names: list[str] | None = None, limit: int | None = None) -> dict:
+    from pacs_ai.model import PneumoniaModel
+
+    model = PneumoniaModel.load(model_path)
+    split_file = split_file or default_split_file(model_path)
+    if split_file is None:
+        raise SystemExit(f"no split file for {model_path}: pass --split-file (a run's split.json)")
+    paths, labels = validation_files(split_file, data)
+    if limit:
+        keep = np.r_[np.flatnonzero(labels == 0)[:limit], np.flatnonzero(labels == 1)[:limit]]
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    conditions = [c for c in CONDITIONS if not condition_names or c.name in condition_names]
+    pictures = [read_picture(path) for path in paths]
+    probabilities = stress_probabilities(model.predict, pictures, conditions)
+    summary = summarise(probabilities, labels, model.info.threshold)
+    summary.update(model=str(model_path), model_label=model.info.label,
+                   split_file=str(split_file))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stress.json").write_text(json.dumps(summary, indent=2))
+    np.savez_compressed(out / "stress_probabilities.npz", labels=labels, **probabilities)
+    (out / "stress.md").write_text(markdown_table(summary, model.info.label))
+    return summary
