@@ -35,6 +35,9 @@ class ImageSet:
     patients: list[str]
     digests: list[str]
     inputs: np.ndarray
+    # the films' own grey levels, uint8 [N, PICTURE_SIZE, PICTURE_SIZE], for augmentation before
+    # the preprocessing (load_pictures); None when a recipe does not need them
+    pictures: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,7 +46,8 @@ class ImageSet:
         indices = np.asarray(indices, dtype=np.int64)
         return ImageSet([self.paths[i] for i in indices], self.labels[indices],
                         [self.patients[i] for i in indices], [self.digests[i] for i in indices],
-                        self.inputs[indices])
+                        self.inputs[indices],
+                        None if self.pictures is None else self.pictures[indices])
 
 
 def patient_of(path: Path) -> str:
@@ -93,6 +97,35 @@ def load_split(root: Path, split: str, cache_dir: Path = DEFAULT_CACHE_DIR,
         np.save(temporary, inputs)
         temporary.rename(cache_file)
     return ImageSet(paths, labels, [patient_of(p) for p in paths], digests, np.asarray(inputs))
+
+
+PICTURE_SIZE = 224  # the shared copies' size; other sources are squashed to it, as the service does
+
+
+def load_pictures(images: ImageSet, cache_dir: Path = DEFAULT_CACHE_DIR,
+                  progress: bool = True) -> ImageSet:
+    """The same images with their grey levels attached (uint8, squashed to PICTURE_SIZE), cached
+    like the inputs: augmentation that changes the field of view, borders or texture must act
+    before the rank equalisation, as a site's different film would."""
+    key = hashlib.sha256(json.dumps(["pictures", PICTURE_SIZE, [p.name for p in images.paths],
+                                     images.digests]).encode()).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"pictures-{key}.npy"
+    if cache_file.is_file():
+        pictures = np.load(cache_file, mmap_mode="r")
+    else:
+        pictures = np.empty((len(images), PICTURE_SIZE, PICTURE_SIZE), dtype=np.uint8)
+        for index, path in enumerate(_progress(images.paths, "reading pictures", progress)):
+            with Image.open(path) as picture:
+                grey = picture.convert("L")
+                if grey.size != (PICTURE_SIZE, PICTURE_SIZE):
+                    grey = grey.resize((PICTURE_SIZE, PICTURE_SIZE), Image.Resampling.BILINEAR)
+                pictures[index] = np.asarray(grey)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(".tmp.npy")
+        np.save(temporary, pictures)
+        temporary.rename(cache_file)
+    return ImageSet(images.paths, images.labels, images.patients, images.digests, images.inputs,
+                    np.asarray(pictures))
 
 
 def _progress(iterable, description: str, enabled: bool):

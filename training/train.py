@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.augment import augment_batch
+from training.augment import augment_batch, augment_pictures
 from training.data import ImageSet
 from training.export import build_metadata, export_model
 from training.models import TrainingConfig, build_network
@@ -89,14 +89,19 @@ def train_run(config: TrainingConfig, train_set: ImageSet, validation_set: Image
                            mininterval=5.0, leave=False)
         for start in batches:
             index = np.sort(order[start:start + config.batch_size])
-            images = torch.from_numpy(np.asarray(train_set.inputs[index], dtype=np.float32)).unsqueeze(1)
             labels = torch.from_numpy(train_set.labels[index]).float()
+            if config.augment_pictures:
+                images = augment_pictures(torch.from_numpy(train_set.pictures[index]), generator)
+            else:
+                images = torch.from_numpy(
+                    np.asarray(train_set.inputs[index], dtype=np.float32)).unsqueeze(1)
             if config.augment:
                 images = augment_batch(images, generator)
             images, labels = images.to(device), labels.to(device)
             logits = network(images)
             weights = torch.where(labels > 0.5, weight_pneumonia, weight_normal)
-            loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+            targets = labels * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
+            loss = F.binary_cross_entropy_with_logits(logits, targets, weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
