@@ -41,6 +41,13 @@ class ModelInfo:
     threshold: float
     output_kind: str  # "logit" or "probability"
     metadata: dict[str, Any]
+    # The population the model is for, from metadata "intended_use" (None: not stated).
+    # Ages in years, [min, max]: a patient is in range when min <= age < max + 1, so [1, 5]
+    # takes a child of 5 years 11 months and not one of 6 months. The service replaces this and
+    # `threshold` with the site's values where [model] overrides them
+    # (pacs_ai.intended_use.site_model_info); the file's own stay in `metadata`.
+    intended_age_years: tuple[float, float] | None = None
+    intended_views: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -90,9 +97,39 @@ def validate_metadata(metadata: Any) -> ModelInfo:
     threshold = metadata["threshold"]
     if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
         raise ModelContractError(f"model threshold {threshold!r} must be a number in [0, 1]")
+    age_years, views = _intended_use(metadata.get("intended_use"))
     return ModelInfo(name=str(metadata["name"]), version=str(metadata["version"]),
                      threshold=float(threshold), output_kind=metadata["output"],
-                     metadata=metadata)
+                     metadata=metadata, intended_age_years=age_years, intended_views=views)
+
+
+MAX_AGE_YEARS = 150  # an upper bound for age ranges; older stated ages are not believed
+
+
+def _intended_use(intended_use: Any) -> tuple[tuple[float, float] | None, tuple[str, ...] | None]:
+    """(age range, views) from the optional "intended_use" object, e.g.
+    {"age_years": [1, 5], "views": ["PA", "AP"]}; either key may be absent."""
+    if intended_use is None:
+        return None, None
+    if not isinstance(intended_use, dict):
+        raise ModelContractError("model intended_use must be a JSON object such as "
+                                 '{"age_years": [1, 5], "views": ["PA", "AP"]}')
+    age_years = intended_use.get("age_years")
+    if age_years is not None:
+        if (not isinstance(age_years, list) or len(age_years) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in age_years)
+                or not 0 <= age_years[0] <= age_years[1] <= MAX_AGE_YEARS):
+            raise ModelContractError(f"model intended_use age_years {age_years!r} must be "
+                                     f"[min, max] in years with 0 <= min <= max <= {MAX_AGE_YEARS}")
+        age_years = (float(age_years[0]), float(age_years[1]))
+    views = intended_use.get("views")
+    if views is not None:
+        if not isinstance(views, list) or not all(isinstance(v, str) for v in views):
+            raise ModelContractError(f"model intended_use views {views!r} must be a list of "
+                                     'View Position values such as ["PA", "AP"]')
+        views = tuple(v.strip().upper() for v in views)
+    return age_years, views
 
 
 class PneumoniaModel:
