@@ -5,6 +5,8 @@
   evaluate  run a model file (through the service's contract) on a folder split and write a report
   stress    the validation split under acquisition shifts (crop, borders, blur, markers...):
             AUC, sensitivity, specificity per condition at the model's threshold, and the worst
+  ensemble  several runs of one split as one model file (mean logit), with the out-of-distribution
+            score fitted on their training films and the threshold rule applied to the ensemble
   export    copy a run's model into a model file with a release version (the shipped model)
   table     the comparison table (markdown) of several runs' validation figures
 """
@@ -59,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--out", type=Path, required=True)
     stress.add_argument("--conditions", help="comma-separated condition names (default: all)")
     stress.add_argument("--limit-per-class", type=int, help="first N films per class (smoke runs)")
+
+    ensemble = commands.add_parser("ensemble", help="several runs as one model file")
+    ensemble.add_argument("--runs", type=Path, nargs="+", required=True)
+    ensemble.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ensemble.add_argument("--out", type=Path, required=True,
+                          help="folder for the report, summary and model.pt")
+    ensemble.add_argument("--version", default="dev")
+    ensemble.add_argument("--name", default="pacs-ai-pneumonia")
+    ensemble.add_argument("--age-years", type=float, nargs=2, metavar=("MIN", "MAX"),
+                          default=(1, 5), help="intended ages in years stored in the model file "
+                                               "(default 1 5: the training data's children)")
 
     export = commands.add_parser("export", help="release a run's model file under a version")
     export.add_argument("--run", type=Path, required=True)
@@ -146,6 +159,16 @@ def command_stress(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_ensemble(args: argparse.Namespace) -> int:
+    from training.ensemble import build_ensemble
+
+    intended_use = {"age_years": list(args.age_years), "views": ["PA", "AP"]}
+    summary = build_ensemble(args.runs, args.data, args.out, args.version, args.name,
+                             intended_use)
+    print(json.dumps(summary))
+    return 0
+
+
 def command_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -222,6 +245,7 @@ def command_table(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": command_train, "evaluate": command_evaluate, "stress": command_stress,
+               "ensemble": command_ensemble,
                "export": command_export,
                "table": command_table}[args.command]
     return handler(args)

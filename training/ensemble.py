@@ -1,0 +1,176 @@
+"""Several trained networks as one model file: mean logit, plus an out-of-distribution score.
+
+`python -m training ensemble --runs RUN... --output FILE --version V`
+
+Members are runs of one validation split (`train --split-seed S --seed W`), so the ensemble's
+validation figures are as honest as each member's. The exported TorchScript module keeps the
+contract's `forward` (input [N, 1, 200, 200] -> [N] logits) and adds `forward_with_ood`
+([N] logits, [N] out-of-distribution scores) from one pass through the members.
+
+The out-of-distribution score (Lee et al., NeurIPS 2018): each member's pooled features (the
+global average pool before its last linear layer) are compared with a Gaussian per class with
+a shared covariance, fitted on the member's training films; the score is the smaller squared
+Mahalanobis distance of the two classes divided by the feature count (about 1 for a typical
+training film), averaged over members. The abstention threshold is the validation split's
+ABSTAIN_QUANTILE: about 1.5 % of validation films would abstain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+ABSTAIN_QUANTILE = 0.985
+SHRINKAGE = 0.05  # covariance shrinkage towards its mean variance: a few thousand films, D ~ 128
+OOD_METHOD = ("mean over members of min over classes of the squared Mahalanobis distance of the "
+              "pooled features (shared covariance, fitted on the members' training films) / D")
+
+
+def split_member(network: nn.Sequential) -> Tuple[nn.Sequential, nn.Module]:
+    """(body up to the pooled features, the final linear layer) of a pacs_cnn-style network:
+    [..., AdaptiveAvgPool2d, Flatten, Dropout?, Linear, Logit]."""
+    layers = list(network)
+    flatten = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Flatten))
+    linear = [layer for layer in layers[flatten + 1:] if isinstance(layer, nn.Linear)]
+    if len(linear) != 1:
+        raise ValueError("member must end in Flatten, [Dropout], one Linear, Logit")
+    return nn.Sequential(*layers[:flatten + 1]), linear[0]
+
+
+class EnsembleNetwork(nn.Module):
+    """Members' mean logit and their Mahalanobis out-of-distribution score."""
+
+    def __init__(self, members: List[nn.Sequential]):
+        super().__init__()
+        bodies, heads = zip(*(split_member(member) for member in members))
+        self.bodies = nn.ModuleList(bodies)
+        self.heads = nn.ModuleList(heads)
+        width = heads[0].in_features
+        # per member: class means [2, D] and the shared precision [D, D]; identity until fitted
+        self.register_buffer("class_means", torch.zeros(len(members), 2, width))
+        self.register_buffer("precisions", torch.eye(width).repeat(len(members), 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_ood(x)[0]
+
+    @torch.jit.export
+    def forward_with_ood(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        scores = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        index = 0
+        for body, head in zip(self.bodies, self.heads):
+            features = body(x)
+            logits = logits + head(features).reshape(-1)
+            scores = scores + self._mahalanobis(features, index)
+            index += 1
+        return logits / index, scores / index
+
+    def _mahalanobis(self, features: torch.Tensor, member: int) -> torch.Tensor:
+        centred = features.unsqueeze(1) - self.class_means[member].unsqueeze(0)  # [N, 2, D]
+        distances = torch.einsum("ncd,de,nce->nc", centred, self.precisions[member], centred)
+        return distances.min(dim=1).values / features.shape[1]
+
+
+def fit_gaussians(features: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Class means [2, D] and the shrunk shared precision [D, D] of features [N, D]."""
+    features = features.astype(np.float64)
+    means = np.stack([features[labels == c].mean(0) for c in (0, 1)])
+    centred = features - means[labels]
+    covariance = centred.T @ centred / len(features)
+    target = np.trace(covariance) / covariance.shape[0]
+    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * target * np.eye(covariance.shape[0])
+    return means, np.linalg.inv(covariance)
+
+
+@torch.inference_mode()
+def features_of(body: nn.Module, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    body.eval()
+    out = [body(torch.from_numpy(np.asarray(inputs[i:i + batch_size], np.float32)).unsqueeze(1))
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def fit_ood(ensemble: EnsembleNetwork, train_inputs: np.ndarray, train_labels: np.ndarray) -> None:
+    for member, body in enumerate(ensemble.bodies):
+        means, precision = fit_gaussians(features_of(body, train_inputs), train_labels)
+        ensemble.class_means[member] = torch.from_numpy(means).float()
+        ensemble.precisions[member] = torch.from_numpy(precision).float()
+
+
+@torch.inference_mode()
+def ensemble_outputs(ensemble: EnsembleNetwork, inputs: np.ndarray,
+                     batch_size: int = 128) -> Tuple[np.ndarray, np.ndarray]:
+    """(probabilities, out-of-distribution scores) for inputs [N, 200, 200]."""
+    ensemble.eval()
+    probabilities, scores = [], []
+    for start in range(0, len(inputs), batch_size):
+        batch = torch.from_numpy(np.asarray(inputs[start:start + batch_size], np.float32))
+        logits, ood = ensemble.forward_with_ood(batch.unsqueeze(1))
+        probabilities.append(torch.sigmoid(logits).numpy())
+        scores.append(ood.numpy())
+    return np.concatenate(probabilities), np.concatenate(scores)
+
+
+def load_member(run: Path) -> Tuple[nn.Sequential, dict[str, Any]]:
+    from training.models import CONFIGS, build_network
+
+    config = json.loads((run / "config.json").read_text())
+    network = build_network(CONFIGS[config["name"]])
+    network.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True))
+    return network.eval(), config
+
+
+def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
+                   name: str = "pacs-ai-pneumonia",
+                   intended_use: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the OOD score, choose the threshold, write the report and export the model file."""
+    from training.data import load_split
+    from training.export import build_metadata, export_model
+    from training.report import THRESHOLD_RULE, choose_threshold, write_report
+
+    splits = [json.loads((run / "split.json").read_text()) for run in runs]
+    if any(split["validation"] != splits[0]["validation"] for split in splits):
+        raise SystemExit("ensemble members must share one validation split (train --split-seed)")
+    images = load_split(data, "train", progress=False)
+    index_of = {path.name: i for i, path in enumerate(images.paths)}
+    train = images.subset([index_of[n] for n in splits[0]["train"]])
+    validation = images.subset([index_of[n] for n in splits[0]["validation"]])
+
+    members, configs = zip(*(load_member(run) for run in runs))
+    ensemble = EnsembleNetwork(list(members))
+    fit_ood(ensemble, train.inputs, train.labels)
+    probabilities, scores = ensemble_outputs(ensemble, validation.inputs)
+    threshold = choose_threshold(probabilities, validation.labels)
+    ood_threshold = float(np.quantile(scores, ABSTAIN_QUANTILE))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = write_report(out / "report", probabilities, validation.labels, threshold,
+                           title=f"ensemble of {len(runs)}")
+    summary = {key: metrics[key] for key in ("accuracy", "sensitivity", "specificity", "roc_auc",
+                                             "sensitivity_at_specificity_0.90", "ece", "count")}
+    ood = {"method": OOD_METHOD, "threshold": ood_threshold,
+           "validation_abstention": float((scores > ood_threshold).mean()),
+           "threshold_rule": f"the validation split's {ABSTAIN_QUANTILE:g} quantile",
+           "train_films": len(train)}
+    metadata = build_metadata(
+        name=name, version=version, threshold=threshold, threshold_rule=THRESHOLD_RULE,
+        output="logit",
+        architecture=f"ensemble of {len(runs)} x {configs[0]['description']}; mean logit",
+        training={"members": [{"config": c["name"], "seed": c["seed"], "epochs": c["epochs"]}
+                              for c in configs],
+                  "config": configs[0]["name"],
+                  "split": "validation carved from train/ by patient and duplicate groups "
+                           f"(split seed {splits[0]['seed']}); see the .split.json beside it"},
+        validation_metrics=summary, ood=ood,
+        **({"intended_use": intended_use} if intended_use else {}))
+    np.save(out / "validation_probabilities.npy", probabilities)
+    np.save(out / "validation_ood_scores.npy", scores)
+    (out / "split.json").write_text(json.dumps(splits[0], indent=1))
+    (out / "summary.json").write_text(json.dumps({"threshold": threshold, **summary, "ood": ood},
+                                                 indent=2))
+    export_model(ensemble, out / "model.pt", metadata)
+    return {"threshold": threshold, **summary, "ood": ood}
