@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
+from pacs_ai.model import MAX_AGE_YEARS
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
 # The SOP classes a chest film arrives as. Keywords or dotted UIDs are accepted in the config.
@@ -73,6 +74,10 @@ class StorageConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: Path | None = None  # None: the shipped model (pacs_ai.model.default_model_path)
+    # The site's settings over the model file's own; None: the file's (pacs_ai.intended_use).
+    threshold: float | None = None
+    min_age_years: float | None = None
+    max_age_years: float | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,11 @@ class _Table:
         _check_range(self, key, value, minimum, maximum)
         return float(value)
 
+    def optional_number(self, key: str, *, minimum: float, maximum: float) -> float | None:
+        """A number in [minimum, maximum], or None when the key is absent."""
+        present, _ = self._raw(key)
+        return self.number(key, math.nan, minimum=minimum, maximum=maximum) if present else None
+
     def boolean(self, key: str, default: bool) -> bool:
         present, value = self._raw(key)
         if not present:
@@ -406,7 +416,16 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     t.finish()
 
     t = table("model")
-    model = ModelConfig(path=t.path("path", None, base_dir, must_exist=True))
+    model = ModelConfig(
+        path=t.path("path", None, base_dir, must_exist=True),
+        threshold=t.optional_number("threshold", minimum=0.0, maximum=1.0),
+        min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
+        max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
+    )
+    if (model.min_age_years is not None and model.max_age_years is not None
+            and model.min_age_years > model.max_age_years):
+        raise t.fail("min_age_years", f"{model.min_age_years:g} is above max_age_years "
+                                      f"{model.max_age_years:g}")
     t.finish()
 
     t = table("workers")
@@ -482,7 +501,8 @@ def parse_filter_policy(data: Any) -> FilterPolicy:
     here: lists become tuples, integers are accepted where a float is expected.
     """
     t = _Table(data, "[filters]")
-    fields = {f.name: f for f in dataclasses.fields(FilterPolicy)}
+    fields = {f.name: f for f in dataclasses.fields(FilterPolicy)
+              if f.name in FilterPolicy.field_names()}  # not the model's intended age
     unknown = sorted(set(t.data) - set(fields))
     if unknown:
         raise ConfigError(f"[filters]: unknown key {unknown[0]!r}; the keys of [filters] are: "

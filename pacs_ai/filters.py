@@ -6,17 +6,23 @@ skipped; broken pixel data is a different thing, found later by `pacs_ai.pixels`
 error. Skip codes, checked in this order:
 
     unsupported-sop-class, unsupported-modality, multi-frame, colour, not-monochrome,
-    not-chest, not-frontal
+    not-chest, not-frontal, outside-intended-age
+
+The last is the model's intended population (`pacs_ai.intended_use`): it is no [filters] key,
+start-up sets it from the model file and [model] min_age_years/max_age_years.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+
+from pacs_ai.intended_use import in_range, outside_reason, patient_age
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -37,9 +43,11 @@ def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FilterPolicy:
-    """What to classify. Every field is a TOML-friendly type, so a config table maps straight
-    onto it: ``FilterPolicy(**config["filters"])``. Lists are accepted and stored as tuples;
-    text values are compared case-insensitively. An empty tuple means "no restriction"."""
+    """What to classify. Every field but the last is a TOML-friendly type, so a config table
+    maps straight onto it: ``FilterPolicy(**config["filters"])``. Lists are accepted and stored
+    as tuples; text values are compared case-insensitively. An empty tuple means "no
+    restriction". The last, `intended_age_years`, comes from the model, not from [filters]:
+    see :meth:`with_intended_age`."""
 
     # SOP Class UIDs to classify: CR Image, DX For Presentation, DX For Processing.
     sop_class_uids: tuple[str, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
@@ -63,24 +71,40 @@ class FilterPolicy:
     # Classify an image that has neither View Position nor View Code Sequence (several CR
     # readers leave both empty). Off by default, as for the body part.
     allow_missing_view_position: bool = False
+    # The effective age range of the model in use, [min, max] years (min <= age < max + 1), or
+    # None: no age check. Not a [filters] key: start-up sets it from the model file and
+    # [model] min_age_years/max_age_years (pacs_ai.intended_use.site_model_info).
+    intended_age_years: tuple[float, float] | None = field(default=None,
+                                                            metadata={"config": False})
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.type in ("bool", bool):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not item.metadata.get("config", True):
+                continue
+            if item.type in ("bool", bool):
                 if not isinstance(value, bool):
-                    raise ValueError(f"filter {field.name} must be true or false, not {value!r}")
+                    raise ValueError(f"filter {item.name} must be true or false, not {value!r}")
             else:
-                object.__setattr__(self, field.name, _text_tuple(field.name, value))
+                object.__setattr__(self, item.name, _text_tuple(item.name, value))
+        if self.intended_age_years is not None:
+            low, high = (float(v) for v in self.intended_age_years)
+            object.__setattr__(self, "intended_age_years", (low, high))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(field.name for field in fields(cls))
+        """The [filters] keys."""
+        return tuple(item.name for item in fields(cls) if item.metadata.get("config", True))
+
+    def with_intended_age(self, age_years: tuple[float, float] | None) -> "FilterPolicy":
+        """This policy with the model's effective age range (ModelInfo.intended_age_years)."""
+        return dataclasses.replace(self, intended_age_years=age_years)
 
 
 def skip_reason(ds: Dataset, policy: FilterPolicy = FilterPolicy()) -> str | None:
     """None when the model may classify this instance, else a reason 'code: detail'."""
-    for check in (_sop_class, _modality, _frames, _colour, _monochrome, _body_part, _view):
+    for check in (_sop_class, _modality, _frames, _colour, _monochrome, _body_part, _view,
+                  _age):
         reason = check(ds, policy)
         if reason is not None:
             return reason
@@ -164,6 +188,15 @@ def _view(ds: Dataset, policy: FilterPolicy) -> str | None:
                 "allow_missing_view_position = true to classify such images")
     described = position or "/".join(view_codes)
     return f"not-frontal: view is {described}, not one of {', '.join(policy.view_positions)}"
+
+
+def _age(ds: Dataset, policy: FilterPolicy) -> str | None:
+    if policy.intended_age_years is None:
+        return None
+    age = patient_age(ds)  # None: no usable age, classified (many films carry none)
+    if age is None or in_range(age.years, policy.intended_age_years):
+        return None
+    return outside_reason(age, policy.intended_age_years)
 
 
 def _code_values(sequence: Any) -> list[str]:

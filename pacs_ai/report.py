@@ -10,7 +10,8 @@ Content (TID 1500 Imaging Measurement Report, as the IHE AI Results profile uses
         Measurement Group (TID 1501)
           Tracking Identifier + Tracking Unique Identifier
           Finding Site = Lung (SCT 39607008)
-          Algorithm Name / Version / Parameters ("threshold=<t>")
+          Algorithm Name / Version / Parameters ("threshold=<t>", and
+            "intended_age_years=<min>-<max>" when an age range is in force)
           Probability (DCM 122157) = p, unit UCUM "1"     <- the model output, 0..1
           Pneumonia (SCT 233604007) = Present (SCT 52101004) | Absent (SCT 272519000)
           Source = the source image
@@ -68,6 +69,7 @@ from pydicom.valuerep import DA, TM, validate_value
 
 import pacs_ai
 from pacs_ai.highdicom_tables import use_lazy_module_table
+from pacs_ai.intended_use import format_age_range
 from pacs_ai.model import ModelInfo
 from pacs_ai.uids import device_observer_uid, report_series_uid, report_uid, tracking_uid
 
@@ -119,6 +121,16 @@ class ReportSourceError(ValueError):
 def threshold_parameter(threshold: float) -> str:
     """The Algorithm Parameters text that records the decision threshold."""
     return f"threshold={threshold:.6g}"
+
+
+def algorithm_parameters(model: ModelInfo) -> list[str]:
+    """The settings the finding was made with, as the service applied them (the site's
+    [model] overrides included): the threshold, and the age range films were checked against
+    (none when no range is in force)."""
+    parameters = [threshold_parameter(model.threshold)]
+    if model.intended_age_years is not None:
+        parameters.append(f"intended_age_years={format_age_range(model.intended_age_years)}")
+    return parameters
 
 
 def build_report(
@@ -340,7 +352,7 @@ def _measurement_report(header: Dataset, probability: float, model: ModelInfo,
     )
     algorithm = AlgorithmIdentification(
         name=model.name, version=model.version,
-        parameters=[threshold_parameter(model.threshold)])
+        parameters=algorithm_parameters(model))
     is_present = probability >= model.threshold
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(

@@ -22,6 +22,7 @@ import pacs_ai
 from pacs_ai import metrics
 from pacs_ai.config import Config
 from pacs_ai.image_work import ImageWork
+from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP
@@ -66,6 +67,7 @@ class Service:
             resumed = self.store.reset_interrupted()
             abandoned = self.store.abandon_unknown_destinations(d.name for d in config.destinations)
             self.model = PneumoniaModel.load(config.model_path())
+            self._apply_site_model_settings()
             if config.workers.torch_threads:
                 import torch
                 torch.set_num_threads(config.workers.torch_threads)
@@ -84,10 +86,22 @@ class Service:
                  host=config.listener.host, port=self.port, tls=config.tls.enabled,
                  spool_dir=str(self.spool.root), model=self.model.info.label,
                  model_path=str(self.model.path), threshold=self.model.info.threshold,
+                 intended_age_years=(format_age_range(self.model.info.intended_age_years)
+                                     if self.model.info.intended_age_years else None),
                  destinations=[d.name for d in config.destinations],
                  workers=config.workers.count, resumed_jobs=resumed,
                  abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"))
         return self
+
+    def _apply_site_model_settings(self) -> None:
+        """The threshold and age range in force: the model file's, or [model]'s overrides."""
+        assert self.model is not None
+        settings = self.config.model
+        own = self.model.info
+        self.model.info = site_model_info(own, threshold=settings.threshold,
+                                          min_age_years=settings.min_age_years,
+                                          max_age_years=settings.max_age_years)
+        log_site_model_info(own, self.model.info)
 
     def _start_threads(self) -> None:
         assert self.store is not None and self.model is not None

@@ -84,6 +84,8 @@ class ClassificationWorker(threading.Thread):
         self.wake = wake
         self.on_job_finished = on_job_finished
         self.destination_names = [d.name for d in config.destinations]
+        # [filters] plus the model's intended age range (the site's, where [model] sets one)
+        self.filters = config.filters.with_intended_age(model.info.intended_age_years)
         self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
         # The next batch, claimed while this one's reports are written so the helper is not
         # idle meanwhile (measured: 21 % of a burst's worker time was model + writes).
@@ -128,7 +130,7 @@ class ClassificationWorker(threading.Thread):
             return None
         try:
             prepared = self.image_work.start_prepare(
-                [self.spool.resolve(job.image_file) for job in jobs], self.config.filters,
+                [self.spool.resolve(job.image_file) for job in jobs], self.filters,
                 self.config.limits.max_pixels)
         except Exception as error:  # settled with the batch, like any error while processing
             return _Batch(list(jobs), None, error)

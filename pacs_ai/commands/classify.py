@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     model = PneumoniaModel.load(args.model)
     max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
     classified = 0
-    for result in classify_files(args.paths, model, FilterPolicy(), max_pixels):
+    # the service's default filters and the model's own intended age range
+    policy = FilterPolicy().with_intended_age(model.info.intended_age_years)
+    for result in classify_files(args.paths, model, policy, max_pixels):
         classified += result["status"] == "ok"
         print(json.dumps(result), flush=True)
     if classified == 0:

@@ -26,7 +26,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"file:       {model.path}")
     print(f"threshold:  {model.info.threshold:.4f} ({metadata.get('threshold_rule', 'rule not recorded')})")
     print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
+    print(f"intended:   {_intended_use(model.info)}")
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
     return 0
+
+
+def _intended_use(info) -> str:
+    from pacs_ai.intended_use import format_age_range
+
+    parts = []
+    if info.intended_age_years is not None:
+        parts.append(f"ages {format_age_range(info.intended_age_years)} years "
+                     "(films of other ages are skipped)")
+    if info.intended_views is not None:
+        parts.append(f"views {', '.join(info.intended_views) or '(none)'}")
+    return "; ".join(parts) or "not stated in the model file (no age check)"

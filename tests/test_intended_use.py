@@ -1,0 +1,437 @@
+"""Intended use enforced (issue 13, item 1) and the site's [model] overrides (item 3's threshold).
+
+Films outside the model's age range are skipped with `outside-intended-age: <age>; the model is
+for <min>-<max>`; the age comes from every encoding a header can carry, and films without a
+usable age are classified. Then the same through the model file, the config, the report, the
+offline `pacs-ai classify`, and the live listener.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+from pydicom.dataset import Dataset
+
+from pacs_ai.config import ConfigError, load_config, parse_config
+from pacs_ai.errors import UserError
+from pacs_ai.filters import CR_IMAGE_STORAGE, FilterPolicy, skip_reason
+from pacs_ai.intended_use import (age_between, format_age_range, log_site_model_info,
+                                  patient_age, site_model_info)
+from pacs_ai.model import ModelContractError, ModelInfo, validate_metadata
+from training.export import build_metadata
+
+# Malformed ages and dates are what these tests send; pydicom warns about each (its logger is
+# silenced in the service, pacs_ai.logs).
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
+
+PEDIATRIC = FilterPolicy(intended_age_years=(1, 5))
+INTENDED_USE = {"age_years": [1, 5], "views": ["PA", "AP"]}
+
+
+def chest_pa(**attributes) -> Dataset:
+    """Header of a frontal CR chest film with no age at all, plus `attributes`."""
+    ds = Dataset()
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.Modality = "CR"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+# --- every age encoding ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("attributes", "expected"), [
+    # Patient's Age (0010,1010), nnnD / nnnW / nnnM / nnnY
+    ({"PatientAge": "054Y"}, "outside-intended-age: 54 years; the model is for 1-5"),
+    ({"PatientAge": "006Y"}, "outside-intended-age: 6 years; the model is for 1-5"),
+    ({"PatientAge": "005Y"}, None),
+    ({"PatientAge": "001Y"}, None),  # the lower boundary: 1 year is in
+    ({"PatientAge": "000Y"}, "outside-intended-age: 0 years; the model is for 1-5"),
+    ({"PatientAge": "071M"}, None),  # 5 years 11 months: in
+    ({"PatientAge": "072M"}, "outside-intended-age: 72 months; the model is for 1-5"),
+    ({"PatientAge": "012M"}, None),
+    ({"PatientAge": "011M"}, "outside-intended-age: 11 months; the model is for 1-5"),
+    ({"PatientAge": "006M"}, "outside-intended-age: 6 months; the model is for 1-5"),
+    ({"PatientAge": "003W"}, "outside-intended-age: 3 weeks; the model is for 1-5"),
+    ({"PatientAge": "060W"}, None),  # 1.15 years
+    ({"PatientAge": "010D"}, "outside-intended-age: 10 days; the model is for 1-5"),
+    ({"PatientAge": "001D"}, "outside-intended-age: 1 day; the model is for 1-5"),
+    ({"PatientAge": "54Y"}, "outside-intended-age: 54 years; the model is for 1-5"),  # unpadded
+    ({"PatientAge": "054y "}, "outside-intended-age: 54 years; the model is for 1-5"),
+    # Birth Date with Study Date, else Acquisition Date, else Content Date
+    ({"PatientBirthDate": "19700101", "StudyDate": "20240301"},
+     "outside-intended-age: 54 years; the model is for 1-5"),
+    ({"PatientBirthDate": "20200615", "StudyDate": "20240301"}, None),  # 3 years 8 months
+    ({"PatientBirthDate": "20230301", "StudyDate": "20240301"}, None),  # 1st birthday: in
+    ({"PatientBirthDate": "20230302", "StudyDate": "20240301"},
+     "outside-intended-age: 11 months; the model is for 1-5"),  # a day short of 1 year
+    ({"PatientBirthDate": "20180302", "StudyDate": "20240301"}, None),  # 5 y 11 m 30 d: in
+    ({"PatientBirthDate": "20180301", "StudyDate": "20240301"},
+     "outside-intended-age: 6 years; the model is for 1-5"),  # 6th birthday: out
+    ({"PatientBirthDate": "20230901", "StudyDate": "20240301"},
+     "outside-intended-age: 6 months; the model is for 1-5"),
+    ({"PatientBirthDate": "20240220", "StudyDate": "20240301"},
+     "outside-intended-age: 10 days; the model is for 1-5"),
+    ({"PatientBirthDate": "19700101", "AcquisitionDate": "20240301"},
+     "outside-intended-age: 54 years; the model is for 1-5"),
+    ({"PatientBirthDate": "19700101", "ContentDate": "20240301"},
+     "outside-intended-age: 54 years; the model is for 1-5"),
+    ({"PatientBirthDate": "20200101", "StudyDate": "20240301",
+      "AcquisitionDate": "20300301"}, None),  # the Study Date comes first
+    # Patient's Age comes before the birth date
+    ({"PatientAge": "003Y", "PatientBirthDate": "19700101", "StudyDate": "20240301"}, None),
+    # missing: classified
+    ({}, None),
+    ({"PatientAge": "", "PatientBirthDate": ""}, None),
+    ({"PatientBirthDate": "19700101"}, None),  # no date of the film
+])
+def test_every_age_encoding(attributes, expected):
+    assert skip_reason(chest_pa(**attributes), PEDIATRIC) == expected
+
+
+@pytest.mark.parametrize(("attributes", "codes"), [
+    ({"PatientAge": "54"}, ["patient-age-malformed"]),
+    ({"PatientAge": "fifty"}, ["patient-age-malformed"]),
+    ({"PatientAge": "054X"}, ["patient-age-malformed"]),
+    ({"PatientAge": "0054Y"}, ["patient-age-malformed"]),
+    ({"PatientAge": "999Y"}, ["patient-age-implausible"]),
+    ({"PatientBirthDate": "19700230", "StudyDate": "20240301"}, ["birth-date-malformed"]),
+    ({"PatientBirthDate": "1970-01-01", "StudyDate": "20240301"}, ["birth-date-malformed"]),
+    ({"PatientBirthDate": "19700101", "StudyDate": "2024"}, ["study-date-malformed",
+                                                            "birth-date-without-film-date"]),
+    ({"PatientBirthDate": "20250101", "StudyDate": "20240301"},
+     ["birth-date-after-study-date"]),
+    ({"PatientBirthDate": "18000101", "StudyDate": "20240301"}, ["birth-date-implausible"]),
+    ({"PatientBirthDate": "19700101"}, ["birth-date-without-film-date"]),
+])
+def test_malformed_values_count_as_no_age_and_are_logged_by_code_only(attributes, codes):
+    ds = chest_pa(**attributes)
+    with structlog.testing.capture_logs() as logs:
+        assert skip_reason(ds, PEDIATRIC) is None, "no usable age: classified"
+    [event] = [e for e in logs if e["event"] == "patient_age_unreadable"]
+    assert event["reasons"] == codes
+    assert event["sop_instance_uid"] == "1.2.3.4"
+    logged = json.dumps(logs)
+    for value in attributes.values():
+        assert value not in logged, "no patient data in the logs"
+
+
+def test_a_malformed_value_falls_back_to_the_next_source():
+    # a malformed Patient's Age: the birth date decides
+    ds = chest_pa(PatientAge="54", PatientBirthDate="19700101", StudyDate="20240301")
+    with structlog.testing.capture_logs() as logs:
+        assert skip_reason(ds, PEDIATRIC) == ("outside-intended-age: 54 years; the model is "
+                                              "for 1-5")
+    assert [e["reasons"] for e in logs if e["event"] == "patient_age_unreadable"] == [
+        ["patient-age-malformed"]]
+    # a malformed Study Date: the Acquisition Date decides
+    ds = chest_pa(PatientBirthDate="19700101", StudyDate="2024-03-01",
+                  AcquisitionDate="20240301")
+    assert patient_age(ds).source == "PatientBirthDate+AcquisitionDate"
+
+
+def test_ages_in_years_with_their_fraction():
+    assert patient_age(chest_pa(PatientAge="006M")).years == 0.5
+    assert patient_age(chest_pa(PatientAge="071M")).years == pytest.approx(5.9167, abs=1e-4)
+    import datetime
+    leap = age_between(datetime.date(2020, 2, 29), datetime.date(2021, 2, 28))
+    assert leap.years == 1.0 and leap.text == "1 year"
+    assert age_between(datetime.date(2020, 1, 1), datetime.date(2020, 2, 1)).text == "1 month"
+
+
+def test_without_an_age_range_there_is_no_age_check():
+    assert skip_reason(chest_pa(PatientAge="054Y")) is None
+    assert skip_reason(chest_pa(PatientAge="054Y"), FilterPolicy()) is None
+
+
+def test_other_reasons_come_before_the_age():
+    reason = skip_reason(chest_pa(PatientAge="054Y", ViewPosition="LL"), PEDIATRIC)
+    assert reason.startswith("not-frontal:")
+
+
+def test_fractional_and_wide_ranges():
+    assert format_age_range((0.5, 17)) == "0.5-17"
+    policy = FilterPolicy(intended_age_years=(0.5, 17))
+    assert skip_reason(chest_pa(PatientAge="006M"), policy) is None
+    assert skip_reason(chest_pa(PatientAge="017Y"), policy) is None
+    assert skip_reason(chest_pa(PatientAge="018Y"), policy) == (
+        "outside-intended-age: 18 years; the model is for 0.5-17")
+
+
+# --- the model file -----------------------------------------------------------------------------
+
+def metadata(**changes):
+    data = build_metadata(name="t", version="1", threshold=0.4, threshold_rule="test")
+    data.update(changes)
+    return data
+
+
+def test_the_model_file_states_its_intended_use():
+    info = validate_metadata(metadata(intended_use=INTENDED_USE))
+    assert info.intended_age_years == (1.0, 5.0)
+    assert info.intended_views == ("PA", "AP")
+    info = validate_metadata(metadata())  # older files: no intended use, no age check
+    assert info.intended_age_years is None and info.intended_views is None
+    info = validate_metadata(metadata(intended_use={"views": ["PA"]}))
+    assert info.intended_age_years is None and info.intended_views == ("PA",)
+
+
+@pytest.mark.parametrize("intended_use", [
+    [1, 5], {"age_years": [5, 1]}, {"age_years": [1]}, {"age_years": "1-5"},
+    {"age_years": [-1, 5]}, {"age_years": [1, 500]}, {"age_years": [True, 5]},
+    {"views": "PA"}, {"views": [1]},
+])
+def test_a_wrong_intended_use_is_refused(intended_use):
+    with pytest.raises(ModelContractError, match="intended_use"):
+        validate_metadata(metadata(intended_use=intended_use))
+
+
+# --- the config ---------------------------------------------------------------------------------
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pacs-ai.toml"
+    path.write_text(text)
+    return path
+
+
+def test_model_overrides_are_read(tmp_path):
+    config = load_config(write(tmp_path, "[model]\nthreshold = 0.3\nmin_age_years = 0\n"
+                                         "max_age_years = 17.5\n"))
+    assert (config.model.threshold, config.model.min_age_years,
+            config.model.max_age_years) == (0.3, 0.0, 17.5)
+    config = parse_config({}, base_dir=tmp_path)
+    assert (config.model.threshold, config.model.min_age_years,
+            config.model.max_age_years) == (None, None, None)
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("[model]\nthreshold = 1.5\n", "[model] threshold"),
+    ("[model]\nthreshold = -0.1\n", "[model] threshold"),
+    ("[model]\nthreshold = \"0.3\"\n", "[model] threshold"),
+    ("[model]\nthreshold = true\n", "[model] threshold"),
+    ("[model]\nmin_age_years = -1\n", "[model] min_age_years"),
+    ("[model]\nmax_age_years = 200\n", "[model] max_age_years"),
+    ("[model]\nmax_age_years = \"5\"\n", "[model] max_age_years"),
+    ("[model]\nmin_age_years = 6\nmax_age_years = 5\n", "[model] min_age_years"),
+    ("[model]\nmin_age = 6\n", "unknown key 'min_age'"),
+    ("[filters]\nintended_age_years = [1, 5]\n", "unknown key 'intended_age_years'"),
+])
+def test_bad_model_overrides_name_the_key(tmp_path, text, named):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert named in str(caught.value) and str(path) in str(caught.value)
+
+
+# --- the site's settings over the model's own ---------------------------------------------------
+
+PEDIATRIC_MODEL = ModelInfo(name="m", version="1", threshold=0.5, output_kind="logit",
+                            metadata={}, intended_age_years=(1.0, 5.0))
+UNSTATED_MODEL = ModelInfo(name="m", version="1", threshold=0.5, output_kind="logit",
+                           metadata={})
+
+
+@pytest.mark.parametrize(("model", "overrides", "expected"), [
+    (PEDIATRIC_MODEL, {}, (1.0, 5.0)),
+    (PEDIATRIC_MODEL, {"min_age_years": 0, "max_age_years": 17}, (0.0, 17.0)),  # widened
+    (PEDIATRIC_MODEL, {"max_age_years": 3}, (1.0, 3.0)),  # narrowed, one bound
+    (PEDIATRIC_MODEL, {"min_age_years": 2}, (2.0, 5.0)),
+    (UNSTATED_MODEL, {}, None),
+    (UNSTATED_MODEL, {"max_age_years": 17}, (0.0, 17.0)),
+    (UNSTATED_MODEL, {"min_age_years": 18}, (18.0, 150.0)),
+])
+def test_the_config_overrides_the_age_range(model, overrides, expected):
+    assert site_model_info(model, **overrides).intended_age_years == expected
+
+
+def test_an_override_that_leaves_no_range_stops_start_up():
+    with pytest.raises(UserError, match="min_age_years"):
+        site_model_info(PEDIATRIC_MODEL, min_age_years=8)
+
+
+def test_start_up_logs_the_ranges_and_thresholds_in_force():
+    with structlog.testing.capture_logs() as logs:
+        log_site_model_info(UNSTATED_MODEL, UNSTATED_MODEL)
+        log_site_model_info(PEDIATRIC_MODEL, PEDIATRIC_MODEL)
+        log_site_model_info(PEDIATRIC_MODEL, site_model_info(
+            PEDIATRIC_MODEL, threshold=0.3, max_age_years=17))
+    events = {e["event"]: e for e in logs}
+    assert "no intended_use" in events["intended_age_unchecked"]["detail"]
+    assert events["intended_age"]["age_years"] == "1-5"
+    assert events["intended_age_overridden"]["age_years"] == "1-17"
+    assert events["intended_age_overridden"]["model_age_years"] == "1-5"
+    assert (events["threshold_overridden"]["threshold"],
+            events["threshold_overridden"]["model_threshold"]) == (0.3, 0.5)
+    assert [e["event"] for e in logs].count("threshold_overridden") == 1
+
+
+# --- the report and the finding -----------------------------------------------------------------
+
+def report_source() -> Dataset:
+    from tests.test_report import make_source
+
+    return make_source("DX")
+
+
+def test_the_threshold_override_changes_the_finding_and_the_report_states_it():
+    from pacs_ai.report import build_report, report_summary
+
+    source = report_source()
+    own = build_report(source, 0.4, PEDIATRIC_MODEL)
+    site = site_model_info(PEDIATRIC_MODEL, threshold=0.3, min_age_years=0, max_age_years=17)
+    overridden = build_report(source, 0.4, site)
+    assert report_summary(own)["finding"] == "normal"
+    assert report_summary(overridden)["finding"] == "pneumonia"
+    assert report_summary(own)["algorithm_parameters"] == ["threshold=0.5",
+                                                           "intended_age_years=1-5"]
+    assert report_summary(overridden)["algorithm_parameters"] == ["threshold=0.3",
+                                                                  "intended_age_years=0-17"]
+    unstated = build_report(source, 0.4, UNSTATED_MODEL)
+    assert report_summary(unstated)["algorithm_parameters"] == ["threshold=0.5"]
+
+
+@pytest.mark.real_peer
+def test_the_report_with_an_age_range_passes_dciodvfy_and_dsrdump(tmp_path):
+    from pacs_ai.report import build_report
+    from tests.dicom_tools import run_dciodvfy, run_dsrdump
+
+    sr = build_report(report_source(), 0.4, PEDIATRIC_MODEL)
+    result = run_dciodvfy(sr)
+    assert result.errors == [], result.output
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    dump = run_dsrdump(path)
+    assert dump.errors == [] and dump.warnings == [], dump.output
+    assert '(111002,DCM,"Algorithm Parameters")="intended_age_years=1-5"' in dump.stdout
+
+
+# --- offline `pacs-ai classify` ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pediatric_model(tmp_path_factory) -> Path:
+    """The tiny test model stating ages 1-5, with threshold 1.0: every finding is normal unless
+    the config lowers the threshold."""
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "pediatric.pt",
+                                       threshold=1.0, intended_use=INTENDED_USE)
+
+
+def aged_films() -> dict[str, Dataset]:
+    """An adult (Patient's Age), a child (birth date), and a film without any age."""
+    from tests.dicom_peers import synthetic_radiograph
+
+    adult = synthetic_radiograph(seed=11)
+    adult.PatientAge = "054Y"
+    adult.PatientBirthDate = "19700101"
+    adult.StudyDate = "20240301"
+    child = synthetic_radiograph(seed=12)
+    child.PatientBirthDate = "20210115"
+    child.StudyDate = "20240301"
+    unknown = synthetic_radiograph(seed=13)
+    unknown.PatientBirthDate = ""
+    return {"adult": adult, "child": child, "unknown": unknown}
+
+
+@pytest.mark.slow
+def test_classify_skips_films_outside_the_age_range(tmp_path, pediatric_model):
+    from tests.dicom_peers import pacs_ai_cli
+
+    for name, ds in aged_films().items():
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    result = pacs_ai_cli("classify", "--model", str(pediatric_model), str(tmp_path),
+                         timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = {Path(r["path"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
+    assert results["adult"]["status"] == "skipped"
+    assert results["adult"]["reason"] == "outside-intended-age: 54 years; the model is for 1-5"
+    assert results["adult"]["probability"] is None and results["adult"]["finding"] is None
+    assert results["child"]["status"] == "ok" and results["unknown"]["status"] == "ok"
+    assert "Traceback" not in result.stderr
+    model_card = pacs_ai_cli("model", "--model", str(pediatric_model))
+    assert "ages 1-5 years" in model_card.stdout
+
+
+# --- the live listener --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path,
+                                                                        pediatric_model):
+    """modality -> pacs-ai serve -> PACS: the adult film is skipped with its reason and no report
+    is sent for it; the child's report carries the site's threshold (0, so pneumonia, where the
+    model's own 1.0 would say normal) and the age range in its Algorithm Parameters."""
+    from pacs_ai.report import report_summary
+    from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
+                                   pacs_ai_cli, wait_until, write_service_config)
+
+    films = aged_films()
+    with RecordingPacs() as pacs:
+        config = write_service_config(
+            tmp_path, model=pediatric_model, destinations=[pacs.destination()],
+            tables={"model": {"threshold": 0.0}, "workers": {"processes": 0}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            results = SimulatedModality(service.port).send(
+                [films["adult"], films["child"], films["unknown"]])
+            assert [r.status for r in results] == [0x0000] * 3
+            assert pacs.wait_for(2, timeout=120), service.log_path.read_text()[-3000:]
+            assert wait_until(lambda: json.loads(pacs_ai_cli(
+                "status", "--config", str(config), "--json").stdout)["backlog"] == 0, 60)
+            status = json.loads(pacs_ai_cli("status", "--config", str(config), "--json").stdout)
+            time.sleep(1.0)  # a report for the adult would arrive now
+            assert service.terminate() == 0
+            events = service.events()
+
+    summaries = {s["source_sop_instance_uid"]: s for s in map(report_summary, pacs.snapshot())}
+    assert set(summaries) == {films["child"].SOPInstanceUID, films["unknown"].SOPInstanceUID}
+    for summary in summaries.values():
+        assert summary["finding"] == "pneumonia"
+        assert summary["algorithm_parameters"] == ["threshold=0", "intended_age_years=1-5"]
+    [skipped] = status["skipped"]
+    assert skipped["sop_instance_uid"] == films["adult"].SOPInstanceUID
+    assert skipped["reason"] == "outside-intended-age: 54 years; the model is for 1-5"
+    assert status["jobs"]["skipped"] == 1 and status["jobs"]["done"] == 2
+
+    by_name = {}
+    for event in events:
+        by_name.setdefault(event["event"], []).append(event)
+    assert by_name["intended_age"][0]["age_years"] == "1-5"
+    assert by_name["threshold_overridden"][0]["threshold"] == 0.0
+    assert by_name["threshold_overridden"][0]["model_threshold"] == 1.0
+    [started] = by_name["service_started"]
+    assert started["threshold"] == 0.0 and started["intended_age_years"] == "1-5"
+    [skip_event] = by_name["instance_skipped"]
+    assert skip_event["reason"].startswith("outside-intended-age: 54 years")
+    log_text = (tmp_path / "serve.log").read_text()
+    assert "19700101" not in log_text and "20210115" not in log_text
+
+
+def test_a_widened_range_classifies_the_adult_in_process(tmp_path, pediatric_model):
+    """The service in this process: [model] max_age_years = 99 lets the adult film through,
+    and the worker's filter policy holds the site's range."""
+    from pacs_ai.service import Service
+    from tests.dicom_peers import SimulatedModality, wait_until, write_service_config
+
+    config = load_config(write_service_config(
+        tmp_path, model=pediatric_model,
+        tables={"model": {"max_age_years": 99}, "workers": {"processes": 0}}))
+    service = Service(config).start()
+    try:
+        assert service.model.info.intended_age_years == (1.0, 99.0)
+        assert service.workers[0].filters.intended_age_years == (1.0, 99.0)
+        films = aged_films()
+        results = SimulatedModality(service.port).send([films["adult"]])
+        assert [r.status for r in results] == [0]
+        assert wait_until(lambda: service.store.backlog() == 0, 60)
+        job = service.store.find(films["adult"].SOPInstanceUID)
+        assert (job.state, job.finding) == ("done", "normal"), (job.state, job.reason)
+    finally:
+        service.stop()
