@@ -3,6 +3,11 @@
 A model file is TorchScript saved with an extra file ``pacs_ai.json`` holding its metadata.
 Input: float32 [N, 1, 200, 200] from :func:`pacs_ai.imaging.to_model_input`.
 Output: [N] logits or probabilities of class "pneumonia", as ``output`` in the metadata says.
+
+Optional (model files from `python -m training ensemble`): a method ``forward_with_ood`` giving
+the same [N] output and [N] out-of-distribution scores from one pass, with ``ood.threshold`` in
+the metadata. A film scoring above it is one the model abstains on (``abstain_reason``): it is
+unlike the films the model was trained on, so no finding is sent. Files without it keep working.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class ModelInfo:
     threshold: float
     output_kind: str  # "logit" or "probability"
     metadata: dict[str, Any]
+    ood_threshold: float | None = None  # abstain above this out-of-distribution score
     # The population the model is for, from metadata "intended_use" (None: not stated).
     # Ages in years, [min, max]: a patient is in range when min <= age < max + 1, so [1, 5]
     # takes a child of 5 years 11 months and not one of 6 months. The service replaces this and
@@ -166,6 +172,9 @@ class PneumoniaModel:
         except json.JSONDecodeError as error:
             raise ModelContractError(f"{model_path}: metadata is not valid JSON: {error}") from None
         info = validate_metadata(metadata)
+        if info.ood_threshold is not None and not hasattr(module, "forward_with_ood"):
+            raise ModelContractError(f"{model_path}: metadata has an 'ood' threshold but the "
+                                     "model has no forward_with_ood method")
         module.eval()
         model = cls(module, info, model_path)
         model._check_runs()
@@ -185,15 +194,34 @@ class PneumoniaModel:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities of pneumonia, shape [N], for a float32 batch [N, 1, 200, 200]."""
+        return self.assess(batch)[0]
+
+    def assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities [N], out-of-distribution scores [N] or None when the model has none)
+        for a float32 batch [N, 1, 200, 200], from one pass through the network."""
         import torch
 
         tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        scores = None
         with torch.inference_mode():
-            output = self.module(tensor)
+            if self.info.ood_threshold is not None:
+                output, ood = self.module.forward_with_ood(tensor)
+                scores = ood.reshape(-1).double().numpy()
+            else:
+                output = self.module(tensor)
         output = output.reshape(-1)
         if self.info.output_kind == "logit":
             output = torch.sigmoid(output)
-        return output.double().numpy()
+        return output.double().numpy(), scores
+
+    def abstain_reason(self, ood_score: float | None) -> str | None:
+        """'out-of-distribution: ...' when the film is unlike the training films, else None."""
+        if ood_score is None or self.info.ood_threshold is None:
+            return None
+        if ood_score <= self.info.ood_threshold:
+            return None
+        return (f"out-of-distribution: score {ood_score:.2f} above {self.info.ood_threshold:.2f}; "
+                "the film is unlike those the model was trained on")
 
     def finding(self, probability: float) -> str:
         """'pneumonia' at or above the stored threshold, else 'normal'."""
