@@ -106,7 +106,19 @@ def validate_metadata(metadata: Any) -> ModelInfo:
     age_years, views = _intended_use(metadata.get("intended_use"))
     return ModelInfo(name=str(metadata["name"]), version=str(metadata["version"]),
                      threshold=float(threshold), output_kind=metadata["output"],
-                     metadata=metadata, intended_age_years=age_years, intended_views=views)
+                     metadata=metadata, intended_age_years=age_years, intended_views=views,
+                     ood_threshold=_ood_threshold(metadata))
+
+
+def _ood_threshold(metadata: dict[str, Any]) -> float | None:
+    ood = metadata.get("ood")
+    if ood is None:
+        return None
+    threshold = ood.get("threshold") if isinstance(ood, dict) else None
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold <= 0:
+        raise ModelContractError(f"model metadata 'ood.threshold' must be a positive number, "
+                                 f"got {threshold!r}")
+    return float(threshold)
 
 
 MAX_AGE_YEARS = 150  # an upper bound for age ranges; older stated ages are not believed
