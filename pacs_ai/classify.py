@@ -165,8 +165,10 @@ def classify_files(paths: Iterable[str | Path], model: PneumoniaModel,
 
 def _finish(pending: list[Prepared], model: PneumoniaModel) -> Iterator[dict[str, Any]]:
     ready = [p for p in pending if p.model_input is not None]
-    probabilities = (model.predict(np.stack([p.model_input for p in ready])) if ready else [])
+    probabilities, ood_scores = (model.assess(np.stack([p.model_input for p in ready]))
+                                 if ready else ([], None))
     by_path = dict(zip((id(p) for p in ready), probabilities))
+    ood_by_path = dict(zip((id(p) for p in ready), ood_scores)) if ood_scores is not None else {}
     model_label = {"name": model.info.name, "version": model.info.version}
     for item in pending:
         result: dict[str, Any] = {"path": str(item.path), "status": item.status,
@@ -175,6 +177,14 @@ def _finish(pending: list[Prepared], model: PneumoniaModel) -> Iterator[dict[str
         if item.model_input is not None:
             probability = float(by_path[id(item)])
             result["probability"] = round(probability, 6)
+            if id(item) in ood_by_path:
+                score = float(ood_by_path[id(item)])
+                result["ood_score"] = round(score, 4)
+                abstain = model.abstain_reason(score)
+                if abstain:  # the model's probability is shown, but no finding
+                    result.update(status="skipped", reason=abstain)
+                    yield result
+                    continue
             result["finding"] = model.finding(probability)
         else:
             result["reason"] = item.reason

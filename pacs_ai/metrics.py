@@ -43,6 +43,10 @@ REJECTED = Counter(
     "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",
     ["reason"], registry=REGISTRY)
 # Inference on CPU takes tens of milliseconds to seconds; delivery waits on retries, so minutes.
+OOD_SCORE = Histogram(
+    "pacs_ai_ood_score", "Out-of-distribution score of each film the model assessed (models "
+    "with an abstention threshold only; above the threshold it abstains).",
+    buckets=(0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0), registry=REGISTRY)
 CLASSIFY_SECONDS = Histogram(
     "pacs_ai_classify_seconds", "Time to decode, preprocess and classify one instance.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),

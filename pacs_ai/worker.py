@@ -192,11 +192,7 @@ class ClassificationWorker(threading.Thread):
         ready: list[_Ready] = []
         for job, item in zip(jobs, prepared):
             if item.status == "skipped":
-                self.store.mark_skipped(job.id, item.reason or "skipped")
-                metrics.SKIPPED.labels(reason=metrics.reason_code(item.reason or "")).inc()
-                log.info("instance_skipped", sop_instance_uid=job.sop_instance_uid,
-                         reason=item.reason)
-                self.on_job_finished(self._reload(job))
+                self._skip(job, item.reason or "skipped")
             elif item.model_input is None:
                 self._fail(job, "classify", item.reason or "error")
             else:
@@ -206,13 +202,28 @@ class ClassificationWorker(threading.Thread):
             return
         started = time.perf_counter()
         try:
-            probabilities = [float(p) for p in
-                             self.model.predict(np.stack([r.model_input for r in ready]))]
+            probabilities, ood_scores = self.model.assess(
+                np.stack([r.model_input for r in ready]))
         except Exception as error:
             for item in ready:
                 self._fail(item.job, "classify", f"model-failed: {type(error).__name__}: {error}")
             return
         inference_share = (time.perf_counter() - started) / len(ready)
+        if ood_scores is not None:
+            # abstain on films unlike the training films: skipped with the score, no report
+            kept = []
+            for item, probability, score in zip(ready, probabilities, ood_scores):
+                metrics.OOD_SCORE.observe(float(score))
+                reason = self.model.abstain_reason(float(score))
+                if reason:
+                    self._skip(item.job, reason, ood_score=round(float(score), 3))
+                else:
+                    kept.append((item, float(probability)))
+            if not kept:
+                return
+            ready, probabilities = [k[0] for k in kept], [k[1] for k in kept]
+        else:
+            probabilities = [float(p) for p in probabilities]
         rendering = self.image_work.start_render(
             [(self.spool.resolve(r.job.image_file), p) for r, p in zip(ready, probabilities)],
             self.model.info, self.config.report.sr_kind)
@@ -220,6 +231,13 @@ class ClassificationWorker(threading.Thread):
         reports = rendering.results()
         for item, probability, report in zip(ready, probabilities, reports):
             self._report(item, probability, report, item.prepare_seconds + inference_share)
+
+    def _skip(self, job: Job, reason: str, **fields: object) -> None:
+        self.store.mark_skipped(job.id, reason)
+        metrics.SKIPPED.labels(reason=metrics.reason_code(reason)).inc()
+        log.info("instance_skipped", sop_instance_uid=job.sop_instance_uid, reason=reason,
+                 **fields)
+        self.on_job_finished(self._reload(job))
 
     def _report(self, item: _Ready, probability: float, report: RenderedReport,
                 seconds: float) -> None:

@@ -174,3 +174,24 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
                                                  indent=2))
     export_model(ensemble, out / "model.pt", metadata)
     return {"threshold": threshold, **summary, "ood": ood}
+
+
+def export_untrained_tiny_ensemble(path: Path, *, ood_threshold: float, members: int = 2,
+                                   fit_inputs: np.ndarray | None = None,
+                                   threshold: float = 0.5) -> Path:
+    """Tiny random members as an ensemble file with an OOD score, for tests of the plumbing:
+    fitted on `fit_inputs` [N, 200, 200] (default: 16 random pictures), abstaining above
+    `ood_threshold`. Its findings and scores mean nothing."""
+    from training.export import build_metadata, export_model
+    from training.models import pacs_cnn
+
+    torch.manual_seed(0)
+    ensemble = EnsembleNetwork([pacs_cnn(widths=(4, 8, 8), downsample=2).eval()
+                                for _ in range(members)])
+    if fit_inputs is None:
+        fit_inputs = np.random.default_rng(0).random((16, 200, 200), dtype=np.float32)
+    fit_ood(ensemble, fit_inputs, np.arange(len(fit_inputs)) % 2)
+    metadata = build_metadata(name="tiny-test-ensemble", version="0.0.0-test",
+                              threshold=threshold, threshold_rule="fixed (untrained test model)",
+                              ood={"method": OOD_METHOD, "threshold": ood_threshold})
+    return export_model(ensemble, path, metadata)
