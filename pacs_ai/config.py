@@ -61,6 +61,12 @@ class LimitsConfig:
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
     shutdown_grace_seconds: float = 10.0
+    # A connection that sends no A-ASSOCIATE-RQ within this many seconds (TLS handshake
+    # included) is dropped: modalities send it at once, idle and half-open connections do not.
+    association_request_timeout_seconds: float = 5.0
+    # Open connections one peer address may hold (the global cap is 2 x max_associations);
+    # parse_config's default is max_associations.
+    max_connections_per_address: int = 10
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,12 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         network_timeout_seconds=t.number("network_timeout_seconds", 60.0, minimum=0,
                                          exclusive_minimum=True),
         shutdown_grace_seconds=t.number("shutdown_grace_seconds", 10.0, minimum=0),
+        association_request_timeout_seconds=t.number(
+            "association_request_timeout_seconds", LimitsConfig.association_request_timeout_seconds,
+            minimum=0, exclusive_minimum=True),
     )
+    limits = dataclasses.replace(limits, max_connections_per_address=t.integer(
+        "max_connections_per_address", limits.max_associations, minimum=1, maximum=2000))
     if 0 < limits.max_pdu_bytes < 4096:
         raise t.fail("max_pdu_bytes", "must be 0 (no limit) or at least 4096")
     t.finish()

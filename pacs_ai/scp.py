@@ -37,8 +37,8 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
-from pacs_ai.sockets import (association_transport, read_pdus_in_large_chunks,
-                             send_small_messages_at_once)
+from pacs_ai.sockets import (RequestDeadlines, association_transport,
+                             read_pdus_in_large_chunks, send_small_messages_at_once)
 from pacs_ai.spool import Spool, SpoolFullError
 
 log = structlog.get_logger()
@@ -128,14 +128,25 @@ class StorageSCP:
         self._server = None
         self._in_flight = 0
         self._in_flight_changed = threading.Condition()
-        # TLS connections accepted whose handshake has not finished: open connections too
-        self._awaiting_handshake: weakref.WeakSet[ssl.SSLSocket] = weakref.WeakSet()
+        # Admitted connections' sockets -> peer address; one counts as open until its socket is
+        # closed (or dropped), whatever pynetdicom's threads for it are doing.
+        self._connections: weakref.WeakKeyDictionary[socket.socket, str] = \
+            weakref.WeakKeyDictionary()
+        self._request_deadlines = RequestDeadlines(
+            config.limits.association_request_timeout_seconds, self._on_request_timeout)
+        self._associations: weakref.WeakSet = weakref.WeakSet()  # requested and admitted
+        self._associations_lock = threading.Lock()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
         listener, limits = self.config.listener, self.config.limits
         ae = AE(ae_title=listener.ae_title)
-        ae.maximum_associations = limits.max_associations
+        # pynetdicom counts every acceptor thread against its limit, connections that have sent
+        # no A-ASSOCIATE-RQ yet included, so a few idle connections took every association
+        # place. max_associations is applied to requested associations instead
+        # (_on_association_requested); pynetdicom's own check stays as a backstop at the
+        # open-connection cap.
+        ae.maximum_associations = 2 * limits.max_associations
         ae.maximum_pdu_size = limits.max_pdu_bytes
         ae.acse_timeout = limits.acse_timeout_seconds
         ae.dimse_timeout = limits.dimse_timeout_seconds
@@ -160,13 +171,51 @@ class StorageSCP:
     def _on_connection_open(self, event: Event) -> None:
         send_small_messages_at_once(event.assoc)
         read_pdus_in_large_chunks(event.assoc)
-        finish_tls_handshake(event, self._awaiting_handshake)
+        self._request_deadlines.watch(event.assoc)  # the TLS handshake counts against it too
+        finish_tls_handshake(event)
+
+    def _on_association_requested(self, event: Event) -> None:
+        self._request_deadlines.requested(event.assoc)
+        if not self._admit_association(event.assoc):
+            self._refuse_over_limit(event.assoc)
+
+    def _admit_association(self, association) -> bool:
+        """Whether fewer than max_associations requested associations are running; if so this
+        one is counted from now on."""
+        with self._associations_lock:
+            running = sum(1 for other in list(self._associations) if other.is_alive())
+            if running >= self.config.limits.max_associations:
+                return False
+            self._associations.add(association)
+            return True
+
+    def _refuse_over_limit(self, association) -> None:
+        metrics.REJECTED.labels(reason="association-limit").inc()
+        log.warning("association_rejected", reason="association-limit",
+                    calling_ae_title=str(association.requestor.primitive.calling_ae_title),
+                    peer=association.requestor.address)
+        # rejected-transient, service provider (presentation), local limit exceeded: the
+        # modality tries again later. Then as pynetdicom does after its own rejections: kill()
+        # waits until the A-ASSOCIATE-RJ is out before the connection is closed.
+        association.acse.send_reject(0x02, 0x03, 0x02)
+        association.kill()
+
+    def _on_connection_close(self, event: Event) -> None:
+        self._request_deadlines.closed(event.assoc)
+
+    def _on_request_timeout(self, association) -> None:
+        metrics.REJECTED.labels(reason="association-request-timeout").inc()
+        log.warning("connection_refused", reason="association-request-timeout",
+                    peer=str(association.requestor.address),
+                    seconds=self.config.limits.association_request_timeout_seconds)
 
     def start(self) -> None:
         listener = self.config.listener
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_CONN_OPEN, self._on_connection_open)]
+                    (evt.EVT_CONN_OPEN, self._on_connection_open),
+                    (evt.EVT_REQUESTED, self._on_association_requested),
+                    (evt.EVT_CONN_CLOSE, self._on_connection_close)]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         try:
             self._server = self.ae.start_server((listener.host, listener.port), block=False,
@@ -175,6 +224,7 @@ class StorageSCP:
             raise UserError(f"cannot listen on {listener.host}:{listener.port}: "
                             f"{error.strerror or error}; is another DICOM service using the port? "
                             "Set [listener] port or host in the config") from None
+        self._request_deadlines.start()
         self._harden(self._server)
 
     def _harden(self, server) -> None:
@@ -183,11 +233,16 @@ class StorageSCP:
         pynetdicom applies max_associations only once an association request arrives, and reads
         PDUs from a blocking socket: a peer that connects and stalls (or announces a huge PDU
         and sends nothing) would hold two threads forever. So every accepted socket gets the
-        network timeout, and open connections, TLS ones still in their handshake included, are
-        capped at accept time.
+        network timeout, one that sends no A-ASSOCIATE-RQ within the association request
+        timeout is dropped (RequestDeadlines), and open connections, TLS ones still in their
+        handshake included, are capped at accept time: in all, and per peer address so that
+        one noisy host leaves room for the others. Only open sockets count: a connection the
+        peer closed frees its place at once.
         """
-        timeout = self.config.limits.network_timeout_seconds
-        connection_cap = 2 * self.config.limits.max_associations
+        limits = self.config.limits
+        timeout = limits.network_timeout_seconds
+        connection_cap = 2 * limits.max_associations
+        per_address_cap = limits.max_connections_per_address
 
         def get_request() -> tuple[socket.socket, tuple[str, int]]:
             client, address = server.socket.accept()
@@ -198,31 +253,35 @@ class StorageSCP:
                 # stop every other connection for the whole network timeout.
                 client = server.ssl_context.wrap_socket(client, server_side=True,
                                                         do_handshake_on_connect=False)
-                self._awaiting_handshake.add(client)
             return client, address
 
         allowed_networks = [ipaddress.ip_network(value, strict=False)
                             for value in self.config.listener.allowed_peer_addresses]
 
-        def admit_connection(_request: object, client_address: tuple[str, int]) -> bool:
-            reason = None
-            if allowed_networks and not _address_in(client_address[0], allowed_networks):
+        def admit_connection(request: socket.socket, client_address: tuple[str, int]) -> bool:
+            peer = str(client_address[0])
+            open_peers = self._open_connection_peers()
+            reason, limit = None, None
+            if allowed_networks and not _address_in(peer, allowed_networks):
                 reason = "peer-address-not-allowed"
-            elif len(server.active_associations) + self._handshakes_pending() >= connection_cap:
-                reason = "connection-limit"
+            elif open_peers.count(peer) >= per_address_cap:
+                reason, limit = "connection-limit-per-address", per_address_cap
+            elif len(open_peers) >= connection_cap:
+                reason, limit = "connection-limit", connection_cap
             if reason is None:
+                self._connections[request] = peer
                 return True
             metrics.REJECTED.labels(reason=reason).inc()
-            log.warning("connection_refused", reason=reason, peer=client_address[0],
-                        open_connections_limit=connection_cap)
+            log.warning("connection_refused", reason=reason, peer=peer,
+                        open_connections_limit=limit)
             return False
 
         server.get_request = get_request
         server.verify_request = admit_connection  # socketserver closes refused sockets
 
-    def _handshakes_pending(self) -> int:
-        """TLS connections still in their handshake (closed ones no longer count)."""
-        return sum(1 for sock in list(self._awaiting_handshake) if sock.fileno() != -1)
+    def _open_connection_peers(self) -> list[str]:
+        """The peer address of each admitted connection whose socket is still open."""
+        return [peer for sock, peer in list(self._connections.items()) if sock.fileno() != -1]
 
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let running associations finish for up to `grace_seconds`, abort the
@@ -232,6 +291,7 @@ class StorageSCP:
             return
         server, self._server = self._server, None
         server.shutdown()
+        self._request_deadlines.stop()
         deadline = time.monotonic() + grace_seconds
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -381,7 +441,7 @@ def received_header(event: Event) -> Dataset:
                         stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
 
 
-def finish_tls_handshake(event: Event, awaiting: weakref.WeakSet) -> None:
+def finish_tls_handshake(event: Event) -> None:
     """Complete a TLS connection's handshake in the connection's own thread (the accept loop
     leaves it undone, see StorageSCP._harden), and record one that fails: a plain-TCP client on
     the TLS port, an untrusted or missing client certificate, a peer that times out. Such a
@@ -395,6 +455,4 @@ def finish_tls_handshake(event: Event, awaiting: weakref.WeakSet) -> None:
         metrics.REJECTED.labels(reason="tls-handshake-failed").inc()
         log.warning("connection_refused", reason="tls-handshake-failed",
                     peer=str(event.address[0]), error=str(error))
-        raw.close()  # pynetdicom then ends the association at once, not at its ACSE timeout
-    finally:
-        awaiting.discard(raw)
+        raw.close()  # the association then ends at once (RequestDeadlines.closed)

@@ -1,8 +1,11 @@
-"""Socket options for DICOM associations."""
+"""Socket options for DICOM associations, and the deadline for a connection's A-ASSOCIATE-RQ."""
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -81,3 +84,101 @@ def _fill(sock: socket.socket, buffer: bytearray) -> int:
     finally:
         view.release()
     return filled
+
+
+def shut_down(sock: socket.socket | None) -> None:
+    """Shut a connection both ways without closing it: a thread blocked reading it (pynetdicom's
+    DUL, a TLS handshake) returns at once and ends the connection its own way.
+
+    `socket.socket.shutdown` is called directly because `SSLSocket.shutdown` also drops the TLS
+    object under a handshake that may be running in another thread.
+    """
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed or reset
+        pass
+
+
+def end_acceptor_wait(association: Any) -> None:
+    """Make an acceptor association that is still waiting for its A-ASSOCIATE-RQ give up now.
+
+    pynetdicom's acceptor thread waits up to the ACSE timeout for the request primitive, and
+    nothing wakes it when the connection closes first: a connect-and-close (a port scan, a TCP
+    health probe) held its thread, and its place under the association limit, for 30 s. `None`
+    on that queue reads as the timeout: the thread kills its DUL, closes the socket and ends.
+    """
+    dul = getattr(association, "dul", None)
+    if dul is not None:
+        dul.to_user_queue.put(None)
+
+
+class RequestDeadlines:
+    """Connections that have not yet sent an A-ASSOCIATE-RQ, each with a deadline.
+
+    `watch` when a connection opens, `requested` when its request arrives, `closed` when it
+    closes. A connection that closes first has its acceptor thread ended at once (so it frees
+    its place under the association limit); one still silent at its deadline is shut down and
+    `on_expired(association)` is called. One thread serves every connection, so silent peers
+    cost no extra thread each.
+    """
+
+    def __init__(self, seconds: float, on_expired: Callable[[Any], None]):
+        self.seconds = seconds
+        self._on_expired = on_expired
+        self._pending: dict[Any, float] = {}  # association -> monotonic deadline
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="association-request-deadlines",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._pending.clear()
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def watch(self, association: Any) -> None:
+        with self._changed:
+            self._pending[association] = time.monotonic() + self.seconds
+            self._changed.notify_all()
+
+    def requested(self, association: Any) -> None:
+        with self._changed:
+            self._pending.pop(association, None)
+
+    def closed(self, association: Any) -> None:
+        with self._changed:
+            waiting = self._pending.pop(association, None) is not None
+        if waiting:
+            end_acceptor_wait(association)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                expired = [a for a, deadline in self._pending.items() if deadline <= now]
+                for association in expired:
+                    del self._pending[association]
+                if not expired:
+                    next_deadline = min(self._pending.values(), default=None)
+                    self._changed.wait(None if next_deadline is None else next_deadline - now)
+                    continue
+            for association in expired:  # outside the lock: logging, socket calls
+                try:
+                    self._on_expired(association)  # logged before the peer sees the close
+                except Exception as error:  # a logging problem must not stop the deadlines
+                    log.error("request_deadline_callback_failed", error=str(error))
+                shut_down(getattr(association_transport(association), "socket", None))
+                end_acceptor_wait(association)

@@ -9,7 +9,8 @@ that break off associations in the middle of a PDU.
 - :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances.
 - :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
   are raw-socket behaviours: connect and leave, half a PDU, a PDU that announces more than it
-  sends, garbage, an unknown PDU type, an association dropped in the middle of a P-DATA-TF.
+  sends, garbage, an unknown PDU type, an association dropped in the middle of a P-DATA-TF;
+  :func:`connect_burst` and :func:`silent_connections` are connections that never associate.
 """
 
 from __future__ import annotations
@@ -374,6 +375,39 @@ def _drop_after_huge_p_data_header(port: int, called_ae: str) -> str:
             return f"association not accepted (PDU type {pdu_type:#04x})"
         connection.sendall(struct.pack(">BBI", 0x04, 0, 0xFFFFFF00) + b"\x00" * 100)
     return "associated, announced a 4 GiB P-DATA-TF, sent 100 bytes, closed"
+
+
+def connect_burst(port: int, count: int = 20, host: str = "127.0.0.1") -> None:
+    """Issue 14's repro: `for i in $(seq 20); do (exec 3<>/dev/tcp/127.0.0.1/11112); done`,
+    a port scan or a TCP health probe: connections opened and closed at once, sending nothing."""
+    for _ in range(count):
+        with raw_connection(port, host):
+            pass
+
+
+def silent_connections(port: int, count: int, *, source: str = "127.0.0.1",
+                       host: str = "127.0.0.1") -> list[socket.socket]:
+    """`count` connections from `source` (any 127.x.y.z address works on Linux loopback) that
+    stay open and send nothing; the caller closes them."""
+    connections = []
+    for _ in range(count):
+        connection = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+        connections.append(connection)
+    return connections
+
+
+def closed_by_peer(connection: socket.socket, timeout_s: float) -> bool:
+    """Whether the other end closes `connection` within `timeout_s` (data it sends is read
+    and dropped)."""
+    connection.settimeout(timeout_s)
+    try:
+        while connection.recv(4096):
+            pass
+    except socket.timeout:
+        return False
+    except OSError:  # reset
+        return True
+    return True
 
 
 # name -> (port, called AE) -> description of what was done

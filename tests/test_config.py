@@ -97,6 +97,13 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
         assert key in text
 
 
+def test_connections_per_address_default_to_max_associations(tmp_path):
+    assert parse_config({"limits": {"max_associations": 3}},
+                        base_dir=tmp_path).limits.max_connections_per_address == 3
+    assert parse_config({"limits": {"max_associations": 3, "max_connections_per_address": 5}},
+                        base_dir=tmp_path).limits.max_connections_per_address == 5
+
+
 @pytest.mark.parametrize("text, named", [
     ("[listener]\nport = \"11112\"\n", "[listener] port"),
     ("[listener]\nport = 70000\n", "[listener] port"),
@@ -122,6 +129,8 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
     ("[metrics]\nenabled = 1\n", "[metrics] enabled"),
     ("[limits]\nmax_pdu_bytes = 100\n", "max_pdu_bytes"),
     ("[limits]\nmax_associations = 0\n", "max_associations"),
+    ("[limits]\nassociation_request_timeout_seconds = 0\n", "association_request_timeout_seconds"),
+    ("[limits]\nmax_connections_per_address = 0\n", "max_connections_per_address"),
     ("[workers]\ncount = 1.5\n", "[workers] count"),
     ("[tls]\ncert_file = \"cert.pem\"\n", "[tls] cert_file"),
     ("[filters]\nno_such_filter = true\n", "'no_such_filter'"),

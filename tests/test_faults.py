@@ -40,10 +40,13 @@ from tests.hostile_input import (
     CR_STORAGE,
     absurd_dimensions,
     associate_rq,
+    closed_by_peer,
+    connect_burst,
     fuzz_corpus,
     raw_connection,
     read_pdu,
     send_raw_files,
+    silent_connections,
     write_mutation,
     wrong_vrs,
 )
@@ -318,6 +321,7 @@ def test_spool_full_answers_out_of_resources_and_resumes_when_space_returns(tmp_
 
 ALLOWED_CALLERS = ["MODALITY", "FUZZER", "RAWPEER", "STORESCU", "ECHOSCU", "XRAY_ROOM_1"]
 ASSOCIATION_LIMIT = 4
+REQUEST_TIMEOUT_S = 1  # below the ACSE timeout, which would drop silent peers too (unlogged)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +331,11 @@ def guarded_service(tmp_path_factory, model_path):
     config = write_service_config(folder, model=model_path, tables={
         "listener": {"allowed_calling_ae_titles": ALLOWED_CALLERS},
         "limits": {"max_associations": ASSOCIATION_LIMIT, "acse_timeout_seconds": 2,
-                   "dimse_timeout_seconds": 5, "network_timeout_seconds": 5},
+                   "dimse_timeout_seconds": 5, "network_timeout_seconds": 5,
+                   "association_request_timeout_seconds": REQUEST_TIMEOUT_S,
+                   # one more than the associations, so that an association over the limit
+                   # from this host is answered A-ASSOCIATE-RJ, not refused as a connection
+                   "max_connections_per_address": ASSOCIATION_LIMIT + 1},
         "storage": {"keep_source_images": False, "keep_reports": False}})
     with ServiceProcess(config, folder / "serve.log") as service:
         yield service
@@ -467,6 +475,46 @@ def test_associations_dropped_mid_pdu_do_not_hurt_the_listener(guarded_service, 
     threads_before = thread_count(guarded_service.process.pid)
     what = BROKEN_PEERS[behaviour](guarded_service.port, "PACS_AI")
     print(f"{behaviour}: {what}")
+    still_serving(guarded_service, threads_before)
+
+
+def test_a_burst_of_bare_connects_does_not_lock_modalities_out(guarded_service):
+    """Issue 14, item 1: `for i in $(seq 20); do (exec 3<>/dev/tcp/127.0.0.1/11112); done;
+    echoscu ...` got `Peer aborted Association` (connection-limit) until the ACSE timeout: the
+    closed connections kept their places. They must free them at once."""
+    threads_before = thread_count(guarded_service.process.pid)
+    connect_burst(guarded_service.port, 20)
+    run = echoscu(guarded_service.port, called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")
+    print(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stdout + run.stderr
+    still_serving(guarded_service, threads_before)
+
+
+def test_silent_connections_are_dropped_and_capped_per_address(guarded_service):
+    """Connections that never send an A-ASSOCIATE-RQ are closed after
+    association_request_timeout_seconds, and one address holding idle connections (here
+    127.0.0.2) cannot take the places of the others."""
+    threads_before = thread_count(guarded_service.process.pid)
+    started = time.monotonic()
+    silent = silent_connections(guarded_service.port, 2 * ASSOCIATION_LIMIT, source="127.0.0.2")
+    try:
+        run = echoscu(guarded_service.port, called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert all(closed_by_peer(c, 2 * REQUEST_TIMEOUT_S) for c in silent)
+        assert time.monotonic() - started < REQUEST_TIMEOUT_S + 3
+    finally:
+        for connection in silent:
+            connection.close()
+    def reasons() -> Counter:
+        return Counter(e.get("reason") for e in guarded_service.events()
+                       if e.get("event") == "connection_refused" and e.get("peer") == "127.0.0.2")
+
+    # Each one refused over the per-address cap (5) or dropped at its deadline; how many of
+    # each depends on how fast the listener accepts them (exact split: test_listener.py).
+    assert wait_until(lambda: reasons()["connection-limit-per-address"]
+                      + reasons()["association-request-timeout"] == 2 * ASSOCIATION_LIMIT, 5), \
+        reasons()
+    print(dict(reasons()))
     still_serving(guarded_service, threads_before)
 
 

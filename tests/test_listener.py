@@ -20,12 +20,15 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, generate_uid)
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from pacs_ai.config import parse_config
 from pacs_ai.jobs import JobStore
 from pacs_ai.pixels import display_array
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
+from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
+                                 silent_connections)
 from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                SimulatedModality, free_port,
@@ -229,6 +232,57 @@ def test_bad_peers_leave_no_threads_behind(tmp_path):
             peer.close()
         assert listener.modality().echo() == 0x0000
     finally:
+        listener.close()
+
+
+def test_a_burst_of_closed_connections_locks_nobody_out(listener):
+    """Issue 14: 20 connects closed at once (a port scan, a TCP probe) held their slots until
+    the ACSE timeout, and the next modality was refused (connection-limit) for 30 s."""
+    connect_burst(listener.port, 20)
+    assert wait_until(lambda: not listener.scp._server.active_associations, 1.0), \
+        f"{len(listener.scp._server.active_associations)} closed connections still held"
+    assert listener.modality().echo() == 0x0000
+
+
+def test_connections_that_never_associate_are_dropped_after_the_request_timeout(tmp_path):
+    listener = Listener(tmp_path, limits={"association_request_timeout_seconds": 1})
+    try:
+        held = listener.modality()._ae()
+        held.add_requested_context(Verification)
+        established = held.associate(LOCALHOST, listener.port, ae_title="PACS_AI")
+        assert established.is_established
+        started = time.monotonic()
+        [silent] = silent_connections(listener.port, 1)
+        stalled = socket.create_connection((LOCALHOST, listener.port), timeout=5)
+        stalled.sendall(associate_rq(called_ae="PACS_AI")[:20])  # the rest never comes
+        try:
+            assert closed_by_peer(silent, 5) and closed_by_peer(stalled, 5)
+            assert time.monotonic() - started < 3
+        finally:
+            silent.close()
+            stalled.close()
+        # an association, once requested, is not held to that timeout
+        assert established.is_established
+        assert established.send_c_echo().Status == 0x0000
+        established.release()
+        assert wait_until(lambda: not listener.scp._server.active_associations, 2)
+    finally:
+        listener.close()
+
+
+def test_one_address_cannot_take_every_connection(tmp_path):
+    """Connections are capped per peer address below the global cap, so a host holding idle
+    connections leaves room for the others."""
+    listener = Listener(tmp_path, limits={"max_associations": 2,
+                                          "max_connections_per_address": 2})
+    noisy = silent_connections(listener.port, 6, source="127.0.0.2")
+    try:
+        refused = [c for c in noisy if closed_by_peer(c, 0.5)]
+        assert len(refused) == 4  # 2 admitted from 127.0.0.2; 4 (the global cap) in all
+        assert listener.modality().echo() == 0x0000  # from 127.0.0.1
+    finally:
+        for connection in noisy:
+            connection.close()
         listener.close()
 
 
