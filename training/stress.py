@@ -12,6 +12,7 @@ with the unshifted ones (docs/generalisation.md). Nothing here reads a test spli
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,7 +20,9 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from pacs_ai.imaging import to_model_input
+from pacs_ai.imaging import PREPROCESSING_ID, to_model_input
+from training import shifts
+from training.data import DEFAULT_CACHE_DIR
 from training.report import metrics_at
 from training.shifts import CONDITIONS, StressCondition
 
@@ -57,13 +60,34 @@ def shifted_inputs(pictures: list[np.ndarray], condition: StressCondition,
     return inputs
 
 
-def stress_probabilities(predict: Predict, pictures: list[np.ndarray],
+def cached_shifted_inputs(paths: list[Path], condition: StressCondition,
+                          cache_dir: Path | None) -> np.ndarray:
+    """shifted_inputs, cached per condition, film list and version of the shifts' code (the
+    same films under the same shift are the same inputs for every model compared)."""
+    if cache_dir is None:
+        return shifted_inputs([read_picture(p) for p in paths], condition)
+    key = hashlib.sha256(json.dumps([
+        PREPROCESSING_ID, condition.name, [p.name for p in paths],
+        hashlib.sha256(Path(shifts.__file__).read_bytes()).hexdigest()]).encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"stress-{condition.name}-{key}.npy"
+    if cache_file.is_file():
+        return np.load(cache_file).astype(np.float32)
+    inputs = shifted_inputs([read_picture(p) for p in paths], condition).astype(np.float16)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_file.with_suffix(".tmp.npy")
+    np.save(temporary, inputs)  # float16, as the training cache: the same figures either way
+    temporary.rename(cache_file)
+    return inputs.astype(np.float32)
+
+
+def stress_probabilities(predict: Predict, paths: list[Path],
                          conditions: Iterable[StressCondition] = CONDITIONS,
-                         batch_size: int = 64) -> dict[str, np.ndarray]:
+                         batch_size: int = 64,
+                         cache_dir: Path | None = DEFAULT_CACHE_DIR) -> dict[str, np.ndarray]:
     """Probabilities of pneumonia per condition name."""
     results = {}
     for condition in conditions:
-        inputs = shifted_inputs(pictures, condition)
+        inputs = cached_shifted_inputs(paths, condition, cache_dir)
         results[condition.name] = np.concatenate(
             [predict(inputs[start:start + batch_size])
              for start in range(0, len(inputs), batch_size)])
@@ -137,8 +161,7 @@ def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None 
         keep = np.r_[np.flatnonzero(labels == 0)[:limit], np.flatnonzero(labels == 1)[:limit]]
         paths, labels = [paths[i] for i in keep], labels[keep]
     conditions = [c for c in CONDITIONS if not condition_names or c.name in condition_names]
-    pictures = [read_picture(path) for path in paths]
-    probabilities = stress_probabilities(model.predict, pictures, conditions)
+    probabilities = stress_probabilities(model.predict, paths, conditions)
     summary = summarise(probabilities, labels, model.info.threshold)
     summary.update(model=str(model_path), model_label=model.info.label,
                    split_file=str(split_file))
