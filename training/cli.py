@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--conditions", help="comma-separated condition names (default: all)")
     stress.add_argument("--limit-per-class", type=int, help="first N films per class (smoke runs)")
 
+    abstention = commands.add_parser("abstention", help="abstention rates of a model file with "
+                                     "an out-of-distribution score on what the project has")
+    abstention.add_argument("--model", type=Path, required=True)
+    abstention.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    abstention.add_argument("--samples", type=Path,
+                            default=Path(__file__).resolve().parent.parent / "sample_dicoms")
+    abstention.add_argument("--originals", type=Path,
+                            default=DEFAULT_DATA.parent / "originals")
+    abstention.add_argument("--out", type=Path, required=True)
+
     ensemble = commands.add_parser("ensemble", help="several runs as one model file")
     ensemble.add_argument("--runs", type=Path, nargs="+", required=True)
     ensemble.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -159,6 +169,14 @@ def command_stress(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_abstention(args: argparse.Namespace) -> int:
+    from training.abstention import run_abstention
+
+    run_abstention(args.model, args.data, args.out, args.samples, args.originals)
+    print((args.out / "abstention.md").read_text())
+    return 0
+
+
 def command_ensemble(args: argparse.Namespace) -> int:
     from training.ensemble import build_ensemble
 
@@ -245,7 +263,7 @@ def command_table(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": command_train, "evaluate": command_evaluate, "stress": command_stress,
-               "ensemble": command_ensemble,
+               "ensemble": command_ensemble, "abstention": command_abstention,
                "export": command_export,
                "table": command_table}[args.command]
     return handler(args)
