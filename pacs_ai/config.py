@@ -67,6 +67,8 @@ class LimitsConfig:
     # Open connections one peer address may hold (the global cap is 2 x max_associations);
     # parse_config's default is max_associations.
     max_connections_per_address: int = 10
+    # Largest dataset received, in bytes, as sent and once inflated (a deflated one).
+    max_dataset_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         association_request_timeout_seconds=t.number(
             "association_request_timeout_seconds", LimitsConfig.association_request_timeout_seconds,
             minimum=0, exclusive_minimum=True),
+        max_dataset_bytes=t.integer("max_dataset_bytes", LimitsConfig.max_dataset_bytes,
+                                    minimum=1024 * 1024, maximum=2**32 - 1),
     )
     limits = dataclasses.replace(limits, max_connections_per_address=t.integer(
         "max_connections_per_address", limits.max_associations, minimum=1, maximum=2000))

@@ -4,13 +4,16 @@ The C-STORE handler never classifies and never waits for the model. It answers S
 once the instance is fsynced under spool/images/ and its job row is committed; otherwise:
 
     0xA700  out of resources: disk below the [storage] min_free_bytes floor (checked before
-            anything is written), disk full, or the queue cannot be written. The sender keeps
-            the image and retries later.
+            anything is written), disk full, or the queue cannot be written (the sender keeps
+            the image and retries later); or a deflated dataset that inflates past
+            [limits] max_dataset_bytes (inflation stops there).
     0xA900  the dataset's SOP Class UID is not the one the request announced.
     0xC000  cannot understand: the dataset cannot be parsed.
     0xC001  cannot understand: no usable SOP Instance UID, or not the one the request announced.
 
 Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reason}).
+A dataset whose received bytes pass max_dataset_bytes gets no status: the association is
+aborted as soon as they do (sockets.limit_message_bytes), so it is never held whole in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import ssl
 import threading
 import time
 import weakref
+import zlib
 from dataclasses import dataclass
+from io import BytesIO
 
 import structlog
 from pydicom.dataset import Dataset
@@ -37,7 +42,7 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
-from pacs_ai.sockets import (RequestDeadlines, association_transport,
+from pacs_ai.sockets import (RequestDeadlines, association_transport, limit_message_bytes,
                              read_pdus_in_large_chunks, send_small_messages_at_once)
 from pacs_ai.spool import Spool, SpoolFullError
 
@@ -169,8 +174,10 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def _on_connection_open(self, event: Event) -> None:
+        max_bytes = self.config.limits.max_dataset_bytes
         send_small_messages_at_once(event.assoc)
-        read_pdus_in_large_chunks(event.assoc)
+        read_pdus_in_large_chunks(event.assoc, max_bytes, self._on_pdu_too_large)
+        limit_message_bytes(event.assoc, max_bytes, self._on_message_too_large)
         self._request_deadlines.watch(event.assoc)  # the TLS handshake counts against it too
         finish_tls_handshake(event)
 
@@ -202,6 +209,21 @@ class StorageSCP:
 
     def _on_connection_close(self, event: Event) -> None:
         self._request_deadlines.closed(event.assoc)
+
+    def _on_pdu_too_large(self, association, size: int) -> None:
+        metrics.REJECTED.labels(reason="pdu-too-large").inc()
+        log.warning("association_aborted", reason="pdu-too-large", pdu_bytes=size,
+                    limit=self.config.limits.max_dataset_bytes,
+                    peer=str(association.requestor.address))
+
+    def _on_message_too_large(self, association, message, size: int) -> None:
+        command = getattr(message, "command_set", None)
+        metrics.REJECTED.labels(reason="dataset-too-large").inc()
+        log.warning("association_aborted", reason="dataset-too-large", bytes_received=size,
+                    limit=self.config.limits.max_dataset_bytes,
+                    sop_instance_uid=str(getattr(command, "AffectedSOPInstanceUID", "") or ""),
+                    calling_ae_title=association.requestor.ae_title,
+                    peer=str(association.requestor.address))
 
     def _on_request_timeout(self, association) -> None:
         metrics.REJECTED.labels(reason="association-request-timeout").inc()
@@ -363,10 +385,12 @@ class StorageSCP:
     def _store(self, event: Event) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
         request = event.request
         try:
-            dataset = received_header(event)
+            dataset = received_header(event, self.config.limits.max_dataset_bytes)
             sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
+        except DatasetTooLarge as error:
+            return StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"), None, 0, False
         except Exception as error:  # pydicom raises many kinds on a malformed stream
             return StoreOutcome(CANNOT_UNDERSTAND,
                                 f"unparseable: {type(error).__name__}: {error}"), None, 0, False
@@ -426,19 +450,35 @@ class StorageSCP:
 PIXEL_DATA_TAG = 0x7FE00010
 
 
-def received_header(event: Event) -> Dataset:
+class DatasetTooLarge(ValueError):
+    """A deflated dataset inflates past [limits] max_dataset_bytes."""
+
+
+def received_header(event: Event, max_bytes: int) -> Dataset:
     """The received dataset up to its pixel data: all the listener reads are three UIDs.
 
     `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
-    as long as the handler runs (fsync included). A deflated stream is inflated whole anyway.
+    as long as the handler runs (fsync included). A deflated stream is inflated, but never past
+    `max_bytes` (DatasetTooLarge): 1 MB can inflate to gigabytes.
     """
     syntax = event.context.transfer_syntax
-    if syntax == DeflatedExplicitVRLittleEndian:
-        return event.dataset
     stream = event.request.DataSet
+    if syntax == DeflatedExplicitVRLittleEndian:
+        stream = BytesIO(inflate_within(stream.getvalue(), max_bytes))
     stream.seek(0)
     return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                         stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+
+
+def inflate_within(deflated: bytes, max_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian dataset inflated (raw deflate, PS3.5 A.5), or
+    DatasetTooLarge as soon as the output would pass `max_bytes`; zlib.error when corrupt."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(deflated, max_bytes + 1)
+    if len(inflated) > max_bytes:
+        raise DatasetTooLarge(f"inflates to more than {max_bytes} bytes "
+                              f"([limits] max_dataset_bytes)")
+    return inflated
 
 
 def finish_tls_handshake(event: Event) -> None:

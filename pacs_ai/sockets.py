@@ -1,4 +1,5 @@
-"""Socket options for DICOM associations, and the deadline for a connection's A-ASSOCIATE-RQ."""
+"""Socket options for DICOM associations, and bounds on what one connection can make the
+listener hold: the deadline for its A-ASSOCIATE-RQ, and the bytes of one PDU and one message."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def send_small_messages_at_once(association: Any) -> None:
 READ_CHUNK_BYTES = 1 << 20
 
 
-def read_pdus_in_large_chunks(association: Any) -> None:
+def read_pdus_in_large_chunks(association: Any, max_pdu_bytes: int | None = None,
+                              on_too_large: Callable[[Any, int], None] | None = None) -> None:
     """Read each PDU in reads of up to 1 MiB instead of pynetdicom's 4 KiB.
 
     pynetdicom's `AssociationSocket.recv` reads at most 4096 bytes per call, so a 10 MB film
@@ -50,12 +52,20 @@ def read_pdus_in_large_chunks(association: Any) -> None:
     that method on this association's transport only, with the same contract: return
     `nr_bytes` bytes, or fewer when the peer closed the connection; timeouts and socket errors
     propagate as before.
+
+    pynetdicom reads a PDU whole, however long its header says it is, before looking at it:
+    a body longer than `max_pdu_bytes` is not read at all (`on_too_large(association,
+    nr_bytes)` is called) and reads as a connection closed, so pynetdicom ends the association.
     """
     transport = association_transport(association)
     if transport is None or getattr(transport, "socket", None) is None:
         return
 
     def recv(nr_bytes: int) -> bytearray:
+        if max_pdu_bytes is not None and nr_bytes > max_pdu_bytes:
+            if on_too_large is not None:
+                on_too_large(association, nr_bytes)
+            return bytearray()
         chunks = []
         received = 0
         while received < nr_bytes:
@@ -84,6 +94,37 @@ def _fill(sock: socket.socket, buffer: bytearray) -> int:
     finally:
         view.release()
     return filled
+
+
+def limit_message_bytes(association: Any, max_bytes: int,
+                        on_too_large: Callable[[Any, Any, int], None]) -> None:
+    """Abort an association as soon as the DIMSE message it is receiving passes `max_bytes`.
+
+    pynetdicom gathers each message (a C-STORE's command and dataset) in memory until its last
+    fragment arrives, with no bound: a 400 MB dataset cost 400 MB, ten of them the machine.
+    This wraps the association's `dimse.receive_primitive`, which the DUL thread calls for each
+    P-DATA received; past the limit the partial message is dropped (its memory with it),
+    `on_too_large(association, message, size)` is called, and an A-ABORT goes out (the DUL
+    sends it before reading anything more; what the peer still sends is then ignored).
+    """
+    dimse = getattr(association, "dimse", None)
+    if dimse is None:
+        return
+    receive = dimse.receive_primitive
+
+    def receive_within_limit(primitive: Any) -> None:
+        receive(primitive)
+        message = dimse.message
+        if message is None:  # complete: handed to the association's thread
+            return
+        size = message.encoded_command_set.tell() + message.data_set.tell()
+        if size <= max_bytes:
+            return
+        dimse.message = None
+        on_too_large(association, message, size)
+        association.acse.send_abort(0x02)  # source: service provider
+
+    dimse.receive_primitive = receive_within_limit
 
 
 def shut_down(sock: socket.socket | None) -> None:

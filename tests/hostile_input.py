@@ -6,7 +6,8 @@ that break off associations in the middle of a PDU.
   distinct instance for the service). :func:`write_mutation` turns one into a Part 10 file whose
   file meta is intact: :func:`send_raw_files` sends those data set bytes unparsed (pynetdicom's
   chunked send), exactly as a broken modality would put them on the wire.
-- :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances.
+- :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances;
+  :func:`deflate_bomb` a small deflated one that inflates to any size.
 - :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
   are raw-socket behaviours: connect and leave, half a PDU, a PDU that announces more than it
   sends, garbage, an unknown PDU type, an association dropped in the middle of a P-DATA-TF;
@@ -30,7 +31,7 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 VERIFICATION = "1.2.840.10008.1.1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -169,6 +170,21 @@ def wrong_vrs(source: Dataset) -> list[tuple[str, Dataset]]:
         dataset[tag] = DataElement(tag, vr, value)
         cases.append((f"vr-{name}", dataset))
     return cases
+
+
+def deflate_bomb(source: Dataset, path: Path, *, inflated_bytes: int) -> Path:
+    """Issue 14's deflate bomb: a valid Deflated Explicit VR Little Endian film of zero pixels,
+    `source`'s attributes under a fresh SOP Instance UID, whose dataset inflates to about
+    `inflated_bytes` (a few kB on the wire per 10 MB)."""
+    dataset = _renamed(source)
+    side = int((inflated_bytes / 2) ** 0.5)
+    dataset.Rows, dataset.Columns = side, side
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+    dataset.PixelData = bytes(side * side * 2)
+    dataset["PixelData"].VR = "OW"
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    return path
 
 
 def save_explicit(dataset: Dataset, path: Path) -> Path:

@@ -131,6 +131,7 @@ def test_connections_per_address_default_to_max_associations(tmp_path):
     ("[limits]\nmax_associations = 0\n", "max_associations"),
     ("[limits]\nassociation_request_timeout_seconds = 0\n", "association_request_timeout_seconds"),
     ("[limits]\nmax_connections_per_address = 0\n", "max_connections_per_address"),
+    ("[limits]\nmax_dataset_bytes = 1000\n", "max_dataset_bytes"),
     ("[workers]\ncount = 1.5\n", "[workers] count"),
     ("[tls]\ncert_file = \"cert.pem\"\n", "[tls] cert_file"),
     ("[filters]\nno_such_filter = true\n", "'no_such_filter'"),

@@ -42,6 +42,7 @@ from tests.hostile_input import (
     associate_rq,
     closed_by_peer,
     connect_burst,
+    deflate_bomb,
     fuzz_corpus,
     raw_connection,
     read_pdu,
@@ -321,6 +322,7 @@ def test_spool_full_answers_out_of_resources_and_resumes_when_space_returns(tmp_
 
 ALLOWED_CALLERS = ["MODALITY", "FUZZER", "RAWPEER", "STORESCU", "ECHOSCU", "XRAY_ROOM_1"]
 ASSOCIATION_LIMIT = 4
+MAX_DATASET_BYTES = 8 * 1024 * 1024
 REQUEST_TIMEOUT_S = 1  # below the ACSE timeout, which would drop silent peers too (unlogged)
 
 
@@ -335,7 +337,8 @@ def guarded_service(tmp_path_factory, model_path):
                    "association_request_timeout_seconds": REQUEST_TIMEOUT_S,
                    # one more than the associations, so that an association over the limit
                    # from this host is answered A-ASSOCIATE-RJ, not refused as a connection
-                   "max_connections_per_address": ASSOCIATION_LIMIT + 1},
+                   "max_connections_per_address": ASSOCIATION_LIMIT + 1,
+                   "max_dataset_bytes": MAX_DATASET_BYTES},
         "storage": {"keep_source_images": False, "keep_reports": False}})
     with ServiceProcess(config, folder / "serve.log") as service:
         yield service
@@ -515,6 +518,31 @@ def test_silent_connections_are_dropped_and_capped_per_address(guarded_service):
                       + reasons()["association-request-timeout"] == 2 * ASSOCIATION_LIMIT, 5), \
         reasons()
     print(dict(reasons()))
+    still_serving(guarded_service, threads_before)
+
+
+def test_datasets_past_max_dataset_bytes_are_refused_without_being_held(guarded_service,
+                                                                       tmp_path):
+    """Issue 14, item 2: a 64 kB deflated store inflating to 64 MB, and a 12 MB uncompressed
+    one, against max_dataset_bytes = 8 MiB. The deflated one was acknowledged and inflated
+    whole; now it is refused (0xA700, dataset-too-large) with inflation stopped at the limit.
+    storescu's large one is cut off (association aborted) once 8 MiB have arrived."""
+    threads_before = thread_count(guarded_service.process.pid)
+    bomb = deflate_bomb(synthetic_radiograph(seed=21), tmp_path / "bomb.dcm",
+                        inflated_bytes=8 * MAX_DATASET_BYTES)
+    [result] = send_raw_files("127.0.0.1", guarded_service.port, [bomb], called_ae="PACS_AI")
+    print(f"deflate bomb ({bomb.stat().st_size} bytes): {result}")
+    assert result.status == 0xA700
+    large = tmp_path / "large.dcm"
+    synthetic_radiograph(seed=22, rows=2500, columns=2400).save_as(large, enforce_file_format=True)
+    run = storescu(guarded_service.port, [large], called_ae="PACS_AI")
+    print(run.output)
+    assert run.acknowledged == [] and run.returncode != 0
+    assert wait_until(lambda: any(e.get("reason") == "dataset-too-large"
+                                  and e.get("event") == "association_aborted"
+                                  for e in guarded_service.events()), 5)
+    jobs = spool_jobs(guarded_service.config_path.parent / "spool")
+    assert sop_uid(bomb) not in jobs and sop_uid(large) not in jobs
     still_serving(guarded_service, threads_before)
 
 

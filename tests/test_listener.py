@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog.testing
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, generate_uid)
@@ -27,8 +29,8 @@ from pacs_ai.jobs import JobStore
 from pacs_ai.pixels import display_array
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
-from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
-                                 silent_connections)
+from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst, deflate_bomb,
+                                 raw_connection, read_pdu, silent_connections)
 from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                SimulatedModality, free_port,
@@ -283,6 +285,58 @@ def test_one_address_cannot_take_every_connection(tmp_path):
     finally:
         for connection in noisy:
             connection.close()
+        listener.close()
+
+
+LIMIT = 1024 * 1024  # [limits] max_dataset_bytes in the tests below
+
+
+def test_a_deflated_dataset_inflating_past_the_limit_is_refused(tmp_path):
+    """Issue 14: a 1 MB deflated store inflating to 1 GB was acknowledged (the listener grew
+    by 2 GB). Inflation now stops at max_dataset_bytes with an error status."""
+    listener = Listener(tmp_path, limits={"max_dataset_bytes": LIMIT})
+    try:
+        bomb = deflate_bomb(synthetic_radiograph(seed=2), tmp_path / "bomb.dcm",
+                            inflated_bytes=8 * LIMIT)
+        assert bomb.stat().st_size < LIMIT // 8
+        result = listener.modality().send_file_as_is(bomb)
+        assert result.status == 0xA700 and result.error_comment.startswith("dataset-too-large")
+        fine = synthetic_radiograph(seed=2, transfer_syntax=DeflatedExplicitVRLittleEndian)
+        assert listener.modality().send([fine])[0].status == 0x0000
+        assert [job.sop_instance_uid for job in listener.store.all_jobs()] == [fine.SOPInstanceUID]
+    finally:
+        listener.close()
+
+
+def test_a_dataset_past_the_limit_is_cut_off_while_it_arrives(tmp_path):
+    listener = Listener(tmp_path, limits={"max_dataset_bytes": LIMIT})
+    try:
+        large = synthetic_radiograph(seed=3, rows=1200, columns=1000)  # 2.4 MB of pixels
+        with structlog.testing.capture_logs() as events:
+            [result] = listener.modality().send([large])
+        assert result.status is None  # aborted: no status, not acknowledged
+        [aborted] = [e for e in events if e["event"] == "association_aborted"]
+        assert aborted["reason"] == "dataset-too-large"
+        assert LIMIT < aborted["bytes_received"] <= LIMIT + 1024 * 1024  # one PDU past at most
+        assert aborted["sop_instance_uid"] == large.SOPInstanceUID
+        assert listener.store.all_jobs() == []
+        assert listener.modality().send([synthetic_radiograph(seed=3)])[0].status == 0x0000
+    finally:
+        listener.close()
+
+
+def test_a_pdu_announcing_more_than_the_limit_is_not_waited_for(tmp_path):
+    """A P-DATA-TF header announcing 512 MB: the connection is closed at once, not held open
+    (and its bytes gathered) until they arrive or the network timeout."""
+    listener = Listener(tmp_path, limits={"max_dataset_bytes": LIMIT})
+    try:
+        with raw_connection(listener.port) as connection:
+            connection.sendall(associate_rq(called_ae="PACS_AI"))
+            assert read_pdu(connection)[0] == 0x02
+            connection.sendall(struct.pack(">BBI", 0x04, 0, 512 * 1024 * 1024) + bytes(1000))
+            assert closed_by_peer(connection, 2)
+        assert listener.modality().echo() == 0x0000
+    finally:
         listener.close()
 
 
