@@ -73,9 +73,13 @@ def list_split(root: Path, split: str) -> list[tuple[Path, int]]:
 
 
 def load_split(root: Path, split: str, cache_dir: Path = DEFAULT_CACHE_DIR,
-               limit_per_class: int | None = None, progress: bool = True) -> ImageSet:
-    """Read, preprocess and cache one split. limit_per_class keeps the first N of each class."""
+               limit_per_class: int | None = None, progress: bool = True,
+               names: set[str] | None = None) -> ImageSet:
+    """Read, preprocess and cache one split. limit_per_class keeps the first N of each class;
+    names keeps only those file names (a run's split.json)."""
     items = list_split(root, split)
+    if names is not None:
+        items = [item for item in items if item[0].name in names]
     if limit_per_class is not None:
         items = [it for label in (0, 1) for it in [i for i in items if i[1] == label][:limit_per_class]]
     paths = [p for p, _ in items]

@@ -136,7 +136,8 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
     splits = [json.loads((run / "split.json").read_text()) for run in runs]
     if any(split["validation"] != splits[0]["validation"] for split in splits):
         raise SystemExit("ensemble members must share one validation split (train --split-seed)")
-    images = load_split(data, "train", progress=False)
+    images = load_split(data, "train", progress=False,
+                        names=set(splits[0]["train"]) | set(splits[0]["validation"]))
     index_of = {path.name: i for i, path in enumerate(images.paths)}
     train = images.subset([index_of[n] for n in splits[0]["train"]])
     validation = images.subset([index_of[n] for n in splits[0]["validation"]])
