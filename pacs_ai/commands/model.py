@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"threshold:  {model.info.threshold:.4f} ({metadata.get('threshold_rule', 'rule not recorded')})")
     print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
     print(f"intended:   {_intended_use(model.info)}")
+    print(f"abstains:   {_abstention(model.info)}")
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
@@ -43,3 +44,13 @@ def _intended_use(info) -> str:
     if info.intended_views is not None:
         parts.append(f"views {', '.join(info.intended_views) or '(none)'}")
     return "; ".join(parts) or "not stated in the model file (no age check)"
+
+
+def _abstention(info) -> str:
+    if info.ood_threshold is None:
+        return "never (the model file has no out-of-distribution score)"
+    ood = info.metadata.get("ood", {})
+    rate = ood.get("validation_abstention")
+    share = f"; {rate:.1%} of its validation films" if isinstance(rate, (int, float)) else ""
+    return (f"on films whose out-of-distribution score is above {info.ood_threshold:.3f}"
+            f"{share} (skipped as out-of-distribution, no finding sent)")
