@@ -16,6 +16,7 @@ COMMANDS = {
     "status": "pacs_ai.commands.status",
     "retry": "pacs_ai.commands.retry",
     "model": "pacs_ai.commands.model",
+    "evaluate": "pacs_ai.commands.evaluate",
 }
 
 

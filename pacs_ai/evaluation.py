@@ -102,3 +102,15 @@ def metrics_at(probabilities: np.ndarray, labels: np.ndarray, threshold: float) 
                              [[tn, fp], [fn, tp]]},
         "reliability": reliability,
     }
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95 % Wilson score interval of a proportion (sensitivity, specificity), or None for
+    total 0. It stays inside [0, 1] and is honest for small counts and proportions near 1."""
+    if total <= 0:
+        return None
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
