@@ -1,4 +1,4 @@
-"""`python -m training train|evaluate|export|table`.
+"""`python -m training train|evaluate|stress|abstention|ensemble|export|table`.
 
   train     train one named configuration on ROOT/train (validation split carved from it by
             patient), write the run folder with its report and model.pt

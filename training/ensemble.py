@@ -1,6 +1,7 @@
 """Several trained networks as one model file: mean logit, plus an out-of-distribution score.
 
-`python -m training ensemble --runs RUN... --output FILE --version V`
+`python -m training ensemble --runs RUN... --out DIR --version V` writes DIR/model.pt (the
+release: copy it and DIR/split.json to deploy/models/), DIR/report/ and DIR/summary.json.
 
 Members are runs of one validation split (`train --split-seed S --seed W`), so the ensemble's
 validation figures are as honest as each member's. The exported TorchScript module keeps the
