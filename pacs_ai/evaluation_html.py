@@ -94,6 +94,9 @@ def render_report(summary: dict[str, Any]) -> str:
              _number(proposal["all_films"]["sensitivity"])],
             ["specificity (all films)", _number(everything["specificity"]),
              _number(proposal["all_films"]["specificity"])]]))
+        if summary["too_small"]:
+            parts.append("<div class=\"warning\">Not to be relied on: too few films (see the "
+                         "warning at the top).</div>")
         parts.append(f"<p>{escape(proposal['rule'])}. To use it, add to the service's config "
                      "and restart the service:</p>")
         parts.append(f"<pre>{escape(proposal['config'])}</pre>")

@@ -226,6 +226,7 @@ def test_the_text_summary_and_the_report(folder_run):
     assert (f"WARNING: too few films to trust these figures: {counts['normal']['classified']} "
             f"normal and {counts['pneumonia']['classified']} pneumonia") in result.stdout
     assert summary["too_small"] is True
+    assert "not to be relied on: too few films" in result.stdout
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 1 and "</svg>" in html and "<polyline" in html
     assert "<script" not in html and "src=" not in html  # self-contained
@@ -252,6 +253,7 @@ def test_the_warning_goes_when_there_are_enough_films(models, tmp_path):
     assert summary["counts"]["classified"] == 100
     assert summary["too_small"] is False
     assert "too few films" not in result.stdout
+    assert "too few films" not in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_labels_from_a_csv(site, models, tmp_path):
@@ -434,3 +436,31 @@ def test_wilson_interval():
     assert 0.7635 < low < 0.7645 and 0.9905 < high < 0.9915
     low, high = wilson_interval(20, 20)
     assert high == 1.0 and 0.83 < low < 0.84
+
+
+def test_the_admin_guide_walkthrough_runs_as_written(models, tmp_path):
+    """deploy/README.md's sample-film commands, run as written (HOME, the config and the
+    program put in), give the counts its example output shows."""
+    guide = (REPO_ROOT / "deploy" / "README.md").read_text()
+    section = guide.split("## Validate on your own films before go-live", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+                for line in block.splitlines() if line.strip()]
+    assert [c.split()[0] for c in commands] == ["mkdir", "cp", "cp", "sudo"], commands
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(f'[model]\npath = "{models["tiny"]}"\n')
+    program = f"{sys.executable} -m pacs_ai "
+    environment = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
+    for command in commands:
+        command = command.replace("sudo pacs-ai ", program).replace(
+            "/etc/pacs-ai/pacs-ai.toml", str(config))
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                timeout=300, cwd=REPO_ROOT, env=environment)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    summary = json.loads((tmp_path / "site-films-report" / "summary.json").read_text())
+    counts = summary["counts"]
+    shown = re.search(r"films: +(\d+) \(.*\): (\d+) normal, (\d+) pneumonia", section)
+    assert shown, "the guide shows the films line"
+    assert (counts["films"], counts["per_class"]["normal"]["films"],
+            counts["per_class"]["pneumonia"]["films"]) == tuple(map(int, shown.groups()))
+    assert re.search(rf"^classified +{counts['classified']} ", section, flags=re.M)
+    assert counts["skipped_by_reason"] == {"not-frontal": 1} and "not-frontal 1" in section

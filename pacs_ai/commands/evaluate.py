@@ -168,6 +168,8 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{classified['sensitivity']:.3f}, {classified['specificity']:.3f})")
         print(f"  all films:        sensitivity {proposal['all_films']['sensitivity']:.3f}, "
               f"specificity {proposal['all_films']['specificity']:.3f}")
+        if summary["too_small"]:
+            print("  not to be relied on: too few films (see the warning below)")
         print("  to use it, put these lines in the service's config and restart it:")
         for line in proposal["config"].splitlines():
             print(f"    {line}")
