@@ -97,7 +97,8 @@ def render_report(summary: dict[str, Any]) -> str:
         if summary["too_small"]:
             parts.append("<div class=\"warning\">Not to be relied on: too few films (see the "
                          "warning at the top).</div>")
-        parts.append(f"<p>{escape(proposal['rule'])}. To use it, add to the service's config "
+        rule = proposal["rule"][:1].upper() + proposal["rule"][1:]
+        parts.append(f"<p>{escape(rule)}. To use it, add to the service's config "
                      "and restart the service:</p>")
         parts.append(f"<pre>{escape(proposal['config'])}</pre>")
         parts.append("<p class=\"note\">The threshold was chosen on these same films, so on new "
