@@ -8,7 +8,10 @@ once the instance is fsynced under spool/images/ and its job row is committed; o
             the image and retries later); or a deflated dataset that inflates past
             [limits] max_dataset_bytes (inflation stops there).
     0xA900  the dataset's SOP Class UID is not the one the request announced.
-    0xC000  cannot understand: the dataset cannot be parsed.
+    0xC000  cannot understand: the dataset cannot be parsed, or does not parse up to and through
+            a whole Pixel Data element, or its uncompressed Pixel Data is shorter than Rows,
+            Columns, frames, samples and Bits Allocated declare (pacs_ai.received): refused
+            rather than acknowledged and failed later, so the modality keeps the image.
     0xC001  cannot understand: no usable SOP Instance UID, or not the one the request announced.
 
 Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reason}).
@@ -42,6 +45,7 @@ from pacs_ai import metrics
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
+from pacs_ai.received import PIXEL_DATA_TAG, ReceivedDataError, check_pixel_data
 from pacs_ai.sockets import (RequestDeadlines, association_transport, limit_message_bytes,
                              read_pdus_in_large_chunks, send_small_messages_at_once)
 from pacs_ai.spool import Spool, SpoolFullError
@@ -391,6 +395,8 @@ class StorageSCP:
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
         except DatasetTooLarge as error:
             return StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"), None, 0, False
+        except ReceivedDataError as error:
+            return StoreOutcome(CANNOT_UNDERSTAND, str(error)), None, 0, False
         except Exception as error:  # pydicom raises many kinds on a malformed stream
             return StoreOutcome(CANNOT_UNDERSTAND,
                                 f"unparseable: {type(error).__name__}: {error}"), None, 0, False
@@ -447,15 +453,13 @@ class StorageSCP:
         return StoreOutcome(SUCCESS), instance, size, not created
 
 
-PIXEL_DATA_TAG = 0x7FE00010
-
-
 class DatasetTooLarge(ValueError):
     """A deflated dataset inflates past [limits] max_dataset_bytes."""
 
 
 def received_header(event: Event, max_bytes: int) -> Dataset:
-    """The received dataset up to its pixel data: all the listener reads are three UIDs.
+    """The received dataset up to its pixel data (all the listener reads are three UIDs), once
+    the Pixel Data element is known to be whole (ReceivedDataError if not).
 
     `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
     as long as the handler runs (fsync included). A deflated stream is inflated, but never past
@@ -466,8 +470,10 @@ def received_header(event: Event, max_bytes: int) -> Dataset:
     if syntax == DeflatedExplicitVRLittleEndian:
         stream = BytesIO(inflate_within(stream.getvalue(), max_bytes))
     stream.seek(0)
-    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
-                        stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+    header = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+    check_pixel_data(header, stream, syntax)
+    return header
 
 
 def inflate_within(deflated: bytes, max_bytes: int) -> bytes:

@@ -7,7 +7,8 @@ that break off associations in the middle of a PDU.
   file meta is intact: :func:`send_raw_files` sends those data set bytes unparsed (pynetdicom's
   chunked send), exactly as a broken modality would put them on the wire.
 - :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances;
-  :func:`deflate_bomb` a small deflated one that inflates to any size.
+  :func:`deflate_bomb` a small deflated one that inflates to any size;
+  :func:`corrupt_pixel_data` datasets cut short or with too few pixels for their header.
 - :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
   are raw-socket behaviours: connect and leave, half a PDU, a PDU that announces more than it
   sends, garbage, an unknown PDU type, an association dropped in the middle of a P-DATA-TF;
@@ -31,7 +32,8 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         JPEGLSLossless, generate_uid)
 
 VERIFICATION = "1.2.840.10008.1.1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -185,6 +187,56 @@ def deflate_bomb(source: Dataset, path: Path, *, inflated_bytes: int) -> Path:
     dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+def corrupt_pixel_data(source: Dataset, folder: Path) -> dict[str, Path]:
+    """Issue 14, item 3: datasets that were acknowledged and then failed (or were skipped), as
+    raw Part 10 files under fresh UIDs, by name. `source` is an uncompressed film; a JPEG-LS
+    copy of it supplies the encapsulated cases."""
+    def raw(name: str, dataset: Dataset, data: bytes) -> Path:
+        return write_raw_part10(folder / f"{name}.dcm", sop_class_uid=str(dataset.SOPClassUID),
+                                sop_instance_uid=str(dataset.SOPInstanceUID),
+                                transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+                                dataset_bytes=data)
+
+    files = {}
+    whole = _renamed(source)
+    data = _dataset_bytes(whole, EXPLICIT_VR_LE)
+    pixels_at = data.rindex(b"\xe0\x7f\x10\x00")  # the Pixel Data element
+    cut = pixels_at + 12 + (len(data) - pixels_at - 12) // 2
+    files["cut-mid-pixel-data"] = raw("cut-mid-pixel-data", whole, data[:cut])
+
+    half = _renamed(source)  # consistent element, but half the pixels the header declares
+    half.PixelData = source.PixelData[: len(source.PixelData) // 2]
+    files["half-the-pixels"] = raw("half-the-pixels", half, _dataset_bytes(half, EXPLICIT_VR_LE))
+
+    overlong = _renamed(source)  # implicit VR: an element before the pixels claims 4 GB
+    body = _dataset_bytes(overlong, ImplicitVRLittleEndian)
+    name_at = body.index(b"\x10\x00\x10\x00")  # (0010,0010) Patient's Name
+    body = body[:name_at + 4] + struct.pack("<I", 0xFFFFFFF0) + body[name_at + 8:]
+    overlong.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    files["element-length-0xfffffff0"] = raw("element-length-0xfffffff0", overlong, body)
+
+    compressed = _renamed(source)
+    compressed.compress(JPEGLSLossless)
+    data = _dataset_bytes(compressed, EXPLICIT_VR_LE)
+    files["encapsulated-cut-mid-fragment"] = raw("encapsulated-cut-mid-fragment", compressed,
+                                                 data[: len(data) - 100])
+    delimiter = _renamed(compressed)
+    files["encapsulated-no-delimiter"] = raw("encapsulated-no-delimiter", delimiter,
+                                             _dataset_bytes(delimiter, EXPLICIT_VR_LE)[:-8])
+    return files
+
+
+def undecodable(source: Dataset) -> Dataset:
+    """`source` (same UIDs) as JPEG-LS whose one fragment is garbage: whole and well formed on
+    the wire, so the listener acknowledges it, but no decoder can read it (decode-failed)."""
+    from pydicom.encaps import encapsulate
+
+    dataset = copy.deepcopy(source)
+    dataset.compress(JPEGLSLossless, generate_instance_uid=False)
+    dataset.PixelData = encapsulate([b"\xff\xd8" + bytes(254)])
+    return dataset
 
 
 def save_explicit(dataset: Dataset, path: Path) -> Path:

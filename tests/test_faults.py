@@ -42,6 +42,7 @@ from tests.hostile_input import (
     associate_rq,
     closed_by_peer,
     connect_burst,
+    corrupt_pixel_data,
     deflate_bomb,
     fuzz_corpus,
     raw_connection,
@@ -341,6 +342,12 @@ def guarded_service(tmp_path_factory, model_path):
                    "max_dataset_bytes": MAX_DATASET_BYTES},
         "storage": {"keep_source_images": False, "keep_reports": False}})
     with ServiceProcess(config, folder / "serve.log") as service:
+        # One film through the whole pipeline first: threads the worker and its helper pool
+        # start with their first job would otherwise land between a test's thread count
+        # before and after (seen as "threads 8 -> 9" after the fuzz corpus).
+        warm_up = synthetic_radiograph(seed=99)
+        assert SimulatedModality(service.port).send([warm_up])[0].status == 0x0000
+        settle_jobs(service, [str(warm_up.SOPInstanceUID)])
         yield service
         assert service.process.poll() is None, "the listener exited"
 
@@ -543,6 +550,28 @@ def test_datasets_past_max_dataset_bytes_are_refused_without_being_held(guarded_
                                   for e in guarded_service.events()), 5)
     jobs = spool_jobs(guarded_service.config_path.parent / "spool")
     assert sop_uid(bomb) not in jobs and sop_uid(large) not in jobs
+    still_serving(guarded_service, threads_before)
+
+
+def test_corrupt_pixel_data_is_refused_before_success(guarded_service, tmp_path):
+    """Issue 14, item 3, sent as raw bytes: Pixel Data cut at 50 % (answered 0x0000, then
+    failed truncated-pixel-data, so the modality never re-sent it), half the pixels the header
+    declares, an element length of 0xFFFFFFF0 (acknowledged, then skipped), encapsulated data
+    cut inside a fragment or missing its delimiter. Each is refused with 0xC000 and a comment;
+    nothing is recorded."""
+    threads_before = thread_count(guarded_service.process.pid)
+    cases = corrupt_pixel_data(synthetic_radiograph(seed=31, rows=200, columns=160), tmp_path)
+    results = send_raw_files("127.0.0.1", guarded_service.port, list(cases.values()),
+                             called_ae="PACS_AI")
+    for name, result in zip(cases, results):
+        print(f"{name}: {result}")
+    assert [r.status for r in results] == [0xC000] * len(cases)
+    refused = [e for e in guarded_service.events() if e.get("event") == "instance_refused"
+               and e.get("sop_instance_uid") in {sop_uid(path) for path in cases.values()}]
+    assert {e["reason"].split(":")[0] for e in refused} == {"truncated-pixel-data",
+                                                           "no-pixel-data"}
+    jobs = spool_jobs(guarded_service.config_path.parent / "spool")
+    assert not {sop_uid(path) for path in cases.values()} & set(jobs)
     still_serving(guarded_service, threads_before)
 
 

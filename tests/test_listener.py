@@ -6,7 +6,6 @@ whole service as a `pacs-ai serve` subprocess: modality -> service -> PACS.
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import struct
@@ -29,8 +28,9 @@ from pacs_ai.jobs import JobStore
 from pacs_ai.pixels import display_array
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
-from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst, deflate_bomb,
-                                 raw_connection, read_pdu, silent_connections)
+from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
+                                 corrupt_pixel_data, deflate_bomb, raw_connection, read_pdu,
+                                 silent_connections, undecodable)
 from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                SimulatedModality, free_port,
@@ -340,6 +340,25 @@ def test_a_pdu_announcing_more_than_the_limit_is_not_waited_for(tmp_path):
         listener.close()
 
 
+CORRUPT_CASES = ["cut-mid-pixel-data", "half-the-pixels", "element-length-0xfffffff0",
+                 "encapsulated-cut-mid-fragment", "encapsulated-no-delimiter"]
+
+
+@pytest.mark.parametrize("case", CORRUPT_CASES)
+def test_corrupt_pixel_data_is_refused_not_acknowledged(listener, tmp_path, case):
+    """Issue 14, item 3: Pixel Data cut at 50 % was answered Success and then failed, so the
+    modality never sent it again; an element length of 0xFFFFFFF0 was acknowledged and
+    skipped. Both are refused (0xC000 with the reason) and nothing is recorded."""
+    path = corrupt_pixel_data(synthetic_radiograph(seed=4, rows=200, columns=160), tmp_path)[case]
+    result = listener.modality().send_file_as_is(path)
+    assert result.status == 0xC000, result
+    code = result.error_comment.split(":")[0]
+    expected = "no-pixel-data" if case == "element-length-0xfffffff0" else "truncated-pixel-data"
+    assert code == expected, result.error_comment
+    assert listener.store.all_jobs() == []
+    assert list(listener.spool.images.iterdir()) == []
+
+
 def test_stop_lets_a_running_association_finish(listener):
     """Graceful stop: an association in progress completes its C-STOREs before shutdown."""
     datasets = [synthetic_radiograph(seed=n) for n in range(6)]
@@ -421,7 +440,10 @@ def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
         with ServiceProcess(config, tmp_path / "serve.log") as service:
             modality = SimulatedModality(service.port)
             results = modality.send([SAMPLE_DICOMS / e["file"] for e in sendable])
-            assert [r.status for r in results] == [0x0000] * len(sendable), results
+            # the broken samples hold fewer pixel bytes than their headers declare: refused
+            # (0xC000) while received, so the modality keeps them (issue 14)
+            assert [r.status for r in results] == [
+                0xC000 if e["expected_status"] == "error" else 0x0000 for e in sendable], results
             assert pacs.wait_for(len(films), timeout=240), service.log_path.read_text()[-3000:]
             assert wait_until(lambda: json.loads(pacs_ai_cli(
                 "status", "--config", str(config), "--json").stdout)["backlog"] == 0, 60)
@@ -455,7 +477,8 @@ def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
 
     # Every file that is not a chest film is recorded with its reason.
     recorded = {item["sop_instance_uid"]: item for item in status["skipped"] + status["failures"]}
-    for entry in sendable:
+    received = [entry for entry in sendable if entry["expected_status"] != "error"]
+    for entry in received:
         if entry["expected_status"] == "ok":
             continue
         item = recorded[entry["sop_instance_uid"]]
@@ -465,7 +488,7 @@ def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
 
     # One event per received instance, per classification and per delivery; UIDs, no patient data.
     names = [event["event"] for event in events]
-    assert names.count("instance_received") == len(sendable)
+    assert names.count("instance_received") == len(received)
     assert names.count("instance_classified") == len(films)
     assert names.count("report_delivered") == len(films)
     for event in events:
@@ -526,8 +549,7 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
     try:
         film = synthetic_radiograph(seed=1)
         lateral = synthetic_radiograph(seed=2, view_position="LL")
-        broken = synthetic_radiograph(seed=3)
-        broken.Rows = 4000  # the header promises far more pixels than the data holds
+        broken = undecodable(synthetic_radiograph(seed=3))  # well formed, so acknowledged
         results = SimulatedModality(service.port).send([film, lateral, broken])
         assert [r.status for r in results] == [0, 0, 0]
         store = service.store
@@ -555,8 +577,9 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
 
 
 def test_a_resent_image_retries_its_failed_job_and_gets_reported(tmp_path, tiny_model):
-    """A film whose transfer was broken fails; the modality sends it again, whole, and this
-    time it is classified and reported (the acknowledgement alone would lose the finding)."""
+    """A film whose pixels cannot be decoded (not something the listener can check before it
+    acknowledges) fails; the modality sends it again, intact, and this time it is classified
+    and reported (the acknowledgement alone would lose the finding)."""
     from pacs_ai.config import load_config
     from pacs_ai.service import Service
     from tests.dicom_peers import write_service_config
@@ -567,14 +590,13 @@ def test_a_resent_image_retries_its_failed_job_and_gets_reported(tmp_path, tiny_
         service = Service(config).start()
         try:
             whole = synthetic_radiograph(seed=7)
-            broken = copy.deepcopy(whole)
-            broken.PixelData = whole.PixelData[: len(whole.PixelData) // 3]
+            broken = undecodable(whole)
             modality = SimulatedModality(service.port)
             assert [r.status for r in modality.send([broken])] == [0x0000]
             store = service.store
             uid = str(whole.SOPInstanceUID)
             assert wait_until(lambda: store.find(uid).state == "failed", 60)
-            assert store.find(uid).reason.startswith("truncated-pixel-data")
+            assert store.find(uid).reason.startswith("decode-failed")
 
             assert [r.status for r in modality.send([whole])] == [0x0000]
             assert wait_until(lambda: store.find(uid).state == "done", 60), store.find(uid)
