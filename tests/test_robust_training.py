@@ -100,6 +100,18 @@ def test_smoke_robust_members_make_an_ensemble_that_is_stressed_and_abstains(tmp
     assert metadata["ood"]["threshold"] == pytest.approx(float(np.quantile(scores, 0.985)))
     assert (scores > metadata["ood"]["threshold"]).sum() <= max(1, np.ceil(0.015 * scores.size))
 
+    # the operating point holds the sensitivity floor on the validation split pooled over
+    # every stress condition, not on clean validation alone
+    from training.report import SHIFT_SENSITIVITY_FLOOR, choose_threshold
+    from training.shifts import CONDITIONS
+    stressed = np.load(ensemble / "stress_probabilities.npz")
+    assert set(stressed.files) == {"labels", *(c.name for c in CONDITIONS)}
+    pooled = np.concatenate([stressed[c.name] for c in CONDITIONS])
+    pooled_labels = np.tile(stressed["labels"], len(CONDITIONS))
+    assert metadata["threshold"] == pytest.approx(
+        choose_threshold(pooled, pooled_labels, SHIFT_SENSITIVITY_FLOOR))
+    assert "pooled over the validation split under every stress" in metadata["threshold_rule"]
+
     stress = tmp_path / "stress"
     run_training("stress", "--model", str(ensemble / "model.pt"), "--data", str(data),
                  "--out", str(stress), "--conditions", "none,crop-tight-12,border-black-12")

@@ -117,6 +117,22 @@ def ensemble_outputs(ensemble: EnsembleNetwork, inputs: np.ndarray,
     return np.concatenate(probabilities), np.concatenate(scores)
 
 
+def ensemble_stress(ensemble: EnsembleNetwork, data: Path, out: Path,
+                    labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The ensemble's probabilities on the validation split under every stress condition."""
+    from training.stress import stress_probabilities, validation_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths, stress_labels = validation_files(out / "split.json", data)
+    if not np.array_equal(stress_labels, labels):
+        raise SystemExit("the stress films do not match the validation split")
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return ensemble_outputs(ensemble, batch[:, 0])[0]
+
+    return stress_probabilities(predict, paths)
+
+
 def load_member(run: Path) -> Tuple[nn.Sequential, dict[str, Any]]:
     from training.models import CONFIGS, build_network
 
@@ -132,7 +148,9 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
     """Fit the OOD score, choose the threshold, write the report and export the model file."""
     from training.data import load_split
     from training.export import build_metadata, export_model
-    from training.report import THRESHOLD_RULE, choose_threshold, write_report
+    from training.report import (SHIFT_SENSITIVITY_FLOOR, SHIFT_THRESHOLD_RULE,
+                                 choose_threshold, write_report)
+    from training.stress import markdown_table, summarise
 
     splits = [json.loads((run / "split.json").read_text()) for run in runs]
     if any(split["validation"] != splits[0]["validation"] for split in splits):
@@ -143,13 +161,21 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
     train = images.subset([index_of[n] for n in splits[0]["train"]])
     validation = images.subset([index_of[n] for n in splits[0]["validation"]])
 
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps(splits[0], indent=1))
     members, configs = zip(*(load_member(run) for run in runs))
     ensemble = EnsembleNetwork(list(members))
     fit_ood(ensemble, train.inputs, train.labels)
     probabilities, scores = ensemble_outputs(ensemble, validation.inputs)
-    threshold = choose_threshold(probabilities, validation.labels)
+    stress = ensemble_stress(ensemble, data, out, validation.labels)
+    pooled = np.concatenate(list(stress.values()))
+    threshold = choose_threshold(pooled, np.tile(validation.labels, len(stress)),
+                                 SHIFT_SENSITIVITY_FLOOR)
     ood_threshold = float(np.quantile(scores, ABSTAIN_QUANTILE))
-    out.mkdir(parents=True, exist_ok=True)
+    stress_summary = summarise(stress, validation.labels, threshold)
+    (out / "stress.json").write_text(json.dumps(stress_summary, indent=2))
+    np.savez_compressed(out / "stress_probabilities.npz", labels=validation.labels, **stress)
+    (out / "stress.md").write_text(markdown_table(stress_summary, f"ensemble of {len(runs)}"))
     metrics = write_report(out / "report", probabilities, validation.labels, threshold,
                            title=f"ensemble of {len(runs)}")
     summary = {key: metrics[key] for key in ("accuracy", "sensitivity", "specificity", "roc_auc",
@@ -159,7 +185,7 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
            "threshold_rule": f"the validation split's {ABSTAIN_QUANTILE:g} quantile",
            "train_films": len(train)}
     metadata = build_metadata(
-        name=name, version=version, threshold=threshold, threshold_rule=THRESHOLD_RULE,
+        name=name, version=version, threshold=threshold, threshold_rule=SHIFT_THRESHOLD_RULE,
         output="logit",
         architecture=f"ensemble of {len(runs)} x {configs[0]['description']}; mean logit",
         training={"members": [{"config": c["name"], "seed": c["seed"], "epochs": c["epochs"]}
@@ -168,10 +194,11 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
                   "split": "validation carved from train/ by patient and duplicate groups "
                            f"(split seed {splits[0]['seed']}); see the .split.json beside it"},
         validation_metrics=summary, ood=ood,
+        stress={"worst": stress_summary["worst"], "mean_shifted": stress_summary["mean_shifted"],
+                "conditions": len(stress)},
         **({"intended_use": intended_use} if intended_use else {}))
     np.save(out / "validation_probabilities.npy", probabilities)
     np.save(out / "validation_ood_scores.npy", scores)
-    (out / "split.json").write_text(json.dumps(splits[0], indent=1))
     (out / "summary.json").write_text(json.dumps({"threshold": threshold, **summary, "ood": ood},
                                                  indent=2))
     export_model(ensemble, out / "model.pt", metadata)
