@@ -79,6 +79,19 @@ def test_unit_is_hardened_with_the_spool_as_the_only_writable_path():
     assert "MemoryDenyWriteExecute" not in service, "breaks libffi/PyTorch"
 
 
+def test_unit_caps_memory_and_tasks_above_the_measured_peaks():
+    """MemoryMax and TasksMax are backstops sized from docs/benchmarks.md (peak 670 MB with two
+    helper processes) and a thread count (34 at 10 associations): well above both, not off."""
+    service = unit_service_section()
+    [memory] = service["MemoryMax"]
+    assert re.fullmatch(r"\d+M", memory), "MemoryMax in MiB, as the comment sizes it"
+    assert int(memory[:-1]) >= 2 * 670
+    [tasks] = service["TasksMax"]
+    assert tasks.isdigit() and 10 * 34 <= int(tasks)
+    guide = (DEPLOY / "README.md").read_text()
+    assert f"MemoryMax={memory}" in guide and f"TasksMax={tasks}" in guide
+
+
 def systemd_analyze() -> str:
     """systemd-analyze, or a skip: systemd is not installed in every container (scripts/test.sh
     installs it in CI)."""
