@@ -73,7 +73,7 @@ class EnsembleNetwork(nn.Module):
 
     def _mahalanobis(self, features: torch.Tensor, member: int) -> torch.Tensor:
         centred = features.unsqueeze(1) - self.class_means[member].unsqueeze(0)  # [N, 2, D]
-        distances = torch.einsum("ncd,de,nce->nc", centred, self.precisions[member], centred)
+        distances = (torch.matmul(centred, self.precisions[member]) * centred).sum(dim=2)
         return distances.min(dim=1).values / features.shape[1]
 
 
