@@ -86,6 +86,7 @@ class ModelConfig:
     threshold: float | None = None
     min_age_years: float | None = None
     max_age_years: float | None = None
+    ood_threshold: float | None = None  # abstain above this out-of-distribution score
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         threshold=t.optional_number("threshold", minimum=0.0, maximum=1.0),
         min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
+        ood_threshold=t.optional_number("ood_threshold", minimum=1e-9, maximum=1e9),
     )
     if (model.min_age_years is not None and model.max_age_years is not None
             and model.min_age_years > model.max_age_years):

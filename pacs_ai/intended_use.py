@@ -191,7 +191,8 @@ def _anniversary(birth: datetime.date, year: int) -> datetime.date:
 
 def site_model_info(info: ModelInfo, *, threshold: float | None = None,
                     min_age_years: float | None = None,
-                    max_age_years: float | None = None) -> ModelInfo:
+                    max_age_years: float | None = None,
+                    ood_threshold: float | None = None) -> ModelInfo:
     """The model info the service works with: the file's threshold and age range, each replaced
     where the site's [model] config sets it. Raises UserError when the result is no range.
 
@@ -199,6 +200,11 @@ def site_model_info(info: ModelInfo, *, threshold: float | None = None,
     minimum is 0 and a missing maximum is MAX_AGE_YEARS.
     """
     effective = info
+    if ood_threshold is not None:
+        if info.ood_threshold is None:
+            raise UserError("[model] ood_threshold is set, but the model file has no "
+                            "out-of-distribution score to compare it with: remove the key")
+        effective = dataclasses.replace(effective, ood_threshold=float(ood_threshold))
     if threshold is not None:
         effective = dataclasses.replace(effective, threshold=float(threshold))
     if min_age_years is not None or max_age_years is not None:
@@ -233,6 +239,14 @@ def log_site_model_info(model: ModelInfo, effective: ModelInfo) -> None:
                     age_years=format_age_range(effective.intended_age_years),
                     model_age_years=_describe_range(model.intended_age_years),
                     source="[model] min_age_years/max_age_years")
+    if effective.ood_threshold is None:
+        log.info("abstention_off", detail="the model file has no out-of-distribution score: "
+                                          "it never abstains")
+    elif effective.ood_threshold != model.ood_threshold:
+        log.warning("ood_threshold_overridden", ood_threshold=effective.ood_threshold,
+                    model_ood_threshold=model.ood_threshold, source="[model] ood_threshold")
+    else:
+        log.info("abstention", ood_threshold=effective.ood_threshold, source="model file")
     if not math.isclose(effective.threshold, model.threshold, rel_tol=0, abs_tol=1e-12):
         log.warning("threshold_overridden", threshold=effective.threshold,
                     model_threshold=model.threshold, source="[model] threshold")

@@ -100,7 +100,8 @@ class Service:
         own = self.model.info
         self.model.info = site_model_info(own, threshold=settings.threshold,
                                           min_age_years=settings.min_age_years,
-                                          max_age_years=settings.max_age_years)
+                                          max_age_years=settings.max_age_years,
+                                          ood_threshold=settings.ood_threshold)
         log_site_model_info(own, self.model.info)
 
     def _start_threads(self) -> None:

@@ -109,3 +109,31 @@ def test_the_service_skips_films_the_model_abstains_on_and_sends_no_report(backl
     assert all(job.reason.startswith("out-of-distribution: score ") for job in jobs)
     assert all(job.report_uid is None for job in jobs)
     assert list(spool.outbox.iterdir()) == []
+
+
+def test_the_site_can_move_the_abstention_threshold_and_start_up_says_so(tmp_path):
+    import structlog
+
+    from pacs_ai.config import parse_config
+    from pacs_ai.errors import UserError
+    from pacs_ai.intended_use import log_site_model_info, site_model_info
+    from training.export import export_untrained_tiny_model
+
+    model = PneumoniaModel.load(export_untrained_tiny_ensemble(tmp_path / "ens.pt",
+                                                               ood_threshold=2.0))
+    config = parse_config({"model": {"ood_threshold": 5.5}}, base_dir=tmp_path)
+    site = site_model_info(model.info, ood_threshold=config.model.ood_threshold)
+    assert site.ood_threshold == 5.5 and model.info.ood_threshold == 2.0
+    model.info = site
+    assert model.abstain_reason(5.0) is None and model.abstain_reason(6.0).startswith(
+        "out-of-distribution: score 6.00 above 5.50")
+    with structlog.testing.capture_logs() as logs:
+        log_site_model_info(PneumoniaModel.load(tmp_path / "ens.pt").info, site)
+    overridden = [e for e in logs if e["event"] == "ood_threshold_overridden"]
+    assert overridden and overridden[0]["model_ood_threshold"] == 2.0
+
+    plain = PneumoniaModel.load(export_untrained_tiny_model(tmp_path / "plain.pt"))
+    with pytest.raises(UserError, match="no out-of-distribution score"):
+        site_model_info(plain.info, ood_threshold=3.0)
+    with pytest.raises(UserError, match="ood_threshold"):
+        parse_config({"model": {"ood_threshold": 0}}, base_dir=tmp_path)

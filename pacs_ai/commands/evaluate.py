@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     own = model.info
     model.info = site_model_info(own, threshold=config.model.threshold,
                                  min_age_years=config.model.min_age_years,
-                                 max_age_years=config.model.max_age_years)
+                                 max_age_years=config.model.max_age_years,
+                                 ood_threshold=config.model.ood_threshold)
     policy = config.filters.with_intended_age(model.info.intended_age_years)
 
     results = classify_files([film.path for film in labelled.films], model, policy,
