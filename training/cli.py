@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                             default=DEFAULT_DATA.parent / "originals")
     abstention.add_argument("--out", type=Path, required=True)
 
+    stress_table = commands.add_parser("stress-table", help="compare stress runs (markdown)")
+    stress_table.add_argument("runs", nargs="+", type=Path,
+                              help="stress output folders (holding stress.json)")
+    stress_table.add_argument("--threshold", type=float,
+                              help="rescore every run at this threshold instead of its model's")
+
     ensemble = commands.add_parser("ensemble", help="several runs as one model file")
     ensemble.add_argument("--runs", type=Path, nargs="+", required=True)
     ensemble.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -177,6 +183,19 @@ def command_abstention(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_stress_table(args: argparse.Namespace) -> int:
+    from training.stress import comparison_table, rescore
+
+    rows = []
+    for run in args.runs:
+        summary = (rescore(run / "stress.json", args.threshold) if args.threshold is not None
+                   else json.loads((run / "stress.json").read_text()))
+        label = json.loads((run / "stress.json").read_text()).get("model_label", run.name)
+        rows.append((f"{label} ({run})", summary))
+    print(comparison_table(rows), end="")
+    return 0
+
+
 def command_ensemble(args: argparse.Namespace) -> int:
     from training.ensemble import build_ensemble
 
@@ -263,6 +282,7 @@ def command_table(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": command_train, "evaluate": command_evaluate, "stress": command_stress,
+               "stress-table": command_stress_table,
                "ensemble": command_ensemble, "abstention": command_abstention,
                "export": command_export,
                "table": command_table}[args.command]

@@ -170,3 +170,27 @@ def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None 
     np.savez_compressed(out / "stress_probabilities.npz", labels=labels, **probabilities)
     (out / "stress.md").write_text(markdown_table(summary, model.info.label))
     return summary
+
+
+def comparison_table(summaries: list[tuple[str, dict]]) -> str:
+    """One row per model: unshifted figures, worst and mean over the shifts, at its threshold."""
+    lines = ["| model | threshold | AUC | sens | spec | worst AUC | worst sens | worst spec | "
+             "mean shifted sens | mean shifted spec |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, summary in summaries:
+        clean, worst, mean = (summary["conditions"]["none"], summary["worst"],
+                              summary["mean_shifted"])
+        lines.append(
+            f"| {label} | {summary['threshold']:.3f} | {clean['roc_auc']:.3f} | "
+            f"{clean['sensitivity']:.3f} | {clean['specificity']:.3f} | "
+            f"{worst['roc_auc']['value']:.3f} ({worst['roc_auc']['condition']}) | "
+            f"{worst['sensitivity']['value']:.3f} ({worst['sensitivity']['condition']}) | "
+            f"{worst['specificity']['value']:.3f} ({worst['specificity']['condition']}) | "
+            f"{mean['sensitivity']:.3f} | {mean['specificity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rescore(summary_file: Path, threshold: float) -> dict:
+    """A stress run's figures at another threshold, from its stored probabilities."""
+    stored = np.load(Path(summary_file).parent / "stress_probabilities.npz")
+    probabilities = {name: stored[name] for name in stored.files if name != "labels"}
+    return summarise(probabilities, stored["labels"], threshold)
