@@ -122,6 +122,10 @@ def test_smoke_robust_members_make_an_ensemble_that_is_stressed_and_abstains(tmp
     assert worst["value"] == min(summary["conditions"][c]["specificity"]
                                  for c in ("crop-tight-12", "border-black-12"))
 
+    table = run_training("stress-table", str(stress), "--threshold", "1.0").splitlines()
+    assert table[0].startswith("| model | threshold |") and len(table) == 3
+    assert "| 1.000 |" in table[2] and "| 0.000 (" in table[2]  # nothing found at threshold 1
+
     abstention = tmp_path / "abstention"
     run_training("abstention", "--model", str(ensemble / "model.pt"), "--data", str(data),
                  "--out", str(abstention))
