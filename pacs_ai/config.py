@@ -164,6 +164,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """When `pacs-ai status` (exit status 1) and /healthz's needs_admin call for an admin."""
+
+    # A destination that has stored nothing for this long while its deliveries fail.
+    destination_failing_seconds: float = 900.0
+    # Failed jobs count for this long after they failed (0: as long as they are failed).
+    failed_jobs_within_seconds: float = 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -177,6 +187,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: ListenerTLSConfig = field(default_factory=ListenerTLSConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
@@ -372,7 +383,7 @@ def _check_host(value: str) -> str | None:
 
 
 TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
-                    "destinations", "retry", "log", "metrics", "tls")
+                    "destinations", "retry", "log", "metrics", "tls", "status")
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -506,9 +517,18 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
                                 "TLS")
     t.finish()
 
+    t = table("status")
+    status = StatusConfig(
+        destination_failing_seconds=t.number(
+            "destination_failing_seconds", StatusConfig.destination_failing_seconds, minimum=0),
+        failed_jobs_within_seconds=t.number(
+            "failed_jobs_within_seconds", StatusConfig.failed_jobs_within_seconds, minimum=0),
+    )
+    t.finish()
+
     return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
-                  log=log, metrics=metrics, tls=tls, source=source)
+                  log=log, metrics=metrics, tls=tls, status=status, source=source)
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:

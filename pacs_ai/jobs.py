@@ -101,6 +101,20 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DestinationDeliveries:
+    """How deliveries to one destination are going (pacs_ai.health turns it into a report)."""
+
+    destination: str
+    last_success_at: float | None  # the latest report it stored
+    pending: int  # deliveries waiting (never tried yet, or retrying)
+    oldest_pending_received_at: float | None  # when the image of the oldest of them arrived
+    # The first failed attempt of the deliveries still open or given up on that failed after the
+    # last success: the destination has stored nothing since (None: not failing).
+    failing_since: float | None
+    last_error: str | None  # of the most recently failed delivery among those
+
+
+@dataclass(frozen=True)
 class NewInstance:
     """What the C-STORE handler knows about a received instance."""
 
@@ -429,6 +443,38 @@ class JobStore:
                 "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
             result.setdefault(name, dict.fromkeys(DELIVERY_STATES, 0))[state] = count
         return result
+
+    def destination_deliveries(self, names: Iterable[str]) -> dict[str, DestinationDeliveries]:
+        """Delivery health of each named destination (the configured ones)."""
+        names = list(names)
+        last_success = dict(self._read(
+            "SELECT destination, MAX(delivered_at) FROM deliveries WHERE state = 'done' "
+            "GROUP BY destination"))
+        pending = {name: (count, oldest) for name, count, oldest in self._read(
+            "SELECT d.destination, COUNT(*), MIN(j.received_at) FROM deliveries d "
+            "JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' GROUP BY d.destination")}
+        failing_rows = self._read(
+            "SELECT d.destination, d.first_attempt_at, d.last_error FROM deliveries d "
+            "WHERE d.state IN ('pending', 'failed') AND d.attempts > 0 "
+            "AND d.last_error IS NOT NULL AND d.first_attempt_at > COALESCE("
+            "(SELECT MAX(s.delivered_at) FROM deliveries s WHERE s.destination = d.destination "
+            "AND s.state = 'done'), 0) ORDER BY d.next_attempt_at")
+        failing: dict[str, tuple[float, str]] = {}
+        for name, first_attempt_at, error in failing_rows:  # ordered: the last error wins
+            since = min(first_attempt_at, failing.get(name, (first_attempt_at, ""))[0])
+            failing[name] = (since, error)
+        result = {}
+        for name in names:
+            count, oldest = pending.get(name, (0, None))
+            since, error = failing.get(name, (None, None))
+            result[name] = DestinationDeliveries(name, last_success.get(name), count, oldest,
+                                                 since, error)
+        return result
+
+    def failed_since(self, since: float) -> int:
+        """Jobs that failed at or after `since` (epoch seconds) and are still failed."""
+        return self._read("SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND updated_at >= ?",
+                          (since,))[0][0]
 
     def backlog(self) -> int:
         """Jobs received but not finished: waiting for classification or for delivery."""

@@ -3,7 +3,9 @@
 All metrics live on a dedicated `REGISTRY` (not prometheus-client's global one), so importing this
 module twice in a process, or starting several services in one test process, never collides on
 metric names. The listener increments the objects below; `start_metrics_server` serves
-`/metrics` (Prometheus text format) and `/healthz` (JSON from a callback; 200 when ok, else 503).
+`/metrics` (Prometheus text format; an optional callback refreshes the gauges first), `/healthz`
+(liveness) and `/readyz` (readiness), each JSON from a callback: 200 when its "ok" is true,
+else 503.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ BACKLOG = Gauge(
     "pacs_ai_backlog_jobs", "Jobs received but not yet finished (queued or being retried).",
     registry=REGISTRY)
 
+# Set at each scrape (Service.refresh_gauges), from the spool and the job queue.
+READY = Gauge(
+    "pacs_ai_ready", "1 when the service can take films (what /readyz answers 200 for), else 0.",
+    registry=REGISTRY)
+SPOOL_FREE_BYTES = Gauge(
+    "pacs_ai_spool_free_bytes", "Free bytes on the spool's file system; below [storage] "
+    "min_free_bytes new images are refused.", registry=REGISTRY)
+OLDEST_PENDING_DELIVERY_SECONDS = Gauge(
+    "pacs_ai_oldest_pending_delivery_seconds", "Age of the oldest report waiting for delivery "
+    "to a destination, since its image was received (0: none waiting).",
+    ["destination"], registry=REGISTRY)
+LAST_DELIVERY_TIMESTAMP = Gauge(
+    "pacs_ai_last_delivery_timestamp_seconds", "When a destination last stored a report (Unix "
+    "time; 0: never).", ["destination"], registry=REGISTRY)
+DESTINATION_FAILING_SECONDS = Gauge(
+    "pacs_ai_destination_failing_seconds", "How long a destination has stored nothing while "
+    "deliveries to it fail (0: not failing).", ["destination"], registry=REGISTRY)
+MODEL_INFO = Gauge(
+    "pacs_ai_model_info", "The model in use: always 1, its name and version as labels.",
+    ["name", "version"], registry=REGISTRY)
+
 HealthCallback = Callable[[], dict[str, Any]]
 
 
@@ -92,19 +115,26 @@ class MetricsServer:
         self._httpd.server_close()
 
 
-def _handler_class(health: HealthCallback) -> type[BaseHTTPRequestHandler]:
+def _handler_class(health: HealthCallback, ready: HealthCallback,
+                   refresh: Callable[[], None] | None) -> type[BaseHTTPRequestHandler]:
     class MetricsHandler(BaseHTTPRequestHandler):
         server_version = "pacs-ai-metrics"
 
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
+                if refresh is not None:
+                    try:
+                        refresh()
+                    except Exception as error:  # stale gauges beat no metrics at all
+                        log.warning("metrics_refresh_failed", error=str(error))
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
-            elif path == "/healthz":
-                status, body = _health_response(health)
+            elif path in ("/healthz", "/readyz"):
+                status, body = _health_response(health if path == "/healthz" else ready)
                 self._send(status, "application/json", body)
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+                self._send(404, "text/plain; charset=utf-8",
+                           b"not found: try /metrics, /healthz or /readyz\n")
 
         def _send(self, status: int, content_type: str, body: bytes) -> None:
             self.send_response(status)
@@ -131,10 +161,13 @@ def _health_response(health: HealthCallback) -> tuple[int, bytes]:
     return status, (json.dumps(report, default=str, sort_keys=True) + "\n").encode()
 
 
-def start_metrics_server(host: str, port: int, health: HealthCallback) -> MetricsServer:
-    """Serve /metrics and /healthz on host:port (port 0: a free port) in a daemon thread."""
+def start_metrics_server(host: str, port: int, health: HealthCallback,
+                         ready: HealthCallback | None = None,
+                         refresh: Callable[[], None] | None = None) -> MetricsServer:
+    """Serve /metrics, /healthz (`health`) and /readyz (`ready`, default `health`) on host:port
+    (port 0: a free port) in a daemon thread; `refresh` runs before each /metrics answer."""
     try:
-        httpd = ThreadingHTTPServer((host, port), _handler_class(health))
+        httpd = ThreadingHTTPServer((host, port), _handler_class(health, ready or health, refresh))
     except OSError as error:
         raise UserError(
             f"cannot serve metrics on {host}:{port}: {error.strerror or error}; "

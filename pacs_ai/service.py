@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 import pacs_ai
-from pacs_ai import metrics
+from pacs_ai import health, metrics
 from pacs_ai.config import Config
 from pacs_ai.image_work import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
@@ -48,6 +48,7 @@ class Service:
         self.metrics_server: Any = None
         self._threads_stop = threading.Event()
         self._started = False
+        self._draining = False  # stop() has begun: no longer ready, still live
         self._stopped = False
 
     @property
@@ -73,7 +74,8 @@ class Service:
                 torch.set_num_threads(config.workers.torch_threads)
             if config.metrics.enabled:
                 self.metrics_server = metrics.start_metrics_server(
-                    config.metrics.host, config.metrics.port, self.health)
+                    config.metrics.host, config.metrics.port, self.health, self.readiness,
+                    self.refresh_gauges)
             self._start_threads()
             self.scp = StorageSCP(config, self.spool, self.store)
             self.scp.start()
@@ -139,9 +141,9 @@ class Service:
         [limits] shutdown_grace_seconds); let workers finish their batch and senders their
         current C-STORE; close the queue. Whatever is unfinished stays in the spool and resumes
         at the next start. Safe to call more than once and after a failed start."""
-        if self._stopped:
+        if self._draining:
             return
-        self._stopped = True
+        self._draining = True
         started = time.monotonic()
         if self.scp is not None:
             self.scp.stop(self.config.limits.shutdown_grace_seconds)
@@ -153,6 +155,7 @@ class Service:
             image_work.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        self._stopped = True
         if self.store is not None and not still_running:
             self.store.close()  # else a thread still uses it; the process exit closes it
         self.spool.unlock()
@@ -161,18 +164,72 @@ class Service:
                      threads_still_running=still_running)
 
     def refresh_gauges(self) -> None:
-        if self.store is not None and not self._stopped:
-            metrics.BACKLOG.set(self.store.backlog())
+        """The gauges, from the spool and the queue: at each scrape of /metrics."""
+        if self.store is None or self._stopped:
+            return
+        metrics.BACKLOG.set(self.store.backlog())
+        ready = self.readiness()
+        metrics.READY.set(1 if ready["ok"] else 0)
+        if ready["spool"]["free_bytes"] is not None:
+            metrics.SPOOL_FREE_BYTES.set(ready["spool"]["free_bytes"])
+        now = time.time()
+        for name, state in self.store.destination_deliveries(
+                d.name for d in self.config.destinations).items():
+            since = {"oldest": state.oldest_pending_received_at, "failing": state.failing_since}
+            ages = {key: 0.0 if at is None else max(now - at, 0.0) for key, at in since.items()}
+            metrics.OLDEST_PENDING_DELIVERY_SECONDS.labels(destination=name).set(ages["oldest"])
+            metrics.DESTINATION_FAILING_SECONDS.labels(destination=name).set(ages["failing"])
+            metrics.LAST_DELIVERY_TIMESTAMP.labels(destination=name).set(
+                state.last_success_at or 0)
+        if self.model is not None:
+            metrics.MODEL_INFO.clear()
+            metrics.MODEL_INFO.labels(name=self.model.info.name,
+                                      version=self.model.info.version).set(1)
+
+    def readiness(self) -> dict[str, Any]:
+        """/readyz: whether a film sent now would be taken. "ok" false names each problem."""
+        listening = self.scp is not None and self.scp.running
+        spool = health.spool_state(self.spool, self.config.storage.min_free_bytes)
+        problems = []
+        if self._draining:
+            problems.append("draining: the service is stopping")
+        elif not listening:
+            problems.append("listener-down: not accepting associations")
+        if self.model is None:
+            problems.append("model-not-loaded")
+        problems.extend(spool.pop("problems"))
+        return {"ok": not problems, "problems": problems, "listening": listening,
+                "draining": self._draining,
+                "model": self.model.info.label if self.model is not None else None,
+                "spool": spool}
 
     def health(self) -> dict[str, Any]:
+        """/healthz: the process works (listener, workers and senders running; while it drains
+        on the way out they stop on purpose, and it stays ok). Readiness, delivery health per
+        destination and what needs an admin are detail: they do not make it fail."""
         listening = self.scp is not None and self.scp.running
         workers_alive = sum(t.is_alive() for t in self.workers)
         senders_alive = sum(t.is_alive() for t in self.senders)
         counts = self.store.job_counts() if self.store is not None else {}
-        return {"ok": bool(listening and workers_alive == len(self.workers)
-                           and senders_alive == len(self.senders)),
-                "listening": listening, "workers_alive": workers_alive,
-                "senders_alive": senders_alive, "jobs": counts}
+        report: dict[str, Any] = {
+            "ok": self._draining or bool(listening and workers_alive == len(self.workers)
+                                         and senders_alive == len(self.senders)),
+            "listening": listening, "draining": self._draining,
+            "workers_alive": workers_alive, "senders_alive": senders_alive, "jobs": counts}
+        if self.store is None:
+            return report
+        ready = self.readiness()
+        destinations = health.destinations_state(self.store, self.config)
+        pending = [s["oldest_pending_seconds"] for s in destinations.values()
+                   if s["oldest_pending_seconds"] is not None]
+        report.update(
+            ready=ready["ok"], not_ready=ready["problems"], model=ready["model"],
+            spool=ready["spool"], destinations=destinations,
+            oldest_pending_delivery_seconds=max(pending) if pending else None,
+            needs_admin=health.needs_admin(
+                self.config, self.store, destinations,
+                {"problems": [p for p in ready["problems"] if p.startswith("spool-")]}))
+        return report
 
 
 def serve_until_signalled(config: Config) -> int:
@@ -188,7 +245,7 @@ def serve_until_signalled(config: Config) -> int:
         service = Service(config).start()
         try:
             while not stop_requested.wait(1.0):
-                service.refresh_gauges()
+                pass  # the gauges are refreshed at each scrape
         finally:
             service.stop()
     finally:

@@ -99,6 +99,26 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def write_problem(self) -> str | None:
+        """Why a received image could not be written now (None: it could): a one-byte file is
+        created, written and removed in incoming/, where every image starts."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.incoming, prefix="probe-", suffix=".part")
+        except OSError as error:
+            return f"cannot create a file in {self.incoming}: {error.strerror or error}"
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"\0")
+                handle.flush()
+        except OSError as error:
+            return f"cannot write to {self.incoming}: {error.strerror or error}"
+        finally:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        return None
+
     def check_room(self, size: int, min_free_bytes: int) -> None:
         """Raise SpoolFullError when writing `size` bytes would go below the floor."""
         free = self.free_bytes()

@@ -87,7 +87,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
     assert config.listener.port == 11112
     # Every key the parser knows appears in the example (commented out or set).
     for section in ("listener", "limits", "storage", "model", "workers", "report", "retry",
-                    "log", "metrics"):
+                    "log", "metrics", "status"):
         for field in dataclasses.fields(getattr(config, section)):
             assert f"{field.name} =" in text, f"[{section}] {field.name} is not documented"
     for name in FilterPolicy.field_names():

@@ -25,7 +25,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def status(config: Path) -> dict:
     result = pacs_ai_cli("status", "--config", str(config), "--json", "--limit", "50")
-    assert result.returncode == 0, result.stderr
+    # 1: something needs an admin (failed jobs, a destination failing too long), as here often.
+    assert result.returncode in (0, 1), result.stderr
+    assert result.returncode == (1 if json.loads(result.stdout)["needs_admin"] else 0)
     return json.loads(result.stdout)
 
 

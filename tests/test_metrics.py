@@ -127,6 +127,42 @@ def test_a_raising_health_callback_gives_503_and_the_server_keeps_serving():
         server.shutdown()
 
 
+def test_readyz_answers_its_own_callback_and_metrics_are_refreshed_first():
+    ready = {"ok": False, "problems": ["spool-below-floor: 0 bytes free"]}
+    refreshed = []
+
+    def refresh() -> None:
+        refreshed.append(True)
+        metrics.SPOOL_FREE_BYTES.set(12345)
+
+    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+                                          lambda: ready, refresh)
+    try:
+        assert http_get(server.url + "/healthz")[0] == 200
+        status, content_type, body = http_get(server.url + "/readyz")
+        assert status == 503 and content_type == "application/json"
+        assert json.loads(body)["problems"] == ready["problems"]
+        ready["ok"], ready["problems"] = True, []
+        assert http_get(server.url + "/readyz")[0] == 200
+        assert refreshed == []  # only a scrape refreshes the gauges
+        assert scrape(server)[("pacs_ai_spool_free_bytes", ())] == 12345
+        assert refreshed == [True]
+    finally:
+        server.shutdown()
+
+
+def test_a_failing_refresh_still_serves_the_metrics():
+    def refresh() -> None:
+        raise RuntimeError("queue locked")
+
+    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True}, refresh=refresh)
+    try:
+        assert "pacs_ai_received_total" in {name for name, _labels in scrape(server)}
+        assert http_get(server.url + "/readyz")[0] == 200  # without its own callback: /healthz's
+    finally:
+        server.shutdown()
+
+
 def test_unknown_path_is_404(healthy_server):
     assert http_get(healthy_server.url + "/")[0] == 404
 

@@ -1,6 +1,11 @@
-"""`pacs-ai status`: jobs per state, backlog, deliveries and the latest failures with reasons.
+"""`pacs-ai status`: jobs per state, backlog, the spool, deliveries and their health per
+destination, the latest failures with reasons, and what needs an admin.
 
-Reads the job queue in the spool of the config (the service may be running meanwhile).
+Reads the job queue in the spool of the config (the service may be running meanwhile). Exit
+status: 0 when nothing needs an admin; 1 when something does (failed jobs within [status]
+failed_jobs_within_seconds, a destination failing for longer than [status]
+destination_failing_seconds, the spool unwritable or below [storage] min_free_bytes), listed
+under "needs admin"; 2 when the status cannot be read (a bad config, no queue yet).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-HELP = "show jobs per state, the backlog, deliveries per destination and the latest failures"
+HELP = ("show jobs per state, the backlog, deliveries per destination, the latest failures and "
+        "what needs an admin (exit status 1 when something does)")
+EXIT_NEEDS_ADMIN = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +50,28 @@ def collect(store: Any, limit: int) -> dict[str, Any]:
     }
 
 
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "unknown"
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    value = int(value)
+    if value < 120:
+        return f"{value} s"
+    if value < 7200:
+        return f"{value // 60} min"
+    return f"{value // 3600} h {value % 3600 // 60} min"
+
+
 def run(args: argparse.Namespace) -> int:
+    from pacs_ai import health
     from pacs_ai.config import load_config
     from pacs_ai.jobs import JobStore
     from pacs_ai.spool import Spool
@@ -52,19 +80,40 @@ def run(args: argparse.Namespace) -> int:
     spool = Spool(config.storage.spool_dir)
     store = JobStore.open(spool.db_path, create=False)
     try:
-        report = {"spool": str(spool.root), **collect(store, max(args.limit, 0))}
+        spool_state = health.spool_state(spool, config.storage.min_free_bytes)
+        destinations = health.destinations_state(store, config)
+        report = {"spool": str(spool.root), **collect(store, max(args.limit, 0)),
+                  "spool_free_bytes": spool_state["free_bytes"],
+                  "min_free_bytes": spool_state["min_free_bytes"],
+                  "spool_writable": spool_state["writable"],
+                  "destinations": destinations,
+                  "needs_admin": health.needs_admin(config, store, destinations, spool_state)}
     finally:
         store.close()
+    status = EXIT_NEEDS_ADMIN if report["needs_admin"] else 0
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
-    print(f"spool:    {report['spool']}")
+        return status
+    print(f"spool:    {report['spool']} ({_bytes(report['spool_free_bytes'])} free, floor "
+          f"{_bytes(report['min_free_bytes'])}"
+          f"{'' if report['spool_writable'] else ', NOT WRITABLE'})")
     print("jobs:     " + " | ".join(f"{state} {count}" for state, count in report["jobs"].items()))
     print(f"backlog:  {report['backlog']} (waiting for classification or delivery)")
-    if report["deliveries"]:
+    if report["deliveries"] or destinations:
         print("deliveries:")
-        for name, counts in report["deliveries"].items():
+        for name in dict.fromkeys([*destinations, *report["deliveries"]]):
+            counts = report["deliveries"].get(name, {})
             print(f"  {name}: " + "  ".join(f"{state} {n}" for state, n in counts.items()))
+            state = destinations.get(name)
+            if state is None:
+                continue  # no longer in the config
+            line = f"    last success {state['last_success_at'] or 'never'}"
+            if state["pending"]:
+                line += f", oldest waiting {_seconds(state['oldest_pending_seconds'])}"
+            print(line)
+            if state["failing_since"]:
+                print(f"    failing for {_seconds(state['failing_seconds'])} (since "
+                      f"{state['failing_since']}): {state['last_error']}")
     for entry in report["retrying"]:
         print(f"  retrying {entry['report_uid']} to {entry['destination']}: attempt "
               f"{entry['attempts']} failed ({entry['last_error']}); next at "
@@ -75,4 +124,8 @@ def run(args: argparse.Namespace) -> int:
             for entry in report[key]:
                 stage = f" [{entry['stage']}]" if entry["stage"] else ""
                 print(f"  {entry['at']}  {entry['sop_instance_uid']}{stage}  {entry['reason']}")
-    return 0
+    if report["needs_admin"]:
+        print("needs admin:")
+        for reason in report["needs_admin"]:
+            print(f"  {reason}")
+    return status

@@ -1,0 +1,90 @@
+"""Health as the service and `pacs-ai status` report it: readiness problems, delivery health per
+destination, and what needs an admin.
+
+Liveness (`/healthz`): the process works (listener, workers and senders running). Readiness
+(`/readyz`): it can take films now (listener up, model loaded, spool writable and above
+`[storage] min_free_bytes`, not stopping). Delivery health and `needs_admin` are detail: a PACS
+that is down makes neither probe fail (restarting pacs-ai would not bring it back), but it shows
+in `/healthz`, in `pacs-ai status` (exit status 1 once `[status]` says it is too long) and in the
+metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from pacs_ai.config import Config
+from pacs_ai.jobs import JobStore
+from pacs_ai.spool import Spool
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def spool_state(spool: Spool, min_free_bytes: int) -> dict[str, Any]:
+    """Free bytes against the floor and whether an image can be written now."""
+    try:
+        free: int | None = spool.free_bytes()
+    except OSError:
+        free = None
+    write_problem = spool.write_problem()
+    problems = []
+    if write_problem is not None:
+        problems.append(f"spool-unwritable: {write_problem}")
+    if free is None:
+        problems.append(f"spool-unreadable: cannot read the free space of {spool.root}")
+    elif free < min_free_bytes:
+        problems.append(f"spool-below-floor: {free} bytes free in {spool.root}, below [storage] "
+                        f"min_free_bytes {min_free_bytes}; new images are refused (0xA700)")
+    return {"path": str(spool.root), "free_bytes": free, "min_free_bytes": min_free_bytes,
+            "writable": write_problem is None, "problems": problems}
+
+
+def destinations_state(store: JobStore, config: Config, now: float | None = None
+                       ) -> dict[str, dict[str, Any]]:
+    """Per configured destination: last success, pending deliveries and the oldest one's age
+    (since its image was received), and how long it has been failing."""
+    now = time.time() if now is None else now
+    limit = config.status.destination_failing_seconds
+    result = {}
+    for name, state in store.destination_deliveries(d.name for d in config.destinations).items():
+        failing = None if state.failing_since is None else max(now - state.failing_since, 0.0)
+        oldest = (None if state.oldest_pending_received_at is None
+                  else max(now - state.oldest_pending_received_at, 0.0))
+        result[name] = {
+            "last_success_at": iso(state.last_success_at),
+            "pending": state.pending,
+            "oldest_pending_seconds": None if oldest is None else round(oldest, 3),
+            "failing_since": iso(state.failing_since),
+            "failing_seconds": None if failing is None else round(failing, 3),
+            "failing_too_long": failing is not None and failing > limit,
+            "last_error": state.last_error,
+        }
+    return result
+
+
+def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[str, Any]],
+                spool: dict[str, Any], now: float | None = None) -> list[str]:
+    """What an admin should look at, one line each; empty when nothing."""
+    now = time.time() if now is None else now
+    window = config.status.failed_jobs_within_seconds
+    failed = store.failed_since(now - window if window > 0 else 0.0)
+    reasons = []
+    if failed:
+        within = f" in the last {window:g} s" if window > 0 else ""
+        reasons.append(f"failed-jobs: {failed} job(s) failed{within}; see the latest failures, "
+                       "fix the cause, then `pacs-ai retry`")
+    limit = config.status.destination_failing_seconds
+    for name, state in destinations.items():
+        if state["failing_too_long"]:
+            reasons.append(f"destination-failing: {name} has stored nothing for "
+                           f"{state['failing_seconds']:.0f} s (over [status] "
+                           f"destination_failing_seconds {limit:g}) while deliveries fail: "
+                           f"{state['last_error']}")
+    reasons.extend(spool["problems"])
+    return reasons

@@ -1,0 +1,245 @@
+"""Health that tells the truth (issue 14, item 4): /healthz (live) and /readyz (ready to take
+films) from a running service, delivery health per destination in /healthz, the metrics and
+`pacs-ai status`, whose exit status says when something needs an admin.
+
+The service runs in this process with its metrics server on a free port; modalities and PACSs
+are pynetdicom peers on 127.0.0.1, a PACS that is down is a closed port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pacs_ai.config import load_config
+from pacs_ai.service import Service
+from tests.dicom_peers import (RecordingPacs, SimulatedModality, free_port, pacs_ai_cli,
+                               synthetic_radiograph, wait_until, write_service_config)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def get(service: Service, path: str) -> tuple[int, dict | str]:
+    url = f"http://127.0.0.1:{service.metrics_server.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read().decode()
+    return status, (body if path == "/metrics" else json.loads(body))
+
+
+def scrape(service: Service) -> dict[tuple[str, tuple], float]:
+    status, body = get(service, "/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def start(tmp_path: Path, model: Path, *, destinations=(), **tables) -> tuple[Service, Path]:
+    tables.setdefault("metrics", {}).update({"enabled": True, "port": 0})
+    config_path = write_service_config(tmp_path, model=model, destinations=destinations,
+                                       tables=tables)
+    return Service(load_config(config_path)).start(), config_path
+
+
+def status(config: Path) -> tuple[int, dict, str]:
+    """`pacs-ai status --json` (exit status, report) and the text form's output."""
+    as_json = pacs_ai_cli("status", "--config", str(config), "--json")
+    text = pacs_ai_cli("status", "--config", str(config))
+    assert as_json.returncode == text.returncode, (as_json.stderr, text.stderr)
+    return as_json.returncode, json.loads(as_json.stdout), text.stdout
+
+
+def test_a_working_service_is_live_and_ready_and_status_exits_0(tmp_path, tiny_model):
+    service, config = start(tmp_path, tiny_model)
+    try:
+        live, body = get(service, "/healthz")
+        assert live == 200 and body["ok"] and body["ready"] and body["needs_admin"] == []
+        ready, body = get(service, "/readyz")
+        assert ready == 200 and body["ok"] and body["problems"] == []
+        assert body["spool"]["writable"] and body["model"] == service.model.info.label
+        samples = scrape(service)
+        assert samples[("pacs_ai_ready", ())] == 1
+        assert samples[("pacs_ai_spool_free_bytes", ())] > 0
+        info = service.model.info
+        assert samples[("pacs_ai_model_info", (("name", info.name), ("version", info.version)))] == 1
+        code, report, _text = status(config)
+        assert code == 0 and report["needs_admin"] == []
+    finally:
+        service.stop()
+
+
+def test_a_spool_below_the_floor_is_not_ready_but_live(tmp_path, tiny_model):
+    """Every store is refused with 0xA700 then: /readyz must say so, /healthz must not (a
+    restart would not free the disk)."""
+    (tmp_path / "spool").mkdir()
+    floor = shutil.disk_usage(tmp_path / "spool").free + 10**12  # always above what is free
+    service, config = start(tmp_path, tiny_model, storage={"min_free_bytes": floor})
+    try:
+        [result] = SimulatedModality(service.port).send([synthetic_radiograph()])
+        assert result.status == 0xA700  # what readiness has to predict
+        ready, body = get(service, "/readyz")
+        assert ready == 503 and not body["ok"]
+        [problem] = body["problems"]
+        assert problem.startswith("spool-below-floor:") and str(floor) in problem
+        live, body = get(service, "/healthz")
+        assert live == 200 and body["ok"] and body["ready"] is False
+        codes = lambda problems: [p.split(":")[0] for p in problems]  # noqa: E731 (free bytes vary)
+        assert codes(body["not_ready"]) == codes(body["needs_admin"]) == ["spool-below-floor"]
+        assert body["spool"]["free_bytes"] < body["spool"]["min_free_bytes"] == floor
+        samples = scrape(service)
+        assert samples[("pacs_ai_ready", ())] == 0
+        assert samples[("pacs_ai_spool_free_bytes", ())] < floor
+        code, report, text = status(config)
+        assert code == 1 and codes(report["needs_admin"]) == ["spool-below-floor"]
+        assert "needs admin:" in text and "spool-below-floor" in text
+    finally:
+        service.stop()
+
+
+def make_unwritable(folder: Path) -> str:
+    """Make new files in `folder` fail. Permissions do not stop root, so as root the folder is
+    replaced by a plain file (creating a file in it then fails with ENOTDIR)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        return "permissions"
+    folder.rename(folder.with_name(folder.name + ".away"))
+    folder.write_bytes(b"")
+    return "folder replaced by a file"
+
+
+def restore(folder: Path) -> None:
+    if folder.is_file():
+        folder.unlink()
+        folder.with_name(folder.name + ".away").rename(folder)
+    else:
+        folder.chmod(0o750)
+
+
+def test_an_unwritable_spool_is_not_ready_but_live_and_ready_again_once_fixed(tmp_path,
+                                                                             tiny_model):
+    service, config = start(tmp_path, tiny_model)
+    incoming = service.spool.incoming
+    try:
+        assert get(service, "/readyz")[0] == 200
+        how = make_unwritable(incoming)
+        print(f"spool made unwritable: {how}")
+        [result] = SimulatedModality(service.port).send([synthetic_radiograph(seed=5)])
+        assert result.status is not None and 0xA700 <= result.status <= 0xA7FF
+        ready, body = get(service, "/readyz")
+        assert ready == 503 and not body["spool"]["writable"]
+        assert [p.split(":")[0] for p in body["problems"]] == ["spool-unwritable"]
+        assert str(incoming) in body["problems"][0]
+        live, body = get(service, "/healthz")
+        assert live == 200 and body["ok"] and body["ready"] is False
+        code, report, _text = status(config)
+        assert code == 1 and report["needs_admin"][0].startswith("spool-unwritable:")
+        restore(incoming)
+        ready, body = get(service, "/readyz")
+        assert ready == 200, body
+        assert SimulatedModality(service.port).send([synthetic_radiograph(seed=5)])[0].status == 0
+    finally:
+        if incoming.is_file() or not os.access(incoming, os.W_OK):
+            restore(incoming)
+        service.stop()
+
+
+def test_stopping_is_not_ready(tmp_path, tiny_model):
+    service, _config = start(tmp_path, tiny_model)
+    try:
+        service._draining = True  # what stop() sets first, before it closes anything
+        ready, body = get(service, "/readyz")
+        assert ready == 503 and body["problems"] == ["draining: the service is stopping"]
+        assert get(service, "/healthz")[0] == 200
+    finally:
+        service._draining = False
+        service.stop()
+
+
+@pytest.mark.slow
+def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_back(tmp_path,
+                                                                                tiny_model):
+    pacs = RecordingPacs(port=free_port(), ae_title="PACS")  # not started: a closed port
+    service, config = start(
+        tmp_path, tiny_model, destinations=[pacs.destination(name="main-pacs")],
+        status={"destination_failing_seconds": 1},
+        retry={"initial_delay_seconds": 0.2, "max_delay_seconds": 0.5, "max_attempts": 0,
+               "max_age_seconds": 600})
+    try:
+        [result] = SimulatedModality(service.port).send([synthetic_radiograph(seed=7)])
+        assert result.status == 0
+        # Failing past [status] destination_failing_seconds (1 s).
+        assert wait_until(lambda: get(service, "/healthz")[1]["destinations"]["main-pacs"]
+                          ["failing_too_long"], 30)
+        live, body = get(service, "/healthz")
+        assert live == 200 and body["ok"]  # a restart would not bring the PACS back
+        assert get(service, "/readyz")[0] == 200  # films are still taken and kept
+        state = body["destinations"]["main-pacs"]
+        assert state["last_success_at"] is None and state["pending"] == 1
+        assert state["failing_seconds"] > 1 and "connection-failed" in state["last_error"]
+        assert state["oldest_pending_seconds"] > 1
+        assert body["oldest_pending_delivery_seconds"] == state["oldest_pending_seconds"]
+        [reason] = body["needs_admin"]
+        assert reason.startswith("destination-failing: main-pacs")
+        samples = scrape(service)
+        labels = (("destination", "main-pacs"),)
+        assert samples[("pacs_ai_oldest_pending_delivery_seconds", labels)] > 1
+        assert samples[("pacs_ai_destination_failing_seconds", labels)] > 1
+        assert samples[("pacs_ai_last_delivery_timestamp_seconds", labels)] == 0
+        code, report, text = status(config)
+        assert code == 1 and report["needs_admin"][0].startswith("destination-failing: main-pacs")
+        assert report["destinations"]["main-pacs"]["failing_too_long"]
+        assert "failing for" in text and "needs admin:" in text
+
+        with pacs:  # the PACS comes back: the report is delivered and the alarm clears
+            assert pacs.wait_for(1, timeout=30)
+            assert wait_until(lambda: get(service, "/healthz")[1]["destinations"]["main-pacs"]
+                              ["pending"] == 0, 30)
+            live, body = get(service, "/healthz")
+            state = body["destinations"]["main-pacs"]
+            assert state["failing_since"] is None and state["last_success_at"] is not None
+            assert body["needs_admin"] == [] and body["oldest_pending_delivery_seconds"] is None
+            samples = scrape(service)
+            assert samples[("pacs_ai_oldest_pending_delivery_seconds", labels)] == 0
+            assert samples[("pacs_ai_destination_failing_seconds", labels)] == 0
+            assert abs(samples[("pacs_ai_last_delivery_timestamp_seconds", labels)]
+                       - time.time()) < 60
+            code, report, _text = status(config)
+            assert code == 0 and report["needs_admin"] == []
+    finally:
+        service.stop()
+
+
+def test_failed_jobs_make_status_exit_1_within_the_configured_window(tmp_path, tiny_model):
+    from tests.hostile_input import undecodable
+
+    service, config = start(tmp_path, tiny_model)
+    try:
+        broken = undecodable(synthetic_radiograph(seed=3))  # well formed, so acknowledged
+        assert SimulatedModality(service.port).send([broken])[0].status == 0
+        assert wait_until(lambda: service.store.job_counts()["failed"] == 1, 60)
+        code, report, text = status(config)
+        assert code == 1 and report["needs_admin"][0].startswith("failed-jobs: 1 job(s)")
+        assert get(service, "/healthz")[1]["needs_admin"] == report["needs_admin"]
+    finally:
+        service.stop()
+    # Older than the window: no longer an alarm (still listed under latest failures).
+    config = write_service_config(tmp_path, model=tiny_model,
+                                  tables={"status": {"failed_jobs_within_seconds": 0.001}})
+    time.sleep(0.01)
+    code, report, _text = status(config)
+    assert code == 0 and report["needs_admin"] == [] and len(report["failures"]) == 1
