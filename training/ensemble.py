@@ -28,19 +28,31 @@ from torch import nn
 
 ABSTAIN_QUANTILE = 0.985
 SHRINKAGE = 0.05  # covariance shrinkage towards its mean variance: a few thousand films, D ~ 128
-OOD_METHOD = ("mean over members of min over classes of the squared Mahalanobis distance of the "
-              "pooled features (shared covariance, fitted on the members' training films) / D")
+OOD_METHOD = ("sum over two layers (the pooled features before the last linear layer, and the "
+              "channel means after the second max-pool) of the smaller squared Mahalanobis "
+              "distance to the two classes (shared covariance, fitted on the member's training "
+              "films) / the feature count, averaged over members")
 
 
-def split_member(network: nn.Sequential) -> Tuple[nn.Sequential, nn.Module]:
-    """(body up to the pooled features, the final linear layer) of a pacs_cnn-style network:
-    [..., AdaptiveAvgPool2d, Flatten, Dropout?, Linear, Logit]."""
+def split_member(network: nn.Sequential) -> Tuple[nn.Sequential, nn.Sequential, nn.Module]:
+    """(stem up to the second max-pool, the rest up to the pooled features, the final linear
+    layer) of a pacs_cnn-style network: [..., MaxPool2d, ..., MaxPool2d, ..., AdaptiveAvgPool2d,
+    Flatten, Dropout?, Linear, Logit]. The stem's output is the score's second layer: its
+    channel means see texture and composition (frames, inversion, processing) that the last
+    layer, trained to ignore them, does not (docs/generalisation.md)."""
     layers = list(network)
     flatten = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Flatten))
     linear = [layer for layer in layers[flatten + 1:] if isinstance(layer, nn.Linear)]
-    if len(linear) != 1:
-        raise ValueError("member must end in Flatten, [Dropout], one Linear, Logit")
-    return nn.Sequential(*layers[:flatten + 1]), linear[0]
+    pools = [i for i, layer in enumerate(layers[:flatten]) if isinstance(layer, nn.MaxPool2d)]
+    if len(linear) != 1 or len(pools) < 2:
+        raise ValueError("member must have two max-pools and end in Flatten, [Dropout], one "
+                         "Linear, Logit")
+    tap = pools[1] + 1
+    return nn.Sequential(*layers[:tap]), nn.Sequential(*layers[tap:flatten + 1]), linear[0]
+
+
+def _stem_width(stem: nn.Sequential) -> int:
+    return [layer for layer in stem if isinstance(layer, nn.Conv2d)][-1].out_channels
 
 
 class EnsembleNetwork(nn.Module):
@@ -48,13 +60,17 @@ class EnsembleNetwork(nn.Module):
 
     def __init__(self, members: List[nn.Sequential]):
         super().__init__()
-        bodies, heads = zip(*(split_member(member) for member in members))
-        self.bodies = nn.ModuleList(bodies)
+        stems, tails, heads = zip(*(split_member(member) for member in members))
+        self.stems = nn.ModuleList(stems)
+        self.tails = nn.ModuleList(tails)
         self.heads = nn.ModuleList(heads)
-        width = heads[0].in_features
-        # per member: class means [2, D] and the shared precision [D, D]; identity until fitted
-        self.register_buffer("class_means", torch.zeros(len(members), 2, width))
-        self.register_buffer("precisions", torch.eye(width).repeat(len(members), 1, 1))
+        width, stem_width, count = heads[0].in_features, _stem_width(stems[0]), len(members)
+        # per member and layer: class means [2, D] and the shared precision [D, D]; identity
+        # until fitted
+        self.register_buffer("class_means", torch.zeros(count, 2, width))
+        self.register_buffer("precisions", torch.eye(width).repeat(count, 1, 1))
+        self.register_buffer("stem_class_means", torch.zeros(count, 2, stem_width))
+        self.register_buffer("stem_precisions", torch.eye(stem_width).repeat(count, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_ood(x)[0]
@@ -64,17 +80,24 @@ class EnsembleNetwork(nn.Module):
         logits = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         scores = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         index = 0
-        for body, head in zip(self.bodies, self.heads):
-            features = body(x)
+        for stem, tail, head in zip(self.stems, self.tails, self.heads):
+            early = stem(x)
+            features = tail(early)
             logits = logits + head(features).reshape(-1)
-            scores = scores + self._mahalanobis(features, index)
+            scores = scores + _mahalanobis(features, self.class_means[index],
+                                           self.precisions[index])
+            scores = scores + _mahalanobis(early.mean(dim=(2, 3)), self.stem_class_means[index],
+                                           self.stem_precisions[index])
             index += 1
         return logits / index, scores / index
 
-    def _mahalanobis(self, features: torch.Tensor, member: int) -> torch.Tensor:
-        centred = features.unsqueeze(1) - self.class_means[member].unsqueeze(0)  # [N, 2, D]
-        distances = (torch.matmul(centred, self.precisions[member]) * centred).sum(dim=2)
-        return distances.min(dim=1).values / features.shape[1]
+
+def _mahalanobis(features: torch.Tensor, means: torch.Tensor,
+                 precision: torch.Tensor) -> torch.Tensor:
+    """The smaller squared distance to the two class means, divided by the feature count."""
+    centred = features.unsqueeze(1) - means.unsqueeze(0)  # [N, 2, D]
+    distances = (torch.matmul(centred, precision) * centred).sum(dim=2)
+    return distances.min(dim=1).values / features.shape[1]
 
 
 def fit_gaussians(features: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -89,18 +112,29 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray,
 
 
 @torch.inference_mode()
-def features_of(body: nn.Module, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    body.eval()
-    out = [body(torch.from_numpy(np.asarray(inputs[i:i + batch_size], np.float32)).unsqueeze(1))
-           for i in range(0, len(inputs), batch_size)]
-    return torch.cat(out).numpy()
+def features_of(stem: nn.Module, tail: nn.Module, inputs: np.ndarray,
+                batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """(pooled features [N, D], stem channel means [N, C]) of inputs [N, 200, 200]."""
+    stem.eval()
+    tail.eval()
+    features, means = [], []
+    for start in range(0, len(inputs), batch_size):
+        batch = torch.from_numpy(np.asarray(inputs[start:start + batch_size], np.float32))
+        early = stem(batch.unsqueeze(1))
+        features.append(tail(early).numpy())
+        means.append(early.mean(dim=(2, 3)).numpy())
+    return np.concatenate(features), np.concatenate(means)
 
 
 def fit_ood(ensemble: EnsembleNetwork, train_inputs: np.ndarray, train_labels: np.ndarray) -> None:
-    for member, body in enumerate(ensemble.bodies):
-        means, precision = fit_gaussians(features_of(body, train_inputs), train_labels)
-        ensemble.class_means[member] = torch.from_numpy(means).float()
-        ensemble.precisions[member] = torch.from_numpy(precision).float()
+    for member, (stem, tail) in enumerate(zip(ensemble.stems, ensemble.tails)):
+        features, stem_means = features_of(stem, tail, train_inputs)
+        for values, means_buffer, precision_buffer in (
+                (features, ensemble.class_means, ensemble.precisions),
+                (stem_means, ensemble.stem_class_means, ensemble.stem_precisions)):
+            means, precision = fit_gaussians(values, train_labels)
+            means_buffer[member] = torch.from_numpy(means).float()
+            precision_buffer[member] = torch.from_numpy(precision).float()
 
 
 @torch.inference_mode()
