@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as error:
-        print(f"pacs-ai {args.command}: error: {error}", file=sys.stderr)
+        from pacs_ai.logs import stderr_is_the_journal
+
+        priority = "<3>" if stderr_is_the_journal() else ""  # journalctl -p err shows it
+        print(f"{priority}pacs-ai {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -33,6 +33,7 @@ DEFAULT_SOP_CLASSES = tuple(SOP_CLASS_KEYWORDS)
 SR_KINDS = ("comprehensive3d", "comprehensive")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+LOG_PRIORITY_PREFIXES = ("auto", "on", "off")
 DEFAULT_PORT = 11112
 DEFAULT_AE_TITLE = "PACS_AI"
 DEFAULT_METRICS_PORT = 9108
@@ -154,6 +155,7 @@ class RetryPolicy:
 class LogConfig:
     level: str = "info"
     format: str = "auto"
+    priority_prefix: str = "auto"  # "<N>" syslog priority before each line: auto = under systemd
 
 
 @dataclass(frozen=True)
@@ -491,7 +493,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
 
     t = table("log")
     log = LogConfig(level=t.string("level", "info", choices=LOG_LEVELS),
-                    format=t.string("format", "auto", choices=LOG_FORMATS))
+                    format=t.string("format", "auto", choices=LOG_FORMATS),
+                    priority_prefix=t.string("priority_prefix", "auto",
+                                             choices=LOG_PRIORITY_PREFIXES))
     t.finish()
 
     t = table("metrics")

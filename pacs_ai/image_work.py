@@ -84,7 +84,7 @@ PARENT_CHECK_SECONDS = 1.0
 HELPER_START_SECONDS = 120.0  # imports on a slow disk; a helper that takes longer is broken
 
 
-def _start_helper(log_level: str, log_format: str) -> None:
+def _start_helper(log_level: str, log_format: str, priority_prefix: str = "auto") -> None:
     """In each helper: the service's log set-up; stopping is the service's job (systemd sends
     SIGTERM to the whole unit, and a helper that died mid-batch would fail the batch), except
     when the service itself is gone (kill -9, a crash): then the helper ends within a second
@@ -93,7 +93,7 @@ def _start_helper(log_level: str, log_format: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from pacs_ai.logs import configure_logging
 
-    configure_logging(log_level, log_format)
+    configure_logging(log_level, log_format, priority_prefix)
     # the pid spawn recorded, not getppid(): the service may already be gone by now
     parent = multiprocessing.parent_process()
     parent_pid = parent.pid if parent is not None and parent.pid else os.getppid()
@@ -118,9 +118,9 @@ class ImageWork:
     Used by one worker thread (not thread-safe)."""
 
     def __init__(self, processes: int, *, log_level: str = "info", log_format: str = "auto",
-                 is_stopping: Callable[[], bool] = lambda: False):
+                 priority_prefix: str = "auto", is_stopping: Callable[[], bool] = lambda: False):
         self.processes = processes
-        self._log_args = (log_level, log_format)
+        self._log_args = (log_level, log_format, priority_prefix)
         self._is_stopping = is_stopping
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # counts pool restarts

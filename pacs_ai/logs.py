@@ -1,5 +1,10 @@
 """structlog set-up: JSON when not on a terminal (the journal), key=value on a terminal.
 
+Under systemd each line starts with its syslog priority, `<4>` for a warning, `<6>` for info
+(sd-daemon(3)): journald strips the prefix and stores the line at that priority (the unit's
+SyslogLevelPrefix=yes, the default), so `journalctl -p warning` selects by level. "Under
+systemd" is JOURNAL_STREAM naming our stderr (systemd.exec(5)), or `[log] priority_prefix`.
+
 A last processor drops any key that could identify a patient, as a safety net: the code logs UIDs
 only, but a future `log.info(..., patient_name=...)` must still never reach the journal.
 """
@@ -7,6 +12,7 @@ only, but a future `log.info(..., patient_name=...)` must still never reach the 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,12 +40,45 @@ def silence_library_value_logs() -> None:
     pydicom_logger.propagate = False
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """fmt: 'json', 'console' or 'auto' (console on a terminal, JSON otherwise)."""
+# structlog level (add_log_level: log.exception() is "error") -> syslog priority (RFC 5424).
+SYSLOG_PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+PRIORITY_PREFIX_CHOICES = ("auto", "on", "off")
+
+
+def stderr_is_the_journal() -> bool:
+    """Whether stderr is connected to the journal: systemd sets JOURNAL_STREAM to the
+    "device:inode" of the stream it gives the service (systemd.exec(5)); a child whose stderr
+    was redirected elsewhere inherits the variable but not the stream."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (int(device), int(inode)) == (stat.st_dev, stat.st_ino)
+    except (ValueError, OSError, AttributeError):  # unset, malformed, or no real stderr
+        return False
+
+
+class SyslogPriorityPrefix:
+    """Wraps the renderer: `<N>` before each rendered line, N from the event's level."""
+
+    def __init__(self, renderer: Any):
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> str:
+        priority = SYSLOG_PRIORITIES.get(str(event_dict.get("level", method)).lower(), 6)
+        return f"<{priority}>{self.renderer(logger, method, event_dict)}"
+
+
+def configure_logging(level: str = "info", fmt: str = "auto",
+                      priority_prefix: str = "auto") -> None:
+    """fmt: 'json', 'console' or 'auto' (console on a terminal, JSON otherwise).
+    priority_prefix: 'on', 'off' or 'auto' (on when stderr is the journal)."""
     silence_library_value_logs()
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = (structlog.processors.JSONRenderer() if use_json
                 else structlog.dev.ConsoleRenderer(colors=False))
+    if priority_prefix == "on" or (priority_prefix == "auto" and stderr_is_the_journal()):
+        renderer = SyslogPriorityPrefix(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

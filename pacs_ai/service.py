@@ -113,6 +113,7 @@ class Service:
         for index in range(self.config.workers.count):
             image_work = ImageWork(self.config.workers.processes, log_level=self.config.log.level,
                                    log_format=self.config.log.format,
+                                   priority_prefix=self.config.log.priority_prefix,
                                    is_stopping=self._threads_stop.is_set)
             self.image_work.append(image_work)
             self.workers.append(ClassificationWorker(

@@ -66,6 +66,15 @@ def test_unit_runs_serve_as_its_own_user_with_restart_and_graceful_stop():
     assert seconds(service["TimeoutStopSec"][0]) > LimitsConfig().shutdown_grace_seconds * 2
 
 
+def test_unit_has_the_journal_read_the_priority_prefixes():
+    """pacs_ai.logs writes "<4>{...}" under systemd; journald reads it only with
+    SyslogLevelPrefix=yes (the default, stated in the unit so a drop-in cannot lose it quietly),
+    and the service must keep stderr (not StandardError=null/file) for it to reach the journal."""
+    service = unit_service_section()
+    assert service.get("SyslogLevelPrefix") == ["yes"]
+    assert "StandardError" not in service and "StandardOutput" not in service
+
+
 def test_unit_is_hardened_with_the_spool_as_the_only_writable_path():
     service = unit_service_section()
     expected = {

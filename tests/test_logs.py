@@ -25,3 +25,74 @@ def test_json_lines_without_patient_values():
     assert {"timestamp", "level"} <= set(event)
     for secret in ("Doe^Jane", "PID-4711", "19991231"):
         assert secret not in result.stderr
+
+
+LEVELS_SCRIPT = """
+import sys, structlog
+from pacs_ai.logs import configure_logging
+configure_logging(fmt="json", priority_prefix=sys.argv[1])
+log = structlog.get_logger()
+log.info("service_started")
+log.warning("delivery_retry_scheduled", destination="pacs")
+log.error("delivery_failed")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("store_failed_unexpectedly")
+"""
+
+
+def run_with_stderr_in(tmp_path, priority_prefix: str, journal_stream: str | None) -> list[str]:
+    """Run LEVELS_SCRIPT with stderr in a file; JOURNAL_STREAM as systemd sets it for the
+    stream it hands the service ("device:inode"): "match" names that very file."""
+    import os
+
+    path = tmp_path / "stderr"
+    with open(path, "w") as stderr:
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        if journal_stream == "match":
+            stat = os.fstat(stderr.fileno())
+            env["JOURNAL_STREAM"] = f"{stat.st_dev}:{stat.st_ino}"
+        elif journal_stream is not None:
+            env["JOURNAL_STREAM"] = journal_stream
+        subprocess.run([sys.executable, "-c", LEVELS_SCRIPT, priority_prefix], stderr=stderr,
+                       env=env, timeout=60, check=True)
+    return path.read_text().splitlines()
+
+
+def test_under_systemd_each_json_line_carries_its_syslog_priority(tmp_path):
+    """Issue 14 item 5: `journalctl -p warning` could not work, every line was stored at the
+    journal's default priority. journald reads a leading <N> (sd-daemon(3)) as the priority."""
+    lines = run_with_stderr_in(tmp_path, "auto", "match")
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>", "<3>"]
+    events = [json.loads(line[3:]) for line in lines]  # the JSON stays whole after the prefix
+    assert [e["event"] for e in events] == ["service_started", "delivery_retry_scheduled",
+                                            "delivery_failed", "store_failed_unexpectedly"]
+    assert events[1]["level"] == "warning" and events[1]["destination"] == "pacs"
+    assert "ZeroDivisionError" in events[3]["exception"]
+
+
+def test_no_priority_prefix_off_the_journal_unless_asked(tmp_path):
+    # not under systemd; JOURNAL_STREAM inherited by a process whose stderr goes elsewhere
+    for journal_stream in (None, "1:2", "garbage"):
+        lines = run_with_stderr_in(tmp_path, "auto", journal_stream)
+        assert all(line.startswith("{") for line in lines), (journal_stream, lines)
+    assert run_with_stderr_in(tmp_path, "off", "match")[0].startswith("{")
+    on = run_with_stderr_in(tmp_path, "on", None)
+    assert on[0].startswith("<6>{") and on[1].startswith("<4>{")
+
+
+def test_a_config_error_reaches_the_journal_as_an_error(tmp_path):
+    import os
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listener]\nport = 0\n")
+    path = tmp_path / "stderr"
+    with open(path, "w") as stderr:
+        stat = os.fstat(stderr.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{stat.st_dev}:{stat.st_ino}")
+        result = subprocess.run([sys.executable, "-m", "pacs_ai", "serve", "--config", str(bad)],
+                                stderr=stderr, env=env, timeout=60)
+    assert result.returncode == 2
+    assert path.read_text().startswith("<3>pacs-ai serve: error: ")
+    assert "[listener] port" in path.read_text()

@@ -20,5 +20,5 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.service import serve_until_signalled
 
     config = load_config(args.config)
-    configure_logging(config.log.level, config.log.format)
+    configure_logging(config.log.level, config.log.format, config.log.priority_prefix)
     return serve_until_signalled(config)
