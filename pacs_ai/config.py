@@ -49,6 +49,7 @@ class ListenerConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: accept any caller
+    check_called_ae_title: bool = True  # reject associations addressed to another AE title
     allowed_peer_addresses: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any address
     sop_classes: tuple[str, ...] = tuple(SOP_CLASS_KEYWORDS.values())  # dotted UIDs
 
@@ -402,6 +403,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         host=t.string("host", "0.0.0.0", check=_check_host),
         port=t.integer("port", DEFAULT_PORT, minimum=1, maximum=65535),
         allowed_calling_ae_titles=t.strings("allowed_calling_ae_titles", (), check=check_ae_title),
+        check_called_ae_title=t.boolean("check_called_ae_title", True),
         allowed_peer_addresses=t.strings("allowed_peer_addresses", (), check=check_network),
         sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in
                           t.strings("sop_classes", DEFAULT_SOP_CLASSES, check=check_sop_class)),

@@ -161,6 +161,9 @@ class StorageSCP:
         ae.dimse_timeout = limits.dimse_timeout_seconds
         ae.network_timeout = limits.network_timeout_seconds
         ae.require_calling_aet = list(listener.allowed_calling_ae_titles)
+        # A-ASSOCIATE-RJ permanent, "called AE title not recognised" (0x07) for a request
+        # addressed to another AE title: a modality configured for another node, or a scan.
+        ae.require_called_aet = listener.check_called_ae_title
         syntaxes = accepted_transfer_syntaxes()
         ae.add_supported_context(Verification)
         for sop_class in listener.sop_classes:
@@ -239,6 +242,7 @@ class StorageSCP:
         listener = self.config.listener
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_CONN_OPEN, self._on_connection_open),
                     (evt.EVT_REQUESTED, self._on_association_requested),
                     (evt.EVT_CONN_CLOSE, self._on_connection_close)]
@@ -348,13 +352,33 @@ class StorageSCP:
         return SUCCESS
 
     def _on_rejected(self, event: Event) -> None:
+        listener = self.config.listener
         calling = event.assoc.requestor.ae_title
-        allowed = self.config.listener.allowed_calling_ae_titles
-        reason = ("calling-ae-not-allowed" if allowed and calling not in allowed
-                  else "association-limit")
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        allowed = listener.allowed_calling_ae_titles
+        # pynetdicom's order: a wrong called AE title overrides a caller not allowed
+        if listener.check_called_ae_title and called != listener.ae_title:
+            reason = "called-ae-not-recognised"
+        elif allowed and calling not in allowed:
+            reason = "calling-ae-not-allowed"
+        else:
+            reason = "association-limit"
         metrics.REJECTED.labels(reason=reason).inc()
         log.warning("association_rejected", reason=reason, calling_ae_title=calling,
-                    peer=event.assoc.requestor.address)
+                    called_ae_title=called, peer=event.assoc.requestor.address)
+
+    def _on_accepted(self, event: Event) -> None:
+        """An association whose every presentation context was refused (say a CT modality, or
+        a syntax we cannot decode) is accepted by ACSE rules but can do nothing: counted and
+        logged as refused at negotiation, with the SOP classes it offered."""
+        association = event.assoc
+        if association.accepted_contexts:
+            return
+        offered = sorted({str(cx.abstract_syntax) for cx in association.rejected_contexts})
+        metrics.REJECTED.labels(reason="no-acceptable-presentation-context").inc()
+        log.warning("association_rejected", reason="no-acceptable-presentation-context",
+                    calling_ae_title=association.requestor.ae_title,
+                    peer=association.requestor.address, offered_sop_classes=offered[:20])
 
     def _on_store(self, event: Event) -> Dataset | int:
         started = time.perf_counter()

@@ -139,6 +139,76 @@ def test_calling_ae_titles_outside_the_allow_list_are_rejected(tmp_path):
         listener.close()
 
 
+def rejected_count(reason: str) -> float:
+    from pacs_ai.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("pacs_ai_rejected_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.real_peer
+def test_an_association_to_another_called_ae_title_is_rejected(listener):
+    """Issue 14: `echoscu -aec NOTME` succeeded; the called AE title was never checked."""
+    from tests.real_peers import echoscu
+
+    before = rejected_count("called-ae-not-recognised")
+    with structlog.testing.capture_logs() as events:
+        wrong = echoscu(listener.port, called_ae="NOTME", calling_ae="MODALITY")
+    assert wrong.returncode != 0
+    output = wrong.stdout + wrong.stderr
+    assert "Association Rejected" in output and "Rejected Permanent" in output
+    assert "Called AE Title Not Recognized" in output, output
+    [rejected] = [e for e in events if e["event"] == "association_rejected"]
+    assert rejected["reason"] == "called-ae-not-recognised"
+    assert rejected["called_ae_title"] == "NOTME" and rejected["calling_ae_title"] == "MODALITY"
+    assert rejected_count("called-ae-not-recognised") == before + 1
+    right = echoscu(listener.port, called_ae="PACS_AI", calling_ae="MODALITY")
+    assert right.returncode == 0, right.stdout + right.stderr
+
+
+@pytest.mark.real_peer
+def test_the_called_ae_title_check_can_be_turned_off(tmp_path):
+    from tests.real_peers import echoscu
+
+    listener = Listener(tmp_path, listener={"check_called_ae_title": False})
+    try:
+        answered = echoscu(listener.port, called_ae="NOTME", calling_ae="MODALITY")
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+    finally:
+        listener.close()
+
+
+@pytest.mark.real_peer
+def test_an_association_offering_only_unaccepted_sop_classes_is_counted(listener, tmp_path):
+    """Issue 14: a CT modality sending here had every presentation context refused, and
+    nothing on our side said so."""
+    from tests.real_peers import propose_as_stored, storescu
+
+    ct = synthetic_radiograph(sop_class_uid=CT_IMAGE_STORAGE, modality="CT", seed=4)
+    path = tmp_path / "ct.dcm"
+    ct.save_as(path, enforce_file_format=True)
+    only_ct = propose_as_stored([path], tmp_path / "ct.cfg")  # as a CT scanner would
+    before = rejected_count("no-acceptable-presentation-context")
+    with structlog.testing.capture_logs() as events:
+        sent = storescu(listener.port, [path], called_ae="PACS_AI", calling_ae="CT_ROOM",
+                        extra=only_ct)
+        assert wait_until(lambda: any(e["event"] == "association_rejected" for e in events), 5)
+    assert "No presentation context" in sent.output or "No Acceptable" in sent.output, sent.output
+    assert listener.store.all_jobs() == []
+    [refused] = [e for e in events if e["event"] == "association_rejected"]
+    assert refused["reason"] == "no-acceptable-presentation-context"
+    assert refused["calling_ae_title"] == "CT_ROOM"
+    assert CT_IMAGE_STORAGE in refused["offered_sop_classes"]
+    assert rejected_count("no-acceptable-presentation-context") == before + 1
+    # an association with one usable context among refused ones is not counted
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    ae.add_requested_context(CR_IMAGE_STORAGE)
+    association = ae.associate(LOCALHOST, listener.port, ae_title="PACS_AI")
+    assert association.is_established
+    association.release()
+    assert rejected_count("no-acceptable-presentation-context") == before + 1
+
+
 def test_peers_outside_the_allowed_addresses_are_disconnected(tmp_path):
     listener = Listener(tmp_path, listener={"allowed_peer_addresses": ["10.0.0.0/8"]})
     try:
