@@ -93,6 +93,12 @@ class Service:
                  destinations=[d.name for d in config.destinations],
                  workers=config.workers.count, resumed_jobs=resumed,
                  abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"))
+        if not config.destinations:
+            log.warning("no_destination", config=str(config.source or "(defaults)"),
+                        reports_kept=config.storage.keep_reports,
+                        detail="no [[destinations]] configured: films are classified but their "
+                               "reports are sent nowhere (kept in the spool's outbox/ only "
+                               "with [storage] keep_reports = true)")
         return self
 
     def _apply_site_model_settings(self) -> None:

@@ -646,6 +646,31 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
     assert not service.scp.running
 
 
+def test_start_up_warns_when_reports_go_nowhere(tmp_path, tiny_model):
+    """Issue 14: a config without [[destinations]] started quietly, and every report was made
+    and dropped."""
+    from pacs_ai.config import load_config
+    from pacs_ai.service import Service
+    from tests.dicom_peers import write_service_config
+
+    def start_up_events(folder: Path, destinations) -> list[dict]:
+        folder.mkdir()
+        config = load_config(write_service_config(folder, model=tiny_model,
+                                                  destinations=destinations,
+                                                  tables={"workers": {"processes": 0}}))
+        with structlog.testing.capture_logs() as events:
+            service = Service(config).start()
+            service.stop()
+        return events
+
+    events = start_up_events(tmp_path / "none", [])
+    [warning] = [e for e in events if e["event"] == "no_destination"]
+    assert warning["log_level"] == "warning" and "sent nowhere" in warning["detail"]
+    closed = {"ae_title": "PACS", "host": LOCALHOST, "port": free_port()}
+    assert not [e for e in start_up_events(tmp_path / "one", [closed])
+                if e["event"] == "no_destination"]
+
+
 def test_a_resent_image_retries_its_failed_job_and_gets_reported(tmp_path, tiny_model):
     """A film whose pixels cannot be decoded (not something the listener can check before it
     acknowledges) fails; the modality sends it again, intact, and this time it is classified
