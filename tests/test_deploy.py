@@ -431,7 +431,6 @@ def test_the_guide_commands_work_against_an_installed_service(
 
     # A fresh install: the config is the example.
     run_as_written(guide_command("diff /etc/pacs-ai/pacs-ai.toml"))
-    assert "threshold:" in run_as_written(guide_command("pacs-ai model --model /opt")).stdout
 
     with pacs:
         # The admin's edits (the guide's [listener] and [[destinations]] examples, this test's
@@ -448,6 +447,8 @@ def test_the_guide_commands_work_against_an_installed_service(
         text += ('\n[[destinations]]\nname = "main-pacs"\nae_title = "PACS"\n'
                  f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
         config_file.write_text(text)
+        card = run_as_written(guide_command("sudo pacs-ai model --config")).stdout
+        assert "threshold:" in card and f"([model] path in {config_file})" in card
 
         # What systemd runs (ExecStart), with the installed program and config.
         log_path = tmp_path / "journal.log"

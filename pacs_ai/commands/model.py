@@ -5,25 +5,35 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "print the loaded model's card: name, version, threshold, validation metrics"
+HELP = ("print the model's card: name, version, threshold, validation metrics (with --config: "
+        "the model that config uses, and its site settings)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model file (default: the shipped model)")
+    parser.add_argument("--model", help="model file (default: the one --config uses, else the "
+                                        "shipped model)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="the service's TOML config: show the model its [model] path names "
+                             "(unless --model is given) and the settings it puts in force")
     parser.add_argument("--json", action="store_true", help="print the full metadata as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pacs_ai.config import load_config
     from pacs_ai.model import PneumoniaModel
 
-    model = PneumoniaModel.load(args.model)
+    config = load_config(args.config) if args.config else None
+    path = args.model
+    if path is None and config is not None:
+        path = config.model_path()
+    model = PneumoniaModel.load(path)
     metadata = model.info.metadata
     if args.json:
         print(json.dumps(metadata, indent=2, sort_keys=True))
         return 0
     metrics = metadata.get("validation_metrics", {})
     print(f"model:      {model.info.label}")
-    print(f"file:       {model.path}")
+    print(f"file:       {model.path}{_file_source(args, config)}")
     print(f"threshold:  {model.info.threshold:.4f} ({metadata.get('threshold_rule', 'rule not recorded')})")
     print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
     print(f"intended:   {_intended_use(model.info)}")
@@ -31,7 +41,42 @@ def run(args: argparse.Namespace) -> int:
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
+    if config is not None:
+        print(f"site:       {_site_settings(config, model.info)}")
     return 0
+
+
+def _file_source(args: argparse.Namespace, config) -> str:
+    if args.model is not None:
+        return " (--model)"
+    if config is None:
+        return " (the shipped model)"
+    if config.model.path is not None:
+        return f" ([model] path in {config.source or 'the built-in config'})"
+    return f" (the shipped model: no [model] path in {config.source or 'the built-in config'})"
+
+
+def _site_settings(config, own) -> str:
+    """What the config's [model] puts in force over the file's own values, as the service
+    would (an impossible combination stops here as it stops the service)."""
+    from pacs_ai.intended_use import format_age_range, site_model_info
+
+    settings = config.model
+    effective = site_model_info(own, threshold=settings.threshold,
+                                min_age_years=settings.min_age_years,
+                                max_age_years=settings.max_age_years,
+                                ood_threshold=settings.ood_threshold)
+    changes = []
+    if settings.threshold is not None:
+        changes.append(f"threshold {effective.threshold:.4f}")
+    if settings.min_age_years is not None or settings.max_age_years is not None:
+        changes.append(f"ages {format_age_range(effective.intended_age_years)} years")
+    if settings.ood_threshold is not None:
+        changes.append(f"abstention above {effective.ood_threshold:.3f}")
+    where = config.source or "the built-in config"
+    if not changes:
+        return f"the model file's own settings ({where} overrides none)"
+    return f"{', '.join(changes)} ([model] in {where}, in force instead of the above)"
 
 
 def _intended_use(info) -> str:
