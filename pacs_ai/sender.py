@@ -43,12 +43,68 @@ IDLE_POLL_SECONDS = 1.0
 
 def client_ssl_context(files: TLSFiles) -> ssl.SSLContext:
     """TLS towards a destination: verify it (ca_file or the system CAs), present our
-    certificate when one is configured."""
+    certificate when one is configured. Its sockets record why TLS failed (tls_failure)."""
     context = ssl.create_default_context(cafile=str(files.ca_file) if files.ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if files.cert_file is not None:
         context.load_cert_chain(str(files.cert_file), str(files.key_file))
+    context.sslsocket_class = _TLSFailureRecordingSocket
+    context.tls_failure = None  # type: ignore[attr-defined]
     return context
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: the certificate is valid but
+# names another host than the [[destinations]] host.
+_NAME_MISMATCH_CODES = (62, 64)
+# Alerts a PACS sends when it refuses our client certificate (or its absence).
+_CLIENT_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
+                              "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED", "ACCESS_DENIED",
+                              "HANDSHAKE_FAILURE", "UNSUPPORTED_CERTIFICATE")
+
+
+def tls_failure_reason(error: OSError, *, in_handshake: bool) -> str | None:
+    """"code: detail" for a TLS failure towards a PACS, or None when `error` is not one:
+    tls-hostname (its certificate names another host), tls-certificate (not trusted by
+    ca_file or the system CAs, expired, ...), tls-client-certificate-refused (the PACS refused
+    ours), tls-protocol (no common TLS version, or not a TLS port at all)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        message = error.verify_message or str(error)
+        if error.verify_code in _NAME_MISMATCH_CODES:
+            return f"tls-hostname: {message}"
+        return f"tls-certificate: {message}"
+    if isinstance(error, ssl.SSLError):
+        reason = str(error.reason or error)
+        if "ALERT" in reason and any(alert in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+            return f"tls-client-certificate-refused: the PACS sent {reason}"
+        return f"tls-protocol: {reason}"
+    if in_handshake:  # reset or closed during the handshake: what a plain DICOM port does
+        return (f"tls-protocol: {error.strerror or error} during the TLS handshake "
+                "(not a TLS port, or no TLS version in common)")
+    return None
+
+
+class _TLSFailureRecordingSocket(ssl.SSLSocket):
+    """pynetdicom catches every OSError of connect() and reads and reports only "failed to
+    connect"; this socket first records the TLS error on its context, for the sender."""
+
+    def _record(self, error: OSError, in_handshake: bool) -> None:
+        reason = tls_failure_reason(error, in_handshake=in_handshake)
+        if reason is not None and getattr(self.context, "tls_failure", None) is None:
+            self.context.tls_failure = reason  # type: ignore[attr-defined]
+
+    def do_handshake(self, *args, **kwargs):
+        try:
+            return super().do_handshake(*args, **kwargs)
+        except OSError as error:
+            self._record(error, in_handshake=True)
+            raise
+
+    def recv(self, *args, **kwargs):  # TLS 1.3: a refused client certificate shows here
+        try:
+            return super().recv(*args, **kwargs)
+        except ssl.SSLError as error:
+            self._record(error, in_handshake=False)
+            raise
 
 
 def is_stored(status: int) -> bool:
@@ -123,19 +179,21 @@ class DestinationSender(threading.Thread):
         destination = self.destination
         tls_args = (self._ssl_context, destination.host) if self._ssl_context else None
         connected: list[bool] = []  # EVT_CONN_OPEN tells a refused connection from an abort
+        if self._ssl_context is not None:
+            self._ssl_context.tls_failure = None  # type: ignore[attr-defined]
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
             association = self._ae().associate(
                 destination.host, destination.port, ae_title=destination.ae_title,
                 tls_args=tls_args,
                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
         except Exception as error:  # e.g. TLS errors raised by the socket layer
-            self._attempts_failed(due, f"connection-failed: {error}")
+            self._attempts_failed(due, self._tls_failure(where) or f"connection-failed: {error}")
             return
         if not association.is_established:
             reason = ("association-rejected" if association.is_rejected else
                       "association-aborted" if connected else "connection-failed")
-            self._attempts_failed(due, f"{reason}: {destination.ae_title}@{destination.host}:"
-                                       f"{destination.port}")
+            self._attempts_failed(due, self._tls_failure(where) or f"{reason}: {where}")
             return
         send_small_messages_at_once(association)
         try:
@@ -148,6 +206,11 @@ class DestinationSender(threading.Thread):
         finally:
             if association.is_established:
                 association.release()
+
+    def _tls_failure(self, where: str) -> str | None:
+        """Why the TLS connection of the last attempt failed ("tls-...: detail (where)")."""
+        failure = getattr(self._ssl_context, "tls_failure", None)
+        return f"{failure} ({where})" if failure else None
 
     def _send_one(self, association, delivery: Delivery) -> None:
         try:
