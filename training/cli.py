@@ -151,12 +151,17 @@ def command_evaluate(args: argparse.Namespace) -> int:
     model = PneumoniaModel.load(args.model)
     items = list_split(args.data, args.split)
     results = list(classify_files([p for p, _ in items], model))
-    failed = [r for r in results if r["status"] != "ok"]
+    failed = [r for r in results if r["status"] == "error"]
     if failed:
         print(f"{len(failed)} images could not be classified, e.g. {failed[0]}", file=sys.stderr)
         return 1
-    probabilities = np.array([r["probability"] for r in results])
-    labels = np.array([label for _, label in items])
+    abstained = [r for r in results if r["status"] == "skipped"]
+    if abstained:  # the model abstained (out-of-distribution): figures over the others
+        print(f"{len(abstained)} of {len(results)} images abstained on, e.g. "
+              f"{abstained[0]['reason']}", file=sys.stderr)
+    kept = [index for index, r in enumerate(results) if r["status"] == "ok"]
+    probabilities = np.array([results[i]["probability"] for i in kept])
+    labels = np.array([items[i][1] for i in kept])
     metrics = write_report(args.out, probabilities, labels, model.info.threshold,
                            title=f"{args.split}")
     print(json.dumps({k: metrics[k] for k in ("count", "accuracy", "sensitivity", "specificity",
