@@ -79,6 +79,8 @@ class StorageConfig:
     min_free_bytes: int = 256 * 1024 * 1024
     keep_source_images: bool = False
     keep_reports: bool = False
+    # Days failed and skipped jobs keep their image and report files; 0: for ever.
+    keep_failed_days: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -443,6 +445,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         min_free_bytes=t.integer("min_free_bytes", StorageConfig.min_free_bytes, minimum=0),
         keep_source_images=t.boolean("keep_source_images", False),
         keep_reports=t.boolean("keep_reports", False),
+        keep_failed_days=t.number("keep_failed_days", StorageConfig.keep_failed_days, minimum=0),
     )
     t.finish()
 

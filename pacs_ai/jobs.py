@@ -128,8 +128,21 @@ _JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
 
 
 def accepts_resend(job: Job) -> bool:
-    """A job a re-sent copy of its image should run again: it failed before a report existed."""
-    return job.state == "failed" and job.stage in ("classify", "report")
+    """A job a re-sent copy of its image should run again: it failed before a report existed,
+    or it failed and its files were purged since ([storage] keep_failed_days)."""
+    return job.state == "failed" and (job.stage in ("classify", "report") or is_purged(job))
+
+
+def is_purged(job: Job) -> bool:
+    """Its files were deleted after [storage] keep_failed_days (JobStore.purge_files)."""
+    return job.image_file == "" and job.report_file is None
+
+
+@dataclass(frozen=True)
+class PurgedJob:
+    sop_instance_uid: str
+    state: str
+    files: tuple[str, ...]  # spool-relative, to delete
 
 
 class JobStore:
@@ -412,6 +425,26 @@ class JobStore:
             self._work_added()
         return requeued
 
+    def purge_files(self, finished_before: float) -> list[PurgedJob]:
+        """Failed and skipped jobs settled before `finished_before`: forget their image and
+        report files (the caller deletes them) and their failed deliveries, keeping the rows
+        as a record. Such a job is no longer retried by `pacs-ai retry`; a re-send of its
+        image runs it again from the start (accepts_resend)."""
+        def body(db: sqlite3.Connection) -> list[PurgedJob]:
+            rows = db.execute(
+                "SELECT id, sop_instance_uid, state, image_file, report_file FROM jobs "
+                "WHERE state IN ('failed', 'skipped') AND updated_at < ? "
+                "AND (image_file != '' OR report_file IS NOT NULL)",
+                (finished_before,)).fetchall()
+            ids = [(row[0],) for row in rows]
+            db.executemany("UPDATE jobs SET image_file = '', report_file = NULL WHERE id = ?",
+                           ids)
+            db.executemany("DELETE FROM deliveries WHERE job_id = ? AND state = 'failed'", ids)
+            return [PurgedJob(sop_instance_uid=uid, state=state,
+                              files=tuple(f for f in (image, report) if f))
+                    for _, uid, state, image, report in rows]
+        return self._write(body)
+
     def requeue_failed(self) -> tuple[int, int]:
         """`pacs-ai retry`: failed classifications go back to pending, failed deliveries are
         tried again from the start. Returns (jobs requeued, deliveries requeued)."""
@@ -426,7 +459,8 @@ class JobStore:
                 "(SELECT job_id FROM deliveries WHERE state = 'pending')", (now,)).rowcount
             reclassify = db.execute(
                 "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, updated_at = ? "
-                "WHERE state = 'failed' AND stage IN ('classify', 'report')", (now,)).rowcount
+                "WHERE state = 'failed' AND stage IN ('classify', 'report') "
+                "AND image_file != ''", (now,)).rowcount  # not those purged
             return redeliver + reclassify, deliveries
         result = self._write(body)
         self._work_added()

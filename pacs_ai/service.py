@@ -33,6 +33,7 @@ from pacs_ai.worker import ClassificationWorker
 log = structlog.get_logger()
 
 THREAD_JOIN_SECONDS = 30.0
+PURGE_INTERVAL_SECONDS = 3600.0  # how often files past [storage] keep_failed_days are purged
 
 
 class Service:
@@ -47,6 +48,7 @@ class Service:
         self.senders: list[DestinationSender] = []
         self.metrics_server: Any = None
         self._threads_stop = threading.Event()
+        self._purge_thread: threading.Thread | None = None
         self._started = False
         self._draining = False  # stop() has begun: no longer ready, still live
         self._stopped = False
@@ -133,6 +135,44 @@ class Service:
                 sender_wake, self.job_finished))
         for thread in (*self.workers, *self.senders):
             thread.start()
+        if self.config.storage.keep_failed_days > 0:
+            self._purge_thread = threading.Thread(target=self._purge_periodically, name="purge",
+                                                  daemon=True)
+            self._purge_thread.start()
+
+    def _purge_periodically(self) -> None:
+        while not self._threads_stop.is_set():
+            try:
+                self.purge_expired_files()
+            except Exception as error:  # a locked database, a file system error: next time
+                log.exception("purge_failed", error=str(error))
+            self._threads_stop.wait(PURGE_INTERVAL_SECONDS)
+
+    def purge_expired_files(self, now: float | None = None) -> int:
+        """Delete the image and report files of jobs that failed or were skipped more than
+        [storage] keep_failed_days ago (a hostile or broken file is not kept for ever); their
+        rows stay. Returns the number of jobs purged."""
+        days = self.config.storage.keep_failed_days
+        if self.store is None or days <= 0:
+            return 0
+        purged = self.store.purge_files((time.time() if now is None else now) - days * 86400)
+        if not purged:
+            return 0
+        freed = 0
+        for job in purged:
+            for relative in job.files:
+                path = self.spool.resolve(relative)
+                try:
+                    freed += path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        states = {state: sum(1 for job in purged if job.state == state)
+                  for state in ("failed", "skipped")}
+        log.info("failed_files_purged", jobs=len(purged), failed=states["failed"],
+                 skipped=states["skipped"], bytes=freed, keep_failed_days=days,
+                 sop_instance_uids=[job.sop_instance_uid for job in purged[:20]])
+        return len(purged)
 
     def job_finished(self, job: Job) -> None:
         """A job reached done or skipped (or failed): drop the files not asked to be kept.
@@ -155,9 +195,10 @@ class Service:
         if self.scp is not None:
             self.scp.stop(self.config.limits.shutdown_grace_seconds)
         self._threads_stop.set()
-        for thread in (*self.workers, *self.senders):
+        threads = [*self.workers, *self.senders, *filter(None, [self._purge_thread])]
+        for thread in threads:
             thread.join(timeout=THREAD_JOIN_SECONDS)
-        still_running = [t.name for t in (*self.workers, *self.senders) if t.is_alive()]
+        still_running = [t.name for t in threads if t.is_alive()]
         for image_work in self.image_work:
             image_work.close()
         if self.metrics_server is not None:

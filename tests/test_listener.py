@@ -646,6 +646,61 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
     assert not service.scp.running
 
 
+def test_failed_and_skipped_files_are_purged_after_keep_failed_days(tmp_path, tiny_model):
+    """Issue 14: failed and skipped source files were kept for ever (a 400 MB hostile file
+    stayed in the spool). After [storage] keep_failed_days they go, logged; the rows stay."""
+    import sqlite3
+
+    from pacs_ai.config import load_config
+    from pacs_ai.service import Service
+    from tests.dicom_peers import write_service_config
+
+    config = load_config(write_service_config(
+        tmp_path, model=tiny_model,
+        tables={"storage": {"keep_source_images": True, "keep_failed_days": 2},
+                "workers": {"processes": 0}}))
+    service = Service(config).start()
+    try:
+        lateral = synthetic_radiograph(seed=2, view_position="LL")
+        broken = undecodable(synthetic_radiograph(seed=3))
+        old_lateral, old_broken = (synthetic_radiograph(seed=4, view_position="LL"),
+                                   undecodable(synthetic_radiograph(seed=5)))
+        results = SimulatedModality(service.port).send([lateral, broken, old_lateral,
+                                                        old_broken])
+        assert [r.status for r in results] == [0, 0, 0, 0]
+        store = service.store
+        assert wait_until(lambda: store.backlog() == 0, 60)
+        files = {job.sop_instance_uid: service.spool.resolve(job.image_file)
+                 for job in store.all_jobs()}
+        assert all(path.exists() for path in files.values())
+        # two of them settled three days ago
+        with sqlite3.connect(service.spool.db_path) as db:
+            db.executemany("UPDATE jobs SET updated_at = updated_at - 3 * 86400 "
+                           "WHERE sop_instance_uid = ?",
+                           [(old_lateral.SOPInstanceUID,), (old_broken.SOPInstanceUID,)])
+        with structlog.testing.capture_logs() as events:
+            assert service.purge_expired_files() == 2
+        [purged] = [e for e in events if e["event"] == "failed_files_purged"]
+        assert purged["failed"] == 1 and purged["skipped"] == 1 and purged["bytes"] > 0
+        assert purged["keep_failed_days"] == 2
+        assert not files[old_lateral.SOPInstanceUID].exists()
+        assert not files[old_broken.SOPInstanceUID].exists()
+        assert files[lateral.SOPInstanceUID].exists() and files[broken.SOPInstanceUID].exists()
+        jobs = {job.sop_instance_uid: job for job in store.all_jobs()}
+        assert jobs[old_broken.SOPInstanceUID].state == "failed"  # the record stays
+        assert jobs[old_broken.SOPInstanceUID].reason
+        assert service.purge_expired_files() == 0  # once only
+        # `pacs-ai retry` leaves the purged one alone (its image is gone) ...
+        assert store.requeue_failed() == (1, 0)
+        # ... and a re-send of its image runs it again
+        assert SimulatedModality(service.port).send([old_broken])[0].status == 0
+        assert store.find(old_broken.SOPInstanceUID).state in ("pending", "classifying",
+                                                               "failed")
+        assert store.find(old_broken.SOPInstanceUID).image_file != ""
+    finally:
+        service.stop()
+
+
 def test_start_up_warns_when_reports_go_nowhere(tmp_path, tiny_model):
     """Issue 14: a config without [[destinations]] started quietly, and every report was made
     and dropped."""
