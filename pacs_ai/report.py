@@ -177,7 +177,7 @@ def build_report(
         institutional_department_name=institutional_department_name,
         series_description=SERIES_DESCRIPTION,
     )
-    log.debug("report built", sr_sop_instance_uid=sr.SOPInstanceUID,
+    log.debug("report_built", sr_sop_instance_uid=sr.SOPInstanceUID,
               source_sop_instance_uid=source_uid, sr_kind=sr_kind)
     return sr
 
@@ -279,7 +279,7 @@ def source_header(source: Dataset) -> Dataset:
             setattr(header, keyword, "")
     dropped += _empty_values_highdicom_rejects(header)
     if dropped:
-        log.warning("source values not valid DICOM, not copied into the report",
+        log.warning("source_values_not_copied",  # not valid DICOM
                     attributes=dropped, source_sop_instance_uid=str(source.SOPInstanceUID))
     return header
 

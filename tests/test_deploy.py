@@ -360,6 +360,39 @@ def test_the_guide_lists_exactly_the_metrics_the_service_exports():
     assert documented == exported
 
 
+def logged_events() -> dict[str, str]:
+    """Every event the service's code logs ({name: "file:line"}), read from the source: each
+    structlog call on a logger (`log.info("name", ...)`) in pacs_ai/."""
+    import ast
+
+    events: dict[str, str] = {}
+    for path in sorted((REPO_ROOT / "pacs_ai").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("debug", "info", "warning", "error", "exception",
+                                           "critical", "msg")
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log"):
+                continue
+            where = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+            assert node.args and isinstance(node.args[0], ast.Constant), \
+                f"{where}: the event name must be a literal, so the guide can list it"
+            events.setdefault(node.args[0].value, where)
+    return events
+
+
+def test_every_event_the_code_logs_is_in_the_guide():
+    """Issue 14: the guide's event list (Logs) is what an admin greps the journal for."""
+    events = logged_events()
+    assert {"service_started", "association_rejected", "no_destination",
+            "failed_files_purged"} <= set(events)  # the scan finds them
+    guide = GUIDE.read_text()
+    start = guide.index("\n### Logs\n")
+    logs = guide[start:guide.index("\n#", start + 1)]
+    for name, where in sorted(events.items()):
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", name), f"{where}: event {name!r} is not a name"
+        assert f"`{name}`" in logs, f"{where} logs {name!r}, missing from the guide's events"
+
+
 def test_the_install_options_in_the_guide_exist():
     help_text = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--help"],
                                capture_output=True, text=True, timeout=30).stdout
