@@ -106,3 +106,25 @@ def test_prepare_says_how_long_the_file_took(tmp_path):
     assert prepared.status == "ok" and 0 < prepared.seconds < 60
     missing = prepare(tmp_path / "none.dcm", FilterPolicy(), DEFAULT_MAX_PIXELS)
     assert missing.status == "error" and missing.seconds > 0
+
+
+def test_stdout_holds_only_json_lines_when_the_service_logs(tmp_path):
+    """A film whose Patient's Age cannot be read makes the age check log a note; the note goes
+    to stderr (or nowhere), never among the JSON lines on stdout."""
+    import pydicom
+
+    dataset = pydicom.dcmread(SAMPLE_DICOMS / "cr_normal_pa_12bit.dcm")
+    dataset.PatientAge = "54"  # no unit: malformed
+    film = tmp_path / "malformed_age.dcm"
+    dataset.save_as(film)
+    from training.export import export_untrained_tiny_model
+
+    children = export_untrained_tiny_model(tmp_path / "children.pt",
+                                           intended_use={"age_years": [1, 5]})
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "pacs_ai", "classify", "--model",
+                             str(children), str(film)], capture_output=True, text=True,
+                            timeout=300, cwd=REPO_ROOT, env=environment)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    assert json.loads(lines[0])["status"] == "ok"

@@ -24,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.model import PneumoniaModel
 
     from pacs_ai.filters import FilterPolicy
+    from pacs_ai.logs import configure_logging
     from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
+    configure_logging("warning")  # on stderr: stdout carries one JSON line per file
     model = PneumoniaModel.load(args.model)
     max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
     classified = 0
