@@ -133,6 +133,22 @@ def algorithm_parameters(model: ModelInfo) -> list[str]:
     return parameters
 
 
+def site_settings_part(model: ModelInfo) -> str | None:
+    """The report UID's extra part when the site's [model] settings differ from the model
+    file's own: a report made at another threshold or age range may carry another finding, so
+    it must not reuse the UID of one made at the file's settings (None keeps the UIDs of
+    reports made at the file's own settings unchanged)."""
+    from pacs_ai.model import ModelContractError, validate_metadata
+
+    try:
+        own = validate_metadata(model.metadata)
+    except ModelContractError:  # no file metadata to compare with (a hand-made ModelInfo)
+        return None
+    if algorithm_parameters(own) == algorithm_parameters(model):
+        return None
+    return "site:" + ";".join(algorithm_parameters(model))
+
+
 def build_report(
     source: Dataset,
     probability: float,
@@ -168,7 +184,8 @@ def build_report(
         series_instance_uid=report_series_uid(header.StudyInstanceUID, model.name, model.version),
         series_number=series_number,
         sop_instance_uid=report_uid(source_uid, model.name, model.version,
-                                    None if sr_kind == DEFAULT_SR_KIND else sr_kind),
+                                    None if sr_kind == DEFAULT_SR_KIND else sr_kind,
+                                    site_settings_part(model)),
         instance_number=_instance_number(header),
         manufacturer=manufacturer,
         manufacturer_model_name=model.name,

@@ -33,13 +33,16 @@ def deterministic_uid(purpose: str, *parts: str) -> str:
 
 
 def report_uid(source_sop_instance_uid: str, model_name: str, model_version: str,
-               sr_kind: str | None = None) -> str:
+               sr_kind: str | None = None, site_settings: str | None = None) -> str:
     """SOP Instance UID of the SR about one source image made by one model version. `sr_kind`
     names a non-default SR class: a report of another class is another instance, so it gets
-    another UID (None, the default class, keeps the UIDs reports always had)."""
+    another UID (None, the default class, keeps the UIDs reports always had). `site_settings`
+    likewise names settings that differ from the model file's (pacs_ai.report)."""
     parts = [str(source_sop_instance_uid), model_name, model_version]
     if sr_kind is not None:
         parts.append(f"sr-kind={sr_kind}")
+    if site_settings is not None:
+        parts.append(site_settings)
     return deterministic_uid("sr-instance", *parts)
 
 

@@ -435,3 +435,23 @@ def test_a_widened_range_classifies_the_adult_in_process(tmp_path, pediatric_mod
         assert (job.state, job.finding) == ("done", "normal"), (job.state, job.reason)
     finally:
         service.stop()
+
+
+def test_a_report_made_at_the_sites_settings_gets_its_own_uid(tmp_path):
+    """Same film, same model version: at the file's own settings the report UID is the one
+    reports always had; at a site threshold or age range (which may change the finding) it is
+    another, so one UID never names two different reports."""
+    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.report import build_report
+    from pacs_ai.uids import report_uid
+    from training.export import export_untrained_tiny_model
+
+    model = PneumoniaModel.load(export_untrained_tiny_model(
+        tmp_path / "children.pt", intended_use={"age_years": [1, 5]})).info
+    source = report_source()
+    own = build_report(source, 0.4, model)
+    assert own.SOPInstanceUID == report_uid(source.SOPInstanceUID, model.name, model.version)
+    assert build_report(source, 0.4, site_model_info(model)).SOPInstanceUID == own.SOPInstanceUID
+    lower = build_report(source, 0.4, site_model_info(model, threshold=0.3))
+    wider = build_report(source, 0.4, site_model_info(model, max_age_years=17))
+    assert len({own.SOPInstanceUID, lower.SOPInstanceUID, wider.SOPInstanceUID}) == 3
