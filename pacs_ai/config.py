@@ -44,14 +44,38 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True)
+class BoundAETitle:
+    """An allowed calling AE title bound to an IP address or network ([listener]
+    allowed_calling_ae_titles entry { ae_title = "CR1", address = "10.1.2.0/24" })."""
+    ae_title: str
+    address: str
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
-    allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: accept any caller
+    # empty: accept any caller. A BoundAETitle entry is allowed only from its address.
+    allowed_calling_ae_titles: tuple[str | BoundAETitle, ...] = ()
     check_called_ae_title: bool = True  # reject associations addressed to another AE title
     allowed_peer_addresses: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any address
     sop_classes: tuple[str, ...] = tuple(SOP_CLASS_KEYWORDS.values())  # dotted UIDs
+
+    @property
+    def calling_ae_titles(self) -> tuple[str, ...]:
+        """Every allowed calling AE title, bound or not, once each."""
+        return tuple(dict.fromkeys(entry if isinstance(entry, str) else entry.ae_title
+                                   for entry in self.allowed_calling_ae_titles))
+
+    @property
+    def calling_ae_addresses(self) -> dict[str, tuple[str, ...]]:
+        """Bound AE title -> the addresses or networks it may call from."""
+        bound: dict[str, tuple[str, ...]] = {}
+        for entry in self.allowed_calling_ae_titles:
+            if isinstance(entry, BoundAETitle):
+                bound[entry.ae_title] = bound.get(entry.ae_title, ()) + (entry.address,)
+        return bound
 
 
 @dataclass(frozen=True)
@@ -369,6 +393,49 @@ def check_network(value: str) -> str | None:
     return None
 
 
+def _calling_ae_titles(t: _Table) -> tuple[str | BoundAETitle, ...]:
+    """[listener] allowed_calling_ae_titles: plain AE titles, or inline tables
+    { ae_title = "CR1", address = "10.1.2.0/24" } binding a title to an IP address or network
+    (one title may have several entries; it cannot also be listed plain)."""
+    key = "allowed_calling_ae_titles"
+    present, value = t._raw(key)
+    if not present:
+        return ()
+    example = ('expected a list of quoted AE titles or { ae_title = "CR1", address = '
+               '"10.1.2.0/24" } tables, like ["A", { ae_title = "B", address = "10.0.0.5" }]')
+    if not isinstance(value, list):
+        raise t.fail(key, f"{example}, got {_describe(value)}")
+    entries: list[str | BoundAETitle] = []
+    for item in value:
+        if isinstance(item, str):
+            title = item
+            entries.append(title)
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - {"ae_title", "address"})
+            if unknown:
+                raise t.fail(key, f"unknown key {unknown[0]!r} in {item!r}; an entry's keys are "
+                                  "ae_title and address")
+            title, address = item.get("ae_title"), item.get("address")
+            if not isinstance(title, str):
+                raise t.fail(key, f"{item!r}: ae_title must be a quoted AE title, "
+                                  f"got {_describe(title)}")
+            if not isinstance(address, str):
+                raise t.fail(key, f"{item!r}: address must be a quoted IP address or network "
+                                  f'like "10.1.2.0/24", got {_describe(address)}')
+            if (problem := check_network(address)) is not None:
+                raise t.fail(key, f"{title!r} address {address!r}: {problem}")
+            entries.append(BoundAETitle(title, address))
+        else:
+            raise t.fail(key, f"{example}, got the entry {_describe(item)}")
+        if (problem := check_ae_title(title)) is not None:
+            raise t.fail(key, f"{title!r}: {problem}")
+    plain = {entry for entry in entries if isinstance(entry, str)}
+    if both := sorted(plain & {e.ae_title for e in entries if isinstance(e, BoundAETitle)}):
+        raise t.fail(key, f"{both[0]!r} is listed both plain (any address) and bound to an "
+                          "address; keep one form")
+    return tuple(entries)
+
+
 def check_sop_class(value: str) -> str | None:
     if value in SOP_CLASS_KEYWORDS or _is_dotted_uid(value):
         return None
@@ -404,7 +471,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         ae_title=t.string("ae_title", DEFAULT_AE_TITLE, check=check_ae_title),
         host=t.string("host", "0.0.0.0", check=_check_host),
         port=t.integer("port", DEFAULT_PORT, minimum=1, maximum=65535),
-        allowed_calling_ae_titles=t.strings("allowed_calling_ae_titles", (), check=check_ae_title),
+        allowed_calling_ae_titles=_calling_ae_titles(t),
         check_called_ae_title=t.boolean("check_called_ae_title", True),
         allowed_peer_addresses=t.strings("allowed_peer_addresses", (), check=check_network),
         sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in

@@ -145,6 +145,9 @@ class StorageSCP:
             config.limits.association_request_timeout_seconds, self._on_request_timeout)
         self._associations: weakref.WeakSet = weakref.WeakSet()  # requested and admitted
         self._associations_lock = threading.Lock()
+        self._calling_ae_networks = {
+            title: [ipaddress.ip_network(value, strict=False) for value in networks]
+            for title, networks in config.listener.calling_ae_addresses.items()}
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -160,7 +163,7 @@ class StorageSCP:
         ae.acse_timeout = limits.acse_timeout_seconds
         ae.dimse_timeout = limits.dimse_timeout_seconds
         ae.network_timeout = limits.network_timeout_seconds
-        ae.require_calling_aet = list(listener.allowed_calling_ae_titles)
+        ae.require_calling_aet = list(listener.calling_ae_titles)
         # A-ASSOCIATE-RJ permanent, "called AE title not recognised" (0x07) for a request
         # addressed to another AE title: a modality configured for another node, or a scan.
         ae.require_called_aet = listener.check_called_ae_title
@@ -190,8 +193,36 @@ class StorageSCP:
 
     def _on_association_requested(self, event: Event) -> None:
         self._request_deadlines.requested(event.assoc)
-        if not self._admit_association(event.assoc):
+        if self._calling_ae_from_wrong_address(event.assoc):
+            self._refuse_wrong_address(event.assoc)
+        elif not self._admit_association(event.assoc):
             self._refuse_over_limit(event.assoc)
+
+    def _calling_ae_from_wrong_address(self, association) -> bool:
+        """Whether the calling AE title is bound to addresses ([listener]
+        allowed_calling_ae_titles) that the peer's is not among. A request addressed to another
+        AE title is left to pynetdicom's check, which answers it first."""
+        listener = self.config.listener
+        primitive = association.requestor.primitive
+        if listener.check_called_ae_title and \
+                str(primitive.called_ae_title).strip() != listener.ae_title:
+            return False
+        networks = self._calling_ae_networks.get(str(primitive.calling_ae_title).strip())
+        return networks is not None and not _address_in(str(association.requestor.address),
+                                                        networks)
+
+    def _refuse_wrong_address(self, association) -> None:
+        primitive = association.requestor.primitive
+        metrics.REJECTED.labels(reason="calling-ae-wrong-address").inc()
+        log.warning("association_rejected", reason="calling-ae-wrong-address",
+                    calling_ae_title=str(primitive.calling_ae_title).strip(),
+                    called_ae_title=str(primitive.called_ae_title).strip(),
+                    peer=str(association.requestor.address))
+        # The answer an unknown calling AE title gets (pynetdicom's require_calling_aet):
+        # rejected-permanent, service user, calling AE title not recognised, so the reply does
+        # not tell a caller which addresses the title is bound to.
+        association.acse.send_reject(0x01, 0x01, 0x03)
+        association.kill()
 
     def _admit_association(self, association) -> bool:
         """Whether fewer than max_associations requested associations are running; if so this
@@ -355,7 +386,7 @@ class StorageSCP:
         listener = self.config.listener
         calling = event.assoc.requestor.ae_title
         called = str(event.assoc.requestor.primitive.called_ae_title).strip()
-        allowed = listener.allowed_calling_ae_titles
+        allowed = listener.calling_ae_titles
         # pynetdicom's order: a wrong called AE title overrides a caller not allowed
         if listener.check_called_ae_title and called != listener.ae_title:
             reason = "called-ae-not-recognised"

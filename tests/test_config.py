@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.config import (ConfigError, RetryPolicy, default_config, load_config,
+from pacs_ai.config import (BoundAETitle, ConfigError, RetryPolicy, default_config, load_config,
                             parse_config)
 from pacs_ai.filters import FilterPolicy
 
@@ -145,6 +145,43 @@ def test_bad_config_names_the_key(tmp_path, text, named):
         load_config(path)
     assert named in str(caught.value)
     assert str(path) in str(caught.value)
+
+
+def test_calling_ae_titles_can_be_bound_to_addresses(tmp_path):
+    """Issue 14 item 6: plain titles keep working; inline tables bind a title to addresses."""
+    listener = load_config(write(tmp_path, (
+        '[listener]\nallowed_calling_ae_titles = ["PLAIN", '
+        '{ ae_title = "CR1", address = "10.1.2.0/24" }, '
+        '{ ae_title = "CR1", address = "192.168.0.7" }, '
+        '{ ae_title = "V6", address = "fd00::/8" }]\n'))).listener
+    assert listener.allowed_calling_ae_titles == (
+        "PLAIN", BoundAETitle("CR1", "10.1.2.0/24"), BoundAETitle("CR1", "192.168.0.7"),
+        BoundAETitle("V6", "fd00::/8"))
+    assert listener.calling_ae_titles == ("PLAIN", "CR1", "V6")
+    assert listener.calling_ae_addresses == {"CR1": ("10.1.2.0/24", "192.168.0.7"),
+                                             "V6": ("fd00::/8",)}
+    plain = load_config(write(tmp_path, '[listener]\nallowed_calling_ae_titles = ["A"]\n'))
+    assert plain.listener.calling_ae_addresses == {}
+
+
+@pytest.mark.parametrize("entries, says", [
+    ('[{ ae_title = "CR1", address = "10.1.2.300/24" }]', "address '10.1.2.300/24'"),
+    ('[{ ae_title = "CR1", address = "host.example" }]', "not an IP address"),
+    ('[{ ae_title = "CR1", address = 10 }]', "address must be a quoted IP address"),
+    ('[{ ae_title = "CR1" }]', "address must be"),
+    ('[{ address = "10.0.0.1" }]', "ae_title must be"),
+    ('[{ ae_title = 5, address = "10.0.0.1" }]', "ae_title must be"),
+    ('[{ ae_title = "A_TITLE_LONGER_THAN_16", address = "10.0.0.1" }]', "at most 16"),
+    ('[{ ae_title = "CR1", address = "10.0.0.1", port = 104 }]', "unknown key 'port'"),
+    ('[5]', "the entry 5"),
+    ('{ ae_title = "CR1", address = "10.0.0.1" }', "expected a list"),
+    ('["CR1", { ae_title = "CR1", address = "10.0.0.1" }]', "both plain"),
+])
+def test_bad_calling_ae_address_bindings_name_the_key(tmp_path, entries, says):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"[listener]\nallowed_calling_ae_titles = {entries}\n"))
+    assert "[listener] allowed_calling_ae_titles" in str(caught.value)
+    assert says in str(caught.value), str(caught.value)
 
 
 def test_missing_config_file_is_a_user_error(tmp_path):

@@ -166,6 +166,41 @@ def test_an_association_to_another_called_ae_title_is_rejected(listener):
 
 
 @pytest.mark.real_peer
+def test_a_calling_ae_title_bound_to_another_address_is_rejected(tmp_path):
+    """Issue 14 item 6: an AE title bound to an address (like Orthanc's modality host check)
+    is refused from any other, with the answer an unknown calling AE title gets."""
+    from tests.real_peers import echoscu
+
+    listener = Listener(tmp_path, listener={"allowed_calling_ae_titles": [
+        {"ae_title": "CR1", "address": "127.0.0.2/32"}, "MODALITY"]})
+    try:
+        before = rejected_count("calling-ae-wrong-address")
+        with structlog.testing.capture_logs() as events:
+            wrong = echoscu(listener.port, called_ae="PACS_AI", calling_ae="CR1")
+        assert wrong.returncode != 0
+        output = wrong.stdout + wrong.stderr
+        assert "Rejected Permanent" in output and "Calling AE Title Not Recognized" in output, \
+            output
+        [rejected] = [e for e in events if e["event"] == "association_rejected"]
+        assert rejected["reason"] == "calling-ae-wrong-address"
+        assert rejected["calling_ae_title"] == "CR1" and rejected["peer"] == "127.0.0.1"
+        assert rejected_count("calling-ae-wrong-address") == before + 1
+        plain = echoscu(listener.port, called_ae="PACS_AI", calling_ae="MODALITY")
+        assert plain.returncode == 0, plain.stdout + plain.stderr
+    finally:
+        listener.close()
+    listener = Listener(tmp_path / "second", listener={"allowed_calling_ae_titles": [
+        {"ae_title": "CR1", "address": "127.0.0.0/8"}]})
+    try:
+        right = echoscu(listener.port, called_ae="PACS_AI", calling_ae="CR1")
+        assert right.returncode == 0, right.stdout + right.stderr
+        unknown = echoscu(listener.port, called_ae="PACS_AI", calling_ae="OTHER")
+        assert "Calling AE Title Not Recognized" in unknown.stdout + unknown.stderr
+    finally:
+        listener.close()
+
+
+@pytest.mark.real_peer
 def test_the_called_ae_title_check_can_be_turned_off(tmp_path):
     from tests.real_peers import echoscu
 
