@@ -4,20 +4,16 @@ reason `out-of-distribution` and the score, sending no finding."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pacs_ai.config import WorkersConfig, default_config
-from pacs_ai.image_work import ImageWork
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.worker import ClassificationWorker
 from tests.dicom_peers import wait_until
 from tests.test_classify_cli import classify
-from tests.test_worker import backlog  # noqa: F401  (fixture)
+from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
 from tests.conftest import SAMPLE_DICOMS
 from training.ensemble import (EnsembleNetwork, export_untrained_tiny_ensemble, fit_gaussians,
                                fit_ood)
@@ -94,11 +90,8 @@ def test_the_service_skips_films_the_model_abstains_on_and_sends_no_report(backl
     spool, store = backlog
     model = PneumoniaModel.load(export_untrained_tiny_ensemble(tmp_path / "ens.pt",
                                                                ood_threshold=1e-6))
-    config = dataclasses.replace(default_config(spool.root.parent),
-                                 workers=WorkersConfig(processes=0, batch_size=2))
     stop = threading.Event()
-    worker = ClassificationWorker("worker-test", config, spool, store, model, stop,
-                                  threading.Event(), lambda job: None, ImageWork(0))
+    worker = worker_for(spool, store, model, stop)
     worker.start()
     try:
         assert wait_until(lambda: store.job_counts()["skipped"] == 5, 60), store.job_counts()
