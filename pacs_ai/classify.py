@@ -109,16 +109,6 @@ def dataset_display_image(dataset: Dataset, policy: FilterPolicy = FilterPolicy(
     return display_array(dataset, max_pixels=max_pixels)
 
 
-def dataset_model_input(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The model input [1, 200, 200] for a received dataset, as the service needs it.
-
-    Raises SkipImage (record as skipped) or PixelDataError (record as failed); both carry
-    "<code>: <detail>".
-    """
-    return _model_input(dataset_display_image(dataset, policy, max_pixels))
-
-
 def _model_input(image: np.ndarray) -> np.ndarray:
     try:
         return to_model_input(image)
