@@ -203,6 +203,20 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (pacs_ai.audit): a JSON-lines file, apart from the operational log."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <spool_dir>/audit/audit.log
+    max_bytes: int = 50 * 1024 * 1024  # rotate past this size; 0: never rotate
+    backup_count: int = 20  # rotated files kept (audit.log.1 ... .20)
+    include_patient_id: bool = False  # the Patient ID in transfer records (never the name)
+
+    def file(self, spool_dir: Path) -> Path:
+        return self.path if self.path is not None else spool_dir / "audit" / "audit.log"
+
+
+@dataclass(frozen=True)
 class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -217,6 +231,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: ListenerTLSConfig = field(default_factory=ListenerTLSConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
@@ -455,7 +470,7 @@ def _check_host(value: str) -> str | None:
 
 
 TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
-                    "destinations", "retry", "log", "metrics", "tls", "status")
+                    "destinations", "retry", "log", "metrics", "tls", "status", "audit")
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -602,9 +617,25 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     )
     t.finish()
 
+    t = table("audit")
+    audit = AuditConfig(
+        enabled=t.boolean("enabled", True),
+        path=t.path("path", None, base_dir),
+        max_bytes=t.integer("max_bytes", AuditConfig.max_bytes, minimum=0),
+        backup_count=t.integer("backup_count", AuditConfig.backup_count, minimum=0,
+                               maximum=1000),
+        include_patient_id=t.boolean("include_patient_id", False),
+    )
+    if 0 < audit.max_bytes < 64 * 1024:
+        raise t.fail("max_bytes", "must be 0 (never rotate) or at least 65536 (64 KiB)")
+    if audit.max_bytes and not audit.backup_count:
+        raise t.fail("backup_count", "must be at least 1 when max_bytes is set (the rotated "
+                                     "files kept); for no rotation set max_bytes = 0")
+    t.finish()
+
     return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
-                  log=log, metrics=metrics, tls=tls, status=status, source=source)
+                  log=log, metrics=metrics, tls=tls, status=status, audit=audit, source=source)
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:

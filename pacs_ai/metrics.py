@@ -44,6 +44,10 @@ FAILED = Counter(
 REJECTED = Counter(
     "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",
     ["reason"], registry=REGISTRY)
+AUDIT_RECORDS_LOST = Counter(
+    "pacs_ai_audit_records_lost", "Audit records that could not be written to the audit log "
+    "(disk full, file unwritable, writer stalled); the first loss is logged (audit_write_failed).",
+    registry=REGISTRY)
 # Inference on CPU takes tens of milliseconds to seconds; delivery waits on retries, so minutes.
 OOD_SCORE = Histogram(
     "pacs_ai_ood_score", "Out-of-distribution score of each film the model assessed (models "

@@ -41,7 +41,8 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
-from pacs_ai import metrics
+from pacs_ai import audit, metrics
+from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
@@ -127,13 +128,29 @@ class StoreOutcome:
         return answer
 
 
+@dataclass
+class _AssociationAudit:
+    """What the audit trail keeps of one accepted association until it ends."""
+    id: str
+    calling_ae_title: str
+    peer: str
+    ended: str = "closed"  # "released" or "aborted" once pynetdicom says so
+    stored: int = 0
+    refused: int = 0
+
+
 class StorageSCP:
     """The association server. start() returns once the port is bound; stop() is graceful."""
 
-    def __init__(self, config: Config, spool: Spool, store: JobStore):
+    def __init__(self, config: Config, spool: Spool, store: JobStore,
+                 audit_trail: AuditTrail | None = None):
         self.config = config
         self.spool = spool
         self.store = store
+        self.audit = audit_trail or AuditTrail.disabled()
+        self._node = audit.node_name()
+        self._audited_associations: weakref.WeakKeyDictionary[object, _AssociationAudit] = \
+            weakref.WeakKeyDictionary()
         self._server = None
         self._in_flight = 0
         self._in_flight_changed = threading.Condition()
@@ -189,7 +206,9 @@ class StorageSCP:
         read_pdus_in_large_chunks(event.assoc, max_bytes, self._on_pdu_too_large)
         limit_message_bytes(event.assoc, max_bytes, self._on_message_too_large)
         self._request_deadlines.watch(event.assoc)  # the TLS handshake counts against it too
-        finish_tls_handshake(event)
+        tls_error = finish_tls_handshake(event)
+        if tls_error is not None:
+            self._audit_security("tls-handshake-failed", str(event.address[0]), detail=tls_error)
 
     def _on_association_requested(self, event: Event) -> None:
         self._request_deadlines.requested(event.assoc)
@@ -218,6 +237,9 @@ class StorageSCP:
                     calling_ae_title=str(primitive.calling_ae_title).strip(),
                     called_ae_title=str(primitive.called_ae_title).strip(),
                     peer=str(association.requestor.address))
+        self._audit_security("calling-ae-wrong-address", str(association.requestor.address),
+                             calling_ae_title=str(primitive.calling_ae_title).strip(),
+                             called_ae_title=str(primitive.called_ae_title).strip())
         # The answer an unknown calling AE title gets (pynetdicom's require_calling_aet):
         # rejected-permanent, service user, calling AE title not recognised, so the reply does
         # not tell a caller which addresses the title is bound to.
@@ -247,6 +269,64 @@ class StorageSCP:
 
     def _on_connection_close(self, event: Event) -> None:
         self._request_deadlines.closed(event.assoc)
+        self._audit_association_end(event.assoc)
+
+    # --- the audit trail -------------------------------------------------------------------
+
+    def _audit_security(self, reason: str, peer: str, *, calling_ae_title: str | None = None,
+                        called_ae_title: str | None = None, detail: str | None = None) -> None:
+        self.audit.record(audit.security_alert(
+            reason=reason, peer=peer, ae_title=self.config.listener.ae_title, node=self._node,
+            calling_ae_title=calling_ae_title, called_ae_title=called_ae_title, detail=detail))
+
+    def _audit_association_start(self, association) -> None:
+        state = _AssociationAudit(audit.new_association_id(), association.requestor.ae_title,
+                                  str(association.requestor.address))
+        self._audited_associations[association] = state
+        self.audit.record(audit.association_started(
+            association_id=state.id, calling_ae_title=state.calling_ae_title, peer=state.peer,
+            called_ae_title=self.config.listener.ae_title, node=self._node))
+
+    def _on_association_ended(self, event: Event) -> None:
+        state = self._audited_associations.get(event.assoc)
+        if state is not None:
+            state.ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
+
+    def _audit_association_end(self, association) -> None:
+        state = self._audited_associations.pop(association, None)
+        if state is None:
+            return
+        self.audit.record(audit.association_ended(
+            association_id=state.id, calling_ae_title=state.calling_ae_title, peer=state.peer,
+            called_ae_title=self.config.listener.ae_title, node=self._node, how=state.ended,
+            stored=state.stored, refused=state.refused))
+
+    def _audit_store(self, event: Event, outcome: StoreOutcome, header: Dataset | None,
+                     duplicate: bool) -> None:
+        association = event.assoc
+        state = self._audited_associations.get(association)
+        if state is not None:
+            if outcome.status == SUCCESS:
+                state.stored += 1
+            else:
+                state.refused += 1
+        request = event.request
+
+        def value(keyword: str) -> str | None:
+            found = header.get(keyword) if header is not None else None
+            return str(found).strip() or None if found is not None else None
+
+        self.audit.record(audit.instance_received(
+            calling_ae_title=association.requestor.ae_title,
+            peer=str(association.requestor.address),
+            called_ae_title=self.config.listener.ae_title, node=self._node,
+            status=outcome.status, reason=outcome.reason,
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+            study_instance_uid=value("StudyInstanceUID"),
+            series_instance_uid=value("SeriesInstanceUID"),
+            patient_id=value("PatientID") if self.config.audit.include_patient_id else None,
+            association_id=state.id if state is not None else None, duplicate=duplicate))
 
     def _on_pdu_too_large(self, association, size: int) -> None:
         metrics.REJECTED.labels(reason="pdu-too-large").inc()
@@ -276,7 +356,9 @@ class StorageSCP:
                     (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_CONN_OPEN, self._on_connection_open),
                     (evt.EVT_REQUESTED, self._on_association_requested),
-                    (evt.EVT_CONN_CLOSE, self._on_connection_close)]
+                    (evt.EVT_CONN_CLOSE, self._on_connection_close),
+                    (evt.EVT_RELEASED, self._on_association_ended),
+                    (evt.EVT_ABORTED, self._on_association_ended)]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
         try:
             self._server = self.ae.start_server((listener.host, listener.port), block=False,
@@ -335,6 +417,8 @@ class StorageSCP:
             metrics.REJECTED.labels(reason=reason).inc()
             log.warning("connection_refused", reason=reason, peer=peer,
                         open_connections_limit=limit)
+            if reason == "peer-address-not-allowed":
+                self._audit_security(reason, peer)
             return False
 
         server.get_request = get_request
@@ -397,6 +481,9 @@ class StorageSCP:
         metrics.REJECTED.labels(reason=reason).inc()
         log.warning("association_rejected", reason=reason, calling_ae_title=calling,
                     called_ae_title=called, peer=event.assoc.requestor.address)
+        if reason != "association-limit":  # the others: a peer that is not who may send
+            self._audit_security(reason, str(event.assoc.requestor.address),
+                                 calling_ae_title=calling, called_ae_title=called)
 
     def _on_accepted(self, event: Event) -> None:
         """An association whose every presentation context was refused (say a CT modality, or
@@ -404,6 +491,7 @@ class StorageSCP:
         logged as refused at negotiation, with the SOP classes it offered."""
         association = event.assoc
         if association.accepted_contexts:
+            self._audit_association_start(association)
             return
         offered = sorted({str(cx.abstract_syntax) for cx in association.rejected_contexts})
         metrics.REJECTED.labels(reason="no-acceptable-presentation-context").inc()
@@ -415,8 +503,9 @@ class StorageSCP:
         started = time.perf_counter()
         with self._in_flight_changed:
             self._in_flight += 1
+        received: dict[str, Dataset] = {}  # the dataset's header, once read (for the audit)
         try:
-            outcome, instance, size, duplicate = self._store(event)
+            outcome, instance, size, duplicate = self._store(event, received)
         except Exception as error:  # never let a bug take the association (or us) down
             log.exception("store_failed_unexpectedly", error=str(error))
             outcome, instance, size, duplicate = (
@@ -439,12 +528,15 @@ class StorageSCP:
             metrics.REJECTED.labels(reason=metrics.reason_code(outcome.reason or "unknown")).inc()
             log.warning("instance_refused", status=f"0x{outcome.status:04X}",
                         reason=outcome.reason, **fields)
+        self._audit_store(event, outcome, received.get("header"), duplicate)
         return outcome.response()
 
-    def _store(self, event: Event) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
+    def _store(self, event: Event, received: dict[str, Dataset]
+               ) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
         request = event.request
         try:
             dataset = received_header(event, self.config.limits.max_dataset_bytes)
+            received["header"] = dataset
             sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
@@ -542,14 +634,15 @@ def inflate_within(deflated: bytes, max_bytes: int) -> bytes:
     return inflated
 
 
-def finish_tls_handshake(event: Event) -> None:
+def finish_tls_handshake(event: Event) -> str | None:
     """Complete a TLS connection's handshake in the connection's own thread (the accept loop
     leaves it undone, see StorageSCP._harden), and record one that fails: a plain-TCP client on
     the TLS port, an untrusted or missing client certificate, a peer that times out. Such a
-    connection is closed and its association ends; nothing else waits on it."""
+    connection is closed and its association ends; nothing else waits on it. Returns the TLS
+    error when the handshake failed, else None."""
     raw = getattr(association_transport(event.assoc), "socket", None)
     if not isinstance(raw, ssl.SSLSocket):
-        return
+        return None
     try:
         raw.do_handshake()
     except (OSError, ValueError) as error:  # ssl.SSLError, timeouts, resets
@@ -557,3 +650,5 @@ def finish_tls_handshake(event: Event) -> None:
         log.warning("connection_refused", reason="tls-handshake-failed",
                     peer=str(event.address[0]), error=str(error))
         raw.close()  # the association then ends at once (RequestDeadlines.closed)
+        return str(error)
+    return None

@@ -19,7 +19,8 @@ from typing import Any
 import structlog
 
 import pacs_ai
-from pacs_ai import health, metrics
+from pacs_ai import audit, health, metrics
+from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config
 from pacs_ai.image_work import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
@@ -47,6 +48,7 @@ class Service:
         self.image_work: list[ImageWork] = []  # one helper pool per worker
         self.senders: list[DestinationSender] = []
         self.metrics_server: Any = None
+        self.audit = AuditTrail.disabled()
         self._threads_stop = threading.Event()
         self._purge_thread: threading.Thread | None = None
         self._started = False
@@ -78,8 +80,9 @@ class Service:
                 self.metrics_server = metrics.start_metrics_server(
                     config.metrics.host, config.metrics.port, self.health, self.readiness,
                     self.refresh_gauges)
+            self._start_audit()
             self._start_threads()
-            self.scp = StorageSCP(config, self.spool, self.store)
+            self.scp = StorageSCP(config, self.spool, self.store, self.audit)
             self.scp.start()
         except BaseException:
             self.stop()
@@ -94,7 +97,12 @@ class Service:
                                      if self.model.info.intended_age_years else None),
                  destinations=[d.name for d in config.destinations],
                  workers=config.workers.count, resumed_jobs=resumed,
-                 abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"))
+                 abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"),
+                 audit_log=str(self.audit.path) if self.audit.enabled else None)
+        self.audit.record(audit.application_activity(
+            started=True, ae_title=config.listener.ae_title, node=audit.node_name(),
+            details={"version": pacs_ai.__version__, "port": self.port,
+                     "model": self.model.info.label}))
         if not config.destinations:
             log.warning("no_destination", config=str(config.source or "(defaults)"),
                         reports_kept=config.storage.keep_reports,
@@ -102,6 +110,15 @@ class Service:
                                "reports are sent nowhere (kept in the spool's outbox/ only "
                                "with [storage] keep_reports = true)")
         return self
+
+    def _start_audit(self) -> None:
+        settings = self.config.audit
+        if not settings.enabled:
+            return
+        self.audit = AuditTrail(settings.file(self.spool.root), max_bytes=settings.max_bytes,
+                                backup_count=settings.backup_count,
+                                source_id=f"{self.config.listener.ae_title}@{audit.node_name()}"
+                                ).start()
 
     def _apply_site_model_settings(self) -> None:
         """The threshold and age range in force: the model file's, or [model]'s overrides."""
@@ -204,6 +221,10 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self._stopped = True
+        if self._started:
+            self.audit.record(audit.application_activity(
+                started=False, ae_title=self.config.listener.ae_title, node=audit.node_name()))
+        self.audit.close()
         if self.store is not None and not still_running:
             self.store.close()  # else a thread still uses it; the process exit closes it
         self.spool.unlock()
