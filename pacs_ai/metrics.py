@@ -39,7 +39,7 @@ REPORTED = Counter(
     "pacs_ai_reported", "Structured reports delivered, by destination.",
     ["destination"], registry=REGISTRY)
 FAILED = Counter(
-    "pacs_ai_failed", "Jobs that failed, by pipeline stage (receive, classify, report, send).",
+    "pacs_ai_failed", "Jobs that failed, by pipeline stage (classify, report, send).",
     ["stage"], registry=REGISTRY)
 REJECTED = Counter(
     "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",

@@ -360,6 +360,113 @@ def test_the_guide_lists_exactly_the_metrics_the_service_exports():
     assert documented == exported
 
 
+def _literal_head(node) -> str | None:
+    """The text a string literal or f-string starts with (up to its first placeholder)."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return str(node.values[0].value)
+    return None
+
+
+def _reason_codes(path: Path, *, calls: tuple[str, ...] = (), functions: tuple[str, ...] = ()
+                  ) -> set[str]:
+    """The "code" of each "code: detail" string in `path` given to one of `calls` (by name) or
+    anywhere inside one of `functions` (or the whole file when neither is given)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    roots: list = [tree]
+    if functions:
+        roots = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                 and node.name in functions]
+    strings = []
+    for root in roots:
+        for node in ast.walk(root):
+            if calls:
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                        node.func, "attr", None)) in calls:
+                    strings += node.args
+            else:
+                strings.append(node)
+    codes = set()
+    for node in strings:
+        head = _literal_head(node)
+        if head and (match := re.match(r"([a-z][a-z0-9-]*): ", head)):
+            codes.add(match.group(1))
+    return codes
+
+
+def label_values_in_code() -> dict[str, set[str]]:
+    """Each closed set of metric label values, read from the code that sets them."""
+    import ast
+
+    source = REPO_ROOT / "pacs_ai"
+    scp = ast.parse((source / "scp.py").read_text())
+    rejected = set()
+    for node in ast.walk(scp):
+        # metrics.REJECTED.labels(reason="...") and `reason = "..."` / `reason, limit = "...", n`
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "labels":
+            rejected |= {k.value.value for k in node.keywords
+                         if k.arg == "reason" and isinstance(k.value, ast.Constant)}
+        if isinstance(node, ast.Assign):
+            target, value = node.targets[0], node.value
+            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple):
+                pairs = zip(target.elts, value.elts)
+            else:
+                pairs = [(target, value)]
+            rejected |= {v.value for t, v in pairs if isinstance(t, ast.Name)
+                         and t.id == "reason" and isinstance(v, ast.Constant)
+                         and isinstance(v.value, str)}
+    # C-STORE refusals: metrics.reason_code() of each StoreOutcome's reason
+    rejected |= _reason_codes(source / "scp.py", calls=("StoreOutcome",))
+    rejected |= _reason_codes(source / "received.py", calls=("ReceivedDataError",))
+    skipped = (_reason_codes(source / "filters.py")
+               | _reason_codes(source / "intended_use.py", functions=("outside_reason",))
+               | _reason_codes(source / "model.py", functions=("abstain_reason",)))
+    failed: set[str] = set()
+    for path in (source / "worker.py", source / "sender.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", None)
+            if name == "_fail" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                failed.add(node.args[1].value)  # worker._fail(job, stage, reason)
+            if name == "labels":
+                failed |= {k.value.value for k in node.keywords
+                           if k.arg == "stage" and isinstance(k.value, ast.Constant)}
+    finding = {constant.value
+               for function in ast.walk(ast.parse((source / "model.py").read_text()))
+               if isinstance(function, ast.FunctionDef) and function.name == "finding"
+               for constant in ast.walk(function) if isinstance(constant, ast.Constant)
+               and isinstance(constant.value, str) and constant.value.isalpha()}
+    return {"pacs_ai_rejected_total{reason}": rejected, "pacs_ai_skipped_total{reason}": skipped,
+            "pacs_ai_failed_total{stage}": failed,
+            "pacs_ai_classified_total{finding}": finding}
+
+
+def test_the_guide_lists_each_metric_label_value_the_code_sets():
+    """Issue 14 item 6: the label values an admin alerts on are the ones the code sets, all of
+    them. The guide's Metrics section has a bullet per labelled metric."""
+    in_code = label_values_in_code()
+    assert {"association-limit", "calling-ae-not-allowed", "truncated-pixel-data", "disk-full",
+            "peer-address-not-allowed"} <= in_code["pacs_ai_rejected_total{reason}"]
+    assert {"not-chest", "outside-intended-age", "out-of-distribution"} <= \
+        in_code["pacs_ai_skipped_total{reason}"]  # the scan finds them
+    guide = GUIDE.read_text()
+    start = guide.index("\n### Metrics\n")
+    section = guide[start:guide.index("\n## ", start + 1)]
+    for metric, values in in_code.items():
+        bullet = re.search(rf"^- `{re.escape(metric)}`:(.*?)(?=^- |^\s*$)", section,
+                           flags=re.M | re.S)
+        assert bullet, f"no '- `{metric}`:' bullet in the guide's Metrics section"
+        documented = set(re.findall(r"`([a-z][a-z0-9-]*)`", bullet.group(1)))
+        assert documented == values, (metric, "missing:", sorted(values - documented),
+                                      "not in the code:", sorted(documented - values))
+
+
 def logged_events() -> dict[str, str]:
     """Every event the service's code logs ({name: "file:line"}), read from the source: each
     structlog call on a logger (`log.info("name", ...)`) in pacs_ai/."""
