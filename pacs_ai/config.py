@@ -148,15 +148,43 @@ class ListenerTLSConfig(TLSFiles):
         return self.cert_file is not None
 
 
+DESTINATION_KINDS = ("dimse", "dicomweb")
+DICOMWEB_AUTH = ("none", "basic", "bearer")
+
+
+@dataclass(frozen=True)
+class DicomWebTarget:
+    """Where and how a kind = "dicomweb" destination takes reports by STOW-RS."""
+
+    url: str  # the DICOMweb root; reports are POSTed to {url}/studies
+    auth: str = "none"  # none, basic (username + password_file) or bearer (token_file)
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None  # None: the system CAs (https only)
+
+
 @dataclass(frozen=True)
 class Destination:
     name: str
-    ae_title: str
+    ae_title: str  # C-STORE destinations only ("" for DICOMweb ones), like host and port
     host: str
     port: int
     calling_ae_title: str = DEFAULT_AE_TITLE
     timeout_seconds: float = 30.0
     tls: TLSFiles | None = None  # None: plain TCP; TLSFiles(): TLS with the system CAs
+    dicomweb: DicomWebTarget | None = None  # set for kind = "dicomweb": STOW-RS, not C-STORE
+
+    @property
+    def kind(self) -> str:
+        return "dicomweb" if self.dicomweb is not None else "dimse"
+
+    @property
+    def where(self) -> str:
+        """The peer in words, for logs and status."""
+        if self.dicomweb is not None:
+            return self.dicomweb.url
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -698,6 +726,9 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
     destinations: list[Destination] = []
     for index, item in enumerate(data, start=1):
         t = _Table(item, f"[[destinations]] #{index}")
+        if t.string("kind", "dimse", choices=DESTINATION_KINDS) == "dicomweb":
+            destinations.append(_parse_dicomweb_destination(t, base_dir))
+            continue
         ae_title = t.string("ae_title", "", check=check_ae_title)
         host = t.string("host", "", check=_check_host)
         port = t.integer("port", 0, minimum=1, maximum=65535)
@@ -717,6 +748,52 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
         raise ConfigError(f"[[destinations]]: two destinations are named {duplicates[0]!r}; give "
                           "each a distinct name = \"...\"")
     return tuple(destinations)
+
+
+def _parse_dicomweb_destination(t: _Table, base_dir: Path) -> Destination:
+    """A kind = "dicomweb" [[destinations]] block: url, auth and its files, ca_file."""
+    url = t.string("url", "", check=_check_http_url)
+    if not url:
+        raise t.fail("url", 'is required for kind = "dicomweb": the DICOMweb root, e.g. '
+                            '"https://pacs.example.org/dicom-web"')
+    auth = t.string("auth", "none", choices=DICOMWEB_AUTH)
+    username = t.string("username", "") or None
+    password_file = t.path("password_file", None, base_dir, must_exist=True)
+    token_file = t.path("token_file", None, base_dir, must_exist=True)
+    ca_file = t.path("ca_file", None, base_dir, must_exist=True)
+    needs = {"basic": ("username", "password_file"), "bearer": ("token_file",), "none": ()}
+    given = {"username": username, "password_file": password_file, "token_file": token_file}
+    for key in needs[auth]:
+        if given[key] is None:
+            raise t.fail(key, f'is required with auth = "{auth}"')
+    for key, value in given.items():
+        if value is not None and key not in needs[auth]:
+            raise t.fail(key, f'is not used with auth = "{auth}"; remove it or set auth = '
+                              f'"{"bearer" if key == "token_file" else "basic"}"')
+    if ca_file is not None and not url.lower().startswith("https://"):
+        raise t.fail("ca_file", "is only used with an https:// url")
+    for key in ("ae_title", "host", "port", "tls", "calling_ae_title"):
+        if key in t.data:
+            raise t.fail(key, 'is for C-STORE destinations; a kind = "dicomweb" destination '
+                              "takes url (and auth, ca_file)")
+    name = t.string("name", url, check=_check_name)
+    timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
+    t.finish()
+    return Destination(name=name, ae_title="", host="", port=0, timeout_seconds=timeout,
+                       dicomweb=DicomWebTarget(url=url.rstrip("/"), auth=auth, username=username,
+                                               password_file=password_file,
+                                               token_file=token_file, ca_file=ca_file))
+
+
+def _check_http_url(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return 'expected an http:// or https:// URL, e.g. "https://pacs.example.org/dicom-web"'
+    if parts.query or parts.fragment:
+        return "the DICOMweb root takes no ?query or #fragment"
+    return None
 
 
 def _parse_destination_tls(t: _Table, base_dir: Path) -> TLSFiles | None:

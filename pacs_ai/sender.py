@@ -1,132 +1,44 @@
-"""Delivery of reports: one thread per destination, C-STORE with exponential backoff.
+"""Delivery of reports: one thread per destination, with exponential backoff.
 
 Each destination has its own thread, so a PACS that is down or slow delays only its own
 deliveries, never receiving, classifying or the other destinations. The schedule
 (attempts, next attempt time) lives in the job queue, so backoff continues across restarts.
 
-A delivery counts as made when the PACS answers Success or a Warning (0xB000, 0xB006, 0xB007:
-stored, with coercion or elements discarded). Anything else (no connection, association
-rejected or aborted, a failure status) is a failed attempt, retried after
-`RetryPolicy.delay_after(attempts)` until `RetryPolicy.exhausted`, then marked failed with the
-last error (`pacs-ai retry` requeues it).
+The wire is the destination's transport (pacs_ai.transport): C-STORE (pacs_ai.cstore_transport)
+or STOW-RS (pacs_ai.stow_transport); everything else here is the same for both. A failed
+attempt (no connection, a refusal) is retried after `RetryPolicy.delay_after(attempts)` until
+`RetryPolicy.exhausted`, or at once given up when the transport says a retry cannot help; then
+the delivery is marked failed with the last error (`pacs-ai retry` requeues it).
 """
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import pydicom
 import structlog
-from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom import _config as _pynetdicom_config
-from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
 from pacs_ai import metrics
-from pacs_ai.config import Destination, RetryPolicy, TLSFiles
+from pacs_ai.config import Destination, RetryPolicy
 from pacs_ai.jobs import Delivery, Job, JobStore
-from pacs_ai.sockets import send_small_messages_at_once
 from pacs_ai.spool import Spool
+from pacs_ai.transport import ConnectFailed, StoreResult, Transport
 
 log = structlog.get_logger()
 
-BATCH_LIMIT = 50  # reports sent over one association before it is released
+BATCH_LIMIT = 50  # reports sent over one connection before it is closed
 IDLE_POLL_SECONDS = 1.0
 
 
-def client_ssl_context(files: TLSFiles) -> ssl.SSLContext:
-    """TLS towards a destination: verify it (ca_file or the system CAs), present our
-    certificate when one is configured. Its sockets record why TLS failed (tls_failure)."""
-    context = ssl.create_default_context(cafile=str(files.ca_file) if files.ca_file else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if files.cert_file is not None:
-        context.load_cert_chain(str(files.cert_file), str(files.key_file))
-    context.sslsocket_class = _TLSFailureRecordingSocket
-    context.tls_failure = None  # type: ignore[attr-defined]
-    return context
+def transport_for(destination: Destination) -> Transport:
+    if destination.dicomweb is not None:
+        from pacs_ai.stow_transport import StowTransport
 
+        return StowTransport(destination)
+    from pacs_ai.cstore_transport import CStoreTransport
 
-# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: the certificate is valid but
-# names another host than the [[destinations]] host.
-_NAME_MISMATCH_CODES = (62, 64)
-# Alerts a PACS sends when it refuses our client certificate (or its absence).
-_CLIENT_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
-                              "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED", "ACCESS_DENIED",
-                              "HANDSHAKE_FAILURE", "UNSUPPORTED_CERTIFICATE")
-
-
-def tls_failure_reason(error: OSError, *, in_handshake: bool) -> str | None:
-    """"code: detail" for a TLS failure towards a PACS, or None when `error` is not one:
-    tls-hostname (its certificate names another host), tls-certificate (not trusted by
-    ca_file or the system CAs, expired, ...), tls-client-certificate-refused (the PACS refused
-    ours), tls-protocol (no common TLS version, or not a TLS port at all)."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        message = error.verify_message or str(error)
-        if error.verify_code in _NAME_MISMATCH_CODES:
-            return f"tls-hostname: {message}"
-        return f"tls-certificate: {message}"
-    if isinstance(error, ssl.SSLError):
-        reason = str(error.reason or error)
-        if "ALERT" in reason and any(alert in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
-            return f"tls-client-certificate-refused: the PACS sent {reason}"
-        return f"tls-protocol: {reason}"
-    if in_handshake:  # reset or closed during the handshake: what a plain DICOM port does
-        return (f"tls-protocol: {error.strerror or error} during the TLS handshake "
-                "(not a TLS port, or no TLS version in common)")
-    return None
-
-
-class _TLSFailureRecordingSocket(ssl.SSLSocket):
-    """pynetdicom catches every OSError of connect() and reads and reports only "failed to
-    connect"; this socket first records the TLS error on its context, for the sender."""
-
-    def _record(self, error: OSError, in_handshake: bool) -> None:
-        reason = tls_failure_reason(error, in_handshake=in_handshake)
-        if reason is not None and getattr(self.context, "tls_failure", None) is None:
-            self.context.tls_failure = reason  # type: ignore[attr-defined]
-
-    def do_handshake(self, *args, **kwargs):
-        try:
-            return super().do_handshake(*args, **kwargs)
-        except OSError as error:
-            self._record(error, in_handshake=True)
-            raise
-
-    def recv(self, *args, **kwargs):  # TLS 1.3: a refused client certificate shows here
-        try:
-            return super().recv(*args, **kwargs)
-        except ssl.SSLError as error:
-            self._record(error, in_handshake=False)
-            raise
-
-
-def is_stored(status: int) -> bool:
-    return status == 0x0000 or (status & 0xF000) == 0xB000
-
-
-# A report file whose transfer syntax the PACS accepted is sent as its stored bytes, not decoded
-# and re-encoded: that was about 20 ms of interpreter time per report in the service process,
-# which the listener needs (docs/benchmarks.md). Only send_c_store(path) reads this setting.
-_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-
-
-def report_to_send(association, path: Path) -> Path | Dataset:
-    """`path` itself when the association accepted the report's SOP class in the transfer
-    syntax it is stored in; otherwise the decoded dataset, which pynetdicom converts to the
-    syntax the PACS accepted (say Implicit VR Little Endian only)."""
-    meta = read_file_meta_info(path)
-    sop_class, syntax = meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID
-    if any(context.abstract_syntax == sop_class and context.transfer_syntax[0] == syntax
-           for context in association.accepted_contexts):
-        return path
-    return pydicom.dcmread(path)
+    return CStoreTransport(destination)
 
 
 class DestinationSender(threading.Thread):
@@ -141,8 +53,7 @@ class DestinationSender(threading.Thread):
         self.stop_event = stop
         self.wake = wake
         self.on_job_finished = on_job_finished
-        self._ssl_context = (client_ssl_context(destination.tls)
-                             if destination.tls is not None else None)
+        self.transport = transport_for(destination)
 
     def run(self) -> None:
         name = self.destination.name
@@ -162,75 +73,27 @@ class DestinationSender(threading.Thread):
                 max(next_at - time.time(), 0.01), IDLE_POLL_SECONDS)
             self.wake.wait(wait)
 
-    def _ae(self) -> AE:
-        destination = self.destination
-        ae = AE(ae_title=destination.calling_ae_title)
-        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
-            setattr(ae, timeout, destination.timeout_seconds)
-        # One context per transfer syntax, so a PACS that takes both accepts both and the
-        # report goes as stored (Explicit VR); offered together, PACSs often pick Implicit VR.
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
-            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-                ae.add_requested_context(sop_class, [syntax])
-        return ae
-
     def send(self, due: list[Delivery]) -> None:
-        """Send the due reports over one association; record each outcome."""
-        destination = self.destination
-        tls_args = (self._ssl_context, destination.host) if self._ssl_context else None
-        connected: list[bool] = []  # EVT_CONN_OPEN tells a refused connection from an abort
-        if self._ssl_context is not None:
-            self._ssl_context.tls_failure = None  # type: ignore[attr-defined]
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        """Send the due reports over one connection; record each outcome."""
         try:
-            association = self._ae().associate(
-                destination.host, destination.port, ae_title=destination.ae_title,
-                tls_args=tls_args,
-                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
-        except Exception as error:  # e.g. TLS errors raised by the socket layer
-            self._attempts_failed(due, self._tls_failure(where) or f"connection-failed: {error}")
+            connection = self.transport.connect()
+        except ConnectFailed as error:
+            self._attempts_failed(due, str(error))
             return
-        if not association.is_established:
-            reason = ("association-rejected" if association.is_rejected else
-                      "association-aborted" if connected else "connection-failed")
-            self._attempts_failed(due, self._tls_failure(where) or f"{reason}: {where}")
-            return
-        send_small_messages_at_once(association)
         try:
             for index, delivery in enumerate(due):
-                if self.stop_event.is_set() or not association.is_established:
-                    if not association.is_established:
-                        self._attempts_failed(due[index:], "association-lost")
+                if self.stop_event.is_set() or not connection.is_open():
+                    if not connection.is_open():
+                        self._attempts_failed(due[index:], connection.lost_reason)
                     return  # on stop, the rest stay due and are sent after the restart
-                self._send_one(association, delivery)
+                self._send_one(connection, delivery)
         finally:
-            if association.is_established:
-                association.release()
+            connection.close()
 
-    def _tls_failure(self, where: str) -> str | None:
-        """Why the TLS connection of the last attempt failed ("tls-...: detail (where)")."""
-        failure = getattr(self._ssl_context, "tls_failure", None)
-        return f"{failure} ({where})" if failure else None
-
-    def _send_one(self, association, delivery: Delivery) -> None:
-        try:
-            report = report_to_send(association, self.spool.resolve(delivery.report_file))
-        except (OSError, InvalidDicomError, AttributeError) as error:
-            self._attempt_failed(delivery, f"report-unreadable: {error}", permanent=True)
-            return
-        try:
-            answer = association.send_c_store(report)
-        except Exception as error:  # e.g. no accepted presentation context for the SR class
-            self._attempt_failed(delivery, f"send-failed: {error}")
-            return
-        if "Status" not in answer:
-            self._attempt_failed(delivery, "no-answer: association lost or timed out")
-            return
-        status = int(answer.Status)
-        if not is_stored(status):
-            comment = answer.get("ErrorComment")
-            self._attempt_failed(delivery, f"refused: status 0x{status:04X}"
-                                           + (f" ({comment})" if comment else ""))
+    def _send_one(self, connection, delivery: Delivery) -> None:
+        result: StoreResult = connection.store(self.spool.resolve(delivery.report_file))
+        if not result.stored:
+            self._attempt_failed(delivery, result.detail, permanent=result.permanent)
             return
         finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name)
         seconds = time.time() - delivery.received_at
@@ -238,7 +101,7 @@ class DestinationSender(threading.Thread):
         metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(seconds)
         log.info("report_delivered", destination=self.destination.name,
                  report_uid=delivery.report_uid, sop_instance_uid=delivery.sop_instance_uid,
-                 status=f"0x{status:04X}", attempts=delivery.attempts + 1,
+                 status=result.detail, attempts=delivery.attempts + 1,
                  seconds_since_received=round(seconds, 3))
         if finished is not None:
             self.on_job_finished(finished)

@@ -2,14 +2,17 @@
 # Sets up everything the test suite needs on a fresh Debian machine with Python 3.11, then runs it.
 # Debian packages: DCMTK, dicom3tools and Orthanc are the real DICOM peers the tests talk to.
 # systemd provides systemd-analyze, which checks deploy/pacs-ai.service (it is not started);
-# curl runs the admin guide's metrics commands.
+# curl runs the admin guide's metrics commands. orthanc-dicomweb is Orthanc's DICOMweb plugin
+# (the STOW-RS destination tests); chromium and chromium-driver run the queue page's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd curl:curl; do
+for tool in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc systemd-analyze:systemd curl:curl \
+            chromium:chromium chromedriver:chromium-driver; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update

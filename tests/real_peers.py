@@ -42,11 +42,21 @@ from tests.conftest import require_tool
 from tests.dicom_peers import free_port
 
 LOOPBACK = "127.0.0.1"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # orthanc-dicomweb
 TOOL_TIMEOUT_S = 120
 START_TIMEOUT_S = 60
 
 
 # --- small utilities --------------------------------------------------------------------------
+
+def require_file(path: Path, package: str) -> str:
+    """A file a Debian package installs, or skip/fail like require_tool."""
+    from tests.conftest import skip_or_fail
+
+    if not Path(path).is_file():
+        skip_or_fail(f"{path} not found (apt-get install {package})")
+    return str(path)
+
 
 def wait_for_port(port: int, *, host: str = LOOPBACK, timeout_s: float = START_TIMEOUT_S,
                   process: subprocess.Popen | None = None, what: str = "server") -> None:
@@ -113,7 +123,10 @@ class Orthanc:
 
     def __init__(self, folder: Path, *, ae_title: str = "ORTHANC",
                  modalities: Iterable[Modality] = (), tls: OrthancTLS | None = None,
-                 dicom_port: int | None = None, http_port: int | None = None):
+                 dicom_port: int | None = None, http_port: int | None = None,
+                 dicomweb: bool = False, users: dict[str, str] | None = None):
+        self.dicomweb = dicomweb  # load the DICOMweb plugin (Debian orthanc-dicomweb)
+        self.users = dict(users or {})  # HTTP basic users; none: no HTTP authentication
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.modalities = tuple(modalities)
@@ -127,6 +140,11 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (STOW-RS at {dicomweb_url}/studies)."""
+        return f"{self.url}/dicom-web"
 
     def config(self) -> dict[str, Any]:
         storage = self.folder / "storage"
@@ -159,6 +177,11 @@ class Orthanc:
             "SaveJobs": False,
             "StorageCompression": False,
         }
+        if self.dicomweb:
+            config["Plugins"] = [require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.users:
+            config.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
         if self.tls is not None:
             config.update({
                 "DicomTlsEnabled": True,
@@ -218,10 +241,20 @@ class Orthanc:
 
     # REST ---------------------------------------------------------------------------------
 
+    def _auth_headers(self) -> dict[str, str]:
+        if not self.users:
+            return {}
+        import base64
+
+        user, password = next(iter(self.users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(
+            f"{user}:{password}".encode()).decode()}
+
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  **self._auth_headers()})
         with urllib.request.urlopen(request, timeout=30) as response:
             payload = response.read()
         if not payload:
@@ -238,7 +271,8 @@ class Orthanc:
         return self._request("POST", path, body)
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+        request = urllib.request.Request(self.url + path, headers=self._auth_headers())
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 
     def instance_ids(self) -> list[str]:
@@ -261,7 +295,8 @@ class Orthanc:
     def find_instance(self, sop_instance_uid: str) -> str | None:
         """Orthanc's id of the instance with this SOP Instance UID, or None."""
         request = urllib.request.Request(self.url + "/tools/lookup",
-                                         data=sop_instance_uid.encode(), method="POST")
+                                         data=sop_instance_uid.encode(), method="POST",
+                                         headers=self._auth_headers())
         with urllib.request.urlopen(request, timeout=30) as response:
             hits = json.loads(response.read() or b"[]")
         for hit in hits:

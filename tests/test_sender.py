@@ -13,7 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pacs_ai.config import Destination
 from pacs_ai.model import ModelInfo
 from pacs_ai.report import build_report
-from pacs_ai.sender import DestinationSender, report_to_send
+from pacs_ai.cstore_transport import CStoreTransport, report_to_send
+from pacs_ai.sender import DestinationSender
 from tests.dicom_peers import RecordingPacs, synthetic_radiograph
 
 MODEL = ModelInfo(name="pacs-ai-pneumonia", version="9.9.9", threshold=0.5,
@@ -29,9 +30,9 @@ def report_file(tmp_path) -> tuple[Path, Dataset]:
 
 
 def associate(pacs: RecordingPacs):
-    sender = DestinationSender(Destination(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1",
-                                           port=pacs.port), None, None, None, None, None, None)
-    association = sender._ae().associate("127.0.0.1", pacs.port, ae_title=pacs.ae_title)
+    transport = CStoreTransport(Destination(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1",
+                                            port=pacs.port))
+    association = transport._ae().associate("127.0.0.1", pacs.port, ae_title=pacs.ae_title)
     assert association.is_established
     return association
 
@@ -152,13 +153,11 @@ def test_a_sound_tls_connection_to_the_pacs_still_works(tls_pacs):
     from pacs_ai.config import TLSFiles
 
     material, _, tls_port, _ = tls_pacs
-    sender = DestinationSender(
+    transport = CStoreTransport(
         Destination(name="pacs", ae_title="STORESCP", host="127.0.0.1", port=tls_port,
                     tls=TLSFiles(ca_file=material.ca_cert, cert_file=material.client_cert,
-                                 key_file=material.client_key)),
-        None, None, None, None, None, None)
-    association = sender._ae().associate("127.0.0.1", tls_port, ae_title="STORESCP",
-                                         tls_args=(sender._ssl_context, "127.0.0.1"))
-    assert association.is_established
-    association.release()
-    assert sender._ssl_context.tls_failure is None
+                                 key_file=material.client_key)))
+    connection = transport.connect()
+    assert connection.is_open()
+    connection.close()
+    assert transport._ssl_context.tls_failure is None

@@ -1,0 +1,47 @@
+"""What a destination's sender needs from the wire: open a connection, store report files,
+close. C-STORE (pacs_ai.cstore_transport) and STOW-RS (pacs_ai.stow_transport) implement it;
+pacs_ai.sender does the rest (which deliveries are due, retry and backoff, the queue, logs and
+metrics), the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of storing one report."""
+
+    stored: bool
+    # stored: what the peer answered ("0x0000", "HTTP 200"); not stored: "code: detail",
+    # the last_error a delivery row keeps
+    detail: str
+    permanent: bool = False  # a retry cannot help (an unreadable report, an HTTP 400)
+
+
+class ConnectFailed(Exception):
+    """The destination could not be reached; str() is the "code: detail" to record."""
+
+
+class Connection(Protocol):
+    def is_open(self) -> bool:
+        """False once the connection broke; the rest of the batch then fails with
+        `lost_reason`."""
+
+    @property
+    def lost_reason(self) -> str:
+        ...
+
+    def store(self, path: Path) -> StoreResult:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class Transport(Protocol):
+    def connect(self) -> Connection:
+        """A connection to send a batch over; raises ConnectFailed."""
