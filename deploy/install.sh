@@ -12,8 +12,11 @@
 #      the new example always lands in <prefix>/share/pacs-ai.toml.example to compare with);
 #   5. /var/lib/pacs-ai, the spool (kept by --uninstall);
 #   6. /etc/systemd/system/pacs-ai.service, enabled; restarted only if it was already running;
-#   7. /usr/local/bin/pacs-ai, a link to the program, so `pacs-ai status` works in a shell.
+#   7. /usr/local/bin/pacs-ai, a link to the program, so `pacs-ai status` works in a shell;
+#   8. a check that the service user can run the program (runuser), with what to fix if not.
 #
+# Without systemd running (no /run/systemd/system: a container, another init system), or with
+# --no-systemd, the unit is installed but no systemctl is run; it says how to start by hand.
 # --destdir DIR puts every path under DIR and runs no useradd/chown/systemctl (it prints them):
 # for packaging and for the test suite (tests/test_deploy.py).
 set -euo pipefail
@@ -25,6 +28,8 @@ VENV_FROM=""
 MODEL_SOURCE=""
 ACTION=install
 ENABLE=1
+SYSTEMD=auto
+CHECK_AS=""
 
 SERVICE_USER=pacs-ai
 CONFIG_DIR=/etc/pacs-ai
@@ -52,6 +57,10 @@ usage: deploy/install.sh [options]
                      the CPU-only build); "none": only pip's configured indexes (PIP_INDEX_URL ...)
   --model FILE       install this model file instead of deploy/models/$MODEL_FILENAME
   --no-enable        install the unit but do not enable it
+  --no-systemd       install the unit file but run no systemctl (the default when systemd is
+                     not running here); prints how to start the service by hand
+  --check-as USER    with --destdir: check that USER can run the installed program (a scratch
+                     root has no $SERVICE_USER user; a real install checks $SERVICE_USER)
   --destdir DIR      install under DIR as a scratch root; run no useradd, chown or systemctl
                      (print them instead)
   --uninstall        stop and remove the program, the unit and the link; keep the config
@@ -71,6 +80,8 @@ while [ $# -gt 0 ]; do
     --model) MODEL_SOURCE=${2:?--model needs a file}; shift 2 ;;
     --torch-index) TORCH_INDEX=${2:?--torch-index needs a URL or none}; shift 2 ;;
     --no-enable) ENABLE=0; shift ;;
+    --no-systemd) SYSTEMD=no; shift ;;
+    --check-as) CHECK_AS=${2:?--check-as needs a user}; shift 2 ;;
     --destdir) DESTDIR=${2:?--destdir needs a folder}; shift 2 ;;
     --uninstall) ACTION=uninstall; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -99,7 +110,26 @@ system() {
   fi
 }
 
-unit_is_active() { [ -z "$DESTDIR" ] && systemctl is-active --quiet "$UNIT_NAME"; }
+# systemd is running when /run/systemd/system exists (sd_booted(3)); a scratch root plans for
+# it (the systemctl commands are printed).
+if [ "$SYSTEMD" = auto ]; then
+  if [ -n "$DESTDIR" ] || { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }; then
+    SYSTEMD=yes
+  else
+    SYSTEMD=no
+    note "systemd is not running on this machine (no /run/systemd/system): the unit file is" \
+      "installed for later, but nothing is enabled or started"
+  fi
+fi
+
+unit_is_active() {
+  [ -z "$DESTDIR" ] && [ "$SYSTEMD" = yes ] && systemctl is-active --quiet "$UNIT_NAME"
+}
+
+# The command the unit runs, for starting the service by hand as its user.
+by_hand() {
+  echo "runuser -u $SERVICE_USER -- $PREFIX/venv/bin/pacs-ai serve --config $CONFIG_DIR/pacs-ai.toml"
+}
 
 install_program() {
   local venv=$DESTDIR$PREFIX/venv
@@ -220,6 +250,13 @@ install_unit_and_link() {
   mv "$DESTDIR$UNIT_DIR/$UNIT_NAME.new" "$DESTDIR$UNIT_DIR/$UNIT_NAME"
   install -m 0644 "$REPO/deploy/README.md" "$DESTDIR$PREFIX/share/doc/README.md"
   ln -sfn "$PREFIX/venv/bin/pacs-ai" "$DESTDIR$BIN_LINK"
+  if [ "$SYSTEMD" = no ]; then
+    note "installed $UNIT_DIR/$UNIT_NAME, the program, the config and the spool; ran no systemctl"
+    note "start the service by hand, as its user, from $STATE_DIR (it stops on SIGTERM):"
+    note "  cd $STATE_DIR && $(by_hand)"
+    note "or under your init system or supervisor with that command (the unit shows its settings)"
+    return
+  fi
   system systemctl daemon-reload
   if [ "$ENABLE" = 1 ]; then
     system systemctl enable "$UNIT_NAME"
@@ -234,9 +271,40 @@ install_unit_and_link() {
   fi
 }
 
+# The service runs as $SERVICE_USER: a virtual environment it cannot read (made from a Python
+# under /root or a home folder of mode 0700, or --venv-from such a place) would install fine and
+# then fail at every start with a bare "Permission denied" in the journal.
+check_service_user_can_run() {
+  local program=$PREFIX/venv/bin/pacs-ai user=${CHECK_AS:-$SERVICE_USER}
+  if [ -n "$DESTDIR" ] && [ -z "$CHECK_AS" ]; then
+    system runuser -u "$SERVICE_USER" -- "$program" --version
+    return
+  fi
+  command -v runuser >/dev/null 2>&1 \
+    || { note "WARNING: no runuser here: not checked that $user can run $program"; return; }
+  local output python
+  if output=$(cd / && runuser -u "$user" -- "$DESTDIR$program" --version 2>&1); then
+    note "checked: the service user $user can run $program"
+    return
+  fi
+  python=$(readlink -f "$DESTDIR$PREFIX/venv/bin/python" 2>/dev/null || true)
+  echo "install.sh: error: the service user $user cannot run $program:" >&2
+  echo "  $output" >&2
+  echo "  Every folder on the way to the virtual environment${python:+ and to the Python it" \
+    "was made from ($python)} must be readable and searchable by $user; typically that Python" \
+    "or --venv-from is under /root or a home folder (mode 0700)." >&2
+  echo "  Fix: rerun install.sh with --python /usr/bin/python3.11 (a system Python; remove" \
+    "$PREFIX/venv first), or make those folders searchable (chmod o+x), then run install.sh" \
+    "again. The service would not start as it is." >&2
+  exit 1
+}
+
 uninstall() {
   local prefix_dir=$DESTDIR$PREFIX
-  if [ -e "$DESTDIR$UNIT_DIR/$UNIT_NAME" ]; then
+  if [ "$SYSTEMD" = no ]; then
+    note "systemd not running: no systemctl run; stop the service by hand first if it runs"
+    rm -f "$DESTDIR$UNIT_DIR/$UNIT_NAME"
+  elif [ -e "$DESTDIR$UNIT_DIR/$UNIT_NAME" ]; then
     # SIGTERM: the service leaves unfinished jobs in the spool for a later install to resume.
     system systemctl disable --now "$UNIT_NAME"
     rm -f "$DESTDIR$UNIT_DIR/$UNIT_NAME"
@@ -263,5 +331,6 @@ else
   install_program
   install_model
   install_config
+  check_service_user_can_run
   install_unit_and_link
 fi

@@ -307,6 +307,74 @@ def test_another_prefix_is_written_into_unit_and_config(checkout, stand_in_venv,
     assert config["model"]["path"] == "/srv/pacs-ai/models/pacs-ai-pneumonia.pt"
 
 
+def test_without_systemd_it_installs_runs_no_systemctl_and_says_how_to_start(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    """Issue 14 item 6: on a machine without systemd (a container) systemctl failed half-way
+    with "System has not been booted with systemd". Without systemd running (auto-detected, or
+    --no-systemd) the files are installed, no systemctl is run, and the output says so and
+    gives the command to start the service by hand: the unit's own ExecStart, as its user."""
+    root = tmp_path / "root"
+    result = install(checkout, root, "--no-systemd", "--venv-from", str(stand_in_venv),
+                     "--model", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    assert "systemctl" not in result.stdout.replace("ran no systemctl", ""), result.stdout
+    assert "ran no systemctl" in result.stdout
+    [exec_start] = unit_service_section(root / "etc/systemd/system/pacs-ai.service")["ExecStart"]
+    assert f"cd /var/lib/pacs-ai && runuser -u pacs-ai -- {exec_start}" in result.stdout
+    assert (root / "opt/pacs-ai/venv").is_symlink() and (root / "etc/pacs-ai/pacs-ai.toml").is_file()
+    removed = install(checkout, root, "--no-systemd", "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert "systemctl" not in removed.stdout.replace("no systemctl", "")
+    assert not (root / "etc/systemd/system/pacs-ai.service").exists()
+
+
+def world_searchable_folder(tmp_path: Path) -> Path:
+    """A folder every user can reach (pytest's tmp_path is under a 0700 folder of root's)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pacs-ai-install-", dir="/tmp"))
+    folder.chmod(0o755)
+    (tmp_path / "cleanup").write_text(str(folder))
+    return folder
+
+
+@pytest.fixture
+def public_folder(tmp_path):
+    folder = world_searchable_folder(tmp_path)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_service_user_must_be_able_to_run_the_installed_program(
+        checkout, stand_in_venv, tiny_model, public_folder, tmp_path):
+    """Issue 14 item 6: a virtual environment the service user cannot run (made from a Python
+    under /root, as pyenv does, or --venv-from a private folder) installed without a word and
+    then failed at each start. install.sh runs the program as that user (`--check-as` names
+    the user in a scratch root, which has no pacs-ai user) and refuses with what to fix."""
+    if shutil.which("runuser") is None or os.getuid() != 0:
+        pytest.skip("needs root and runuser (util-linux) to run a program as another user")
+    private = install(checkout, tmp_path / "root", "--venv-from", str(stand_in_venv),
+                      "--model", str(tiny_model), "--check-as", "nobody")
+    # stand_in_venv lies under pytest's 0700 folder: nobody cannot reach it
+    assert private.returncode != 0
+    assert "the service user nobody cannot run /opt/pacs-ai/venv/bin/pacs-ai" in private.stderr
+    assert "Permission denied" in private.stderr and "--python" in private.stderr
+
+    venv = public_folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "pacs-ai").write_text("#!/bin/sh\necho pacs-ai 0.0-stand-in\n")
+    (venv / "bin" / "pacs-ai").chmod(0o755)
+    reachable = install(checkout, public_folder / "root", "--venv-from", str(venv),
+                        "--model", str(tiny_model), "--check-as", "nobody")
+    assert reachable.returncode == 0, reachable.stderr
+    assert "checked: the service user nobody can run /opt/pacs-ai/venv/bin/pacs-ai" in \
+        reachable.stdout
+    planned = install(checkout, public_folder / "plan", "--venv-from", str(venv),
+                      "--model", str(tiny_model))  # a scratch root without --check-as: planned
+    assert "would run: runuser -u pacs-ai -- /opt/pacs-ai/venv/bin/pacs-ai --version" in \
+        planned.stdout
+
+
 def test_bad_options_are_refused_with_a_message(checkout, stand_in_venv, tmp_path):
     unknown = install(checkout, tmp_path / "root", "--frobnicate")
     assert unknown.returncode != 0 and "unknown option '--frobnicate'" in unknown.stderr
