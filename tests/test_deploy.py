@@ -328,19 +328,13 @@ def test_without_systemd_it_installs_runs_no_systemctl_and_says_how_to_start(
     assert not (root / "etc/systemd/system/pacs-ai.service").exists()
 
 
-def world_searchable_folder(tmp_path: Path) -> Path:
+@pytest.fixture
+def public_folder():
     """A folder every user can reach (pytest's tmp_path is under a 0700 folder of root's)."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="pacs-ai-install-", dir="/tmp"))
     folder.chmod(0o755)
-    (tmp_path / "cleanup").write_text(str(folder))
-    return folder
-
-
-@pytest.fixture
-def public_folder(tmp_path):
-    folder = world_searchable_folder(tmp_path)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
