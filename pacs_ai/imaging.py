@@ -19,11 +19,19 @@ import numpy as np
 from PIL import Image
 
 MODEL_INPUT_SIZE = 200
+# A film may be decoded smaller for the model (pacs_ai.pixels_reduced), but never below twice
+# the input per side, so the antialiased resize still averages at least 2 x 2 pixels into each.
+DECODE_MIN_SIZE = 2 * MODEL_INPUT_SIZE
 PREPROCESSING_ID = "pacs_ai.imaging.to_model_input/v1"
 
 
-def to_model_input(image: np.ndarray) -> np.ndarray:
-    """Map a 2-D grayscale array (any size, any real dtype) to float32 [1, 200, 200] in [0, 1]."""
+def to_model_input(image: np.ndarray,
+                   box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Map a 2-D grayscale array (any size, any real dtype) to float32 [1, 200, 200] in [0, 1].
+
+    `box`: the picture's region in the array, (left, top, right, bottom) in pixels, for a film
+    decoded smaller than it is (`pacs_ai.pixels.DisplayPicture`); None: the whole array, as in
+    training."""
     array = np.asarray(image)
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale array, got shape {array.shape}")
@@ -35,15 +43,19 @@ def to_model_input(image: np.ndarray) -> np.ndarray:
     values = array.astype(np.float32, copy=False)
     if not np.isfinite(values).all():
         raise ValueError("image contains NaN or infinite values")
-    resized = resize_to_model_size(values)
+    resized = resize_to_model_size(values, box)
     return equalize_histogram(resized)[np.newaxis, :, :]
 
 
-def resize_to_model_size(values: np.ndarray) -> np.ndarray:
-    """Antialiased bilinear resize of a float32 2-D array to MODEL_INPUT_SIZE squared."""
+def resize_to_model_size(values: np.ndarray,
+                         box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Antialiased bilinear resize of a float32 2-D array (or of its region `box`) to
+    MODEL_INPUT_SIZE squared."""
     picture = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
     size = (MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
-    return np.asarray(picture.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    if box is not None and tuple(box) == (0, 0, values.shape[1], values.shape[0]):
+        box = None  # the whole array: exactly the resize training used
+    return np.asarray(picture.resize(size, Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
 def equalize_histogram(values: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ Steps, in the order of the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2):
    supported bit depth, a declared size within `max_pixels`, and pixel data at least as long
    as the header declares. A failure raises `PixelDataError("<code>: <detail>")`.
 2. Decode with pydicom's pixel handlers (pylibjpeg-libjpeg/-openjpeg/-rle and pyjpegls plug
-   in for JPEG, JPEG-LS, JPEG 2000 and RLE).
+   in for JPEG, JPEG-LS, JPEG 2000 and RLE). For the model (`display_picture(min_size=...)`),
+   smaller where the codec allows, then averaged down in whole boxes (`pacs_ai.pixels_reduced`).
 3. Modality LUT Sequence, else Rescale Slope/Intercept.
 4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width (LINEAR,
    LINEAR_EXACT or SIGMOID), else a robust window from the image's own histogram.
@@ -20,11 +21,14 @@ The result is float32 in [0, 1], 0 black and 1 white.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+
+from pacs_ai.pixels_reduced import SmallDecode, box_reduce, decode_small
 
 # A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
 # (float64 intermediate: 400 MB).
@@ -48,15 +52,51 @@ class PixelDataError(ValueError):
 
 def display_array(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decoded pixels with Modality LUT, VOI and polarity applied: float32 2-D in [0, 1]."""
+    return display_picture(ds, max_pixels=max_pixels).values
+
+
+@dataclass(frozen=True)
+class DisplayPicture:
+    """A display-oriented picture (float32 2-D in [0, 1] from a DICOM film; a PNG/JPEG's 8-bit
+    array in `pacs_ai.classify`) and the film's region in it, (left, top, right, bottom) in
+    Pillow's box convention: the whole array at full size; for a film decoded smaller, its
+    rows and columns divided by the reduction, shifted where the codec's pixels are (JPEG 2000),
+    so that a resize maps exactly the film onto the model input (a tenth of a pixel's error
+    there is visible in the model input)."""
+    values: np.ndarray
+    box: tuple[float, float, float, float]
+
+
+def display_picture(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    min_size: int | None = None) -> DisplayPicture:
+    """display_array, optionally smaller: with `min_size`, the film may be decoded and averaged
+    down by whole factors as long as each side keeps at least `min_size` pixels
+    (`pacs_ai.pixels_reduced`)."""
     check_pixel_header(ds, max_pixels=max_pixels)
     # float32 throughout, one working array per step: a 2500x2048 film is 20 MB per float32
     # copy, and every copy counts against the service's memory and time (issue 7)
-    values = apply_modality(decode_pixels(ds), ds)
+    decoded = _decode(ds, min_size)
+    stored, down, across = decoded.stored, 1, 1
+    # Averaged in boxes before the VOI, as a reduced decode is. A rescale is linear, so the
+    # stored values are averaged before it (no full-size float array); a Modality LUT is not,
+    # so it is applied at full size first, exactly as without reduction.
+    modality_lut = bool(ds.get("ModalityLUTSequence"))
+    if min_size is not None and not modality_lut:
+        stored, (down, across) = box_reduce(stored, min_size)
+    values = apply_modality(stored, ds)
+    del stored
+    if min_size is not None and modality_lut:
+        values, (down, across) = box_reduce(values, min_size)
     display = apply_voi(values, ds, in_place=True)  # values is ours: no second 20 MB array
     del values
     if is_inverted(ds):
         np.subtract(1.0, display, out=display)
-    return display
+    left, top = decoded.offset / across, decoded.offset / down
+    box = (left, top, left + int(ds.Columns) / (decoded.factor * across),
+           top + int(ds.Rows) / (decoded.factor * down))
+    if box[2] > display.shape[1] or box[3] > display.shape[0]:  # shifted past the last pixel
+        display = np.pad(display, ((0, 1), (0, 1)), mode="edge")
+    return DisplayPicture(display, box)
 
 
 def check_pixel_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -163,19 +203,28 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     The decoder is called directly rather than through `ds.pixel_array`, which would also keep
     the array on the dataset for as long as the dataset lives (10 MB more per film).
     """
+    return _decode(ds, None).stored
+
+
+def _decode(ds: Dataset, min_size: int | None) -> SmallDecode:
+    """decode_pixels, and with `min_size` decoded smaller where the codec can (JPEG 2000
+    resolution levels, JPEG DCT scaling), each side still at least `min_size`."""
     from pydicom.pixels import get_decoder
 
     try:
-        stored, _ = get_decoder(transfer_syntax(ds)).as_array(ds, view_only=True)
+        syntax = transfer_syntax(ds)
+        decoded = decode_small(ds, syntax, min_size) if min_size else None
+        if decoded is None:
+            decoded = SmallDecode(get_decoder(syntax).as_array(ds, view_only=True)[0], 1)
     except MemoryError:
         raise PixelDataError("decode-failed: out of memory while decoding") from None
     except Exception as error:  # decoders raise RuntimeError, ValueError, their own kinds
         raise PixelDataError(f"decode-failed: {transfer_syntax(ds).name}: "
                              f"{type(error).__name__}: {error}") from None
-    if stored.ndim != 2:
-        raise PixelDataError(f"decode-failed: decoded pixels have shape {stored.shape}, "
-                             "expected one 2-D frame")
-    return stored
+    if decoded.stored.ndim != 2:
+        raise PixelDataError(f"decode-failed: decoded pixels have shape "
+                             f"{decoded.stored.shape}, expected one 2-D frame")
+    return decoded
 
 
 def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
