@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import structlog
 
-from pacs_ai import metrics
+from pacs_ai import audit, metrics
+from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Destination, RetryPolicy
 from pacs_ai.jobs import Delivery, Job, JobStore
 from pacs_ai.spool import Spool
@@ -44,7 +45,8 @@ def transport_for(destination: Destination) -> Transport:
 class DestinationSender(threading.Thread):
     def __init__(self, destination: Destination, spool: Spool, store: JobStore,
                  policy: RetryPolicy, stop: threading.Event, wake: threading.Event,
-                 on_job_finished: Callable[[Job], None]):
+                 on_job_finished: Callable[[Job], None],
+                 audit_trail: AuditTrail | None = None, include_patient_id: bool = False):
         super().__init__(name=f"sender-{destination.name}", daemon=True)
         self.destination = destination
         self.spool = spool
@@ -54,6 +56,8 @@ class DestinationSender(threading.Thread):
         self.wake = wake
         self.on_job_finished = on_job_finished
         self.transport = transport_for(destination)
+        self.audit = audit_trail or AuditTrail.disabled()
+        self.include_patient_id = include_patient_id  # [audit] include_patient_id
 
     def run(self) -> None:
         name = self.destination.name
@@ -103,6 +107,7 @@ class DestinationSender(threading.Thread):
                  report_uid=delivery.report_uid, sop_instance_uid=delivery.sop_instance_uid,
                  status=result.detail, attempts=delivery.attempts + 1,
                  seconds_since_received=round(seconds, 3))
+        self._audit(delivery, stored=True, detail=result.detail, given_up=False)
         if finished is not None:
             self.on_job_finished(finished)
 
@@ -126,5 +131,47 @@ class DestinationSender(threading.Thread):
         else:
             log.warning("delivery_retry_scheduled", retry_in_seconds=round(retry_at - now, 3),
                         **fields)
+        self._audit(delivery, stored=False, detail=error, given_up=give_up)
         if finished is not None:
             self.on_job_finished(finished)
+
+    def _audit(self, delivery: Delivery, *, stored: bool, detail: str, given_up: bool) -> None:
+        """The audit trail's transfer-out record of one attempt (pacs_ai.audit)."""
+        if not self.audit.enabled:
+            return
+        destination = self.destination
+        study_uid, sop_class_uid, patient_id = report_identity(
+            self.spool.resolve(delivery.report_file))
+        self.audit.record(audit.report_sent(
+            calling_ae_title=destination.calling_ae_title, node=audit.node_name(),
+            destination=destination.name, destination_ae_title=destination.ae_title,
+            destination_address=destination_address(destination), stored=stored,
+            detail=detail, given_up=given_up, report_uid=delivery.report_uid,
+            source_sop_instance_uid=delivery.sop_instance_uid,
+            attempts=delivery.attempts + 1, study_instance_uid=study_uid,
+            sop_class_uid=sop_class_uid,
+            patient_id=patient_id if self.include_patient_id else None))
+
+
+def destination_address(destination: Destination) -> str:
+    """The host a destination's reports go to (of its URL for DICOMweb)."""
+    if destination.dicomweb is not None:
+        from urllib.parse import urlsplit
+
+        return urlsplit(destination.dicomweb.url).hostname or destination.dicomweb.url
+    return destination.host
+
+
+def report_identity(path) -> tuple[str | None, str | None, str | None]:
+    """Study Instance UID, SOP Class UID and Patient ID of a report file, for its audit
+    record; None for what cannot be read (a report file gone or broken: the record is kept)."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+            "StudyInstanceUID", "SOPClassUID", "PatientID"])
+    except Exception:
+        return None, None, None
+    values = [str(dataset.get(keyword, "") or "").strip() or None
+              for keyword in ("StudyInstanceUID", "SOPClassUID", "PatientID")]
+    return values[0], values[1], values[2]

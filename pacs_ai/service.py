@@ -149,7 +149,8 @@ class Service:
             self.store.notify_on_work(sender_wake)
             self.senders.append(DestinationSender(
                 destination, self.spool, self.store, self.config.retry, self._threads_stop,
-                sender_wake, self.job_finished))
+                sender_wake, self.job_finished, self.audit,
+                include_patient_id=self.config.audit.include_patient_id))
         for thread in (*self.workers, *self.senders):
             thread.start()
         if self.config.storage.keep_failed_days > 0:

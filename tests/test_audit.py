@@ -358,3 +358,84 @@ def test_an_address_not_allowed_is_a_security_alert(audited):
     [alert] = listener.wait_for("security-alert")
     assert alert["pacs_ai"]["reason"] == "peer-address-not-allowed"
     assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+
+
+# --- the whole path with real peers: DCMTK storescu -> pacs-ai serve -> Orthanc -------------------
+
+@pytest.mark.real_peer
+def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path):
+    """storescu sends a film to `pacs-ai serve`, which reports to Orthanc; echoscu calls with an
+    AE title the listener does not allow. The audit file holds the film's transfer-in (the
+    AE title, address, its UIDs, outcome 0), the report's transfer-out to Orthanc (the SR
+    Orthanc stored, outcome 0) and the refused caller as a security alert; the journal-side
+    log holds no audit record."""
+    from tests.conftest import SAMPLE_DICOMS, require_tool
+    from tests.dicom_peers import ServiceProcess, write_service_config
+    from tests.real_peers import (Modality, Orthanc, echoscu, orthanc_destination,
+                                  renamed_copy, storescu, tiny_model)
+    from tests.test_real_peers import stored_reports_for
+
+    require_tool("Orthanc")
+    with Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]) as orthanc:
+        folder = tmp_path / "service"
+        folder.mkdir()
+        config = write_service_config(
+            folder, model=tiny_model(folder), destinations=[orthanc_destination(orthanc)],
+            tables={"workers": {"torch_threads": 1},
+                    "listener": {"allowed_calling_ae_titles": ["XRAY_ROOM_1", "MODALITY"]}})
+        film = renamed_copy(SAMPLE_DICOMS / "cr_normal_pa_12bit.dcm", tmp_path / "film.dcm")
+        source = pydicom.dcmread(film, stop_before_pixels=True)
+        audit_path = folder / "spool" / "audit" / "audit.log"
+        with ServiceProcess(config, folder / "serve.log") as service:
+            run = storescu(service.port, [film], called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")
+            assert run.acknowledged == [str(film)], run.output
+            refused = echoscu(service.port, called_ae="PACS_AI", calling_ae="INTRUDER")
+            assert refused.returncode != 0
+            reports: list[dict] = []
+            assert wait_until(lambda: reports.extend(stored_reports_for(
+                orthanc, str(source.StudyInstanceUID), str(source.SOPInstanceUID))) or reports,
+                90, interval=0.3), "no report at Orthanc"
+
+            def by_kind(kind: str) -> list[dict]:
+                return [r for r in read_records(audit_path) if r["pacs_ai"]["record"] == kind]
+
+            assert wait_until(lambda: by_kind("transfer-out"), 10)
+            journal = service.log_path.read_text()
+        records = read_records(audit_path)  # after the stop: application-stop written too
+    print(json.dumps(records, indent=1)[:6000])
+
+    kinds = [r["pacs_ai"]["record"] for r in records]
+    assert kinds[0] == "application-start" and kinds[-1] == "application-stop"
+    [transfer_in] = [r for r in by_kind("transfer-in")
+                     if participant(r, "110153")["UserID"] == "XRAY_ROOM_1"]
+    assert transfer_in["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert transfer_in["pacs_ai"]["status"] == "0x0000"
+    assert participant(transfer_in, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+    assert participant(transfer_in, "110152")["UserID"] == "PACS_AI"
+    [study] = transfer_in["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == str(source.StudyInstanceUID)
+    assert study["ParticipantObjectDescription"]["SOPClass"] == [{
+        "UID": str(source.SOPClassUID), "NumberOfInstances": 1,
+        "Instance": [{"UID": str(source.SOPInstanceUID)}]}]
+    assert study["ParticipantObjectDetail"][0]["value"] == str(source.SeriesInstanceUID)
+
+    [transfer_out] = by_kind("transfer-out")
+    assert transfer_out["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert transfer_out["pacs_ai"]["destination"] == "orthanc"
+    assert transfer_out["pacs_ai"]["source_sop_instance_uid"] == str(source.SOPInstanceUID)
+    destination = participant(transfer_out, "110152")
+    assert (destination["UserID"], destination["NetworkAccessPointID"]) == (orthanc.ae_title,
+                                                                            "127.0.0.1")
+    [report_object] = transfer_out["ParticipantObjectIdentification"]
+    assert report_object["ParticipantObjectID"] == str(source.StudyInstanceUID)
+    [stored_report] = reports
+    assert report_object["ParticipantObjectDescription"]["SOPClass"][0]["Instance"] == [
+        {"UID": stored_report["SOPInstanceUID"]}]
+
+    [alert] = by_kind("security-alert")
+    assert alert["pacs_ai"]["reason"] == "calling-ae-not-allowed"
+    assert participant(alert, "110153")["UserID"] == "INTRUDER"
+    assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+    starts = {r["pacs_ai"]["association"] for r in by_kind("association-start")}
+    assert transfer_in["pacs_ai"]["association"] in starts
+    assert "EventIdentification" not in journal  # the audit trail is not in the journal
