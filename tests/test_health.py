@@ -170,6 +170,23 @@ def test_stopping_is_not_ready(tmp_path, tiny_model):
         service.stop()
 
 
+def test_before_start_it_is_not_ready_and_names_the_model_and_the_listener(tmp_path, tiny_model):
+    """/readyz's other codes (issue 16 item 4): a service whose model is not loaded and whose
+    listener is not up takes no films. Start-up opens the metrics server only after loading
+    the model, so a running service never shows model-not-loaded: a load balancer's check meets
+    a closed port until then, which counts as not ready too."""
+    service = Service(load_config(write_service_config(tmp_path, model=tiny_model)))
+    body = service.readiness()
+    assert body["ok"] is False and body["model"] is None and body["listening"] is False
+    assert [p.split(":")[0] for p in body["problems"]][:2] == ["listener-down", "model-not-loaded"]
+    service.start()
+    try:
+        assert service.readiness()["ok"] is True
+    finally:
+        service.stop()
+    assert "draining: the service is stopping" in service.readiness()["problems"]
+
+
 @pytest.mark.slow
 def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_back(tmp_path,
                                                                                 tiny_model):

@@ -167,19 +167,10 @@ def test_three_replicas_behind_haproxy_a_kill_9_and_a_drain_lose_no_film(tmp_pat
     with Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]) as orthanc:
         replicas = []
         for index in range(1, REPLICAS + 1):
-            folder = tmp_path / f"pacs-ai-{index}"
-            folder.mkdir()
-            health_port = free_port()
-            config = write_service_config(folder, model=model_path,
-                                          destinations=[orthanc_destination(orthanc)],
-                                          tables={
-                # A draining replica waits for its running associations up to this long.
-                "limits": {"shutdown_grace_seconds": 30},
-                "metrics": {"enabled": True, "host": "127.0.0.1", "port": health_port},
-                # Three services share this machine's cores: decode in the worker thread.
-                "workers": {"count": 1, "processes": 0, "torch_threads": 1},
-                "log": {"level": "info"}})
-            replicas.append(Replica(f"pacs-ai-{index}", folder, config, health_port))
+            name = f"pacs-ai-{index}"
+            config, health_port = replica_config(tmp_path / name, model_path,
+                                                 destinations=[orthanc_destination(orthanc)])
+            replicas.append(Replica(name, tmp_path / name, config, health_port))
         with ThreadPoolExecutor(REPLICAS) as pool:
             list(pool.map(Replica.start, replicas))
         proxy = HAProxy(tmp_path / "haproxy", [replica.backend() for replica in replicas])
@@ -196,6 +187,67 @@ def test_three_replicas_behind_haproxy_a_kill_9_and_a_drain_lose_no_film(tmp_pat
                 if replica.service is not None:
                     replica.service.kill()
             print(proxy.log_tail(3000))
+
+
+def replica_config(folder: Path, model_path: Path, *, destinations: list[dict],
+                   storage: dict | None = None) -> tuple[Path, int]:
+    """A replica's config (its own spool in `folder`) and its metrics/health port."""
+    folder.mkdir()
+    health_port = free_port()
+    config = write_service_config(folder, model=model_path, destinations=destinations, tables={
+        # A draining replica waits for its running associations up to this long.
+        "limits": {"shutdown_grace_seconds": 30},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": health_port},
+        # Several services share this machine's cores: decode in the worker thread.
+        "workers": {"count": 1, "processes": 0, "torch_threads": 1},
+        "storage": storage or {},
+        "log": {"level": "info"}})
+    return config, health_port
+
+
+@pytest.mark.slow
+def test_haproxy_keeps_films_away_from_a_replica_below_its_spool_floor(tmp_path):
+    """Why the sample checks /readyz and not the DICOM port: a replica whose spool is below
+    [storage] min_free_bytes accepts TCP and associations but refuses every film (0xA700). With
+    the HTTP check HAProxy takes it out and every film goes to the other replica."""
+    model_path = tiny_model(tmp_path)
+    replicas = []
+    for name, storage in (("pacs-ai-full", {"min_free_bytes": 2**62}), ("pacs-ai-ok", {})):
+        config, health_port = replica_config(tmp_path / name, model_path, destinations=[],
+                                             storage=storage)
+        replicas.append(Replica(name, tmp_path / name, config, health_port))
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        list(pool.map(Replica.start, replicas))
+    full, ok = replicas
+    try:
+        status, body = full.readyz()
+        assert status == 503 and body["problems"][0].startswith("spool-below-floor"), body
+        # What a TCP check (or a C-ECHO) would see: a replica that answers.
+        assert port_open(full.dicom_port)
+        assert SimulatedModality(full.dicom_port, timeout=5).echo() == 0x0000
+        refused = SimulatedModality(full.dicom_port).send(films_of_one_study(1, 7000))
+        assert refused[0].status == 0xA700, refused
+        with HAProxy(tmp_path / "haproxy", [r.backend() for r in replicas]) as proxy:
+            assert proxy.wait_for_state(full.name, "DOWN", HAPROXY_SETTLE_S), proxy.servers()
+            assert proxy.wait_for_state(ok.name, "UP", HAPROXY_SETTLE_S), proxy.servers()
+            streams = [Stream(f"XRAY_ROOM_{n}", films_of_one_study(3, 7100 + 10 * n))
+                       for n in range(STREAMS)]
+            for stream in streams:
+                stream.run(proxy.port, time.monotonic() + 60)
+            for stream in streams:
+                assert len(stream.acknowledged) == 3 and stream.not_acknowledged == 0
+            assert int(proxy.servers()[full.name]["stot"]) == 0  # never sent a session
+        taken = spool_jobs(ok.spool)
+        assert all(str(ds.SOPInstanceUID) in taken for s in streams for ds in s.films)
+        assert not any(str(ds.SOPInstanceUID) in spool_jobs(full.spool)
+                       for s in streams for ds in s.films)
+        print(f"replica below its spool floor: answers TCP and C-ECHO, refuses films with "
+              f"0xA700, /readyz 503; HAProxy marked it DOWN and sent all "
+              f"{sum(len(s.films) for s in streams)} films over {STREAMS} associations to the "
+              "other replica, none refused")
+    finally:
+        for replica in replicas:
+            replica.service.kill()
 
 
 def run_kill_9_phase(tmp_path: Path, model_path: Path, orthanc: Orthanc, proxy: HAProxy,
