@@ -360,6 +360,27 @@ def test_an_address_not_allowed_is_a_security_alert(audited):
     assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
 
 
+
+def test_a_failed_tls_handshake_is_a_security_alert(audited, tmp_path):
+    import ssl
+
+    from tests.tls_material import make_tls_material
+
+    ours = make_tls_material(tmp_path / "pki")
+    stranger = make_tls_material(tmp_path / "pki", prefix="stranger-")
+    listener = audited(tls={"cert_file": str(ours.server_cert), "key_file": str(ours.server_key),
+                            "ca_file": str(ours.ca_cert), "require_client_cert": True})
+    context = ssl.create_default_context(cafile=str(ours.ca_cert))
+    context.check_hostname = False
+    context.load_cert_chain(str(stranger.client_cert), str(stranger.client_key))
+    assert SimulatedModality(listener.port, ssl_context=context, timeout=5).echo() is None
+    [alert] = listener.wait_for("security-alert")
+    assert alert["pacs_ai"]["reason"] == "tls-handshake-failed"
+    assert alert["EventIdentification"]["EventOutcomeDescription"].startswith(
+        "tls-handshake-failed: ")  # with the TLS error
+    assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+
+
 # --- the whole path with real peers: DCMTK storescu -> pacs-ai serve -> Orthanc -------------------
 
 @pytest.mark.real_peer
