@@ -187,6 +187,30 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+ROUTE_MATCH_KEYS = ("calling_ae_title", "source_address", "modality", "station_name")
+DEFAULT_ROUTE = "default"  # the route name of films that match no [[routes]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One [[routes]] block: films whose every given key matches (any of its values) have their
+    reports sent to `destinations`. Keys left out match anything."""
+
+    name: str
+    destinations: tuple[str, ...]
+    calling_ae_title: tuple[str, ...] = ()
+    source_address: tuple[str, ...] = ()  # IP addresses or CIDR networks
+    modality: tuple[str, ...] = ()  # upper case
+    station_name: tuple[str, ...] = ()  # compared without case
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    routes: tuple[Route, ...] = ()  # in file order: the first that matches wins
+    # Where films that match no route go: None (no [routing] default) = every destination.
+    default: tuple[str, ...] | None = None
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff of deliveries; a delivery fails once either limit is reached."""
@@ -260,6 +284,7 @@ class Config:
     tls: ListenerTLSConfig = field(default_factory=ListenerTLSConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    routing: "RoutingConfig" = field(default_factory=lambda: RoutingConfig())
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
@@ -498,7 +523,8 @@ def _check_host(value: str) -> str | None:
 
 
 TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
-                    "destinations", "retry", "log", "metrics", "tls", "status", "audit")
+                    "destinations", "retry", "log", "metrics", "tls", "status", "audit",
+                    "routes", "routing")
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -661,9 +687,12 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
                                      "files kept); for no rotation set max_bytes = 0")
     t.finish()
 
+    routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
+
     return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
-                  log=log, metrics=metrics, tls=tls, status=status, audit=audit, source=source)
+                  log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
+                  source=source)
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:
@@ -748,6 +777,70 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
         raise ConfigError(f"[[destinations]]: two destinations are named {duplicates[0]!r}; give "
                           "each a distinct name = \"...\"")
     return tuple(destinations)
+
+
+def parse_routing(routes: Any, routing: Any, destinations: tuple[Destination, ...]
+                  ) -> RoutingConfig:
+    """[[routes]] blocks and [routing] default, checked against the destinations' names."""
+    known = [d.name for d in destinations]
+
+    def destination_names(t: _Table, key: str) -> tuple[str, ...]:
+        present, _ = t._raw(key)
+        names = t.strings(key, ())
+        if not present:
+            raise t.fail(key, 'is required: the destinations that get these reports, e.g. '
+                              f'["{known[0] if known else "main-pacs"}"] ([] for none)')
+        for name in names:
+            if name not in known:
+                raise t.fail(key, f"{name!r} is not the name of a [[destinations]] block; "
+                                  f"the destinations are {', '.join(map(repr, known)) or 'none'}")
+        return tuple(dict.fromkeys(names))
+
+    def values(t: _Table, key: str, check=None) -> tuple[str, ...]:
+        present, value = t._raw(key)
+        if not present:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(
+                isinstance(item, str) and item.strip() for item in value):
+            raise t.fail(key, f'expected a quoted string or a list of them like ["A", "B"], '
+                              f"got {_describe(value)}")
+        for item in value:
+            if check is not None and (problem := check(item)) is not None:
+                raise t.fail(key, f"{item!r}: {problem}")
+        return tuple(item.strip() for item in value)
+
+    if not isinstance(routes, list):
+        raise ConfigError("routes must be written as [[routes]] blocks, one per rule")
+    parsed: list[Route] = []
+    for index, item in enumerate(routes, start=1):
+        t = _Table(item, f"[[routes]] #{index}")
+        name = t.string("name", f"route-{index}", check=_check_name)
+        if name == DEFAULT_ROUTE:
+            raise t.fail("name", f"{DEFAULT_ROUTE!r} is the name of films that match no route; "
+                                 "choose another")
+        route = Route(
+            name=name, destinations=destination_names(t, "destinations"),
+            calling_ae_title=values(t, "calling_ae_title", check=check_ae_title),
+            source_address=values(t, "source_address", check=check_network),
+            modality=tuple(v.upper() for v in values(t, "modality")),
+            station_name=values(t, "station_name"))
+        t.finish()
+        if not any(getattr(route, key) for key in ROUTE_MATCH_KEYS):
+            raise ConfigError(f"[[routes]] #{index} ({name}): give at least one of "
+                              f"{', '.join(ROUTE_MATCH_KEYS)}; a route that matches every "
+                              "film is [routing] default")
+        parsed.append(route)
+    names = [route.name for route in parsed]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"[[routes]]: two routes are named {duplicates[0]!r}; give each a "
+                          'distinct name = "..."')
+    t = _Table(routing, "[routing]")
+    present, _ = t._raw("default")
+    default = destination_names(t, "default") if present else None
+    t.finish()
+    return RoutingConfig(routes=tuple(parsed), default=default)
 
 
 def _parse_dicomweb_destination(t: _Table, base_dir: Path) -> Destination:

@@ -50,7 +50,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     report_file TEXT,                  -- relative to the spool
     classify_ms REAL,
     received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    peer_address TEXT,                 -- what routing rules match ([[routes]]) ...
+    modality TEXT,
+    station_name TEXT,
+    accession_number TEXT,             -- shown on the queue page only when [web] allows it
+    route TEXT,                        -- the [[routes]] name taken, or 'default'
+    model TEXT                         -- name and version of the model that classified it
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -86,6 +92,17 @@ class Job:
     classify_ms: float | None
     received_at: float
     updated_at: float
+    peer_address: str | None = None
+    modality: str | None = None
+    station_name: str | None = None
+    accession_number: str | None = None
+    route: str | None = None
+    model: str | None = None
+
+
+# Columns added after the first release: a queue written by an older pacs-ai gets them at open.
+ADDED_JOB_COLUMNS = ("peer_address", "modality", "station_name", "accession_number", "route",
+                     "model")
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,11 @@ class NewInstance:
     sop_class_uid: str
     study_instance_uid: str | None
     calling_ae_title: str | None
+    # what [[routes]] match on, besides the calling AE title (and the accession number)
+    peer_address: str | None = None
+    modality: str | None = None
+    station_name: str | None = None
+    accession_number: str | None = None
 
 
 _JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
@@ -172,6 +194,10 @@ class JobStore:
                 raise UserError(f"{path} was written by a newer pacs-ai (queue schema {version}); "
                                 "upgrade pacs-ai or use another spool")
             connection.executescript(SCHEMA)
+            present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+            for column in ADDED_JOB_COLUMNS:
+                if column not in present:
+                    connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise UserError(f"cannot open the job queue {path}: {error}") from None
@@ -237,18 +263,22 @@ class JobStore:
             if existing is None:
                 self._write(lambda db: db.execute(
                     "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
-                    "calling_ae_title, image_file, state, received_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    "calling_ae_title, image_file, state, received_at, updated_at, "
+                    "peer_address, modality, station_name, accession_number) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                     (instance.sop_instance_uid, instance.sop_class_uid,
                      instance.study_instance_uid, instance.calling_ae_title, image_file, now,
-                     now)))
+                     now, instance.peer_address, instance.modality, instance.station_name,
+                     instance.accession_number)))
             else:
                 self._write(lambda db: db.execute(
                     "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, "
                     "image_file = ?, sop_class_uid = ?, calling_ae_title = ?, received_at = ?, "
-                    "updated_at = ? WHERE id = ?",
+                    "updated_at = ?, peer_address = ?, modality = ?, station_name = ?, "
+                    "accession_number = ? WHERE id = ?",
                     (image_file, instance.sop_class_uid, instance.calling_ae_title, now, now,
-                     existing.id)))
+                     instance.peer_address, instance.modality, instance.station_name,
+                     instance.accession_number, existing.id)))
         self._work_added()
         return True
 
@@ -301,9 +331,10 @@ class JobStore:
             (state, stage, reason, time.time(), job_id)).rowcount) == 1
 
     def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
-                      report_file: str, classify_ms: float, destinations: Iterable[str]) -> str:
-        """The report is in the outbox: queue one delivery per destination. Returns the new
-        state: 'delivering', or 'done' when there is no destination."""
+                      report_file: str, classify_ms: float, destinations: Iterable[str],
+                      route: str | None = None, model: str | None = None) -> str:
+        """The report is in the outbox: queue one delivery per destination (those of `route`).
+        Returns the new state: 'delivering', or 'done' when there is no destination."""
         names = list(destinations)
         state = "delivering" if names else "done"
 
@@ -311,9 +342,9 @@ class JobStore:
             now = time.time()
             db.execute("UPDATE jobs SET state = ?, stage = NULL, reason = NULL, probability = ?, "
                        "finding = ?, report_uid = ?, report_file = ?, classify_ms = ?, "
-                       "updated_at = ? WHERE id = ?",
+                       "updated_at = ?, route = ?, model = ? WHERE id = ?",
                        (state, probability, finding, report_uid, report_file, classify_ms, now,
-                        job_id))
+                        route, model, job_id))
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
                            "next_attempt_at) VALUES (?, ?, 'pending', ?)",
                            [(job_id, name, now) for name in names])
@@ -470,6 +501,12 @@ class JobStore:
         counts = dict.fromkeys(JOB_STATES, 0)
         counts.update(dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
         return counts
+
+    def route_counts(self) -> dict[str, int]:
+        """Reported jobs per route taken ([[routes]] name or 'default'); older jobs without
+        one are left out."""
+        return dict(self._read("SELECT route, COUNT(*) FROM jobs WHERE route IS NOT NULL "
+                               "GROUP BY route ORDER BY route"))
 
     def delivery_counts(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}

@@ -556,7 +556,9 @@ class StorageSCP:
 
         instance = NewInstance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                                study_instance_uid=study_uid,
-                               calling_ae_title=event.assoc.requestor.ae_title)
+                               calling_ae_title=event.assoc.requestor.ae_title,
+                               peer_address=str(event.assoc.requestor.address),
+                               **header_values(dataset))
         existing = self.store.find(sop_instance_uid)
         if existing is not None and not accepts_resend(existing):
             # already durable: idempotent; but a re-send is the modality asking again, so a
@@ -598,6 +600,20 @@ class StorageSCP:
         finally:
             staged.unlink(missing_ok=True)  # gone already when placed
         return StoreOutcome(SUCCESS), instance, size, not created
+
+
+def header_values(dataset: Dataset) -> dict[str, str | None]:
+    """Modality, Station Name (what [[routes]] match on) and Accession Number, as recorded with
+    the job; a value pydicom cannot read is recorded as absent."""
+    values: dict[str, str | None] = {}
+    for field, keyword in (("modality", "Modality"), ("station_name", "StationName"),
+                           ("accession_number", "AccessionNumber")):
+        try:
+            value = str(dataset.get(keyword, "") or "").strip()
+        except Exception:  # a malformed element: routing treats it as missing
+            value = ""
+        values[field] = value[:64] or None
+    return values
 
 
 class DatasetTooLarge(ValueError):

@@ -96,6 +96,7 @@ class Service:
                  intended_age_years=(format_age_range(self.model.info.intended_age_years)
                                      if self.model.info.intended_age_years else None),
                  destinations=[d.name for d in config.destinations],
+                 routes=[route.name for route in config.routing.routes],
                  workers=config.workers.count, resumed_jobs=resumed,
                  abandoned_deliveries=abandoned, config=str(config.source or "(defaults)"),
                  audit_log=str(self.audit.path) if self.audit.enabled else None)

@@ -33,6 +33,7 @@ from pacs_ai.classify import Prepared
 from pacs_ai.image_work import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel
+from pacs_ai.routing import RouteFacts, choose_route
 from pacs_ai.spool import Spool
 
 log = structlog.get_logger()
@@ -83,7 +84,6 @@ class ClassificationWorker(threading.Thread):
         self.stop_event = stop
         self.wake = wake
         self.on_job_finished = on_job_finished
-        self.destination_names = [d.name for d in config.destinations]
         # [filters] plus the model's intended age range (the site's, where [model] sets one)
         self.filters = config.filters.with_intended_age(model.info.intended_age_years)
         self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
@@ -249,16 +249,19 @@ class ClassificationWorker(threading.Thread):
         report_uid = report.report_uid
         report_path = self.spool.report_path(report_uid)
         self.spool.write_durably(report_path, report.data)
+        route = choose_route(self.config, RouteFacts(
+            job.calling_ae_title, job.peer_address, job.modality, job.station_name))
         state = self.store.mark_reported(
             job.id, probability=probability, finding=finding, report_uid=report_uid,
             report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,
-            destinations=self.destination_names)
+            destinations=route.destinations, route=route.name, model=self.model.info.label)
         metrics.CLASSIFIED.labels(finding=finding).inc()
         metrics.CLASSIFY_SECONDS.observe(seconds)
         log.info("instance_classified", sop_instance_uid=job.sop_instance_uid,
                  study_instance_uid=job.study_instance_uid, report_uid=report_uid,
                  probability=round(probability, 6), finding=finding,
-                 milliseconds=round(seconds * 1000, 1), model=self.model.info.label)
+                 milliseconds=round(seconds * 1000, 1), model=self.model.info.label,
+                 route=route.name, destinations=list(route.destinations))
         if state == "done":
             self.on_job_finished(self._reload(job))
 

@@ -62,3 +62,91 @@ def test_dicomweb_mistakes_name_the_key(tmp_path, entry, message):
     with pytest.raises(ConfigError) as error:
         parse(tmp_path, {"destinations": [entry]})
     assert str(error.value).startswith(message), str(error.value)
+
+
+# --- [[routes]] and [routing] -----------------------------------------------------------------
+
+from pacs_ai.config import Route  # noqa: E402
+from pacs_ai.routing import RouteChoice, RouteFacts, choose_route  # noqa: E402
+
+TWO_DESTINATIONS = [{"name": "main", "ae_title": "PACS", "host": "pacs", "port": 104},
+                    {"name": "er-archive", "kind": "dicomweb", "url": "http://er/dicom-web"}]
+
+
+def routed(tmp_path, routes, routing=None):
+    data = {"destinations": TWO_DESTINATIONS, "routes": routes}
+    if routing is not None:
+        data["routing"] = routing
+    return parse(tmp_path, data)
+
+
+def facts(ae="CR1", address="10.1.2.3", modality="CR", station="ROOM1") -> RouteFacts:
+    return RouteFacts(ae, address, modality, station)
+
+
+def test_routes_are_read_in_order(tmp_path):
+    config = routed(tmp_path, [
+        {"name": "er", "calling_ae_title": ["ER_CR", "ER_DX"], "destinations": ["er-archive"]},
+        {"source_address": "10.9.0.0/16", "modality": "dx", "station_name": "Ward 3",
+         "destinations": ["main", "er-archive", "main"]}],
+        {"default": ["main"]})
+    er, second = config.routing.routes
+    assert er == Route(name="er", destinations=("er-archive",),
+                       calling_ae_title=("ER_CR", "ER_DX"))
+    assert second == Route(name="route-2", destinations=("main", "er-archive"),
+                           source_address=("10.9.0.0/16",), modality=("DX",),
+                           station_name=("Ward 3",))
+    assert config.routing.default == ("main",)
+    assert parse(tmp_path, {"destinations": TWO_DESTINATIONS}).routing.default is None
+
+
+def test_the_first_matching_route_wins_and_the_rest_go_to_the_default(tmp_path):
+    config = routed(tmp_path, [
+        {"name": "er", "calling_ae_title": "ER_CR", "destinations": ["er-archive"]},
+        {"name": "ward-dx", "source_address": ["10.9.0.0/16", "fd00::/8"], "modality": "DX",
+         "station_name": "ward 3", "destinations": []},
+        {"name": "all-er", "calling_ae_title": "ER_CR", "destinations": ["main"]}],
+        {"default": ["main"]})
+    assert choose_route(config, facts(ae="ER_CR")) == RouteChoice("er", ("er-archive",))
+    # every key of a route must match; modality and station name without case
+    assert choose_route(config, facts(address="10.9.1.1", modality="dx", station="WARD 3")) \
+        == RouteChoice("ward-dx", ())
+    assert choose_route(config, facts(address="::ffff:10.9.1.1", modality="DX",
+                                      station="Ward 3")).name == "ward-dx"
+    assert choose_route(config, facts(address="10.8.1.1", modality="DX",
+                                      station="Ward 3")) == RouteChoice("default", ("main",))
+    assert choose_route(config, facts(address="10.9.1.1", modality="CR",
+                                      station="Ward 3")).name == "default"
+    assert choose_route(config, facts(address=None, modality=None, station=None)).name \
+        == "default"
+    # without [routing] default, films no route matches go to every destination
+    without_default = routed(tmp_path, [{"calling_ae_title": "ER_CR", "destinations": ["main"]}])
+    assert choose_route(without_default, facts()) == RouteChoice("default", ("main", "er-archive"))
+
+
+@pytest.mark.parametrize("routes,routing,message", [
+    ([{"calling_ae_title": "ER", "destinations": ["nowhere"]}], None,
+     "[[routes]] #1 destinations: 'nowhere' is not the name of a [[destinations]] block"),
+    ([{"calling_ae_title": "ER"}], None, "[[routes]] #1 destinations: is required"),
+    ([{"destinations": ["main"]}], None, "[[routes]] #1 (route-1): give at least one of"),
+    ([{"source_address": "10.1.2.300", "destinations": ["main"]}], None,
+     "[[routes]] #1 source_address: '10.1.2.300': not an IP address or network"),
+    ([{"calling_ae_title": "WAY_TOO_LONG_AE_TITLE", "destinations": ["main"]}], None,
+     "[[routes]] #1 calling_ae_title: 'WAY_TOO_LONG_AE_TITLE'"),
+    ([{"modality": 3, "destinations": ["main"]}], None, "[[routes]] #1 modality: expected"),
+    ([{"modality": "CR", "destinations": ["main"], "aet": "X"}], None,
+     "[[routes]] #1: unknown key 'aet'"),
+    ([{"name": "default", "modality": "CR", "destinations": ["main"]}], None,
+     "[[routes]] #1 name: 'default' is the name of films that match no route"),
+    ([{"name": "a", "modality": "CR", "destinations": []},
+      {"name": "a", "modality": "DX", "destinations": []}], None,
+     "[[routes]]: two routes are named 'a'"),
+    ([], {"default": ["main", "gone"]},
+     "[routing] default: 'gone' is not the name of a [[destinations]] block"),
+    ([], {"fallback": ["main"]}, "[routing]: unknown key 'fallback'"),
+    ({"modality": "CR"}, None, "routes must be written as [[routes]] blocks"),
+])
+def test_routing_mistakes_name_the_key(tmp_path, routes, routing, message):
+    with pytest.raises(ConfigError) as error:
+        routed(tmp_path, routes, routing)
+    assert str(error.value).startswith(message), str(error.value)

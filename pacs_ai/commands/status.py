@@ -36,12 +36,13 @@ def _time(timestamp: float | None) -> str | None:
 def collect(store: Any, limit: int) -> dict[str, Any]:
     def job_entry(job: Any) -> dict[str, Any]:
         return {"sop_instance_uid": job.sop_instance_uid, "stage": job.stage,
-                "reason": job.reason, "at": _time(job.updated_at)}
+                "reason": job.reason, "at": _time(job.updated_at), "route": job.route}
 
     return {
         "jobs": store.job_counts(),
         "backlog": store.backlog(),
         "deliveries": store.delivery_counts(),
+        "routes": store.route_counts(),
         "retrying": [{"report_uid": uid, "destination": name, "attempts": attempts,
                       "next_attempt_at": _time(next_at), "last_error": error}
                      for uid, name, attempts, next_at, error in store.retrying_deliveries(limit)],
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
           f"{'' if report['spool_writable'] else ', NOT WRITABLE'})")
     print("jobs:     " + " | ".join(f"{state} {count}" for state, count in report["jobs"].items()))
     print(f"backlog:  {report['backlog']} (waiting for classification or delivery)")
+    if report["routes"]:
+        print("routes:   " + " | ".join(f"{name} {count}"
+                                        for name, count in report["routes"].items())
+              + " (reports queued by the route they took)")
     if report["deliveries"] or destinations:
         print("deliveries:")
         for name in dict.fromkeys([*destinations, *report["deliveries"]]):
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{title}:")
             for entry in report[key]:
                 stage = f" [{entry['stage']}]" if entry["stage"] else ""
+                stage += f" route {entry['route']}" if entry["route"] else ""
                 print(f"  {entry['at']}  {entry['sop_instance_uid']}{stage}  {entry['reason']}")
     if report["needs_admin"]:
         print("needs admin:")
