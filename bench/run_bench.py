@@ -124,18 +124,30 @@ class BareStorageScp:
             self._server = None
 
 
+SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
 class TimedPacs(RecordingPacs):
-    """The recording PACS, noting when each report (by its SOP Instance UID) arrived."""
+    """The recording PACS, noting when each report (an SR, by its SOP Instance UID) arrived;
+    other objects the service sends with a report (a heat-map image) are counted apart."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.arrived_at: dict[str, float] = {}
+        self.other_objects = 0
 
     def _on_store(self, event) -> int:
         arrived = time.time()
         status = super()._on_store(event)
-        self.arrived_at[str(event.request.AffectedSOPInstanceUID)] = arrived
+        if str(event.request.AffectedSOPClassUID).startswith(SR_SOP_CLASS_PREFIX):
+            self.arrived_at[str(event.request.AffectedSOPInstanceUID)] = arrived
+        else:
+            self.other_objects += 1
         return status
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> bool:
+        """Wait until at least `count` reports have arrived."""
+        return wait_until(lambda: len(self.arrived_at) >= count, timeout)
 
 
 # --- one run: a receiver, a concurrency level ------------------------------------------------------
@@ -154,6 +166,10 @@ class RunResult:
     latency_seconds: dict[str, float] | None = None  # ack -> report stored at the PACS
     service_peak_rss_mb: float | None = None  # main process + helpers
     service: dict[str, float] | None = None  # service_figures()
+    # CPU per acknowledged film while films were sent and reported: the bare SCP's (this
+    # process, storescu excluded) or the service's (main + helpers, start-up excluded)
+    cpu_ms_per_film: float | None = None
+    workers: dict[str, Any] | None = None  # the service's workers_sized event: what it chose
     cpu_seconds: dict[str, float] | None = None  # this process / reaped children, during the run
     notes: list[str] = field(default_factory=list)
 
@@ -284,6 +300,7 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
         config = write_service_config(work, model=MODEL_PATH, destinations=[pacs.destination()],
                                       tables=tables)
         with ServiceProcess(config, work / "serve.log") as service:
+            at_start = service_figures(service.process.pid)  # start-up's CPU, left out below
             started_wall = time.time()
             if paced:  # one image per association, the next once its report is at the PACS
                 acknowledged, seconds = 0, 0.0
@@ -307,16 +324,28 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
                  if report_uid in pacs.arrived_at and source in received_at]
     reported = len(pacs.arrived_at)
     last_report = max(pacs.arrived_at.values(), default=started_wall) - started_wall
+    run_cpu = sum(figures[key] - at_start[key]
+                  for key in ("cpu_seconds_main", "cpu_seconds_helpers"))
+    figures["cpu_seconds_during_run"] = round(run_cpu, 2)
+    sized = next((event for event in events if event.get("event") == "workers_sized"), None)
     result = RunResult("pacs-ai paced" if paced else "pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
                        round(acknowledged / seconds, 2), reported=reported,
                        seconds_to_last_report=round(last_report, 3),
                        images_per_second_reported=round(reported / last_report, 2)
                        if reported else 0.0,
                        latency_seconds=percentiles(latencies),
-                       service_peak_rss_mb=figures["peak_rss_mb_total"], service=figures)
+                       service_peak_rss_mb=figures["peak_rss_mb_total"], service=figures,
+                       cpu_ms_per_film=round(1000 * run_cpu / acknowledged, 1)
+                       if acknowledged else None,
+                       workers=None if sized is None else {
+                           key: sized.get(key) for key in (
+                               "count", "processes", "helper_processes", "limited_by", "cpus",
+                               "affinity_cpus", "cpu_quota", "memory_mb", "memory_source")})
     if not all_reported:
         result.notes.append(f"only {reported} of {acknowledged} reports within "
                             f"{report_timeout_s} s")
+    if pacs.other_objects:
+        result.notes.append(f"{pacs.other_objects} other objects (heat maps) besides the reports")
     return result
 
 
@@ -368,14 +397,18 @@ def model_times(batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
 
 def print_table(results: list[RunResult], decode: list[dict], model: list[dict]) -> None:
     print("\nreceiver     assoc  sent  acked  recv img/s  reported  rep img/s  "
-          "latency med/p95/max (s)  peak RSS MB")
+          "latency med/p95/max (s)  peak RSS MB  CPU ms/film  workers x helpers")
     for r in results:
         latency = ("/".join(str(r.latency_seconds.get(k, "-")) for k in ("median", "p95", "max"))
                    if r.latency_seconds else "-")
+        workers = (f"{r.workers['count']} x {r.workers['processes']} "
+                   f"({r.workers['limited_by']}, {r.workers['cpus']} CPUs)"
+                   if r.workers else "-")
         print(f"{r.receiver:<12} {r.associations:>5} {r.sent:>5} {r.acknowledged:>6} "
               f"{r.images_per_second_received:>11} {r.reported if r.reported is not None else '-':>9} "
               f"{r.images_per_second_reported if r.images_per_second_reported is not None else '-':>10}  "
-              f"{latency:<24} {r.service_peak_rss_mb or '-'}"
+              f"{latency:<24} {r.service_peak_rss_mb or '-':>11}  "
+              f"{r.cpu_ms_per_film if r.cpu_ms_per_film is not None else '-':>11}  {workers}"
               + (f"   NOTE: {'; '.join(r.notes)}" if r.notes else ""))
     print("\ndecode + preprocess (pacs_ai.classify.prepare), median ms per image")
     for row in decode:
@@ -390,7 +423,8 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg()}
 
@@ -467,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             after = cpu_now()
         result.cpu_seconds = {"bench_process": round(after[0] - before[0], 2),
                               "child_processes": round(after[1] - before[1], 2)}
+        if result.receiver == "pynetdicom" and result.acknowledged:
+            # the bare SCP is a thread of this process, which is otherwise idle while sending
+            result.cpu_ms_per_film = round(1000 * (after[0] - before[0]) / result.acknowledged, 1)
         results.append(result)
         print(f"   {asdict(result)}", flush=True)
 

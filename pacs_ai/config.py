@@ -117,10 +117,13 @@ class ModelConfig:
     ood_threshold: float | None = None  # abstain above this out-of-distribution score
 
 
+AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.capacity)
+
+
 @dataclass(frozen=True)
 class WorkersConfig:
-    count: int = 1
-    processes: int = 1  # helper processes per worker for decoding and SRs; 0: in the worker thread
+    count: int | str = AUTO  # an int, or AUTO until the service has sized it
+    processes: int | str = AUTO  # helpers per worker for decoding and SRs; 0: in the worker thread
     batch_size: int = 4  # peak memory of a model call: +25 MB at 4, +90 MB at 16; ms/image alike
     torch_threads: int = 0  # 0: torch's default
 
@@ -369,6 +372,17 @@ class _Table:
         _check_range(self, key, value, minimum, maximum)
         return value
 
+    def integer_or_auto(self, key: str, *, minimum: int, maximum: int) -> int | str:
+        """A whole number, or "auto" (the default) for the service to derive."""
+        present, value = self._raw(key)
+        if not present or (isinstance(value, str) and value.strip().lower() == AUTO):
+            return AUTO
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f'expected "auto" or a whole number without quotes, got '
+                                 f"{_describe(value)}")
+        _check_range(self, key, value, minimum, maximum)
+        return value
+
     def number(self, key: str, default: float, *, minimum: float | None = None,
                maximum: float | None = None, exclusive_minimum: bool = False) -> float:
         present, value = self._raw(key)
@@ -601,8 +615,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
 
     t = table("workers")
     workers = WorkersConfig(
-        count=t.integer("count", 1, minimum=1, maximum=64),
-        processes=t.integer("processes", 1, minimum=0, maximum=64),
+        count=t.integer_or_auto("count", minimum=1, maximum=64),
+        processes=t.integer_or_auto("processes", minimum=0, maximum=64),
         batch_size=t.integer("batch_size", 4, minimum=1, maximum=512),
         torch_threads=t.integer("torch_threads", 0, minimum=0, maximum=256),
     )

@@ -21,6 +21,7 @@ import structlog
 import pacs_ai
 from pacs_ai import audit, health, metrics
 from pacs_ai.audit import AuditTrail
+from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
 from pacs_ai.image_work import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
@@ -64,7 +65,8 @@ class Service:
         """Open everything and start listening; on any failure, undo and raise (UserError for
         what the operator can fix)."""
         limit_malloc_arenas()
-        config = self.config
+        # [workers] "auto" becomes numbers from the CPUs and memory this process may use
+        config = self.config = sized_config(self.config)
         try:
             self.spool.prepare()
             self.spool.lock()
