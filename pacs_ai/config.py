@@ -176,6 +176,8 @@ class Destination:
     calling_ae_title: str = DEFAULT_AE_TITLE
     timeout_seconds: float = 30.0
     tls: TLSFiles | None = None  # None: plain TCP; TLSFiles(): TLS with the system CAs
+    # A C-ECHO every this many seconds, its result in status, /healthz and metrics; 0: none.
+    echo_interval_seconds: float = 0.0
     dicomweb: DicomWebTarget | None = None  # set for kind = "dicomweb": STOW-RS, not C-STORE
 
     @property
@@ -781,10 +783,14 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
         name = t.string("name", f"{ae_title}@{host}:{port}", check=_check_name)
         calling = t.string("calling_ae_title", listener_ae_title, check=check_ae_title)
         timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
+        echo_interval = t.number("echo_interval_seconds", 0.0, minimum=0)
+        if 0 < echo_interval < 10:
+            raise t.fail("echo_interval_seconds", "must be 0 (no C-ECHO) or at least 10 seconds")
         tls = _parse_destination_tls(t, base_dir)
         t.finish()
         destinations.append(Destination(name=name, ae_title=ae_title, host=host, port=port,
-                                        calling_ae_title=calling, timeout_seconds=timeout, tls=tls))
+                                        calling_ae_title=calling, timeout_seconds=timeout, tls=tls,
+                                        echo_interval_seconds=echo_interval))
     names = [d.name for d in destinations]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -879,7 +885,7 @@ def _parse_dicomweb_destination(t: _Table, base_dir: Path) -> Destination:
                               f'"{"bearer" if key == "token_file" else "basic"}"')
     if ca_file is not None and not url.lower().startswith("https://"):
         raise t.fail("ca_file", "is only used with an https:// url")
-    for key in ("ae_title", "host", "port", "tls", "calling_ae_title"):
+    for key in ("ae_title", "host", "port", "tls", "calling_ae_title", "echo_interval_seconds"):
         if key in t.data:
             raise t.fail(key, 'is for C-STORE destinations; a kind = "dicomweb" destination '
                               "takes url (and auth, ca_file)")

@@ -17,6 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
@@ -132,6 +133,36 @@ class CStoreTransport:
         return ae
 
     def connect(self) -> "CStoreConnection":
+        association = self._associate(self._ae())
+        send_small_messages_at_once(association)
+        return CStoreConnection(association)
+
+    def echo(self) -> tuple[bool, str]:
+        """One C-ECHO over an association of its own: (True, "0x0000"), or False and why
+        ("connection-failed: ...", a TLS cause, "refused: status 0x....")."""
+        ae = AE(ae_title=self.destination.calling_ae_title)
+        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+            setattr(ae, timeout, self.destination.timeout_seconds)
+        ae.add_requested_context(Verification)
+        try:
+            association = self._associate(ae)
+        except ConnectFailed as error:
+            return False, str(error)
+        try:
+            answer = association.send_c_echo()
+        except Exception as error:  # e.g. Verification not accepted by the PACS
+            return False, f"echo-failed: {error}"
+        finally:
+            if association.is_established:
+                association.release()
+        if "Status" not in answer:
+            return False, "no-answer: association lost or timed out"
+        status = int(answer.Status)
+        return (True, "0x0000") if status == 0 else (False, f"refused: status 0x{status:04X}")
+
+    def _associate(self, ae: AE):
+        """An established association from `ae` to the destination; ConnectFailed with why
+        not."""
         destination = self.destination
         tls_args = (self._ssl_context, destination.host) if self._ssl_context else None
         connected: list[bool] = []  # EVT_CONN_OPEN tells a refused connection from an abort
@@ -139,7 +170,7 @@ class CStoreTransport:
             self._ssl_context.tls_failure = None  # type: ignore[attr-defined]
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
-            association = self._ae().associate(
+            association = ae.associate(
                 destination.host, destination.port, ae_title=destination.ae_title,
                 tls_args=tls_args,
                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
@@ -150,8 +181,7 @@ class CStoreTransport:
             reason = ("association-rejected" if association.is_rejected else
                       "association-aborted" if connected else "connection-failed")
             raise ConnectFailed(self._tls_failure(where) or f"{reason}: {where}")
-        send_small_messages_at_once(association)
-        return CStoreConnection(association)
+        return association
 
     def _tls_failure(self, where: str) -> str | None:
         """Why the TLS connection of the last attempt failed ("tls-...: detail (where)")."""

@@ -45,11 +45,15 @@ def spool_state(spool: Spool, min_free_bytes: int) -> dict[str, Any]:
             "writable": write_problem is None, "problems": problems}
 
 
-def destinations_state(store: JobStore, config: Config, now: float | None = None
+def destinations_state(store: JobStore, config: Config, now: float | None = None,
+                       echoes: dict[str, dict[str, Any]] | None = None
                        ) -> dict[str, dict[str, Any]]:
     """Per configured destination: last success, pending deliveries and the oldest one's age
-    (since its image was received), and how long it has been failing."""
+    (since its image was received), how long it has been failing, and the latest C-ECHO
+    (`echoes`, pacs_ai.destination_echo.load_results; None where echoes are off)."""
     now = time.time() if now is None else now
+    echoes = echoes or {}
+    echoing = {d.name for d in config.destinations if d.echo_interval_seconds > 0}
     limit = config.status.destination_failing_seconds
     result = {}
     for name, state in store.destination_deliveries(d.name for d in config.destinations).items():
@@ -64,8 +68,21 @@ def destinations_state(store: JobStore, config: Config, now: float | None = None
             "failing_seconds": None if failing is None else round(failing, 3),
             "failing_too_long": failing is not None and failing > limit,
             "last_error": state.last_error,
+            "echo": _echo_state(echoes.get(name), now, limit) if name in echoing else None,
         }
     return result
+
+
+def _echo_state(echo: dict[str, Any] | None, now: float, limit: float) -> dict[str, Any]:
+    if not echo:
+        return {"ok": None, "at": None, "detail": "no C-ECHO yet", "failing_seconds": None,
+                "failing_too_long": False}
+    since = echo.get("failing_since")
+    failing = None if since is None else max(now - since, 0.0)
+    return {"ok": bool(echo.get("ok")), "at": iso(echo.get("at")), "detail": echo.get("detail"),
+            "milliseconds": echo.get("milliseconds"),
+            "failing_seconds": None if failing is None else round(failing, 3),
+            "failing_too_long": failing is not None and failing > limit}
 
 
 def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[str, Any]],
@@ -86,5 +103,10 @@ def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[st
                            f"{state['failing_seconds']:.0f} s (over [status] "
                            f"destination_failing_seconds {limit:g}) while deliveries fail: "
                            f"{state['last_error']}")
+        echo = state.get("echo")
+        if echo and echo["failing_too_long"]:
+            reasons.append(f"destination-echo-failing: {name} has not answered C-ECHO for "
+                           f"{echo['failing_seconds']:.0f} s (over [status] "
+                           f"destination_failing_seconds {limit:g}): {echo['detail']}")
     reasons.extend(spool["problems"])
     return reasons

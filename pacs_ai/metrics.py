@@ -83,6 +83,13 @@ LAST_DELIVERY_TIMESTAMP = Gauge(
 DESTINATION_FAILING_SECONDS = Gauge(
     "pacs_ai_destination_failing_seconds", "How long a destination has stored nothing while "
     "deliveries to it fail (0: not failing).", ["destination"], registry=REGISTRY)
+DESTINATION_ECHO_OK = Gauge(
+    "pacs_ai_destination_echo_ok", "1 when the latest C-ECHO to a destination succeeded, 0 "
+    "when it failed (destinations with echo_interval_seconds only); across replicas: min.",
+    ["destination"], registry=REGISTRY)
+DESTINATION_ECHO_TIMESTAMP = Gauge(
+    "pacs_ai_destination_echo_timestamp_seconds", "When the latest C-ECHO to a destination ran "
+    "(Unix time); across replicas: max.", ["destination"], registry=REGISTRY)
 MODEL_INFO = Gauge(
     "pacs_ai_model_info", "The model in use: always 1, its name and version as labels.",
     ["name", "version"], registry=REGISTRY)

@@ -23,6 +23,7 @@ from pacs_ai import audit, health, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
+from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
 from pacs_ai.image_work import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import Job, JobStore
@@ -48,6 +49,7 @@ class Service:
         self.workers: list[ClassificationWorker] = []
         self.image_work: list[ImageWork] = []  # one helper pool per worker
         self.senders: list[DestinationSender] = []
+        self.echoes: list[DestinationEcho] = []  # [[destinations]] echo_interval_seconds
         self.metrics_server: Any = None
         self.audit = AuditTrail.disabled()
         self._threads_stop = threading.Event()
@@ -154,7 +156,11 @@ class Service:
                 destination, self.spool, self.store, self.config.retry, self._threads_stop,
                 sender_wake, self.job_finished, self.audit,
                 include_patient_id=self.config.audit.include_patient_id))
-        for thread in (*self.workers, *self.senders):
+        echo_results = EchoResults(self.spool.root)
+        self.echoes = [DestinationEcho(destination, echo_results, self._threads_stop)
+                       for destination in self.config.destinations
+                       if destination.echo_interval_seconds > 0]
+        for thread in (*self.workers, *self.senders, *self.echoes):
             thread.start()
         if self.config.storage.keep_failed_days > 0:
             self._purge_thread = threading.Thread(target=self._purge_periodically, name="purge",
@@ -216,7 +222,8 @@ class Service:
         if self.scp is not None:
             self.scp.stop(self.config.limits.shutdown_grace_seconds)
         self._threads_stop.set()
-        threads = [*self.workers, *self.senders, *filter(None, [self._purge_thread])]
+        threads = [*self.workers, *self.senders, *self.echoes,
+                   *filter(None, [self._purge_thread])]
         for thread in threads:
             thread.join(timeout=THREAD_JOIN_SECONDS)
         still_running = [t.name for t in threads if t.is_alive()]
@@ -292,7 +299,8 @@ class Service:
         if self.store is None:
             return report
         ready = self.readiness()
-        destinations = health.destinations_state(self.store, self.config)
+        destinations = health.destinations_state(self.store, self.config,
+                                                  echoes=load_results(self.spool.root))
         pending = [s["oldest_pending_seconds"] for s in destinations.values()
                    if s["oldest_pending_seconds"] is not None]
         report.update(

@@ -74,6 +74,7 @@ def _seconds(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from pacs_ai import health
     from pacs_ai.config import load_config
+    from pacs_ai.destination_echo import load_results
     from pacs_ai.jobs import JobStore
     from pacs_ai.spool import Spool
 
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     store = JobStore.open(spool.db_path, create=False)
     try:
         spool_state = health.spool_state(spool, config.storage.min_free_bytes)
-        destinations = health.destinations_state(store, config)
+        destinations = health.destinations_state(store, config,
+                                                  echoes=load_results(spool.root))
         report = {"spool": str(spool.root), **collect(store, max(args.limit, 0)),
                   "spool_free_bytes": spool_state["free_bytes"],
                   "min_free_bytes": spool_state["min_free_bytes"],
@@ -119,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
             if state["failing_since"]:
                 print(f"    failing for {_seconds(state['failing_seconds'])} (since "
                       f"{state['failing_since']}): {state['last_error']}")
+            echo = state.get("echo")
+            if echo is not None:
+                outcome = {True: "ok", False: "FAILED", None: "not yet"}[echo["ok"]]
+                print(f"    echo {outcome}" + (f" at {echo['at']}" if echo["at"] else "")
+                      + (f": {echo['detail']}" if echo["ok"] is False else ""))
     for entry in report["retrying"]:
         print(f"  retrying {entry['report_uid']} to {entry['destination']}: attempt "
               f"{entry['attempts']} failed ({entry['last_error']}); next at "
