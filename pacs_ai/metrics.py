@@ -6,6 +6,12 @@ metric names. The listener increments the objects below; `start_metrics_server` 
 `/metrics` (Prometheus text format; an optional callback refreshes the gauges first), `/healthz`
 (liveness) and `/readyz` (readiness), each JSON from a callback: 200 when its "ok" is true,
 else 503.
+
+Across replicas (several `pacs-ai serve` behind a load balancer), every series is one replica's
+whole: its main process does all the counting (helper processes decode and render, and count
+nothing), so counters and histogram buckets add up with `sum`, and each gauge's help says how to
+combine it. prometheus-client's `*_created` series (a per-process start time, which adds up to
+nothing) are not exported.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import disable_created_metrics, generate_latest
 
 from pacs_ai.errors import UserError
 
 log = structlog.get_logger()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+disable_created_metrics()
 
 RECEIVED = Counter(
     "pacs_ai_received", "Instances received by C-STORE and acknowledged (durably spooled).",
@@ -63,26 +70,28 @@ RECEIVE_TO_DELIVERY_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0),
     registry=REGISTRY)
 BACKLOG = Gauge(
-    "pacs_ai_backlog_jobs", "Jobs received but not yet finished (queued or being retried).",
-    registry=REGISTRY)
+    "pacs_ai_backlog_jobs", "Jobs received but not yet finished (queued or being retried); "
+    "across replicas: sum.", registry=REGISTRY)
 
 # Set at each scrape (Service.refresh_gauges), from the spool and the job queue.
 READY = Gauge(
-    "pacs_ai_ready", "1 when the service can take films (what /readyz answers 200 for), else 0.",
-    registry=REGISTRY)
+    "pacs_ai_ready", "1 when the service can take films (what /readyz answers 200 for), else 0; "
+    "across replicas: sum, the replicas taking films.", registry=REGISTRY)
 SPOOL_FREE_BYTES = Gauge(
     "pacs_ai_spool_free_bytes", "Free bytes on the spool's file system; below [storage] "
-    "min_free_bytes new images are refused.", registry=REGISTRY)
+    "min_free_bytes new images are refused; across replicas: min (replicas may share a disk).",
+    registry=REGISTRY)
 OLDEST_PENDING_DELIVERY_SECONDS = Gauge(
     "pacs_ai_oldest_pending_delivery_seconds", "Age of the oldest report waiting for delivery "
-    "to a destination, since its image was received (0: none waiting).",
+    "to a destination, since its image was received (0: none waiting); across replicas: max.",
     ["destination"], registry=REGISTRY)
 LAST_DELIVERY_TIMESTAMP = Gauge(
     "pacs_ai_last_delivery_timestamp_seconds", "When a destination last stored a report (Unix "
-    "time; 0: never).", ["destination"], registry=REGISTRY)
+    "time; 0: never); across replicas: max.", ["destination"], registry=REGISTRY)
 DESTINATION_FAILING_SECONDS = Gauge(
     "pacs_ai_destination_failing_seconds", "How long a destination has stored nothing while "
-    "deliveries to it fail (0: not failing).", ["destination"], registry=REGISTRY)
+    "deliveries to it fail (0: not failing); across replicas: min, failing for all of them, "
+    "or max, for one.", ["destination"], registry=REGISTRY)
 DESTINATION_ECHO_OK = Gauge(
     "pacs_ai_destination_echo_ok", "1 when the latest C-ECHO to a destination succeeded, 0 "
     "when it failed (destinations with echo_interval_seconds only); across replicas: min.",
@@ -91,8 +100,13 @@ DESTINATION_ECHO_TIMESTAMP = Gauge(
     "pacs_ai_destination_echo_timestamp_seconds", "When the latest C-ECHO to a destination ran "
     "(Unix time); across replicas: max.", ["destination"], registry=REGISTRY)
 MODEL_INFO = Gauge(
-    "pacs_ai_model_info", "The model in use: always 1, its name and version as labels.",
+    "pacs_ai_model_info", "The model in use: always 1, its name and version as labels; across "
+    "replicas: sum by (name, version), the replicas running each.",
     ["name", "version"], registry=REGISTRY)
+WORKERS = Gauge(
+    "pacs_ai_workers", "Classification worker threads (kind=threads) and their helper processes "
+    "for decoding and reports (kind=helper_processes) this replica runs; across replicas: sum.",
+    ["kind"], registry=REGISTRY)
 
 HealthCallback = Callable[[], dict[str, Any]]
 

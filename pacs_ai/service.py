@@ -265,6 +265,9 @@ class Service:
             metrics.MODEL_INFO.clear()
             metrics.MODEL_INFO.labels(name=self.model.info.name,
                                       version=self.model.info.version).set(1)
+        metrics.WORKERS.labels(kind="threads").set(len(self.workers))
+        metrics.WORKERS.labels(kind="helper_processes").set(
+            sum(work.processes for work in self.image_work))
 
     def readiness(self) -> dict[str, Any]:
         """/readyz: whether a film sent now would be taken. "ok" false names each problem."""

@@ -34,6 +34,7 @@ from pacs_ai.uids import report_uid
 from tests.conftest import require_tool
 from tests.dicom_peers import (
     CR_IMAGE_STORAGE,
+    RecordingPacs,
     ServiceProcess,
     SimulatedModality,
     free_port,
@@ -190,16 +191,16 @@ def test_three_replicas_behind_haproxy_a_kill_9_and_a_drain_lose_no_film(tmp_pat
 
 
 def replica_config(folder: Path, model_path: Path, *, destinations: list[dict],
-                   storage: dict | None = None) -> tuple[Path, int]:
-    """A replica's config (its own spool in `folder`) and its metrics/health port."""
+                   storage: dict | None = None, processes: int = 0) -> tuple[Path, int]:
+    """A replica's config (its own spool in `folder`) and its metrics/health port. Several
+    services share this machine's cores: by default they decode in the worker thread."""
     folder.mkdir()
     health_port = free_port()
     config = write_service_config(folder, model=model_path, destinations=destinations, tables={
         # A draining replica waits for its running associations up to this long.
         "limits": {"shutdown_grace_seconds": 30},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": health_port},
-        # Several services share this machine's cores: decode in the worker thread.
-        "workers": {"count": 1, "processes": 0, "torch_threads": 1},
+        "workers": {"count": 1, "processes": processes, "torch_threads": 1},
         "storage": storage or {},
         "log": {"level": "info"}})
     return config, health_port
@@ -248,6 +249,82 @@ def test_haproxy_keeps_films_away_from_a_replica_below_its_spool_floor(tmp_path)
     finally:
         for replica in replicas:
             replica.service.kill()
+
+
+def scrape(replica: Replica) -> list:
+    """The samples of a replica's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{replica.health_port}/metrics",
+                                timeout=5) as response:
+        text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples]
+
+
+def summed(samples: list, name: str, **labels: str) -> float:
+    return sum(s.value for s in samples if s.name == name
+               and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.mark.slow
+def test_the_metrics_of_two_replicas_add_up(tmp_path):
+    """Issue 16 item 4: summed over the replicas, the counters equal what the modalities and
+    the PACS saw: C-STOREs acknowledged (a film sent twice counts twice), films classified and
+    reports delivered (once per replica that took the film); the gauges combine as their help
+    says. Each replica runs a helper process, whose work shows in its replica's counters, once."""
+    model_path = tiny_model(tmp_path)
+    with RecordingPacs() as pacs:
+        replicas = []
+        for name in ("pacs-ai-1", "pacs-ai-2"):
+            config, health_port = replica_config(tmp_path / name, model_path,
+                                                 destinations=[pacs.destination()], processes=1)
+            replicas.append(Replica(name, tmp_path / name, config, health_port))
+        with ThreadPoolExecutor(len(replicas)) as pool:
+            list(pool.map(Replica.start, replicas))
+        try:
+            with HAProxy(tmp_path / "haproxy", [r.backend() for r in replicas]) as proxy:
+                for replica in replicas:
+                    assert proxy.wait_for_state(replica.name, "UP", HAPROXY_SETTLE_S)
+                streams = [Stream(f"XRAY_ROOM_{n}", films_of_one_study(5, 6000 + 10 * n))
+                           for n in range(STREAMS)]
+                with ThreadPoolExecutor(STREAMS) as pool:
+                    list(pool.map(lambda s: s.run(proxy.port, time.monotonic() + 60), streams))
+                # A modality sends one study again: new C-STOREs, the same films.
+                again = Stream("XRAY_ROOM_0", streams[0].films)
+                again.run(proxy.port, time.monotonic() + 60)
+            stores = sum(len(s.acknowledged) for s in streams) + len(again.acknowledged)
+            films = {str(ds.SOPInstanceUID) for s in streams for ds in s.films}
+            assert stores == len(films) + len(again.films)
+            # A replica keeps one job per film: a film it already has is acknowledged again
+            # and not classified again; a film sent again to the other replica is.
+            jobs = sum(len(spool_jobs(r.spool)) for r in replicas)
+            assert len(films) <= jobs <= stores
+            assert wait_until(lambda: len(pacs.snapshot()) >= jobs, REPORTS_TIMEOUT_S)
+            assert wait_until(lambda: sum(summed(scrape(r), "pacs_ai_reported_total")
+                                          for r in replicas) >= jobs, 30)
+            samples = [sample for replica in replicas for sample in scrape(replica)]
+        finally:
+            for replica in replicas:
+                replica.service.kill()
+    delivered = pacs.snapshot()
+    assert summed(samples, "pacs_ai_received_total") == stores
+    assert summed(samples, "pacs_ai_classified_total") == jobs
+    assert summed(samples, "pacs_ai_classify_seconds_count") == jobs
+    assert summed(samples, "pacs_ai_reported_total", destination="PACS@127.0.0.1:"
+                  f"{pacs.port}") == len(delivered) == jobs
+    assert len({str(ds.SOPInstanceUID) for ds in delivered}) == len(films)  # one report each
+    assert summed(samples, "pacs_ai_backlog_jobs") == 0
+    assert summed(samples, "pacs_ai_ready") == len(replicas)
+    versions = {tuple(sorted(s.labels.items())) for s in samples if s.name == "pacs_ai_model_info"}
+    assert len(versions) == 1 and summed(samples, "pacs_ai_model_info") == len(replicas)
+    assert summed(samples, "pacs_ai_workers", kind="helper_processes") == len(replicas)
+    assert summed(samples, "pacs_ai_workers", kind="threads") == len(replicas)
+    assert not [s.name for s in samples if s.name.endswith("_created")]
+    print(f"two replicas: {stores} C-STOREs acknowledged ({len(films)} films, one study of "
+          f"{len(again.films)} sent twice) = received_total summed; {jobs} jobs (a film the "
+          f"other replica took again) = classified_total = reported_total summed = reports "
+          f"delivered {len(delivered)}; distinct reports at the PACS {len(films)}")
 
 
 def run_kill_9_phase(tmp_path: Path, model_path: Path, orthanc: Orthanc, proxy: HAProxy,
