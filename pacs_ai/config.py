@@ -243,6 +243,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The queue page (/queue) and its JSON (/api/queue), on the [metrics] server."""
+
+    enabled: bool = True
+    token_file: Path | None = None  # the retry button's token; None: the page is read-only
+    show_accession_number: bool = False
+    recent_films: int = 50
+    refresh_seconds: int = 15  # the page reloads itself this often (0: never)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -290,6 +301,7 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     routing: "RoutingConfig" = field(default_factory=lambda: RoutingConfig())
+    web: WebConfig = field(default_factory=WebConfig)
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
@@ -540,7 +552,7 @@ def _check_host(value: str) -> str | None:
 
 TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
                     "destinations", "retry", "log", "metrics", "tls", "status", "audit",
-                    "routes", "routing")
+                    "routes", "routing", "web")
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -705,10 +717,20 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
 
     routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
 
+    t = table("web")
+    web = WebConfig(
+        enabled=t.boolean("enabled", True),
+        token_file=t.path("token_file", None, base_dir, must_exist=True),
+        show_accession_number=t.boolean("show_accession_number", False),
+        recent_films=t.integer("recent_films", WebConfig.recent_films, minimum=1, maximum=1000),
+        refresh_seconds=t.integer("refresh_seconds", WebConfig.refresh_seconds, minimum=0,
+                                  maximum=3600))
+    t.finish()
+
     return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
                   log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
-                  source=source)
+                  web=web, source=source)
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:

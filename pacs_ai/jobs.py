@@ -570,5 +570,32 @@ class JobStore:
             "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' AND "
             "d.attempts > 0 ORDER BY d.next_attempt_at LIMIT ?", (limit,))
 
+    def recent_jobs(self, limit: int) -> list[Job]:
+        """The latest received jobs, newest first (the queue page)."""
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY received_at DESC, id DESC "
+                          "LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def job_by_id(self, job_id: int) -> Job | None:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return Job(*rows[0]) if rows else None
+
+    def deliveries_of(self, job_ids: Iterable[int]) -> dict[int, dict[str, dict[str, Any]]]:
+        """Per job, per destination: state, attempts, last_error. Where a destination has
+        several rows for a job (the report and other objects), the least advanced is shown."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        rank = {"failed": 0, "pending": 1, "done": 2}
+        result: dict[int, dict[str, dict[str, Any]]] = {}
+        for job_id, name, state, attempts, error in self._read(
+                "SELECT job_id, destination, state, attempts, last_error FROM deliveries "
+                f"WHERE job_id IN ({','.join('?' * len(ids))})", ids):
+            shown = result.setdefault(job_id, {}).get(name)
+            if shown is None or rank.get(state, 0) < rank.get(shown["state"], 0):
+                result[job_id][name] = {"state": state, "attempts": attempts,
+                                        "last_error": error}
+        return result
+
     def all_jobs(self) -> list[Job]:
         return [Job(*row) for row in self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")]

@@ -141,7 +141,8 @@ class MetricsServer:
 
 
 def _handler_class(health: HealthCallback, ready: HealthCallback,
-                   refresh: Callable[[], None] | None) -> type[BaseHTTPRequestHandler]:
+                   refresh: Callable[[], None] | None,
+                   web: Any = None) -> type[BaseHTTPRequestHandler]:
     class MetricsHandler(BaseHTTPRequestHandler):
         server_version = "pacs-ai-metrics"
 
@@ -157,14 +158,44 @@ def _handler_class(health: HealthCallback, ready: HealthCallback,
             elif path in ("/healthz", "/readyz"):
                 status, body = _health_response(health if path == "/healthz" else ready)
                 self._send(status, "application/json", body)
-            else:
+            elif not self._web(lambda: web.get(path)):
                 self._send(404, "text/plain; charset=utf-8",
-                           b"not found: try /metrics, /healthz or /readyz\n")
+                           b"not found: try /metrics, /healthz, /readyz or /queue\n")
 
-        def _send(self, status: int, content_type: str, body: bytes) -> None:
+        def do_POST(self) -> None:  # noqa: N802
+            """The queue page's retry (pacs_ai.web); nothing else takes a POST."""
+            path = self.path.split("?", 1)[0]
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > 4096:
+                self._send(413, "text/plain; charset=utf-8", b"request body too large\n")
+                return
+            body = self.rfile.read(length) if length > 0 else b""
+            if not self._web(lambda: web.post(path, body, self.headers.get("Authorization"),
+                                              self.client_address[0])):
+                self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _web(self, answer_of: Callable[[], Any]) -> bool:
+            """Answer from the queue page; False when it has no answer for this path."""
+            if web is None:
+                return False
+            try:
+                answer = answer_of()
+            except Exception as error:  # the queue unreadable: say so, keep serving
+                log.exception("web_page_failed", error=str(error))
+                self._send(500, "text/plain; charset=utf-8", b"internal error, see the log\n")
+                return True
+            if answer is None:
+                return False
+            self._send(answer.status, answer.content_type, answer.body, answer.headers)
+            return True
+
+        def _send(self, status: int, content_type: str, body: bytes,
+                  headers: tuple[tuple[str, str], ...] = ()) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -188,11 +219,14 @@ def _health_response(health: HealthCallback) -> tuple[int, bytes]:
 
 def start_metrics_server(host: str, port: int, health: HealthCallback,
                          ready: HealthCallback | None = None,
-                         refresh: Callable[[], None] | None = None) -> MetricsServer:
+                         refresh: Callable[[], None] | None = None,
+                         web: Any = None) -> MetricsServer:
     """Serve /metrics, /healthz (`health`) and /readyz (`ready`, default `health`) on host:port
-    (port 0: a free port) in a daemon thread; `refresh` runs before each /metrics answer."""
+    (port 0: a free port) in a daemon thread; `refresh` runs before each /metrics answer. `web`
+    (a pacs_ai.web.QueuePage) adds the queue page and its JSON."""
     try:
-        httpd = ThreadingHTTPServer((host, port), _handler_class(health, ready or health, refresh))
+        httpd = ThreadingHTTPServer((host, port),
+                                    _handler_class(health, ready or health, refresh, web))
     except OSError as error:
         raise UserError(
             f"cannot serve metrics on {host}:{port}: {error.strerror or error}; "

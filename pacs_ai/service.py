@@ -31,6 +31,7 @@ from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP
 from pacs_ai.sender import DestinationSender
 from pacs_ai.spool import Spool
+from pacs_ai.web import QueuePage
 from pacs_ai.worker import ClassificationWorker
 
 log = structlog.get_logger()
@@ -81,9 +82,11 @@ class Service:
                 import torch
                 torch.set_num_threads(config.workers.torch_threads)
             if config.metrics.enabled:
+                queue_page = (QueuePage(config, self.store, self.model.info.label)
+                              if config.web.enabled else None)
                 self.metrics_server = metrics.start_metrics_server(
                     config.metrics.host, config.metrics.port, self.health, self.readiness,
-                    self.refresh_gauges)
+                    self.refresh_gauges, web=queue_page)
             self._start_audit()
             self._start_threads()
             self.scp = StorageSCP(config, self.spool, self.store, self.audit)

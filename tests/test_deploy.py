@@ -693,6 +693,10 @@ def test_the_guide_commands_work_against_an_installed_service(
             assert ready["ok"] is True and ready["problems"] == []
             assert "`curl -fsS http://127.0.0.1:9108/readyz`" in GUIDE.read_text()
             run_as_written("curl -fsS http://127.0.0.1:9108/readyz")
+            queue = json.loads(run_as_written(
+                guide_command("curl -s http://127.0.0.1:9108/api/queue")).stdout)
+            assert queue["films"][0]["deliveries"]["main-pacs"]["state"] == "done", queue
+            assert queue["films"][0]["calling_ae_title"] == "MODALITY"
             run_as_written(guide_command("sudo -u pacs-ai pacs-ai status"))
             run_as_written(guide_command("sudo -u pacs-ai pacs-ai retry"))
             run_as_written(guide_command("df -h /var/lib/pacs-ai"))
