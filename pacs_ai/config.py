@@ -131,6 +131,10 @@ class WorkersConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     sr_kind: str = "comprehensive3d"
+    # the heat-map image (Secondary Capture) sent with the report of a film reported as
+    # pneumonia, when the model gives saliency maps; for normal findings too when asked
+    heatmap: bool = True
+    heatmap_for_normal: bool = False
 
 
 @dataclass(frozen=True)
@@ -639,7 +643,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     filters = parse_filter_policy(data.get("filters", {}))
 
     t = table("report")
-    report = ReportConfig(sr_kind=t.string("sr_kind", "comprehensive3d", choices=SR_KINDS))
+    report = ReportConfig(sr_kind=t.string("sr_kind", "comprehensive3d", choices=SR_KINDS),
+                          heatmap=t.boolean("heatmap", True),
+                          heatmap_for_normal=t.boolean("heatmap_for_normal", False))
     t.finish()
 
     destinations = parse_destinations(data.get("destinations", []), base_dir, listener.ae_title)

@@ -19,7 +19,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom import _config as _pynetdicom_config
-from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage,
+                                  SecondaryCaptureImageStorage)
 
 from pacs_ai.config import Destination, TLSFiles
 from pacs_ai.sockets import send_small_messages_at_once
@@ -127,7 +128,9 @@ class CStoreTransport:
             setattr(ae, timeout, destination.timeout_seconds)
         # One context per transfer syntax, so a PACS that takes both accepts both and the
         # report goes as stored (Explicit VR); offered together, PACSs often pick Implicit VR.
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+        # (and the heat-map images, pacs_ai.heatmap_image)
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage,
+                          SecondaryCaptureImageStorage):
             for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
                 ae.add_requested_context(sop_class, [syntax])
         return ae

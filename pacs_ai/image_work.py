@@ -11,8 +11,10 @@ in flight run again one at a time, so the one image that crashed it is failed wi
 Two kinds of work, both plain functions of picklable arguments:
 - `prepare_image`: `pacs_ai.classify.prepare` (filter -> decode -> the one preprocessing step),
   exactly as `pacs-ai classify` does it;
-- `render_report`: read the source header, build the SR, encode it to bytes. The worker writes
-  the bytes durably itself, so the queue and the spool stay in one process.
+- `render_report`: read the source header, build the SR (with the region its saliency map
+  outlines, for a film reported as pneumonia), encode it to bytes; and the heat-map image when
+  asked (decoding the film again: only for those films). The worker writes the bytes durably
+  itself, so the queue and the spool stay in one process.
 
 `processes = 0` in [workers] runs the same functions in the worker thread (no helper).
 The model stays in the service process: inference releases the lock and is 6 ms per image.
@@ -56,6 +58,11 @@ class RenderedReport:
     report_uid: str | None = None
     data: bytes | None = None
     error: str | None = None
+    # the heat-map image (Secondary Capture), when one was asked for and could be made;
+    # heatmap_error says why not otherwise (the report is sent without it)
+    heatmap_uid: str | None = None
+    heatmap_data: bytes | None = None
+    heatmap_error: str | None = None
 
 
 def prepare_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
@@ -63,21 +70,55 @@ def prepare_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared
 
 
 def render_report(image_path: Path, probability: float, model: ModelInfo,
-                  sr_kind: str) -> RenderedReport:
+                  sr_kind: str, saliency: Any = None,
+                  heatmap_image: bool = False) -> RenderedReport:
     """The SR for one classified image, encoded; errors come back as values (some highdicom
-    exceptions do not survive pickling)."""
+    exceptions do not survive pickling). `saliency`: the film's normalised map grid
+    (pacs_ai.heatmap) or None; `heatmap_image`: also make the heat-map image from it."""
     import pydicom
 
+    from pacs_ai.heatmap import region_polygon, to_film
     from pacs_ai.report import build_report
 
     try:
-        source = pydicom.dcmread(image_path, stop_before_pixels=True)
-        report = build_report(source, probability, model, sr_kind=sr_kind)
+        source = pydicom.dcmread(image_path, stop_before_pixels=not heatmap_image)
+        region = None
+        if saliency is not None and probability >= model.threshold:
+            polygon = region_polygon(saliency)
+            if polygon is not None:
+                region = to_film(polygon, saliency.shape, int(source.Rows), int(source.Columns))
+        report = build_report(source, probability, model, sr_kind=sr_kind, region=region)
         encoded = io.BytesIO()
         report.save_as(encoded, enforce_file_format=True)
     except Exception as error:  # ReportSourceError, ValueError, highdicom's checks
         return RenderedReport(error=f"report-failed: {error}")
-    return RenderedReport(report_uid=str(report.SOPInstanceUID), data=encoded.getvalue())
+    rendered = RenderedReport(report_uid=str(report.SOPInstanceUID), data=encoded.getvalue())
+    if heatmap_image and saliency is not None:
+        return _with_heatmap(rendered, source, saliency, region, probability, model)
+    return rendered
+
+
+def _with_heatmap(rendered: RenderedReport, source: Any, saliency: Any, region: Any,
+                  probability: float, model: ModelInfo) -> RenderedReport:
+    """The rendered report with its heat-map image, or with heatmap_error saying why none."""
+    from dataclasses import replace
+
+    from pacs_ai.heatmap_image import build_heatmap_image
+    from pacs_ai.pixels import display_array
+    from pacs_ai.report import source_header
+
+    try:
+        display = display_array(source)
+        image = build_heatmap_image(source_header(source), display, saliency, region,
+                                    probability, model)
+        del display
+        encoded = io.BytesIO()
+        image.save_as(encoded, enforce_file_format=True)
+    except Exception as error:  # the report goes without it
+        return replace(rendered, heatmap_error=f"heatmap-failed: {type(error).__name__}: "
+                                               f"{error}")
+    return replace(rendered, heatmap_uid=str(image.SOPInstanceUID),
+                   heatmap_data=encoded.getvalue())
 
 
 PARENT_CHECK_SECONDS = 1.0
@@ -158,10 +199,11 @@ class ImageWork:
                    for path in paths]
         return PendingWork(self, calls, crashed)
 
-    def start_render(self, items: Sequence[tuple[Path, float]], model: ModelInfo,
+    def start_render(self, items: Sequence[tuple[Path, float, Any, bool]], model: ModelInfo,
                      sr_kind: str) -> PendingWork[RenderedReport]:
-        calls = [(render_report, (path, probability, model, sr_kind))
-                 for path, probability in items]
+        """items: (image path, probability, saliency grid or None, make the heat-map image)."""
+        calls = [(render_report, (path, probability, model, sr_kind, saliency, heatmap_image))
+                 for path, probability, saliency, heatmap_image in items]
         crashed = [RenderedReport(error="report-failed: the helper process building this "
                                         "report died")] * len(items)
         return PendingWork(self, calls, crashed)

@@ -6,8 +6,11 @@ A job is one received instance. Its life:
                            -> skipped     (not a film the model was made for; reason kept)
                            -> failed      (cannot decode, cannot build the report, or a
                                            delivery gave up; reason kept, `pacs-ai retry` requeues)
-Each job that has a report gets one delivery row per destination:
-    pending (attempts, next_attempt_at) -> done | failed.
+Each job that has a report gets one delivery row per destination and object: the report, and
+its heat-map image where one was made (pacs_ai.heatmap_image); each goes
+    pending (attempts, next_attempt_at) -> done | failed
+on its own, so a PACS that refuses the image still stores the report. Both files are in the
+outbox before the job is marked reported, in one transaction with both rows.
 
 Jobs left in `classifying` by a crash go back to `pending` at start-up; a job's report UID is
 deterministic, so doing it again yields the same report. One SOP Instance UID is one job,
@@ -19,6 +22,7 @@ other processes (`pacs-ai status`, `pacs-ai retry`) open their own connection.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -68,7 +72,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     first_attempt_at REAL,
     last_error TEXT,
     delivered_at REAL,
-    PRIMARY KEY (job_id, destination)
+    object TEXT NOT NULL DEFAULT 'report',  -- what is sent: 'report' or 'heatmap'
+    object_uid TEXT,                   -- a heatmap's SOP Instance UID (a report's: the job's)
+    object_file TEXT,                  -- a heatmap's file, relative to the spool
+    PRIMARY KEY (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
 """
@@ -115,6 +122,8 @@ class Delivery:
     report_uid: str
     sop_instance_uid: str
     received_at: float
+    # "report": report_file and report_uid are the SR's; "heatmap": the heat-map image's
+    object: str = "report"
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,36 @@ def is_purged(job: Job) -> bool:
     return job.image_file == "" and job.report_file is None
 
 
+_DELIVERIES_TABLE = re.search(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", SCHEMA,
+                              re.DOTALL).group(0)
+_DELIVERIES_INDEX = re.search(r"CREATE INDEX IF NOT EXISTS deliveries_due [^;]*;", SCHEMA).group(0)
+
+
+def _add_delivery_objects(connection: sqlite3.Connection) -> None:
+    """A queue written before heat-map images: its deliveries table gets the object columns
+    and the primary key (job, destination, object), copied in one transaction (SQLite cannot
+    change a primary key in place); its rows stay the report deliveries they were."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(deliveries)")}
+    if "object" in columns:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute("ALTER TABLE deliveries RENAME TO deliveries_before_objects")
+        connection.execute(_DELIVERIES_TABLE)
+        connection.execute(
+            "INSERT INTO deliveries (job_id, destination, state, attempts, next_attempt_at, "
+            "first_attempt_at, last_error, delivered_at) SELECT job_id, destination, state, "
+            "attempts, next_attempt_at, first_attempt_at, last_error, delivered_at "
+            "FROM deliveries_before_objects")
+        connection.execute("DROP TABLE deliveries_before_objects")  # and its index
+        connection.execute(_DELIVERIES_INDEX)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 @dataclass(frozen=True)
 class PurgedJob:
     sop_instance_uid: str
@@ -194,6 +233,7 @@ class JobStore:
                 raise UserError(f"{path} was written by a newer pacs-ai (queue schema {version}); "
                                 "upgrade pacs-ai or use another spool")
             connection.executescript(SCHEMA)
+            _add_delivery_objects(connection)
             present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
             for column in ADDED_JOB_COLUMNS:
                 if column not in present:
@@ -332,8 +372,10 @@ class JobStore:
 
     def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
                       report_file: str, classify_ms: float, destinations: Iterable[str],
-                      route: str | None = None, model: str | None = None) -> str:
-        """The report is in the outbox: queue one delivery per destination (those of `route`).
+                      route: str | None = None, model: str | None = None,
+                      heatmap_uid: str | None = None, heatmap_file: str | None = None) -> str:
+        """The report (and its heat-map image, when `heatmap_file` is given) is in the outbox:
+        queue one delivery per destination and object (those of `route`).
         Returns the new state: 'delivering', or 'done' when there is no destination."""
         names = list(destinations)
         state = "delivering" if names else "done"
@@ -348,6 +390,12 @@ class JobStore:
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
                            "next_attempt_at) VALUES (?, ?, 'pending', ?)",
                            [(job_id, name, now) for name in names])
+            if heatmap_file is not None:
+                db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
+                               "next_attempt_at, object, object_uid, object_file) "
+                               "VALUES (?, ?, 'pending', ?, 'heatmap', ?, ?)",
+                               [(job_id, name, now, heatmap_uid, heatmap_file)
+                                for name in names])
             return state
         result = self._write(body)
         if names:
@@ -358,10 +406,12 @@ class JobStore:
 
     def due_deliveries(self, destination: str, now: float, limit: int) -> list[Delivery]:
         rows = self._read(
-            "SELECT d.job_id, d.destination, d.attempts, d.first_attempt_at, j.report_file, "
-            "j.report_uid, j.sop_instance_uid, j.received_at FROM deliveries d "
+            "SELECT d.job_id, d.destination, d.attempts, d.first_attempt_at, "
+            "COALESCE(d.object_file, j.report_file), COALESCE(d.object_uid, j.report_uid), "
+            "j.sop_instance_uid, j.received_at, d.object FROM deliveries d "
             "JOIN jobs j ON j.id = d.job_id WHERE d.destination = ? AND d.state = 'pending' "
-            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.job_id LIMIT ?",
+            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.job_id, d.object DESC "
+            "LIMIT ?",
             (destination, now, limit))
         return [Delivery(*row) for row in rows]
 
@@ -370,19 +420,20 @@ class JobStore:
                           "WHERE destination = ? AND state = 'pending'", (destination,))
         return rows[0][0]
 
-    def delivery_succeeded(self, job_id: int, destination: str) -> Job | None:
+    def delivery_succeeded(self, job_id: int, destination: str,
+                           object: str = "report") -> Job | None:
         """Record a delivery; returns the job when this completed all of its deliveries."""
         def body(db: sqlite3.Connection) -> Job | None:
             now = time.time()
             db.execute("UPDATE deliveries SET state = 'done', attempts = attempts + 1, "
                        "first_attempt_at = COALESCE(first_attempt_at, ?), delivered_at = ?, "
-                       "last_error = NULL WHERE job_id = ? AND destination = ?",
-                       (now, now, job_id, destination))
+                       "last_error = NULL WHERE job_id = ? AND destination = ? AND object = ?",
+                       (now, now, job_id, destination, object))
             return self._settle_job(db, job_id, now)
         return self._write(body)
 
     def delivery_failed(self, job_id: int, destination: str, error: str, *,
-                        retry_at: float | None) -> Job | None:
+                        retry_at: float | None, object: str = "report") -> Job | None:
         """Record a failed attempt: retried at `retry_at`, or given up for good when None.
         Returns the job when this was its last open delivery."""
         def body(db: sqlite3.Connection) -> Job | None:
@@ -390,16 +441,18 @@ class JobStore:
             state = "pending" if retry_at is not None else "failed"
             db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
                        "first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, "
-                       "last_error = ? WHERE job_id = ? AND destination = ?",
+                       "last_error = ? WHERE job_id = ? AND destination = ? AND object = ?",
                        (state, now, retry_at if retry_at is not None else now, error, job_id,
-                        destination))
+                        destination, object))
             return self._settle_job(db, job_id, now) if retry_at is None else None
         return self._write(body)
 
     def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> Job | None:
         """Close a delivering job once none of its deliveries is pending."""
-        rows = db.execute("SELECT destination, state, last_error FROM deliveries "
-                          "WHERE job_id = ?", (job_id,)).fetchall()
+        rows = db.execute("SELECT destination || CASE object WHEN 'report' THEN '' "
+                          "ELSE ' (' || object || ')' END, state, last_error FROM deliveries "
+                          "WHERE job_id = ? ORDER BY destination, object DESC",
+                          (job_id,)).fetchall()
         if any(state == "pending" for _, state, _ in rows):
             return None
         failed = [(name, error) for name, state, error in rows if state == "failed"]
@@ -433,6 +486,12 @@ class JobStore:
                 self._settle_job(db, job_id, now)
             return len(rows)
         return self._write(body)
+
+    def heatmap_files(self, job_id: int) -> list[str]:
+        """The heat-map image files of a job's deliveries (spool-relative; none for most)."""
+        return [row[0] for row in self._read(
+            "SELECT DISTINCT object_file FROM deliveries WHERE job_id = ? AND object_file IS "
+            "NOT NULL", (job_id,))]
 
     # --- operator commands ----------------------------------------------------------------
 
@@ -470,10 +529,13 @@ class JobStore:
             ids = [(row[0],) for row in rows]
             db.executemany("UPDATE jobs SET image_file = '', report_file = NULL WHERE id = ?",
                            ids)
+            heatmaps = {job_id: file for job_id, file in db.execute(
+                "SELECT job_id, object_file FROM deliveries WHERE object_file IS NOT NULL AND "
+                f"job_id IN ({','.join('?' * len(ids))})", [i for (i,) in ids]).fetchall()}
             db.executemany("DELETE FROM deliveries WHERE job_id = ? AND state = 'failed'", ids)
             return [PurgedJob(sop_instance_uid=uid, state=state,
-                              files=tuple(f for f in (image, report) if f))
-                    for _, uid, state, image, report in rows]
+                              files=tuple(f for f in (image, report, heatmaps.get(job_id)) if f))
+                    for job_id, uid, state, image, report in rows]
         return self._write(body)
 
     def requeue_failed(self) -> tuple[int, int]:

@@ -8,6 +8,13 @@ Optional (model files from `python -m training ensemble`): a method ``forward_wi
 the same [N] output and [N] out-of-distribution scores from one pass, with ``ood.threshold`` in
 the metadata. A film scoring above it is one the model abstains on (``abstain_reason``): it is
 unlike the films the model was trained on, so no finding is sent. Files without it keep working.
+
+Contract version 2 (``format`` "pacs-ai-model/2", from model 1.2.1): everything of version 1,
+plus an optional method ``saliency`` ([N, 1, 200, 200] -> [N, G, G] saliency maps over the input,
+>= 0; run with gradients enabled) described by metadata ``saliency`` ({"method": ..., "grid":
+[G, G]}). The service outlines the region the map names in the report and draws the heat-map
+image from it (pacs_ai.heatmap). Version 1 files, and version 2 files without ``saliency``,
+keep working without maps.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from pacs_ai.errors import UserError
 from pacs_ai.imaging import MODEL_INPUT_SIZE, PREPROCESSING_ID
 
 METADATA_FILE = "pacs_ai.json"
-FORMAT_ID = "pacs-ai-model/1"
+FORMAT_ID = "pacs-ai-model/2"  # what `python -m training` writes
+SUPPORTED_FORMATS = ("pacs-ai-model/1", FORMAT_ID)  # 1: no saliency method
+MAX_SALIENCY_GRID = 64  # a map is a small grid over the input, never a full-resolution copy
 SHIPPED_MODEL_FILENAME = "pacs-ai-pneumonia.pt"
 EXPECTED_INPUT_SHAPE = [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
 REQUIRED_KEYS = ("format", "name", "version", "classes", "positive_class", "input", "output",
@@ -54,6 +63,7 @@ class ModelInfo:
     # (pacs_ai.intended_use.site_model_info); the file's own stay in `metadata`.
     intended_age_years: tuple[float, float] | None = None
     intended_views: tuple[str, ...] | None = None
+    saliency_grid: tuple[int, int] | None = None  # the map's shape, when the model gives one
 
     @property
     def label(self) -> str:
@@ -82,9 +92,10 @@ def validate_metadata(metadata: Any) -> ModelInfo:
     missing = [key for key in REQUIRED_KEYS if key not in metadata]
     if missing:
         raise ModelContractError(f"model metadata lacks required keys: {', '.join(missing)}")
-    if metadata["format"] != FORMAT_ID:
+    if metadata["format"] not in SUPPORTED_FORMATS:
         raise ModelContractError(
-            f"model format {metadata['format']!r} is not supported (expected {FORMAT_ID!r})")
+            f"model format {metadata['format']!r} is not supported (expected one of "
+            f"{', '.join(repr(f) for f in SUPPORTED_FORMATS)})")
     model_input = metadata["input"]
     shape = model_input.get("shape") if isinstance(model_input, dict) else None
     if shape != EXPECTED_INPUT_SHAPE:
@@ -107,7 +118,23 @@ def validate_metadata(metadata: Any) -> ModelInfo:
     return ModelInfo(name=str(metadata["name"]), version=str(metadata["version"]),
                      threshold=float(threshold), output_kind=metadata["output"],
                      metadata=metadata, intended_age_years=age_years, intended_views=views,
-                     ood_threshold=_ood_threshold(metadata))
+                     ood_threshold=_ood_threshold(metadata),
+                     saliency_grid=_saliency_grid(metadata))
+
+
+def _saliency_grid(metadata: dict[str, Any]) -> tuple[int, int] | None:
+    saliency = metadata.get("saliency")
+    if saliency is None:
+        return None
+    if metadata["format"] == "pacs-ai-model/1":
+        raise ModelContractError("model metadata 'saliency' needs format 'pacs-ai-model/2'")
+    grid = saliency.get("grid") if isinstance(saliency, dict) else None
+    if (not isinstance(grid, list) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool)
+                       and 2 <= v <= MAX_SALIENCY_GRID for v in grid)):
+        raise ModelContractError(f"model metadata 'saliency.grid' must be [rows, columns] "
+                                 f"between 2 and {MAX_SALIENCY_GRID}, got {grid!r}")
+    return int(grid[0]), int(grid[1])
 
 
 def _ood_threshold(metadata: dict[str, Any]) -> float | None:
@@ -187,6 +214,9 @@ class PneumoniaModel:
         if info.ood_threshold is not None and not hasattr(module, "forward_with_ood"):
             raise ModelContractError(f"{model_path}: metadata has an 'ood' threshold but the "
                                      "model has no forward_with_ood method")
+        if info.saliency_grid is not None and not hasattr(module, "saliency"):
+            raise ModelContractError(f"{model_path}: metadata has 'saliency' but the model has "
+                                     "no saliency method")
         module.eval()
         model = cls(module, info, model_path)
         model._check_runs()
@@ -203,6 +233,39 @@ class PneumoniaModel:
         if probabilities.shape != (1,):
             raise ModelContractError(
                 f"{self.path}: model output has shape {probabilities.shape}, expected [N]")
+        if self.has_saliency:
+            try:
+                maps = self._raw_saliency(blank)
+            except Exception as error:
+                raise ModelContractError(
+                    f"{self.path}: saliency failed on a [1, 1, 200, 200] input: {error}") from None
+            if maps.shape != (1, *self.info.saliency_grid):
+                raise ModelContractError(
+                    f"{self.path}: saliency has shape {list(maps.shape)}, metadata says "
+                    f"[N, {self.info.saliency_grid[0]}, {self.info.saliency_grid[1]}]")
+
+    @property
+    def has_saliency(self) -> bool:
+        """Whether the model gives saliency maps (contract version 2 with ``saliency``)."""
+        return self.info.saliency_grid is not None
+
+    def saliency(self, batch: np.ndarray) -> list[np.ndarray | None]:
+        """Per film of a float32 batch [N, 1, 200, 200]: its map as a small grid scaled to
+        [0, 1] (float16, pacs_ai.heatmap.normalised), or None when the map is flat (nothing to
+        outline). Raises when the model has no saliency method."""
+        from pacs_ai.heatmap import normalised
+
+        if not self.has_saliency:
+            raise ValueError(f"{self.info.label} gives no saliency maps")
+        return [normalised(grid) for grid in self._raw_saliency(batch)]
+
+    def _raw_saliency(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        with torch.enable_grad():  # Grad-CAM needs them; the caller may be in no_grad
+            maps = self.module.saliency(tensor)
+        return maps.detach().float().numpy()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities of pneumonia, shape [N], for a float32 batch [N, 1, 200, 200]."""

@@ -15,6 +15,12 @@ Content (TID 1500 Imaging Measurement Report, as the IHE AI Results profile uses
           Probability (DCM 122157) = p, unit UCUM "1"     <- the model output, 0..1
           Pneumonia (SCT 233604007) = Present (SCT 52101004) | Absent (SCT 272519000)
           Source = the source image
+        Measurement Group (TID 1410), only for a finding of pneumonia from a model with a
+        saliency map (pacs_ai.heatmap):
+          Tracking Identifier "pacs-ai pneumonia region" + its own Tracking Unique Identifier
+          Image Region = SCOORD POLYLINE (closed) in the source image's pixel coordinates,
+            selected from the source image: the region the map says drove the score
+          Finding = Pneumonia, Finding Site = Lung, Algorithm, Probability, Pneumonia = Present
 
 Why DCM 122157 "Probability" for the number: it is the DICOM concept for a probability as such
 (the finding is already named by the qualitative evaluation next to it, and by the group), and
@@ -47,15 +53,18 @@ from highdicom.sr import (
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
     UIDRefContentItem,
@@ -71,7 +80,8 @@ import pacs_ai
 from pacs_ai.highdicom_tables import use_lazy_module_table
 from pacs_ai.intended_use import format_age_range
 from pacs_ai.model import ModelInfo
-from pacs_ai.uids import device_observer_uid, report_series_uid, report_uid, tracking_uid
+from pacs_ai.uids import (device_observer_uid, region_tracking_uid, report_series_uid,
+                          report_uid, tracking_uid)
 
 use_lazy_module_table()  # about 80 MB less per process that builds reports (see the module)
 
@@ -112,6 +122,7 @@ SERIES_DESCRIPTION = "pacs-ai pneumonia (AI, not verified)"
 # High, so viewers sort the AI series after the acquired images.
 DEFAULT_SERIES_NUMBER = 9901
 TRACKING_IDENTIFIER = "pacs-ai pneumonia finding"
+REGION_TRACKING_IDENTIFIER = "pacs-ai pneumonia region"
 
 
 class ReportSourceError(ValueError):
@@ -159,10 +170,14 @@ def build_report(
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
     series_number: int = DEFAULT_SERIES_NUMBER,
+    region: Any = None,
 ) -> Dataset:
     """The SR (a pydicom Dataset with file_meta, ready to save or C-STORE) for one source image.
 
     ``source`` may have been read with ``stop_before_pixels``; it is not modified.
+    ``region``: a closed polygon [K, 2] of (column, row) points in the source's pixel
+    coordinates (pacs_ai.heatmap), reported as a TID 1410 group when the finding is pneumonia;
+    None (or a normal finding) gives the report exactly as without it.
     Raises :class:`ReportSourceError` for a source that lacks what a report needs, and
     ``ValueError`` for a probability outside [0, 1] or an unknown ``sr_kind``.
     """
@@ -175,7 +190,7 @@ def build_report(
 
     header = source_header(source)
     source_uid = str(header.SOPInstanceUID)
-    content = _measurement_report(header, probability, model, manufacturer)
+    content = _measurement_report(header, probability, model, manufacturer, region)
 
     sr = _sr_document(
         sr_class_uid,
@@ -356,7 +371,7 @@ def _instance_number(header: Dataset) -> int:
 
 
 def _measurement_report(header: Dataset, probability: float, model: ModelInfo,
-                        manufacturer: str) -> MeasurementReport:
+                        manufacturer: str, region: Any = None) -> MeasurementReport:
     source_uid = str(header.SOPInstanceUID)
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
@@ -384,13 +399,46 @@ def _measurement_report(header: Dataset, probability: float, model: ModelInfo,
             referenced_sop_class_uid=header.SOPClassUID,
             referenced_sop_instance_uid=header.SOPInstanceUID)],
     )
+    groups: list[Any] = [group]
+    if region is not None and is_present:
+        groups.append(_region_group(header, probability, model, algorithm, region))
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     _insert_image_library(report, header)
     return report
+
+
+def _region_group(header: Dataset, probability: float, model: ModelInfo,
+                  algorithm: AlgorithmIdentification,
+                  region: Any) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the region that drove the finding, on the source image."""
+    import numpy as np
+
+    points = np.asarray(region, dtype=np.float64)
+    rows, columns = float(header.Rows), float(header.Columns)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 4 \
+            or not np.array_equal(points[0], points[-1]):
+        raise ValueError("region must be a closed polygon [K >= 4, 2] (first point = last)")
+    # inside the image's extent (0..Columns, 0..Rows); rounded so the text stays short
+    points = np.round(np.clip(points, 0.0, [columns, rows]), 2)
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=region_tracking_uid(str(header.SOPInstanceUID), model.name, model.version),
+            identifier=REGION_TRACKING_IDENTIFIER),
+        referenced_region=ImageRegion(
+            graphic_type="POLYLINE", graphic_data=points,
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=header.SOPClassUID,
+                referenced_sop_instance_uid=header.SOPInstanceUID)),
+        finding_type=PNEUMONIA,
+        finding_sites=[FindingSite(anatomic_location=LUNG)],
+        algorithm_id=algorithm,
+        measurements=[Measurement(name=PROBABILITY, value=probability, unit=UNITLESS)],
+        qualitative_evaluations=[QualitativeEvaluation(name=PNEUMONIA, value=PRESENT)],
+    )
 
 
 def _insert_image_library(report: MeasurementReport, header: Dataset) -> None:
@@ -471,7 +519,7 @@ def report_summary(sr: Dataset) -> dict[str, Any]:
 
     Keys: sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid,
     source_sop_instance_uid, finding ("pneumonia"/"normal"), probability, algorithm_name,
-    algorithm_version, algorithm_parameters, tracking_uid, verification_flag.
+    algorithm_version, algorithm_parameters, tracking_uid, verification_flag, region.
     """
     items = list(_walk(sr.get("ContentSequence", [])))
 
@@ -492,6 +540,11 @@ def report_summary(sr: Dataset) -> dict[str, Any]:
     source_uids = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
                    for item in items if item.get("ValueType") == "IMAGE"]
     tracking = first(codes.DCM.TrackingUniqueIdentifier, "UID")
+    regions = [item for item in items if item.get("ValueType") == "SCOORD"]
+    region = None
+    if regions:
+        values = [float(v) for v in regions[0].GraphicData]
+        region = [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
     return {
         "sop_instance_uid": str(sr.SOPInstanceUID),
         "series_instance_uid": str(sr.SeriesInstanceUID),
@@ -505,6 +558,7 @@ def report_summary(sr: Dataset) -> dict[str, Any]:
         "algorithm_parameters": _texts(items, codes.DCM.AlgorithmParameters),
         "tracking_uid": str(tracking.UID) if tracking is not None else None,
         "verification_flag": sr.get("VerificationFlag"),
+        "region": region,  # [(column, row), ...] of the TID 1410 region, closed; or None
     }
 
 

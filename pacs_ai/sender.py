@@ -99,14 +99,17 @@ class DestinationSender(threading.Thread):
         if not result.stored:
             self._attempt_failed(delivery, result.detail, permanent=result.permanent)
             return
-        finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name)
+        finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name,
+                                                 delivery.object)
         seconds = time.time() - delivery.received_at
-        metrics.REPORTED.labels(destination=self.destination.name).inc()
-        metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(seconds)
+        if delivery.object == "report":  # the metrics count reports, not heat-map images
+            metrics.REPORTED.labels(destination=self.destination.name).inc()
+            metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(seconds)
         log.info("report_delivered", destination=self.destination.name,
                  report_uid=delivery.report_uid, sop_instance_uid=delivery.sop_instance_uid,
                  status=result.detail, attempts=delivery.attempts + 1,
-                 seconds_since_received=round(seconds, 3))
+                 seconds_since_received=round(seconds, 3),
+                 **({"object": delivery.object} if delivery.object != "report" else {}))
         self._audit(delivery, stored=True, detail=result.detail, given_up=False)
         if finished is not None:
             self.on_job_finished(finished)
@@ -122,9 +125,10 @@ class DestinationSender(threading.Thread):
         give_up = permanent or self.policy.exhausted(attempts, age)
         retry_at = None if give_up else now + self.policy.delay_after(attempts)
         finished = self.store.delivery_failed(delivery.job_id, self.destination.name, error,
-                                              retry_at=retry_at)
+                                              retry_at=retry_at, object=delivery.object)
         fields = dict(destination=self.destination.name, report_uid=delivery.report_uid,
-                      sop_instance_uid=delivery.sop_instance_uid, attempts=attempts, error=error)
+                      sop_instance_uid=delivery.sop_instance_uid, attempts=attempts, error=error,
+                      **({"object": delivery.object} if delivery.object != "report" else {}))
         if give_up:
             metrics.FAILED.labels(stage="send").inc()
             log.error("delivery_failed", **fields)

@@ -212,6 +212,8 @@ class Service:
             self.spool.remove(job.image_file)
         if job.state == "done" and not storage.keep_reports:
             self.spool.remove(job.report_file)
+            for heatmap_file in self.store.heatmap_files(job.id):  # its heat-map image
+                self.spool.remove(heatmap_file)
 
     def stop(self) -> None:
         """Graceful stop, in order: stop accepting and let running associations finish (up to

@@ -56,6 +56,25 @@ def tracking_uid(source_sop_instance_uid: str, model_name: str, model_version: s
     return deterministic_uid("tracking", str(source_sop_instance_uid), model_name, model_version)
 
 
+def region_tracking_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
+    """Tracking Unique Identifier of the SR's region group (TID 1410: where the finding is)."""
+    return deterministic_uid("region-tracking", str(source_sop_instance_uid), model_name,
+                             model_version)
+
+
+def heatmap_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
+    """SOP Instance UID of the heat-map image (Secondary Capture) of one source image made by
+    one model version: a re-sent image gives the same one."""
+    return deterministic_uid("heatmap-instance", str(source_sop_instance_uid), model_name,
+                             model_version)
+
+
+def heatmap_series_uid(study_instance_uid: str, model_name: str, model_version: str) -> str:
+    """Series Instance UID shared by the heat-map images of one model version in one study."""
+    return deterministic_uid("heatmap-series", str(study_instance_uid), model_name,
+                             model_version)
+
+
 def device_observer_uid(model_name: str, model_version: str) -> str:
     """Device Observer UID naming the algorithm (one per model version) as the observer."""
     return deterministic_uid("device-observer", model_name, model_version)

@@ -224,13 +224,41 @@ class ClassificationWorker(threading.Thread):
             ready, probabilities = [k[0] for k in kept], [k[1] for k in kept]
         else:
             probabilities = [float(p) for p in probabilities]
+        maps, heatmap_images = self._saliency(ready, probabilities)
         rendering = self.image_work.start_render(
-            [(self.spool.resolve(r.job.image_file), p) for r, p in zip(ready, probabilities)],
+            [(self.spool.resolve(r.job.image_file), p, grid, image)
+             for r, p, grid, image in zip(ready, probabilities, maps, heatmap_images)],
             self.model.info, self.config.report.sr_kind)
         self._claim_next_batch()  # its images queue behind these reports in the helper
         reports = rendering.results()
         for item, probability, report in zip(ready, probabilities, reports):
             self._report(item, probability, report, item.prepare_seconds + inference_share)
+
+    def _saliency(self, ready: Sequence[_Ready],
+                  probabilities: Sequence[float]) -> tuple[list, list[bool]]:
+        """Per film: its map grid (pacs_ai.heatmap) or None, and whether to make the heat-map
+        image. Maps are computed for films reported as pneumonia (their SR carries the
+        region) and, with [report] heatmap_for_normal, for the others too. A model without
+        maps, or a map that fails, gives reports as before."""
+        report = self.config.report
+        none: list = [None] * len(ready)
+        if not self.model.has_saliency:
+            return none, [False] * len(ready)
+        wanted = [i for i, p in enumerate(probabilities)
+                  if self.model.finding(p) == "pneumonia"
+                  or (report.heatmap and report.heatmap_for_normal)]
+        if not wanted:
+            return none, [False] * len(ready)
+        try:
+            grids = self.model.saliency(np.stack([ready[i].model_input for i in wanted]))
+        except Exception as error:  # the reports go without region and heat-map image
+            log.error("saliency_failed", worker=self.name, films=len(wanted),
+                      error=f"{type(error).__name__}: {error}")
+            return none, [False] * len(ready)
+        maps = list(none)
+        for index, grid in zip(wanted, grids):
+            maps[index] = grid
+        return maps, [report.heatmap and grid is not None for grid in maps]
 
     def _skip(self, job: Job, reason: str, **fields: object) -> None:
         self.store.mark_skipped(job.id, reason)
@@ -249,19 +277,31 @@ class ClassificationWorker(threading.Thread):
         report_uid = report.report_uid
         report_path = self.spool.report_path(report_uid)
         self.spool.write_durably(report_path, report.data)
+        heatmap_file = None
+        if report.heatmap_data is not None and report.heatmap_uid is not None:
+            # in the outbox before the job says it has one: a crash in between leaves the job
+            # `classifying`, redone at start-up with the same UIDs
+            heatmap_path = self.spool.report_path(report.heatmap_uid)
+            self.spool.write_durably(heatmap_path, report.heatmap_data)
+            heatmap_file = self.spool.relative(heatmap_path)
+        elif report.heatmap_error is not None:
+            log.warning("heatmap_failed", sop_instance_uid=job.sop_instance_uid,
+                        error=report.heatmap_error)
         route = choose_route(self.config, RouteFacts(
             job.calling_ae_title, job.peer_address, job.modality, job.station_name))
         state = self.store.mark_reported(
             job.id, probability=probability, finding=finding, report_uid=report_uid,
             report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,
-            destinations=route.destinations, route=route.name, model=self.model.info.label)
+            destinations=route.destinations, route=route.name, model=self.model.info.label,
+            heatmap_uid=report.heatmap_uid if heatmap_file else None, heatmap_file=heatmap_file)
         metrics.CLASSIFIED.labels(finding=finding).inc()
         metrics.CLASSIFY_SECONDS.observe(seconds)
         log.info("instance_classified", sop_instance_uid=job.sop_instance_uid,
                  study_instance_uid=job.study_instance_uid, report_uid=report_uid,
                  probability=round(probability, 6), finding=finding,
                  milliseconds=round(seconds * 1000, 1), model=self.model.info.label,
-                 route=route.name, destinations=list(route.destinations))
+                 route=route.name, destinations=list(route.destinations),
+                 **({"heatmap_uid": report.heatmap_uid} if heatmap_file else {}))
         if state == "done":
             self.on_job_finished(self._reload(job))
 

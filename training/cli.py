@@ -9,6 +9,10 @@
             score fitted on their training films and the threshold rule applied to the ensemble
   export    copy a run's model into a model file with a release version (the shipped model)
   table     the comparison table (markdown) of several runs' validation figures
+  add-saliency  re-export an ensemble model file with its saliency method (contract 2): the same
+            weights and metadata under a new version, checked to give the same outputs
+  explain   the deletion check of a model's saliency maps on its validation split's pneumonia
+            films: does removing the reported region lower the score more than a random one?
 """
 
 from __future__ import annotations
@@ -99,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "probabilities first (rewrites its report/ and summary.json)")
     export.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="chest_xray root, for the validation labels with --rethreshold")
+
+    saliency = commands.add_parser("add-saliency", help="re-export an ensemble model file with "
+                                   "its saliency method, same weights, new version")
+    saliency.add_argument("--model", type=Path, required=True, help="the ensemble model file")
+    saliency.add_argument("--output", type=Path, required=True)
+    saliency.add_argument("--version", required=True)
+
+    explain = commands.add_parser("explain", help="deletion check of the saliency maps")
+    explain.add_argument("--model", type=Path, required=True)
+    explain.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    explain.add_argument("--split-file", type=Path,
+                         help="split.json naming the validation films (default: MODEL.split.json "
+                              "beside a released model, or the split.json of its run folder)")
+    explain.add_argument("--out", type=Path, help="folder for explain.json (per-film figures)")
+    explain.add_argument("--start", type=int, default=0,
+                         help="skip the first N films (in file-name order)")
+    explain.add_argument("--limit", type=int, help="at most N films (after --start)")
+    explain.add_argument("--seed", type=int, default=0, help="seeds the random regions")
 
     table = commands.add_parser("table", help="markdown table of several runs")
     table.add_argument("runs", nargs="+", type=Path)
@@ -270,6 +292,25 @@ def rethreshold_run(run: Path, data: Path) -> tuple[float, str, dict]:
     return threshold, THRESHOLD_RULE, summary
 
 
+def command_add_saliency(args: argparse.Namespace) -> int:
+    from training.ensemble import with_saliency
+
+    print(json.dumps(with_saliency(args.model, args.output, args.version)))
+    split = args.model.with_suffix(".split.json")
+    if split.is_file() and split != args.output.with_suffix(".split.json"):
+        shutil.copy(split, args.output.with_suffix(".split.json"))
+    return 0
+
+
+def command_explain(args: argparse.Namespace) -> int:
+    from training.explain import run_explain
+
+    summary = run_explain(args.model, args.data, args.out, args.split_file, args.limit,
+                          args.seed, start=args.start)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def command_table(args: argparse.Namespace) -> int:
     rows = [json.loads((run / "summary.json").read_text()) for run in args.runs]
     print("| configuration | epochs | val accuracy @0.5 | val AUC | threshold | val accuracy | "
@@ -290,5 +331,6 @@ def main(argv: list[str] | None = None) -> int:
                "stress-table": command_stress_table,
                "ensemble": command_ensemble, "abstention": command_abstention,
                "export": command_export,
+               "add-saliency": command_add_saliency, "explain": command_explain,
                "table": command_table}[args.command]
     return handler(args)

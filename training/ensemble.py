@@ -64,6 +64,7 @@ class EnsembleNetwork(nn.Module):
         self.stems = nn.ModuleList(stems)
         self.tails = nn.ModuleList(tails)
         self.heads = nn.ModuleList(heads)
+        self.saliency_tap = _saliency_tap(tails[0])
         width, stem_width, count = heads[0].in_features, _stem_width(stems[0]), len(members)
         # per member and layer: class means [2, D] and the shared precision [D, D]; identity
         # until fitted
@@ -90,6 +91,51 @@ class EnsembleNetwork(nn.Module):
                                            self.stem_precisions[index])
             index += 1
         return logits / index, scores / index
+
+    @torch.jit.export
+    def saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """HiResCAM (Draelos & Carin 2020) of the mean logit, [N, 12, 12] for a 200 x 200 input,
+        >= 0: per member, the activations of the block after its stem (before that block's
+        max-pool) times the mean logit's gradient with respect to them, summed over channels;
+        summed over members, then the ReLU. Chosen over Grad-CAM at this and four other layers by
+        the deletion check (training/explain.py, deploy/models/MODEL_CARD.md). Call it with
+        gradients enabled (not under torch.no_grad or inference_mode)."""
+        total = torch.zeros(1, dtype=x.dtype, device=x.device)
+        count = len(self.heads)
+        index = 0
+        for stem, tail, head in zip(self.stems, self.tails, self.heads):
+            with torch.no_grad():
+                early = stem(x)
+                position = 0
+                for layer in tail:  # up to the tail's first max-pool
+                    if position < self.saliency_tap:
+                        early = layer(early)
+                    position += 1
+            early = early.detach().requires_grad_(True)
+            late = early
+            position = 0
+            for layer in tail:
+                if position >= self.saliency_tap:
+                    late = layer(late)
+                position += 1
+            logit = head(late).sum() / count
+            gradient = torch.autograd.grad([logit], [early])[0]
+            assert gradient is not None
+            cam = (gradient * early.detach()).sum(dim=1)
+            total = cam if index == 0 else total + cam
+            index += 1
+        return torch.relu(total)
+
+
+SALIENCY_METHOD = ("HiResCAM of the mean logit (gradient x activation summed over channels) at "
+                   "each member's block after the stem, before its max-pool (12 x 12 over the "
+                   "200 x 200 input), summed over members, then ReLU")
+
+
+def _saliency_tap(tail: nn.Sequential) -> int:
+    """Where in a member's tail the map is taken: before its first max-pool."""
+    pools = [i for i, layer in enumerate(tail) if isinstance(layer, nn.MaxPool2d)]
+    return pools[0] if pools else 0
 
 
 def _mahalanobis(features: torch.Tensor, means: torch.Tensor,
@@ -241,20 +287,59 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
 
 def export_untrained_tiny_ensemble(path: Path, *, ood_threshold: float, members: int = 2,
                                    fit_inputs: np.ndarray | None = None,
-                                   threshold: float = 0.5) -> Path:
+                                   threshold: float = 0.5, saliency: bool = False) -> Path:
     """Tiny random members as an ensemble file with an OOD score, for tests of the plumbing:
     fitted on `fit_inputs` [N, 200, 200] (default: 16 random pictures), abstaining above
-    `ood_threshold`. Its findings and scores mean nothing."""
+    `ood_threshold`; with `saliency`, a contract-2 file that gives maps. Its findings, scores
+    and maps mean nothing."""
     from training.export import build_metadata, export_model
     from training.models import pacs_cnn
 
     torch.manual_seed(0)
-    ensemble = EnsembleNetwork([pacs_cnn(widths=(4, 8, 8), downsample=2).eval()
+    ensemble = EnsembleNetwork([pacs_cnn(widths=(4, 8, 8), downsample=2).eval()  # smoke-robust
                                 for _ in range(members)])
     if fit_inputs is None:
         fit_inputs = np.random.default_rng(0).random((16, 200, 200), dtype=np.float32)
     fit_ood(ensemble, fit_inputs, np.arange(len(fit_inputs)) % 2)
     metadata = build_metadata(name="tiny-test-ensemble", version="0.0.0-test",
                               threshold=threshold, threshold_rule="fixed (untrained test model)",
-                              ood={"method": OOD_METHOD, "threshold": ood_threshold})
+                              ood={"method": OOD_METHOD, "threshold": ood_threshold},
+                              training={"members": [{"config": "smoke-robust", "seed": 0,
+                                                     "epochs": 0}] * members})
+    if saliency:
+        grid = list(ensemble.saliency(torch.zeros(1, 1, 200, 200)).shape[1:])
+        metadata["saliency"] = {"method": SALIENCY_METHOD, "grid": grid}
     return export_model(ensemble, path, metadata)
+
+
+def with_saliency(source: Path, output: Path, version: str) -> dict[str, Any]:
+    """Re-export an ensemble model file with the `saliency` method (contract version 2): the
+    same weights and fitted buffers (loaded from the file itself, not from the runs) and the
+    same metadata, under a new version. Checks that the new file gives the same
+    probabilities and out-of-distribution scores as the old on test-pattern inputs."""
+    from pacs_ai.model import FORMAT_ID, PneumoniaModel
+    from training.export import export_model, git_commit
+    from training.models import CONFIGS, build_network
+
+    old = PneumoniaModel.load(source)
+    metadata = dict(old.info.metadata)
+    members = [build_network(CONFIGS[member["config"]])
+               for member in metadata["training"]["members"]]
+    ensemble = EnsembleNetwork(members)
+    ensemble.load_state_dict(old.module.state_dict())
+    grid = list(ensemble.eval().saliency(torch.zeros(1, 1, 200, 200)).shape[1:])
+    metadata.update(
+        format=FORMAT_ID, version=version,
+        saliency={"method": SALIENCY_METHOD, "grid": grid},
+        derived_from={"version": old.info.version, "created": metadata.get("created"),
+                      "change": "saliency method added; weights, buffers and other metadata "
+                                "unchanged", "exported_by_commit": git_commit()})
+    export_model(ensemble, output, metadata)
+    new = PneumoniaModel.load(output)
+    inputs = np.random.default_rng(0).random((8, 1, 200, 200), dtype=np.float32)
+    before, after = old.assess(inputs), new.assess(inputs)
+    if not (np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])):
+        raise SystemExit(f"{output}: outputs differ from {source}; not released")
+    return {"output": str(output), "version": version, "grid": grid,
+            "bytes": output.stat().st_size}
+

@@ -1,0 +1,187 @@
+"""The heat-map image sent with a report: a Secondary Capture for eyes, in the source's study.
+
+An RGB picture: the film (display grey levels, reduced so its longest side is at most
+MAX_SIDE pixels) with the saliency map blended in colour where it is at least SHOWN_FROM of its
+maximum, the reported region outlined, a colour bar in a strip beside the film, and the words
+"AI heat map - not for diagnosis" burned in (Burned In Annotation YES). Same patient and study as
+the source, a series of its own (one per study and model version) and deterministic UIDs
+(pacs_ai.uids.heatmap_uid), so a re-sent film gives the same instance, never a second one.
+
+The map reaches this module as a small grid (pacs_ai.heatmap); only the reduced film is ever
+held at full colour, never a full-resolution float copy of the map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+import pacs_ai
+from pacs_ai import heatmap
+from pacs_ai.model import ModelInfo
+from pacs_ai.uids import heatmap_series_uid, heatmap_uid
+
+MAX_SIDE = 1024  # longest side of the picture's film part, in pixels
+SHOWN_FROM = 0.2  # of the map's maximum: weaker saliency leaves the film grey
+OPACITY = 0.5  # of the colour at the map's maximum
+WARNING_TEXT = "AI heat map - not for diagnosis"
+SERIES_DESCRIPTION = "pacs-ai heat map (AI, not for diagnosis)"
+DEFAULT_SERIES_NUMBER = 9902  # after the reports' 9901
+OUTLINE_COLOUR = (255, 255, 255)
+
+
+def colour_scale(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] for values in [0, 1]: blue, cyan, green, yellow, red (a jet-like
+    scale, kept here so no plotting library is needed)."""
+    v = np.clip(values, 0.0, 1.0)
+    red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
+
+
+def reduced_film(display: np.ndarray) -> np.ndarray:
+    """uint8 grey of a display array in [0, 1], reduced by a whole factor (box average) so that
+    its longest side is at most MAX_SIDE."""
+    factor = max(1, math.ceil(max(display.shape) / MAX_SIDE))
+    picture = Image.fromarray(np.ascontiguousarray(display, dtype=np.float32), mode="F")
+    if factor > 1:
+        picture = picture.reduce(factor)
+    grey = np.asarray(picture, dtype=np.float32)
+    return np.clip(grey * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def render(display: np.ndarray, grid: np.ndarray, region: np.ndarray | None,
+           caption: str) -> tuple[np.ndarray, float]:
+    """(RGB uint8 [rows, columns + bar, 3], film pixels per picture pixel) for a display array,
+    its normalised map grid and the reported region (film coordinates, or None)."""
+    film_rows, film_columns = display.shape
+    grey = reduced_film(display)
+    rows, columns = grey.shape
+    scale = film_rows / rows  # the same on both axes: the reduction is by a whole factor
+    strength = heatmap.upsampled(grid, rows, columns)  # corners to corners, like the film
+    alpha = np.where(strength >= SHOWN_FROM, OPACITY * strength, 0.0)[..., None]
+    blended = grey[..., None] * (1 - alpha) + colour_scale(strength) * alpha
+    bar_width = max(24, columns // 16)
+    canvas = np.zeros((rows, columns + bar_width, 3), dtype=np.uint8)
+    canvas[:, :columns] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    picture = Image.fromarray(canvas, mode="RGB")
+    draw = ImageDraw.Draw(picture)
+    if region is not None:
+        draw.line([(float(x) / scale, float(y) / scale) for x, y in region],
+                  fill=OUTLINE_COLOUR, width=max(1, rows // 400))
+    _colour_bar(draw, picture, columns, bar_width, rows)
+    _caption(draw, [WARNING_TEXT, caption], rows)
+    return np.asarray(picture), scale
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, left: int, width: int,
+                rows: int) -> None:
+    """A vertical scale from the map's maximum (top) to SHOWN_FROM (bottom), in the strip
+    beside the film."""
+    margin = max(4, rows // 20)
+    height = rows - 2 * margin
+    if height < 8:
+        return
+    levels = np.linspace(1.0, SHOWN_FROM, height)
+    bar = np.repeat(colour_scale(levels)[:, None, :], width // 2, axis=1)
+    picture.paste(Image.fromarray(bar, mode="RGB"), (left + width // 4, margin))
+    font = _font(max(8, width // 3))
+    draw.text((left + 2, 1), "high", fill=(255, 255, 255), font=font)
+    draw.text((left + 2, rows - margin + 1), "low", fill=(255, 255, 255), font=font)
+
+
+def _caption(draw: ImageDraw.ImageDraw, lines: list[str], rows: int) -> None:
+    size = max(10, rows // 40)
+    font = _font(size)
+    for index, line in enumerate(lines):
+        position = (size // 2, size // 2 + index * (size + size // 3))
+        draw.text(position, line, fill=(255, 255, 0), font=font, stroke_width=max(1, size // 8),
+                  stroke_fill=(0, 0, 0))
+
+
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
+                        region: np.ndarray | None, probability: float, model: ModelInfo, *,
+                        manufacturer: str = "pacs-ai",
+                        series_number: int = DEFAULT_SERIES_NUMBER) -> Dataset:
+    """The Secondary Capture for one source film. `header`: the checked source header
+    (pacs_ai.report.source_header); `display`: its display array (pacs_ai.pixels, [0, 1]);
+    `grid`: its normalised map; `region`: the reported region in film coordinates or None."""
+    caption = f"{model.name} {model.version}: pneumonia probability {probability:.3f}"
+    pixels, _ = render(display, grid, region, caption)
+    source_uid = str(header.SOPInstanceUID)
+    image = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=header.StudyInstanceUID,
+        series_instance_uid=heatmap_series_uid(header.StudyInstanceUID, model.name,
+                                               model.version),
+        series_number=series_number,
+        sop_instance_uid=heatmap_uid(source_uid, model.name, model.version),
+        instance_number=_instance_number(header),
+        manufacturer=manufacturer,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate,
+        study_time=header.StudyTime,
+        referring_physician_name=header.get("ReferringPhysicianName"),
+        # highdicom wants two values; emptied below when the source states none
+        patient_orientation=_orientation(header) or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    if _orientation(header) is None:
+        image.PatientOrientation = ""  # Type 2: unknown, as on the source
+    image.copy_patient_and_study_information(header)
+    if "SpecificCharacterSet" in header:
+        image.SpecificCharacterSet = header.SpecificCharacterSet
+    # a chest is not a paired body part, so General Series needs no Laterality (Type 2C)
+    image.BodyPartExamined = "CHEST"
+    image.BurnedInAnnotation = "YES"
+    image.SeriesDescription = SERIES_DESCRIPTION
+    image.ManufacturerModelName = model.name
+    image.SoftwareVersions = [f"pacs-ai {pacs_ai.__version__}", f"model {model.version}"]
+    image.ImageType = ["DERIVED", "SECONDARY"]
+    image.DerivationDescription = (f"saliency map of {model.name} {model.version} blended in "
+                                   "colour over the source film")
+    source = Dataset()
+    source.ReferencedSOPClassUID = header.SOPClassUID
+    source.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    image.SourceImageSequence = [source]
+    return image
+
+
+def _orientation(header: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it has two values (the picture is the film as
+    displayed, so it has the same); else None."""
+    orientation = header.get("PatientOrientation")
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 \
+            and all(orientation):
+        return str(orientation[0]), str(orientation[1])
+    return None
+
+
+def _instance_number(header: Dataset) -> int:
+    try:
+        number = int(header.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if number >= 1 else 1
