@@ -393,9 +393,9 @@ class AuditTrail:
             line = _to_line(message.as_json(self.source_id))
             self._queue.put_nowait(line)
         except queue.Full:
-            self._lose(OSError("the audit queue is full: the audit log is not being written"))
+            self.lose(OSError("the audit queue is full: the audit log is not being written"))
         except Exception as error:  # a record that cannot be built must not fail the caller
-            self._lose(error)
+            self.lose(error)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (for up to `timeout` seconds), then close the file."""
@@ -419,11 +419,15 @@ class AuditTrail:
             self._handler.error = None
             self._handler.emit(logging.makeLogRecord({"msg": line, "args": None}))
             if self._handler.error is not None:
-                self._lose(self._handler.error)
+                self.lose(self._handler.error)
             else:
                 self._resumed()
 
-    def _lose(self, error: BaseException) -> None:
+    def lose(self, error: BaseException) -> None:
+        """Count a record that will not be written (and log the first of an outage); also for
+        callers whose record could not even be built."""
+        if self.path is None:
+            return
         metrics.AUDIT_RECORDS_LOST.inc()
         with self._lost_lock:
             self._lost += 1

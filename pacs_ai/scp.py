@@ -528,7 +528,10 @@ class StorageSCP:
             metrics.REJECTED.labels(reason=metrics.reason_code(outcome.reason or "unknown")).inc()
             log.warning("instance_refused", status=f"0x{outcome.status:04X}",
                         reason=outcome.reason, **fields)
-        self._audit_store(event, outcome, received.get("header"), duplicate)
+        try:
+            self._audit_store(event, outcome, received.get("header"), duplicate)
+        except Exception as error:  # the audit trail must never cost the modality its answer
+            self.audit.lose(error)
         return outcome.response()
 
     def _store(self, event: Event, received: dict[str, Dataset]

@@ -140,13 +140,22 @@ class DestinationSender(threading.Thread):
             self.on_job_finished(finished)
 
     def _audit(self, delivery: Delivery, *, stored: bool, detail: str, given_up: bool) -> None:
-        """The audit trail's transfer-out record of one attempt (pacs_ai.audit)."""
+        """The audit trail's transfer-out record of one attempt (pacs_ai.audit); never lets an
+        audit problem disturb the delivery."""
         if not self.audit.enabled:
             return
+        try:
+            self.audit.record(self._transfer_out(delivery, stored=stored, detail=detail,
+                                                 given_up=given_up))
+        except Exception as error:
+            self.audit.lose(error)
+
+    def _transfer_out(self, delivery: Delivery, *, stored: bool, detail: str,
+                      given_up: bool) -> audit.AuditMessage:
         destination = self.destination
         study_uid, sop_class_uid, patient_id = report_identity(
             self.spool.resolve(delivery.report_file))
-        self.audit.record(audit.report_sent(
+        return audit.report_sent(
             calling_ae_title=destination.calling_ae_title, node=audit.node_name(),
             destination=destination.name, destination_ae_title=destination.ae_title,
             destination_address=destination_address(destination), stored=stored,
@@ -154,7 +163,7 @@ class DestinationSender(threading.Thread):
             source_sop_instance_uid=delivery.sop_instance_uid,
             attempts=delivery.attempts + 1, study_instance_uid=study_uid,
             sop_class_uid=sop_class_uid,
-            patient_id=patient_id if self.include_patient_id else None))
+            patient_id=patient_id if self.include_patient_id else None)
 
 
 def destination_address(destination: Destination) -> str:

@@ -361,6 +361,21 @@ def test_an_address_not_allowed_is_a_security_alert(audited):
 
 
 
+def test_a_full_audit_disk_never_costs_a_modality_its_answer(audited):
+    """The audit file on a full disk (/dev/full: every write ENOSPC): films are still taken
+    and acknowledged, the records are counted lost and the loss is logged once."""
+    listener = audited(audit={"path": "/dev/full"})
+    before = lost_count()
+    with structlog.testing.capture_logs() as logs:
+        results = SimulatedModality(listener.port).send(
+            [synthetic_radiograph() for _ in range(3)])
+        assert [r.status for r in results] == [0x0000] * 3, results
+        # association start, three transfers in, association end
+        assert wait_until(lambda: lost_count() - before >= 5, 10), lost_count() - before
+    assert len(listener.store.all_jobs()) == 3
+    assert [e["event"] for e in logs if e["event"].startswith("audit_")] == ["audit_write_failed"]
+
+
 def test_a_failed_tls_handshake_is_a_security_alert(audited, tmp_path):
     import ssl
 
