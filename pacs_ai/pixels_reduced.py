@@ -73,11 +73,12 @@ def box_reduce(values: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[int
     # sums of strided slices, in place: numpy's reductions over small inner axes are slow, and
     # a fresh full-size array costs more in page faults than the sums; float32 is exact for up
     # to 256 16-bit values per box
-    sums = _strided_sums(values, down, axis=0)
-    means = _strided_sums(sums, across, axis=1)
-    row_counts = _group_sizes(rows, down)
-    column_counts = _group_sizes(columns, across)
-    means /= row_counts[:, np.newaxis] * column_counts[np.newaxis, :]
+    means = _strided_sums(_strided_sums(values, down, axis=0), across, axis=1)
+    means *= np.float32(1.0 / (down * across))
+    if rows % down:  # the last row of boxes holds fewer rows
+        means[-1] *= np.float32(down / (rows % down))
+    if columns % across:
+        means[:, -1] *= np.float32(across / (columns % across))
     return means, (down, across)
 
 
@@ -98,12 +99,6 @@ def _strided_sums(values: np.ndarray, step: int, axis: int) -> np.ndarray:
         else:
             sums[:, :part.shape[1]] += part
     return sums
-
-
-def _group_sizes(length: int, step: int) -> np.ndarray:
-    sizes = np.full(-(-length // step), step, dtype=np.float32)
-    sizes[-1] = length - step * (len(sizes) - 1)
-    return sizes
 
 
 # --- JPEG 2000 ------------------------------------------------------------------------------
