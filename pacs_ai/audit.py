@@ -274,16 +274,18 @@ def report_sent(*, calling_ae_title: str, node: str, destination: str,
                 destination_ae_title: str, destination_address: str, stored: bool,
                 detail: str, given_up: bool, report_uid: str, source_sop_instance_uid: str,
                 attempts: int, study_instance_uid: str | None = None,
-                sop_class_uid: str | None = None, patient_id: str | None = None
-                ) -> AuditMessage:
-    """DICOM Instances Transferred (110104), action R: one report sent to a destination and
-    its outcome: stored 0; failed and to be retried 4; given up 8."""
+                sop_class_uid: str | None = None, patient_id: str | None = None,
+                object_kind: str = "report") -> AuditMessage:
+    """DICOM Instances Transferred (110104), action R: one report (or, `object_kind`
+    "heatmap", its heat-map image) sent to a destination and its outcome: stored 0; failed and
+    to be retried 4; given up 8."""
     outcome = SUCCESS if stored else SERIOUS_FAILURE if given_up else MINOR_FAILURE
     objects: list[Study | Patient] = [Study(study_instance_uid, sop_class_uid, (report_uid,))]
     if patient_id:
         objects.append(Patient(patient_id))
     details: dict[str, Any] = {"destination": destination, "attempts": attempts,
-                               "source_sop_instance_uid": source_sop_instance_uid}
+                               "source_sop_instance_uid": source_sop_instance_uid,
+                               "object": object_kind}
     details["status" if stored else "reason"] = detail
     if not stored:
         details["given_up"] = given_up

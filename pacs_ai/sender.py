@@ -163,7 +163,8 @@ class DestinationSender(threading.Thread):
             source_sop_instance_uid=delivery.sop_instance_uid,
             attempts=delivery.attempts + 1, study_instance_uid=study_uid,
             sop_class_uid=sop_class_uid,
-            patient_id=patient_id if self.include_patient_id else None)
+            patient_id=patient_id if self.include_patient_id else None,
+            object_kind=delivery.object)
 
 
 def destination_address(destination: Destination) -> str:

@@ -113,7 +113,7 @@ def test_transfer_out_record(stored, given_up, outcome):
     assert study["ParticipantObjectID"] == "1.2.3"
     assert study["ParticipantObjectDescription"]["SOPClass"][0]["Instance"] == [{"UID": "2.25.7"}]
     assert record["pacs_ai"]["destination"] == "main-pacs"
-    assert record["pacs_ai"]["attempts"] == 3
+    assert record["pacs_ai"]["attempts"] == 3 and record["pacs_ai"]["object"] == "report"
 
 
 def test_security_alert_and_application_activity_codes():
@@ -455,7 +455,7 @@ def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path):
         "Instance": [{"UID": str(source.SOPInstanceUID)}]}]
     assert study["ParticipantObjectDetail"][0]["value"] == str(source.SeriesInstanceUID)
 
-    [transfer_out] = by_kind("transfer-out")
+    [transfer_out] = [r for r in by_kind("transfer-out") if r["pacs_ai"]["object"] == "report"]
     assert transfer_out["EventIdentification"]["EventOutcomeIndicator"] == 0
     assert transfer_out["pacs_ai"]["destination"] == "orthanc"
     assert transfer_out["pacs_ai"]["source_sop_instance_uid"] == str(source.SOPInstanceUID)
