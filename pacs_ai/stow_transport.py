@@ -95,6 +95,19 @@ def _failed_in(answer: pydicom.Dataset, sop_instance_uid: str) -> str | None:
     return None
 
 
+class _Session(requests.Session):
+    """A session whose ca_file wins: plain requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE
+    in the environment replace a session's `verify` (psf/requests#3829)."""
+
+    ca_file: str | None = None
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.ca_file is not None:
+            settings["verify"] = self.ca_file
+        return settings
+
+
 class StowTransport:
     def __init__(self, destination: Destination):
         from dicomweb_client.api import DICOMwebClient
@@ -102,7 +115,7 @@ class StowTransport:
         target = destination.dicomweb
         assert target is not None
         self.destination = destination
-        session = requests.Session()
+        session = _Session()
         if target.auth == "basic":
             assert target.username is not None and target.password_file is not None
             session.auth = (target.username,
@@ -112,7 +125,7 @@ class StowTransport:
             token = read_secret(target.token_file, "token_file", destination.name)
             session.headers["Authorization"] = f"Bearer {token}"
         if target.ca_file is not None:
-            session.verify = str(target.ca_file)
+            session.ca_file = session.verify = str(target.ca_file)  # type: ignore[assignment]
         session.headers["User-Agent"] = "pacs-ai"
         self.last_status: int | None = None  # of the last answer, for the log
         session.hooks["response"].append(self._remember_status)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -30,10 +32,11 @@ class ScriptedProxy:
     the server's answer replaced by a 503: the server stored it, the client does not know);
     "400" (answered here with a JSON message, like a server refusing the dataset)."""
 
-    def __init__(self, target: str, script: list[str]):
+    def __init__(self, target: str, script: list[str], *, tls: Any = None):
         self.target = urlsplit(target)
         self.script = list(script)
         self.seen: list[str] = []  # the action taken for each request
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self._lock = threading.Lock()
         proxy = self
 
@@ -45,6 +48,7 @@ class ScriptedProxy:
                 with proxy._lock:
                     action = proxy.script.pop(0) if proxy.script else "forward"
                     proxy.seen.append(action)
+                    proxy.authorizations.append(self.headers.get("Authorization"))
                 if action == "503":
                     return self._answer(503, b"busy, try later", "text/plain")
                 if action == "400":
@@ -77,6 +81,12 @@ class ScriptedProxy:
                 pass
 
         self.server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
+        self.scheme = "http"
+        if tls is not None:  # HTTPS with the test CA's server certificate (tls_material)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls.server_cert), str(tls.server_key))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def forward(self, method: str, path: str, headers: dict, body: bytes):
@@ -94,7 +104,7 @@ class ScriptedProxy:
 
     @property
     def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.server.server_address[1]}{self.target.path}"
+        return f"{self.scheme}://{LOCALHOST}:{self.server.server_address[1]}{self.target.path}"
 
     def __enter__(self) -> "ScriptedProxy":
         self.thread.start()
@@ -221,3 +231,38 @@ def test_a_wrong_password_is_retried_with_the_servers_answer(tmp_path, orthanc, 
                   if e["event"] in ("delivery_retry_scheduled", "delivery_failed")]
         assert len(errors) == 3 and all(e.startswith("http-401: ") for e in errors), errors
     assert reports_in_study(orthanc, film) == []
+
+
+def test_https_with_the_archive_s_ca_and_a_bearer_token(tmp_path, model):
+    """An HTTPS DICOMweb server (the proxy, certificate from a test CA) in front of an Orthanc
+    without authentication: ca_file verifies it and the token goes as a Bearer header; a
+    destination trusting another CA fails with tls-certificate."""
+    from tests.tls_material import make_tls_material
+
+    material = make_tls_material(tmp_path / "tls")
+    stranger = make_tls_material(tmp_path / "tls", prefix="stranger-")
+    (tmp_path / "token").write_text("opaque-bearer-token\n")
+    with Orthanc(tmp_path / "orthanc", dicomweb=True) as orthanc, \
+            ScriptedProxy(orthanc.dicomweb_url, [], tls=material) as proxy:
+        assert proxy.url.startswith("https://127.0.0.1:")
+        bearer = {"kind": "dicomweb", "url": proxy.url, "auth": "bearer",
+                  "token_file": str(tmp_path / "token"), "timeout_seconds": 10}
+        config = write_service_config(
+            tmp_path, model=model,
+            destinations=[{**bearer, "name": "web", "ca_file": str(material.ca_cert)},
+                          {**bearer, "name": "untrusted", "ca_file": str(stranger.ca_cert)}],
+            tables={"retry": {"max_attempts": 2}})
+        # ca_file must win over a CA bundle in the environment (requests would take that)
+        with ServiceProcess(config, tmp_path / "serve.log",
+                            env={"REQUESTS_CA_BUNDLE": str(stranger.ca_cert)}) as service:
+            film = send_film(service.port, seed=15)
+            assert wait_until(lambda: status(config)["jobs"]["failed"] == 1, 60), \
+                service.log_path.read_text()[-3000:]
+            [delivered] = delivered_events(service)
+            assert delivered["destination"] == "web"
+            [failed] = [e for e in service.events() if e["event"] == "delivery_failed"]
+            assert failed["destination"] == "untrusted"
+            assert failed["error"].startswith("tls-certificate: "), failed
+            assert failed["error"].endswith(f"({proxy.url})"), failed
+        assert proxy.authorizations == ["Bearer opaque-bearer-token"]  # the untrusted: none
+        assert len(reports_in_study(orthanc, film)) == 1
