@@ -324,8 +324,10 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
                  if report_uid in pacs.arrived_at and source in received_at]
     reported = len(pacs.arrived_at)
     last_report = max(pacs.arrived_at.values(), default=started_wall) - started_wall
-    run_cpu = sum(figures[key] - at_start[key]
-                  for key in ("cpu_seconds_main", "cpu_seconds_helpers"))
+    for part in ("main", "helpers"):
+        figures[f"cpu_seconds_during_run_{part}"] = round(
+            figures[f"cpu_seconds_{part}"] - at_start[f"cpu_seconds_{part}"], 2)
+    run_cpu = figures["cpu_seconds_during_run_main"] + figures["cpu_seconds_during_run_helpers"]
     figures["cpu_seconds_during_run"] = round(run_cpu, 2)
     sized = next((event for event in events if event.get("event") == "workers_sized"), None)
     result = RunResult("pacs-ai paced" if paced else "pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
