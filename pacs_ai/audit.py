@@ -335,6 +335,10 @@ class _RotatingLines(logging.handlers.RotatingFileHandler):
                          delay=True)
         self.error: BaseException | None = None
 
+    def _open(self):  # each file, rotated ones too, readable by the service's group only
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: os.open(path, flags, 0o640))
+
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         self.error = sys.exc_info()[1]
         if self.stream is not None:  # reopened at the next record, which may then fit
@@ -375,8 +379,7 @@ class AuditTrail:
             return self
         try:
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8"):
-                pass
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
         except OSError as error:
             raise UserError(f"cannot write the audit log {self.path}: "
                             f"{error.strerror or error}; set [audit] path to a writable file "

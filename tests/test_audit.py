@@ -168,6 +168,7 @@ def test_records_are_json_lines_rotated_by_size(tmp_path):
     files = sorted(path.parent.iterdir())
     assert [f.name for f in files] == ["audit.log", "audit.log.1", "audit.log.2"]
     assert all(f.stat().st_size <= 4000 for f in files)
+    assert all(f.stat().st_mode & 0o007 == 0 for f in files)  # nothing for other users
     newest = read_records(path)
     assert newest[-1]["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"][
         "SOPClass"][0]["Instance"] == [{"UID": "1.2.3.59"}]  # the last one written is kept
@@ -352,6 +353,16 @@ def test_refused_callers_are_security_alerts(audited):
     assert listener.records("association-start") == []  # none was accepted
 
 
+def test_an_ae_title_from_the_wrong_address_is_a_security_alert(audited):
+    listener = audited(listener={"allowed_calling_ae_titles": [
+        {"ae_title": "CR2", "address": "10.1.2.0/24"}]})
+    assert SimulatedModality(listener.port, calling_ae_title="CR2").echo() is None
+    [alert] = listener.wait_for("security-alert")
+    assert alert["pacs_ai"]["reason"] == "calling-ae-wrong-address"
+    assert participant(alert, "110153")["UserID"] == "CR2"
+    assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+
+
 def test_an_address_not_allowed_is_a_security_alert(audited):
     listener = audited(listener={"allowed_peer_addresses": ["10.0.0.0/8"]})
     assert SimulatedModality(listener.port).echo() is None
@@ -394,6 +405,52 @@ def test_a_failed_tls_handshake_is_a_security_alert(audited, tmp_path):
     assert alert["EventIdentification"]["EventOutcomeDescription"].startswith(
         "tls-handshake-failed: ")  # with the TLS error
     assert participant(alert, "110153")["NetworkAccessPointID"] == "127.0.0.1"
+
+
+
+def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path):
+    """`pacs-ai serve` with its PACS down and [retry] max_attempts = 2: the report's first
+    attempt is a transfer-out with outcome 4 (to be retried), the second 8 (given up), each
+    with the reason; include_patient_id puts the film's Patient ID in the transfer-in and the
+    transfer-out (the report's), and never in the journal."""
+    from tests.dicom_peers import ServiceProcess, write_service_config
+    from tests.real_peers import tiny_model
+
+    folder = tmp_path / "service"
+    folder.mkdir()
+    down = {"name": "down-pacs", "ae_title": "NOBODY", "host": LOCALHOST, "port": free_port()}
+    config = write_service_config(folder, model=tiny_model(folder), destinations=[down],
+                                  tables={"retry": {"max_attempts": 2},
+                                          "audit": {"include_patient_id": True},
+                                          "workers": {"torch_threads": 1}})
+    film = synthetic_radiograph(seed=7)
+    film.PatientID = "PID-AUDIT-7"
+    audit_path = folder / "spool" / "audit" / "audit.log"
+
+    def transfers_out() -> list[dict]:
+        return [r for r in read_records(audit_path) if r["pacs_ai"]["record"] == "transfer-out"]
+
+    with ServiceProcess(config, folder / "serve.log") as service:
+        [result] = SimulatedModality(service.port).send([film])
+        assert result.acknowledged
+        assert wait_until(lambda: len(transfers_out()) >= 2, 60), read_records(audit_path)
+        journal = service.log_path.read_text()
+    first, second = transfers_out()[:2]
+    assert [first["EventIdentification"]["EventOutcomeIndicator"],
+            second["EventIdentification"]["EventOutcomeIndicator"]] == [4, 8]
+    assert (first["pacs_ai"]["given_up"], second["pacs_ai"]["given_up"]) == (False, True)
+    assert second["pacs_ai"]["reason"].startswith("connection-failed: NOBODY@")
+    assert second["pacs_ai"]["attempts"] == 2 and second["pacs_ai"]["destination"] == "down-pacs"
+    assert participant(second, "110152")["UserID"] == "NOBODY"
+    study, patient = second["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == str(film.StudyInstanceUID)
+    assert patient["ParticipantObjectID"] == "PID-AUDIT-7"
+    [transfer_in] = [r for r in read_records(audit_path) if r["pacs_ai"]["record"] == "transfer-in"
+                     and r["pacs_ai"]["status"] == "0x0000"
+                     and participant(r, "110153")["UserID"] == "MODALITY"]
+    assert transfer_in["ParticipantObjectIdentification"][1]["ParticipantObjectID"] == \
+        "PID-AUDIT-7"
+    assert "PID-AUDIT-7" not in journal
 
 
 # --- the whole path with real peers: DCMTK storescu -> pacs-ai serve -> Orthanc -------------------
