@@ -7,12 +7,14 @@ maximum, the reported region outlined, a colour bar in a strip beside the film, 
 the source, a series of its own (one per study and model version) and deterministic UIDs
 (pacs_ai.uids.heatmap_uid), so a re-sent film gives the same instance, never a second one.
 
-The map reaches this module as a small grid (pacs_ai.heatmap); only the reduced film is ever
-held at full colour, never a full-resolution float copy of the map.
+The map reaches this module as a small grid (pacs_ai.heatmap); the film is decoded for it no
+larger than the picture needs (pacs_ai.pixels.display_picture), and only the reduced picture is
+held in colour, never a full-resolution float copy of the film or the map.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import pacs_ai
 from pacs_ai import heatmap
 from pacs_ai.model import ModelInfo
+from pacs_ai.report import site_settings_part
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid
 
 MAX_SIDE = 1024  # longest side of the picture's film part, in pixels
@@ -39,46 +42,63 @@ OUTLINE_COLOUR = (255, 255, 255)
 def colour_scale(values: np.ndarray) -> np.ndarray:
     """uint8 RGB [..., 3] for values in [0, 1]: blue, cyan, green, yellow, red (a jet-like
     scale, kept here so no plotting library is needed)."""
-    v = np.clip(values, 0.0, 1.0)
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
     red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
     green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
     blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
     return (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
 
 
-def reduced_film(display: np.ndarray) -> np.ndarray:
-    """uint8 grey of a display array in [0, 1], reduced by a whole factor (box average) so that
-    its longest side is at most MAX_SIDE."""
-    factor = max(1, math.ceil(max(display.shape) / MAX_SIDE))
+_LEVELS = 256
+# per grey level of the map (0..255): its colour, as a palette, and its opacity (0 below
+# SHOWN_FROM), as a Pillow point table, so that the blending runs in Pillow's C loops
+_PALETTE = colour_scale(np.arange(_LEVELS, dtype=np.float32) / (_LEVELS - 1)).ravel().tolist()
+_OPACITY_TABLE = [0 if level / (_LEVELS - 1) < SHOWN_FROM
+                  else round(255 * OPACITY * level / (_LEVELS - 1)) for level in range(_LEVELS)]
+
+
+def picture_size(rows: int, columns: int) -> tuple[int, int]:
+    """(rows, columns) of the picture's film part: the film reduced by the smallest whole
+    factor that brings its longest side to MAX_SIDE or less."""
+    factor = max(1, math.ceil(max(rows, columns) / MAX_SIDE))
+    return max(1, round(rows / factor)), max(1, round(columns / factor))
+
+
+def film_grey(display: np.ndarray, box: tuple[float, float, float, float],
+              rows: int, columns: int) -> np.ndarray:
+    """uint8 grey [rows, columns] of the film region `box` (Pillow's convention) of a display
+    array in [0, 1] (pacs_ai.pixels.display_picture: possibly decoded smaller)."""
     picture = Image.fromarray(np.ascontiguousarray(display, dtype=np.float32), mode="F")
-    if factor > 1:
-        picture = picture.reduce(factor)
-    grey = np.asarray(picture, dtype=np.float32)
-    return np.clip(grey * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    resized = picture.resize((columns, rows), Image.Resampling.BILINEAR, box=box)
+    # scaled and rounded to 8 bits in Pillow's C loops (values outside 0..255 are clipped)
+    return np.asarray(resized.point(lambda value: value * 255.0 + 0.5).convert("L"))
 
 
-def render(display: np.ndarray, grid: np.ndarray, region: np.ndarray | None,
-           caption: str) -> tuple[np.ndarray, float]:
-    """(RGB uint8 [rows, columns + bar, 3], film pixels per picture pixel) for a display array,
-    its normalised map grid and the reported region (film coordinates, or None)."""
-    film_rows, film_columns = display.shape
-    grey = reduced_film(display)
-    rows, columns = grey.shape
-    scale = film_rows / rows  # the same on both axes: the reduction is by a whole factor
+def render(display: np.ndarray, box: tuple[float, float, float, float], film_rows: int,
+           film_columns: int, grid: np.ndarray, region: np.ndarray | None,
+           caption: str) -> np.ndarray:
+    """RGB uint8 [rows, columns + bar, 3]: the film (its region `box` of `display`) with its
+    normalised map grid in colour, the reported region (film coordinates, or None)
+    outlined, a colour bar and the caption."""
+    rows, columns = picture_size(film_rows, film_columns)
+    film = Image.fromarray(film_grey(display, box, rows, columns), mode="L").convert("RGB")
     strength = heatmap.upsampled(grid, rows, columns)  # corners to corners, like the film
-    alpha = np.where(strength >= SHOWN_FROM, OPACITY * strength, 0.0)[..., None]
-    blended = grey[..., None] * (1 - alpha) + colour_scale(strength) * alpha
+    levels = Image.fromarray(
+        np.clip(strength * (_LEVELS - 1) + 0.5, 0, _LEVELS - 1).astype(np.uint8), mode="L")
+    colours = levels.copy()
+    colours.putpalette(_PALETTE)
+    film.paste(colours.convert("RGB"), (0, 0), levels.point(_OPACITY_TABLE))
     bar_width = max(24, columns // 16)
-    canvas = np.zeros((rows, columns + bar_width, 3), dtype=np.uint8)
-    canvas[:, :columns] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-    picture = Image.fromarray(canvas, mode="RGB")
+    picture = Image.new("RGB", (columns + bar_width, rows))
+    picture.paste(film, (0, 0))
     draw = ImageDraw.Draw(picture)
     if region is not None:
-        draw.line([(float(x) / scale, float(y) / scale) for x, y in region],
+        scale = np.array([columns / film_columns, rows / film_rows])
+        draw.line([tuple(point) for point in (np.asarray(region) * scale).tolist()],
                   fill=OUTLINE_COLOUR, width=max(1, rows // 400))
     _colour_bar(draw, picture, columns, bar_width, rows)
     _caption(draw, [WARNING_TEXT, caption], rows)
-    return np.asarray(picture), scale
+    return np.asarray(picture)
 
 
 def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, left: int, width: int,
@@ -102,10 +122,12 @@ def _caption(draw: ImageDraw.ImageDraw, lines: list[str], rows: int) -> None:
     font = _font(size)
     for index, line in enumerate(lines):
         position = (size // 2, size // 2 + index * (size + size // 3))
-        draw.text(position, line, fill=(255, 255, 0), font=font, stroke_width=max(1, size // 8),
-                  stroke_fill=(0, 0, 0))
+        # on a black box: readable on any film, cheaper than an outlined font
+        draw.rectangle(draw.textbbox(position, line, font=font), fill=(0, 0, 0))
+        draw.text(position, line, fill=(255, 255, 0), font=font)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> Any:
     try:
         return ImageFont.load_default(size=size)
@@ -115,13 +137,18 @@ def _font(size: int) -> Any:
 
 def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
                         region: np.ndarray | None, probability: float, model: ModelInfo, *,
+                        box: tuple[float, float, float, float] | None = None,
                         manufacturer: str = "pacs-ai",
                         series_number: int = DEFAULT_SERIES_NUMBER) -> Dataset:
     """The Secondary Capture for one source film. `header`: the checked source header
-    (pacs_ai.report.source_header); `display`: its display array (pacs_ai.pixels, [0, 1]);
-    `grid`: its normalised map; `region`: the reported region in film coordinates or None."""
+    (pacs_ai.report.source_header); `display`: its display array (pacs_ai.pixels, [0, 1]),
+    `box` the film's region in it when it was decoded smaller (display_picture); `grid`: its
+    normalised map; `region`: the reported region in film coordinates or None."""
     caption = f"{model.name} {model.version}: pneumonia probability {probability:.3f}"
-    pixels, _ = render(display, grid, region, caption)
+    rows, columns = int(header.Rows), int(header.Columns)
+    if box is None:
+        box = (0, 0, display.shape[1], display.shape[0])
+    pixels = render(display, box, rows, columns, grid, region, caption)
     source_uid = str(header.SOPInstanceUID)
     image = hd.sc.SCImage(
         pixel_array=pixels,
@@ -132,7 +159,8 @@ def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
         series_instance_uid=heatmap_series_uid(header.StudyInstanceUID, model.name,
                                                model.version),
         series_number=series_number,
-        sop_instance_uid=heatmap_uid(source_uid, model.name, model.version),
+        sop_instance_uid=heatmap_uid(source_uid, model.name, model.version,
+                                     site_settings_part(model)),
         instance_number=_instance_number(header),
         manufacturer=manufacturer,
         patient_id=header.PatientID,

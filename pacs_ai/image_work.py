@@ -103,15 +103,18 @@ def _with_heatmap(rendered: RenderedReport, source: Any, saliency: Any, region: 
     """The rendered report with its heat-map image, or with heatmap_error saying why none."""
     from dataclasses import replace
 
-    from pacs_ai.heatmap_image import build_heatmap_image
-    from pacs_ai.pixels import display_array
+    from pacs_ai.heatmap_image import build_heatmap_image, picture_size
+    from pacs_ai.pixels import display_picture
     from pacs_ai.report import source_header
 
     try:
-        display = display_array(source)
-        image = build_heatmap_image(source_header(source), display, saliency, region,
-                                    probability, model)
-        del display
+        # decoded no larger than the picture needs (a whole-factor reduction, at least the
+        # picture's size on each side), never a full-size float copy of a large film
+        film = display_picture(source, min_size=min(picture_size(int(source.Rows),
+                                                                 int(source.Columns))))
+        image = build_heatmap_image(source_header(source), film.values, saliency, region,
+                                    probability, model, box=film.box)
+        del film
         encoded = io.BytesIO()
         image.save_as(encoded, enforce_file_format=True)
     except Exception as error:  # the report goes without it

@@ -12,9 +12,11 @@ unlike the films the model was trained on, so no finding is sent. Files without 
 Contract version 2 (``format`` "pacs-ai-model/2", from model 1.2.1): everything of version 1,
 plus an optional method ``saliency`` ([N, 1, 200, 200] -> [N, G, G] saliency maps over the input,
 >= 0; run with gradients enabled) described by metadata ``saliency`` ({"method": ..., "grid":
-[G, G]}). The service outlines the region the map names in the report and draws the heat-map
-image from it (pacs_ai.heatmap). Version 1 files, and version 2 files without ``saliency``,
-keep working without maps.
+[G, G]}), and optionally ``forward_with_ood_and_saliency`` giving forward_with_ood's outputs and
+the maps from one pass (the service then computes maps at almost no cost; the outputs must be
+those of forward_with_ood). The service outlines the region the map names in the report and
+draws the heat-map image from it (pacs_ai.heatmap). Version 1 files, and version 2 files
+without ``saliency``, keep working without maps.
 """
 
 from __future__ import annotations
@@ -258,6 +260,27 @@ class PneumoniaModel:
         if not self.has_saliency:
             raise ValueError(f"{self.info.label} gives no saliency maps")
         return [normalised(grid) for grid in self._raw_saliency(batch)]
+
+    def assess_with_saliency(self, batch: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray | None]]:
+        """assess() and saliency() of a batch, from one pass when the model has
+        ``forward_with_ood_and_saliency`` (the same numbers as the two calls)."""
+        import torch
+
+        if not (self.has_saliency and self.info.ood_threshold is not None
+                and hasattr(self.module, "forward_with_ood_and_saliency")):
+            probabilities, scores = self.assess(batch)
+            return probabilities, scores, self.saliency(batch)
+        from pacs_ai.heatmap import normalised
+
+        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        with torch.enable_grad():
+            output, ood, maps = self.module.forward_with_ood_and_saliency(tensor)
+        output = output.detach().reshape(-1)
+        if self.info.output_kind == "logit":
+            output = torch.sigmoid(output)
+        return (output.double().numpy(), ood.detach().reshape(-1).double().numpy(),
+                [normalised(grid) for grid in maps.detach().float().numpy()])
 
     def _raw_saliency(self, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -62,11 +62,15 @@ def region_tracking_uid(source_sop_instance_uid: str, model_name: str, model_ver
                              model_version)
 
 
-def heatmap_uid(source_sop_instance_uid: str, model_name: str, model_version: str) -> str:
+def heatmap_uid(source_sop_instance_uid: str, model_name: str, model_version: str,
+                site_settings: str | None = None) -> str:
     """SOP Instance UID of the heat-map image (Secondary Capture) of one source image made by
-    one model version: a re-sent image gives the same one."""
-    return deterministic_uid("heatmap-instance", str(source_sop_instance_uid), model_name,
-                             model_version)
+    one model version: a re-sent image gives the same one. `site_settings` as for
+    report_uid (the outline drawn depends on the threshold in force)."""
+    parts = [str(source_sop_instance_uid), model_name, model_version]
+    if site_settings is not None:
+        parts.append(site_settings)
+    return deterministic_uid("heatmap-instance", *parts)
 
 
 def heatmap_series_uid(study_instance_uid: str, model_name: str, model_version: str) -> str:

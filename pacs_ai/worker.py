@@ -202,7 +202,7 @@ class ClassificationWorker(threading.Thread):
             return
         started = time.perf_counter()
         try:
-            probabilities, ood_scores = self.model.assess(
+            probabilities, ood_scores, maps = self._assess(
                 np.stack([r.model_input for r in ready]))
         except Exception as error:
             for item in ready:
@@ -212,19 +212,20 @@ class ClassificationWorker(threading.Thread):
         if ood_scores is not None:
             # abstain on films unlike the training films: skipped with the score, no report
             kept = []
-            for item, probability, score in zip(ready, probabilities, ood_scores):
+            for item, probability, score, grid in zip(ready, probabilities, ood_scores, maps):
                 metrics.OOD_SCORE.observe(float(score))
                 reason = self.model.abstain_reason(float(score))
                 if reason:
                     self._skip(item.job, reason, ood_score=round(float(score), 3))
                 else:
-                    kept.append((item, float(probability)))
+                    kept.append((item, float(probability), grid))
             if not kept:
                 return
             ready, probabilities = [k[0] for k in kept], [k[1] for k in kept]
+            maps = [k[2] for k in kept]
         else:
             probabilities = [float(p) for p in probabilities]
-        maps, heatmap_images = self._saliency(ready, probabilities)
+        maps, heatmap_images = self._maps_wanted(probabilities, maps)
         rendering = self.image_work.start_render(
             [(self.spool.resolve(r.job.image_file), p, grid, image)
              for r, p, grid, image in zip(ready, probabilities, maps, heatmap_images)],
@@ -234,31 +235,33 @@ class ClassificationWorker(threading.Thread):
         for item, probability, report in zip(ready, probabilities, reports):
             self._report(item, probability, report, item.prepare_seconds + inference_share)
 
-    def _saliency(self, ready: Sequence[_Ready],
-                  probabilities: Sequence[float]) -> tuple[list, list[bool]]:
-        """Per film: its map grid (pacs_ai.heatmap) or None, and whether to make the heat-map
-        image. Maps are computed for films reported as pneumonia (their SR carries the
-        region) and, with [report] heatmap_for_normal, for the others too. A model without
-        maps, or a map that fails, gives reports as before."""
+    def _assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
+        """(probabilities, out-of-distribution scores or None, a map grid or None per film).
+        With a model that gives maps, one pass gives all three (pacs_ai.model); if its maps
+        fail, the batch is assessed without them and its reports go without region and
+        heat-map image."""
+        if self.model.has_saliency:
+            try:
+                return self.model.assess_with_saliency(batch)
+            except Exception as error:
+                log.error("saliency_failed", worker=self.name, films=len(batch),
+                          error=f"{type(error).__name__}: {error}")
+        probabilities, ood_scores = self.model.assess(batch)
+        return probabilities, ood_scores, [None] * len(batch)
+
+    def _maps_wanted(self, probabilities: Sequence[float],
+                     maps: Sequence) -> tuple[list, list[bool]]:
+        """Per film: the map grid the report step gets (None: none), and whether to make the
+        heat-map image. Films reported as pneumonia keep their map (their SR carries the
+        region; the image when [report] heatmap); others only with heatmap_for_normal."""
         report = self.config.report
-        none: list = [None] * len(ready)
-        if not self.model.has_saliency:
-            return none, [False] * len(ready)
-        wanted = [i for i, p in enumerate(probabilities)
-                  if self.model.finding(p) == "pneumonia"
-                  or (report.heatmap and report.heatmap_for_normal)]
-        if not wanted:
-            return none, [False] * len(ready)
-        try:
-            grids = self.model.saliency(np.stack([ready[i].model_input for i in wanted]))
-        except Exception as error:  # the reports go without region and heat-map image
-            log.error("saliency_failed", worker=self.name, films=len(wanted),
-                      error=f"{type(error).__name__}: {error}")
-            return none, [False] * len(ready)
-        maps = list(none)
-        for index, grid in zip(wanted, grids):
-            maps[index] = grid
-        return maps, [report.heatmap and grid is not None for grid in maps]
+        kept, images = [], []
+        for probability, grid in zip(probabilities, maps):
+            pneumonia = self.model.finding(probability) == "pneumonia"
+            image = grid is not None and report.heatmap and (pneumonia or report.heatmap_for_normal)
+            kept.append(grid if pneumonia or image else None)
+            images.append(image)
+        return kept, images
 
     def _skip(self, job: Job, reason: str, **fields: object) -> None:
         self.store.mark_skipped(job.id, reason)

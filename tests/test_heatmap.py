@@ -78,7 +78,12 @@ def test_the_shipped_model_gives_maps_and_exactly_1_2_0s_outputs(shipped):
     assert metadata["format"] == "pacs-ai-model/2"
     assert metadata["derived_from"]["version"] == "1.2.0"
     assert metadata["threshold"] == 0.43705397844314575
+    # the service's one pass with maps gives the same numbers, and the same maps
+    together, ood_together, maps_together = shipped.assess_with_saliency(inputs)
+    assert together.tolist() == reference["probabilities"]
+    assert ood_together.tolist() == reference["ood_scores"]
     maps = shipped.saliency(inputs[:2])
+    assert all(np.array_equal(a, b) for a, b in zip(maps, maps_together[:2]))
     assert all(m.shape == (12, 12) and m.dtype == np.float16 for m in maps)
     assert all(float(m.max()) == 1.0 and float(m.min()) >= 0.0 for m in maps)
 

@@ -127,6 +127,48 @@ class EnsembleNetwork(nn.Module):
         return torch.relu(total)
 
 
+    @torch.jit.export
+    def forward_with_ood_and_saliency(
+            self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward_with_ood's two outputs and saliency's map from one pass: the stems (most of
+        the cost) run once, without gradients; only each member's layers after the map's tap
+        keep theirs. Same values as the separate methods (tests)."""
+        logits = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        scores = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        total = torch.zeros(1, dtype=x.dtype, device=x.device)
+        count = len(self.heads)
+        index = 0
+        for stem, tail, head in zip(self.stems, self.tails, self.heads):
+            with torch.no_grad():
+                early = stem(x)
+                before = early
+                position = 0
+                for layer in tail:
+                    if position < self.saliency_tap:
+                        before = layer(before)
+                    position += 1
+            before = before.detach().requires_grad_(True)
+            features = before
+            position = 0
+            for layer in tail:
+                if position >= self.saliency_tap:
+                    features = layer(features)
+                position += 1
+            logit = head(features).reshape(-1)
+            gradient = torch.autograd.grad([logit.sum() / count], [before])[0]
+            assert gradient is not None
+            cam = (gradient * before.detach()).sum(dim=1)
+            total = cam if index == 0 else total + cam
+            features = features.detach()
+            logits = logits + logit.detach()
+            scores = scores + _mahalanobis(features, self.class_means[index],
+                                           self.precisions[index])
+            scores = scores + _mahalanobis(early.mean(dim=(2, 3)), self.stem_class_means[index],
+                                           self.stem_precisions[index])
+            index += 1
+        return logits / index, scores / index, torch.relu(total)
+
+
 SALIENCY_METHOD = ("HiResCAM of the mean logit (gradient x activation summed over channels) at "
                    "each member's block after the stem, before its max-pool (12 x 12 over the "
                    "200 x 200 input), summed over members, then ReLU")
@@ -338,7 +380,9 @@ def with_saliency(source: Path, output: Path, version: str) -> dict[str, Any]:
     new = PneumoniaModel.load(output)
     inputs = np.random.default_rng(0).random((8, 1, 200, 200), dtype=np.float32)
     before, after = old.assess(inputs), new.assess(inputs)
-    if not (np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])):
+    combined = new.assess_with_saliency(inputs)
+    if not all(np.array_equal(before[i], candidate[i])
+               for candidate in (after, combined) for i in (0, 1)):
         raise SystemExit(f"{output}: outputs differ from {source}; not released")
     return {"output": str(output), "version": version, "grid": grid,
             "bytes": output.stat().st_size}

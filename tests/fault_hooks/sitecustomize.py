@@ -89,3 +89,30 @@ if os.environ.get("PACS_AI_FAULT_HELPER_BROKEN"):
         raise ImportError("injected by the test hook: a library of the helper is missing")
 
     pacs_ai.image_work._warm_up = _broken_warm_up
+
+
+# ``PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES=<path>``: in the service process, while the file <path>
+# exists, the moment the queue has recorded a report as delivered to a destination that still
+# has the same job's heat-map image to send, the file is removed and the process is killed with
+# SIGKILL: a kill -9 between the two deliveries of one film (tests/test_heatmap_peers.py).
+_BETWEEN_DELIVERIES = os.environ.get("PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES")
+
+if _BETWEEN_DELIVERIES:
+    import signal
+
+    import pacs_ai.jobs
+
+    _real_delivery_succeeded = pacs_ai.jobs.JobStore.delivery_succeeded
+
+    def _killing_delivery_succeeded(self, job_id, destination, object="report"):
+        result = _real_delivery_succeeded(self, job_id, destination, object)
+        if object == "report" and os.path.exists(_BETWEEN_DELIVERIES):
+            pending = self._read("SELECT COUNT(*) FROM deliveries WHERE job_id = ? AND "
+                                 "destination = ? AND object = 'heatmap' AND state = 'pending'",
+                                 (job_id, destination))[0][0]
+            if pending:
+                os.remove(_BETWEEN_DELIVERIES)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    pacs_ai.jobs.JobStore.delivery_succeeded = _killing_delivery_succeeded
