@@ -196,8 +196,9 @@ def decode_jpeg2000_level(frame: bytes, level: int, header: Jpeg2000Header,
 # --- JPEG (8-bit) ---------------------------------------------------------------------------
 
 def _jpeg_small(ds: Dataset, min_size: int) -> SmallDecode | None:
-    if int(ds.BitsAllocated) != 8 or int(ds.get("PixelRepresentation", 0)) != 0:
-        return None
+    if (int(ds.BitsAllocated), int(ds.get("BitsStored", 8)),
+            int(ds.get("PixelRepresentation", 0))) != (8, 8, 0):
+        return None  # pydicom's decoder corrects fewer bits stored and signed values
     rows, columns = int(ds.Rows), int(ds.Columns)
     scale = largest_factor(rows, columns, min_size, DCT_SCALES)
     if scale == 1:
