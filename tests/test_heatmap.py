@@ -515,3 +515,23 @@ def test_a_queue_from_before_heat_maps_is_upgraded_with_its_deliveries(tmp_path)
     store.delivery_succeeded(1, "pacs", "report")
     assert store.find("1.2.3").state == "done"
     store.close()
+
+
+@pytest.mark.real_peer
+def test_show_heatmaps_script_renders_the_heat_map_images_of_a_folder(rendered, tmp_path):
+    """scripts/show-heatmaps.sh, as the admin guide shows it: the heat-map image of a folder
+    becomes a PNG, the SR next to it is passed over."""
+    require_tool("dcmj2pnm")
+    require_tool("dcmdump")
+    _, result, _ = rendered
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    (folder / f"{result.report_uid}.dcm").write_bytes(result.data)
+    (folder / f"{result.heatmap_uid}.dcm").write_bytes(result.heatmap_data)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "show-heatmaps.sh"
+    completed = subprocess.run(["bash", str(script), str(folder), str(tmp_path / "png"), "5"],
+                               capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{result.heatmap_uid}.png"]
+    with Image.open(tmp_path / "png" / f"{result.heatmap_uid}.png") as png:
+        assert png.mode == "RGB"

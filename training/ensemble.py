@@ -318,6 +318,8 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
         validation_metrics=summary, ood=ood,
         stress={"worst": stress_summary["worst"], "mean_shifted": stress_summary["mean_shifted"],
                 "conditions": len(stress)},
+        saliency={"method": SALIENCY_METHOD,
+                  "grid": list(ensemble.saliency(torch.zeros(1, 1, 200, 200)).shape[1:])},
         **({"intended_use": intended_use} if intended_use else {}))
     np.save(out / "validation_probabilities.npy", probabilities)
     np.save(out / "validation_ood_scores.npy", scores)

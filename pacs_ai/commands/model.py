@@ -38,12 +38,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
     print(f"intended:   {_intended_use(model.info)}")
     print(f"abstains:   {_abstention(model.info)}")
+    print(f"heat map:   {_saliency(model.info)}")
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
     if config is not None:
         print(f"site:       {_site_settings(config, model.info)}")
     return 0
+
+
+def _saliency(info) -> str:
+    """What the file's saliency map is, or that it has none (pacs_ai.model, contract 2)."""
+    if info.saliency_grid is None:
+        return "none (model contract 1: reports without region, no heat-map images)"
+    rows, columns = info.saliency_grid
+    method = info.metadata.get("saliency", {}).get("method", "method not recorded")
+    return (f"{rows}x{columns} saliency map ({method}); reports of pneumonia carry its "
+            "region, and heat-map images go with them ([report] heatmap)")
 
 
 def _file_source(args: argparse.Namespace, config) -> str:
