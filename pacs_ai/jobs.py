@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (destination, state, delivered_at);
 """
 
 
@@ -578,30 +579,33 @@ class JobStore:
         return result
 
     def destination_deliveries(self, names: Iterable[str]) -> dict[str, DestinationDeliveries]:
-        """Delivery health of each named destination (the configured ones)."""
-        names = list(names)
-        last_success = dict(self._read(
-            "SELECT destination, MAX(delivered_at) FROM deliveries WHERE state = 'done' "
-            "GROUP BY destination"))
-        pending = {name: (count, oldest) for name, count, oldest in self._read(
-            "SELECT d.destination, COUNT(*), MIN(j.received_at) FROM deliveries d "
-            "JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' GROUP BY d.destination")}
-        failing_rows = self._read(
-            "SELECT d.destination, d.first_attempt_at, d.last_error FROM deliveries d "
-            "WHERE d.state IN ('pending', 'failed') AND d.attempts > 0 "
-            "AND d.last_error IS NOT NULL AND d.first_attempt_at > COALESCE("
-            "(SELECT MAX(s.delivered_at) FROM deliveries s WHERE s.destination = d.destination "
-            "AND s.state = 'done'), 0) ORDER BY d.next_attempt_at")
-        failing: dict[str, tuple[float, str]] = {}
-        for name, first_attempt_at, error in failing_rows:  # ordered: the last error wins
-            since = min(first_attempt_at, failing.get(name, (first_attempt_at, ""))[0])
-            failing[name] = (since, error)
+        """Delivery health of each named destination (the configured ones).
+
+        Asked per destination, so each question is an index lookup (deliveries_due,
+        deliveries_done) rather than a scan of every delivery ever made: this runs at each
+        /metrics scrape and queue page load (bench/queue_page.py: 2.9 s with a subquery per
+        failed row on 10 000 jobs before)."""
         result = {}
         for name in names:
-            count, oldest = pending.get(name, (0, None))
-            since, error = failing.get(name, (None, None))
-            result[name] = DestinationDeliveries(name, last_success.get(name), count, oldest,
-                                                 since, error)
+            last_success = self._read(
+                "SELECT MAX(delivered_at) FROM deliveries WHERE destination = ? "
+                "AND state = 'done'", (name,))[0][0]
+            count, oldest = self._read(
+                "SELECT COUNT(*), MIN(j.received_at) FROM deliveries d JOIN jobs j "
+                "ON j.id = d.job_id WHERE d.destination = ? AND d.state = 'pending'",
+                (name,))[0]
+            # Deliveries still open or given up on whose first attempt failed after the last
+            # success: the destination has stored nothing since. Ordered: the last error wins.
+            since, error = None, None
+            for first_attempt_at, last_error in self._read(
+                    "SELECT first_attempt_at, last_error FROM deliveries WHERE destination = ? "
+                    "AND state IN ('pending', 'failed') AND attempts > 0 "
+                    "AND last_error IS NOT NULL AND first_attempt_at > ? "
+                    "ORDER BY next_attempt_at", (name, last_success or 0)):
+                since = first_attempt_at if since is None else min(since, first_attempt_at)
+                error = last_error
+            result[name] = DestinationDeliveries(name, last_success, count, oldest, since,
+                                                 error)
         return result
 
     def failed_since(self, since: float) -> int:
@@ -633,9 +637,9 @@ class JobStore:
             "d.attempts > 0 ORDER BY d.next_attempt_at LIMIT ?", (limit,))
 
     def recent_jobs(self, limit: int) -> list[Job]:
-        """The latest received jobs, newest first (the queue page)."""
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY received_at DESC, id DESC "
-                          "LIMIT ?", (limit,))
+        """The latest jobs, newest first (the queue page): by id, the primary key, so it stays
+        quick on a large queue; a re-sent film keeps its place."""
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
     def job_by_id(self, job_id: int) -> Job | None:

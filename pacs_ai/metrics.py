@@ -158,7 +158,7 @@ def _handler_class(health: HealthCallback, ready: HealthCallback,
             elif path in ("/healthz", "/readyz"):
                 status, body = _health_response(health if path == "/healthz" else ready)
                 self._send(status, "application/json", body)
-            elif not self._web(lambda: web.get(path)):
+            elif not self._web(lambda: web.get(path, self.headers.get("Accept"))):
                 self._send(404, "text/plain; charset=utf-8",
                            b"not found: try /metrics, /healthz, /readyz or /queue\n")
 

@@ -3,7 +3,8 @@ failed deliveries, served by the [metrics] HTTP server (pacs_ai.metrics) beside 
 
     GET  /queue            HTML, rendered here with the standard library (html.escape); it
                            reloads itself every [web] refresh_seconds (meta refresh, no script)
-    GET  /api/queue        the same content as JSON, for scripts
+    GET  /api/queue        the same content as JSON, for scripts (also /queue with
+                           "Accept: application/json")
     POST /queue/retry      form fields token, job: the job's failed deliveries are tried again;
                            303 back to /queue
     POST /api/queue/retry  the same for scripts (token also as "Authorization: Bearer ..."); JSON
@@ -140,8 +141,9 @@ class QueuePage:
 
     # --- HTTP ---------------------------------------------------------------------------
 
-    def get(self, path: str) -> Answer | None:
-        if path == "/api/queue":
+    def get(self, path: str, accept: str | None = None) -> Answer | None:
+        wants_json = "application/json" in (accept or "") and "text/html" not in (accept or "")
+        if path == "/api/queue" or (path in ("/queue", "/queue/") and wants_json):
             return _json(200, self.snapshot())
         if path in ("/queue", "/queue/"):
             return Answer(200, "text/html; charset=utf-8",

@@ -102,6 +102,10 @@ def test_the_json_shows_films_counts_and_destinations_without_patient_data(serve
     assert SOURCE_UID not in body  # UIDs shortened
     assert "ACC-" not in body and "accession_number" not in failed  # off by default
     assert queue["destinations"]["pacs"]["kind"] == "dimse"
+    request = urllib.request.Request(url + "/queue", headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:  # same path, asked for JSON
+        assert json.loads(response.read())["films"] == queue["films"]
+    assert [film["job"] for film in queue["films"]] == sorted(ids.values(), reverse=True)
 
 
 def test_the_page_is_html_that_reloads_itself(served):
