@@ -172,7 +172,8 @@ def is_purged(job: Job) -> bool:
 
 _DELIVERIES_TABLE = re.search(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", SCHEMA,
                               re.DOTALL).group(0)
-_DELIVERIES_INDEX = re.search(r"CREATE INDEX IF NOT EXISTS deliveries_due [^;]*;", SCHEMA).group(0)
+# every index of the table (the rebuild below drops them with the old table)
+_DELIVERIES_INDEXES = re.findall(r"CREATE INDEX IF NOT EXISTS deliveries_\w+ [^;]*;", SCHEMA)
 
 
 def _add_delivery_objects(connection: sqlite3.Connection) -> None:
@@ -192,7 +193,8 @@ def _add_delivery_objects(connection: sqlite3.Connection) -> None:
             "attempts, next_attempt_at, first_attempt_at, last_error, delivered_at "
             "FROM deliveries_before_objects")
         connection.execute("DROP TABLE deliveries_before_objects")  # and its index
-        connection.execute(_DELIVERIES_INDEX)
+        for index in _DELIVERIES_INDEXES:
+            connection.execute(index)
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:

@@ -53,12 +53,7 @@ def test_each_caller_s_reports_go_where_its_route_says(tmp_path):
         assert len(sr_in_study(ward_pacs, ward_film)) == 1
 
 
-def test_a_queue_from_before_routing_gets_the_new_columns(tmp_path):
-    """A jobs.sqlite written before routing (no peer_address ... model columns) opens, and
-    new jobs record what routes match on."""
-    path = tmp_path / "jobs.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript("""
+OLD_JOBS_TABLE = """
 CREATE TABLE jobs (id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL UNIQUE,
   sop_class_uid TEXT NOT NULL, study_instance_uid TEXT, calling_ae_title TEXT,
   image_file TEXT NOT NULL, state TEXT NOT NULL, stage TEXT, reason TEXT, probability REAL,
@@ -66,7 +61,15 @@ CREATE TABLE jobs (id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL UNIQUE
   updated_at REAL NOT NULL);
 INSERT INTO jobs (sop_instance_uid, sop_class_uid, image_file, state, received_at, updated_at)
   VALUES ('1.2.3', '1.2.840.10008.5.1.4.1.1.1', 'images/a.dcm', 'done', 1, 1);
-PRAGMA user_version = 1;""")
+"""
+
+
+def test_a_queue_from_before_routing_gets_the_new_columns(tmp_path):
+    """A jobs.sqlite written before routing (no peer_address ... model columns) opens, and
+    new jobs record what routes match on."""
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_JOBS_TABLE + "PRAGMA user_version = 1;")
     old.close()
     store = JobStore.open(path)
     try:
@@ -79,3 +82,26 @@ PRAGMA user_version = 1;""")
             ("10.0.0.7", "CR", "ROOM1", "A1")
     finally:
         store.close()
+
+
+def test_a_queue_from_before_heat_maps_keeps_every_deliveries_index(tmp_path):
+    """The deliveries table is rebuilt for heat-map objects; the rebuilt one has all indexes
+    (deliveries_done is what the destination health queries look up)."""
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_JOBS_TABLE + """
+CREATE TABLE deliveries (job_id INTEGER NOT NULL, destination TEXT NOT NULL,
+  state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+  first_attempt_at REAL, last_error TEXT, delivered_at REAL, PRIMARY KEY (job_id, destination));
+INSERT INTO deliveries VALUES (1, 'pacs', 'done', 1, 5, 5, NULL, 6);
+PRAGMA user_version = 1;""")
+    old.close()
+    JobStore.open(path).close()
+    check = sqlite3.connect(path)
+    indexes = {row[0] for row in check.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries' "
+        "AND name NOT LIKE 'sqlite_autoindex%'")}
+    rows = check.execute("SELECT job_id, destination, object FROM deliveries").fetchall()
+    check.close()
+    assert indexes == {"deliveries_due", "deliveries_done"}
+    assert rows == [(1, "pacs", "report")]
