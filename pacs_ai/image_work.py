@@ -22,13 +22,14 @@ The model stays in the service process: inference releases the lock and is 6 ms 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -152,9 +153,31 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 
 def _warm_up() -> int:
-    import pacs_ai.report  # noqa: F401  (imports highdicom once, before the first image)
+    # highdicom and the heat-map drawing once, before the first image
+    import pacs_ai.heatmap_image  # noqa: F401
+    import pacs_ai.report  # noqa: F401
 
-    return 0
+    return os.getpid()
+
+
+# Native libraries in the helpers run single-threaded: each helper is one of the service's
+# parallel lanes already, and OpenBLAS or OpenMP pools sized to the whole machine in every helper
+# oversubscribe it (the helpers' CPU per film grew with the core count on a 16-core machine,
+# docs/benchmarks.md). An administrator's own setting wins.
+HELPER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """os.environ as spawned helpers should inherit it, for the time helpers are started."""
+    added = [name for name in HELPER_THREAD_VARIABLES if name not in os.environ]
+    for name in added:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 class ImageWork:
@@ -178,7 +201,8 @@ class ImageWork:
         every film as a crash."""
         assert self._pool is not None
         try:
-            self._pool.submit(_warm_up).result(timeout=HELPER_START_SECONDS)
+            for warm_up in self._spawn_all_helpers(self._pool):
+                warm_up.result(timeout=HELPER_START_SECONDS)
         except Exception as error:
             self.close(wait=False)
             raise UserError(f"the image helper process did not start ({type(error).__name__}: "
@@ -190,6 +214,13 @@ class ImageWork:
         return ProcessPoolExecutor(max_workers=self.processes,
                                    mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_helper, initargs=self._log_args)
+
+    def _spawn_all_helpers(self, pool: ProcessPoolExecutor) -> list[Future[int]]:
+        """Start every helper now. A spawn pool starts a helper per submitted call while none is
+        idle, so one warm-up call per helper, submitted together, starts them all: otherwise
+        they would start (and import) one by one during the first burst of films."""
+        with _single_threaded_children():
+            return [pool.submit(_warm_up) for _ in range(self.processes)]
 
     def start_prepare(self, paths: Sequence[Path], policy: FilterPolicy,
                       max_pixels: int) -> PendingWork[Prepared]:
@@ -226,6 +257,7 @@ class ImageWork:
         old = self._pool
         self._pool = self._new_pool()
         self._generation += 1
+        self._spawn_all_helpers(self._pool)  # not waited for: the calls queue behind them
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 

@@ -3,6 +3,7 @@ worker has the next batch in flight (tests/fault_hooks injects a SIGSEGV into th
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -71,3 +72,21 @@ def test_an_empty_batch_does_not_restart_the_helper(crashing_work):
     work, _ = crashing_work
     assert work.start_prepare([], FilterPolicy(), DEFAULT_MAX_PIXELS).results() == []
     assert work._generation == 0
+
+
+def test_every_helper_is_started_single_threaded_before_the_first_image():
+    """All helpers run (and have imported) before any film, not one by one during the first
+    burst; each inherits single-threaded native libraries, and the service's own environment is
+    left as it was."""
+    before = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    work = ImageWork(3)
+    try:
+        assert len(multiprocessing.active_children()) >= 3
+        pids = {work._submit(os.getpid, ())[0].result(timeout=30) for _ in range(12)}
+        assert len(pids) <= 3  # no helper beyond the three started up front
+        settings = {work._submit(os.getenv, ("OPENBLAS_NUM_THREADS",))[0].result(timeout=30)
+                    for _ in range(6)}
+        assert settings == {before["OPENBLAS_NUM_THREADS"] or "1"}
+        assert {name: os.environ.get(name) for name in before} == before
+    finally:
+        work.close()
