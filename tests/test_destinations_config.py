@@ -121,7 +121,8 @@ def test_the_first_matching_route_wins_and_the_rest_go_to_the_default(tmp_path):
         == "default"
     # without [routing] default, films no route matches go to every destination
     without_default = routed(tmp_path, [{"calling_ae_title": "ER_CR", "destinations": ["main"]}])
-    assert choose_route(without_default, facts()) == RouteChoice("default", ("main", "er-archive"))
+    assert choose_route(without_default, facts()) == \
+        RouteChoice("default", ("main", "er-archive"))
 
 
 @pytest.mark.parametrize("routes,routing,message", [
@@ -150,3 +151,17 @@ def test_routing_mistakes_name_the_key(tmp_path, routes, routing, message):
     with pytest.raises(ConfigError) as error:
         routed(tmp_path, routes, routing)
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_serve_stops_at_start_up_on_a_route_to_an_unknown_destination(tmp_path):
+    from tests.dicom_peers import pacs_ai_cli
+
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text('[[destinations]]\nname = "main"\nae_title = "PACS"\nhost = "pacs"\n'
+                      'port = 104\n\n[[routes]]\ncalling_ae_title = "ER_CR"\n'
+                      'destinations = ["archive"]\n')
+    result = pacs_ai_cli("serve", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "[[routes]] #1 destinations: 'archive' is not the name of a [[destinations]] " \
+           "block; the destinations are 'main'" in result.stderr
+    assert not (tmp_path / "spool").exists()  # nothing started
