@@ -632,9 +632,12 @@ class JobStore:
 
     def retrying_deliveries(self, limit: int = 10) -> list[tuple[str, str, int, float, str]]:
         """(report_uid, destination, attempts, next_attempt_at, last_error) of deliveries that
-        failed at least once and will be tried again."""
+        failed at least once and will be tried again; for a heat-map image its own UID and
+        "destination (heatmap)"."""
         return self._read(
-            "SELECT j.report_uid, d.destination, d.attempts, d.next_attempt_at, d.last_error "
+            "SELECT COALESCE(d.object_uid, j.report_uid), d.destination || CASE d.object "
+            "WHEN 'report' THEN '' ELSE ' (' || d.object || ')' END, d.attempts, "
+            "d.next_attempt_at, d.last_error "
             "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' AND "
             "d.attempts > 0 ORDER BY d.next_attempt_at LIMIT ?", (limit,))
 

@@ -535,3 +535,50 @@ def test_show_heatmaps_script_renders_the_heat_map_images_of_a_folder(rendered, 
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{result.heatmap_uid}.png"]
     with Image.open(tmp_path / "png" / f"{result.heatmap_uid}.png") as png:
         assert png.mode == "RGB"
+
+
+def test_a_pacs_that_refuses_secondary_capture_still_gets_every_report(tmp_path, tiny_with_maps):
+    """A PACS that offers only the SR storage classes: the reports are stored, each heat-map
+    image delivery fails on its own (retried, then given up) and says so, and the job ends
+    failed at stage deliver naming the image, so `pacs-ai retry` can send it later."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
+
+    from pacs_ai.config import Destination, RetryPolicy
+    from pacs_ai.sender import DestinationSender
+    from tests.dicom_peers import free_port, wait_until
+
+    stored = []
+    ae = AE(ae_title="SR_ONLY")
+    for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage):
+        ae.add_supported_context(sop_class)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: stored.append(event.dataset) or 0x0000)])
+    spool, store = backlog_of(tmp_path, 2)
+    destination = Destination(name="sr-only", ae_title="SR_ONLY", host="127.0.0.1", port=port)
+    try:
+        run_worker(spool, store, tiny_with_maps, [destination])
+        # the first failed attempt is retried: shown with the image's own UID
+        sender = DestinationSender(destination, spool, store,
+                                   RetryPolicy(initial_delay_seconds=30, max_attempts=2),
+                                   threading.Event(), threading.Event(), lambda job: None)
+        sender.send(store.due_deliveries("sr-only", 1e12, 10))
+        retrying = store.retrying_deliveries()
+        assert sorted(name for _, name, *_ in retrying) == ["sr-only (heatmap)"] * 2
+        heatmap_uids = {heatmap_uid(job.sop_instance_uid, tiny_with_maps.info.name,
+                                    tiny_with_maps.info.version) for job in store.all_jobs()}
+        assert {uid for uid, *_ in retrying} == heatmap_uids
+        sr_classes = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33")
+        assert len(stored) == 2 and all(str(ds.SOPClassUID) in sr_classes for ds in stored)
+        # the second attempt gives up: the job fails at stage deliver, naming the image
+        sender.send(store.due_deliveries("sr-only", 1e12, 10))
+        assert wait_until(lambda: all(job.state == "failed" for job in store.all_jobs()), 10)
+        for job in store.all_jobs():
+            assert job.stage == "deliver"
+            assert job.reason.startswith("delivery to sr-only (heatmap) failed: send-failed"), \
+                job.reason
+        assert len(stored) == 2  # the reports were not sent again
+    finally:
+        server.shutdown()
+        store.close()
