@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import pacs_ai
 from pacs_ai import heatmap
 from pacs_ai.model import ModelInfo
-from pacs_ai.report import site_settings_part
+from pacs_ai.report import _instance_number, site_settings_part  # the SR's numbering
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid
 
 MAX_SIDE = 1024  # longest side of the picture's film part, in pixels
@@ -205,11 +205,3 @@ def _orientation(header: Dataset) -> tuple[str, str] | None:
             and all(orientation):
         return str(orientation[0]), str(orientation[1])
     return None
-
-
-def _instance_number(header: Dataset) -> int:
-    try:
-        number = int(header.get("InstanceNumber") or 1)
-    except (TypeError, ValueError):
-        return 1
-    return number if number >= 1 else 1
