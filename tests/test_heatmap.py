@@ -582,3 +582,17 @@ def test_a_pacs_that_refuses_secondary_capture_still_gets_every_report(tmp_path,
     finally:
         server.shutdown()
         store.close()
+
+
+def test_report_heatmap_settings_default_on_for_pneumonia_only_and_are_checked(tmp_path):
+    from pacs_ai.config import ConfigError, parse_config
+
+    default = parse_config({}, base_dir=tmp_path).report
+    assert (default.heatmap, default.heatmap_for_normal) == (True, False)
+    chosen = parse_config({"report": {"heatmap": False, "heatmap_for_normal": True}},
+                          base_dir=tmp_path).report
+    assert (chosen.heatmap, chosen.heatmap_for_normal) == (False, True)
+    with pytest.raises(ConfigError, match="heatmap"):
+        parse_config({"report": {"heatmap": "yes"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="heatmap_for_normal"):
+        parse_config({"report": {"heatmap_for_normal": 1}}, base_dir=tmp_path)
