@@ -4,13 +4,16 @@ The manifests are validated against Kubernetes' own OpenAPI schemas with kuberne
 (its schemas ship inside the package: no cluster, no network), strictly (an unknown field is an
 error). The ConfigMap's TOML goes through pacs-ai's own config parser, and the pieces that must
 agree (ports, probe paths, volume paths, names, the stop grace, the memory ceiling) are checked
-against each other, the systemd unit and the config. Building and running the image needs
-podman, a base image and PyPI: where this machine cannot, that test says why and skips.
+against each other, the systemd unit and the config. The files the Containerfile copies are
+built and installed as its pip does, and that install serves the image's config, outside a
+container. Building and running the image itself needs podman, a base image and PyPI: where this
+machine cannot, that test says why and skips.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -213,6 +216,91 @@ def test_containerfile_is_debian_slim_non_root_with_the_model_and_the_image_conf
     assert arguments["ENTRYPOINT"] == ['["/opt/pacs-ai/venv/bin/pacs-ai"]']
     assert arguments["CMD"] == [str(["serve", "--config", "/etc/pacs-ai/pacs-ai.toml"])
                                 .replace("'", '"')]
+
+
+def copy_like_the_containerfile(root: Path) -> None:
+    """Carry out the Containerfile's COPY lines with `root` as the image's /."""
+    for copy_args in [args for name, args in containerfile_instructions() if name == "COPY"]:
+        *sources, target = copy_args.split()
+        destination = root / target.lstrip("/")
+        for source in sources:
+            path = REPO_ROOT / source
+            into = destination / path.name if target.endswith("/") else destination
+            into.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                shutil.copytree(path, into, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(path, into)
+
+
+@pytest.mark.slow
+def test_the_image_contents_install_and_serve_the_image_config_outside_a_container(tmp_path):
+    """What podman cannot check here, short of a container: the files the Containerfile copies
+    build pacs-ai (a wheel, installed as the image's pip does, not editable), and that install
+    serves the image's config (its addresses, ports and paths moved to loopback and tmp_path):
+    /readyz 200 with the shipped model, C-ECHO answered, SIGTERM ends it with status 0."""
+    import os
+    import signal
+    import sys
+
+    from tests.dicom_peers import SimulatedModality, free_port
+
+    image = tmp_path / "image"
+    copy_like_the_containerfile(image)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # Offline with this environment's setuptools when it is as new as pyproject.toml asks;
+    # else pip fetches one, as the image's build does.
+    from importlib.metadata import version
+    isolation = [] if int(version("setuptools").split(".")[0]) < 68 else ["--no-build-isolation"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w",
+                            str(tmp_path / "dist"), str(image / "src")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("pacs_ai-*.whl"))
+    site = tmp_path / "site"
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    environment = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
+    where = subprocess.run([sys.executable, "-c", "import pacs_ai; print(pacs_ai.__file__)"],
+                           cwd=tmp_path, env=environment, capture_output=True, text=True)
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+
+    dicom_port, metrics_port = free_port(), free_port()
+    text = (image / "etc/pacs-ai/pacs-ai.toml").read_text()
+    for written, here in (("port = 11112", f"port = {dicom_port}"),
+                          ("port = 9108", f"port = {metrics_port}"),
+                          ('host = "0.0.0.0"', 'host = "127.0.0.1"'),
+                          ('"/var/lib/pacs-ai"', f'"{tmp_path / "spool"}"'),
+                          ('"/opt/pacs-ai/models/', f'"{image / "src/deploy/models"}/')):
+        assert written in text, written
+        text = text.replace(written, here)
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(text)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "pacs_ai", "serve", "--config",
+                                    str(config)], cwd=tmp_path, env=environment,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, ready = time.monotonic() + 120, None
+        while time.monotonic() < deadline and service.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz",
+                                            timeout=2) as response:
+                    ready = json.loads(response.read())
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert ready is not None and ready["ok"], log_path.read_text()[-3000:]
+        assert ready["model"].startswith("pacs-ai-pneumonia ")
+        assert SimulatedModality(dicom_port).echo() == 0x0000
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(timeout=30)
 
 
 def podman_problem() -> str | None:
