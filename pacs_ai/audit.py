@@ -20,6 +20,7 @@ counted (pacs_ai_audit_records_lost_total) and the first loss logged (audit_writ
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -448,6 +449,4 @@ class AuditTrail:
 
 
 def _to_line(record: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
