@@ -77,7 +77,7 @@ PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
 SUCCESS = 0
 MINOR_FAILURE = 4  # failed, and will be tried again (a retry, a modality re-sending)
 SERIOUS_FAILURE = 8  # failed for good: refused, given up
-MAJOR_FAILURE = 12  # an internal error
+MAJOR_FAILURE = 12  # an internal error (a C-STORE answered 0xA700 internal-error)
 
 NETWORK_ACCESS_POINT_MACHINE_NAME = "1"
 NETWORK_ACCESS_POINT_IP_ADDRESS = "2"
@@ -262,9 +262,10 @@ def instance_received(*, calling_ae_title: str, peer: str, called_ae_title: str,
         details["reason"] = reason
     if duplicate:
         details["duplicate"] = True
+    internal = (reason or "").startswith("internal-error")  # a fault of ours, not the data's
     return AuditMessage(
         kind="transfer-in", event_id=INSTANCES_TRANSFERRED, action="C",
-        outcome=store_outcome(status),
+        outcome=MAJOR_FAILURE if internal else store_outcome(status),
         outcome_description=f"0x{status:04X}" + (f" {reason}" if reason else ""),
         participants=(Participant(calling_ae_title, peer, True, ROLE_SOURCE),
                       Participant(called_ae_title, node, False, ROLE_DESTINATION)),

@@ -76,6 +76,8 @@ def test_the_outcome_follows_the_dicom_status():
     assert full["EventIdentification"]["EventOutcomeIndicator"] == 4  # the modality re-sends
     assert full["EventIdentification"]["EventOutcomeDescription"] == \
         "0xA700 disk-full: No space left on device"
+    internal = received(status=0xA700, reason="internal-error: KeyError")
+    assert internal["EventIdentification"]["EventOutcomeIndicator"] == 12
     bad = received(status=0xC000, reason="truncated-pixel-data: 10 of 20 bytes",
                    study_instance_uid=None, series_instance_uid=None)
     assert bad["EventIdentification"]["EventOutcomeIndicator"] == 8
@@ -451,6 +453,21 @@ def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path):
     assert transfer_in["ParticipantObjectIdentification"][1]["ParticipantObjectID"] == \
         "PID-AUDIT-7"
     assert "PID-AUDIT-7" not in journal
+
+
+
+def test_no_audit_file_when_the_trail_is_off(tmp_path):
+    from tests.dicom_peers import ServiceProcess, write_service_config
+    from tests.real_peers import tiny_model
+
+    config = write_service_config(tmp_path, model=tiny_model(tmp_path),
+                                  tables={"audit": {"enabled": False}})
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        [result] = SimulatedModality(service.port).send([synthetic_radiograph(seed=8)])
+        assert result.acknowledged
+    assert not (tmp_path / "spool" / "audit").exists()
+    [started] = [e for e in service.events() if e.get("event") == "service_started"]
+    assert started["audit_log"] is None
 
 
 # --- the whole path with real peers: DCMTK storescu -> pacs-ai serve -> Orthanc -------------------
