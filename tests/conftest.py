@@ -37,6 +37,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The untrained tiny model exported once per session through the real model contract
+    (training.export): for every test that needs a model file but not trained answers."""
+    from training.export import export_untrained_tiny_model
+
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data (the chest X-ray folders), or skip/fail as above."""

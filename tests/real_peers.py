@@ -9,7 +9,7 @@ and helpers around `pacs-ai serve` running as a subprocess.
 - :func:`propose_as_stored` writes a DCMTK association profile that proposes, for every file, its
   own SOP class with only the transfer syntax it is stored in (no fallback to uncompressed).
 - The service itself runs through ``tests.dicom_peers`` (``write_service_config`` and
-  ``ServiceProcess``); :func:`tiny_model`, :func:`thread_count` (``/proc/<pid>/task``) and
+  ``ServiceProcess``); :func:`thread_count` (``/proc/<pid>/task``) and
   :func:`orthanc_destination` add what real-peer and fault tests need.
 
 Every helper that runs an external program calls ``tests.conftest.require_tool`` first, so tests
@@ -29,7 +29,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -450,20 +449,6 @@ def propose_as_stored(files: Sequence[Path], config_path: Path,
 # --- pacs-ai serve as a subprocess ------------------------------------------------------------
 # The service runs through tests.dicom_peers (write_service_config + ServiceProcess); these add
 # what real-peer and fault tests need on top.
-
-_tiny_model_lock = threading.Lock()
-
-
-def tiny_model(folder: Path) -> Path:
-    """The untrained tiny model exported through the real contract (once per folder)."""
-    from training.export import export_untrained_tiny_model
-
-    path = Path(folder) / "tiny-model.pt"
-    with _tiny_model_lock:
-        if not path.exists():
-            export_untrained_tiny_model(path)
-    return path
-
 
 def thread_count(pid: int) -> int:
     """Threads of a process right now (entries of /proc/<pid>/task)."""

@@ -410,18 +410,17 @@ def test_a_failed_tls_handshake_is_a_security_alert(audited, tmp_path):
 
 
 
-def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path):
+def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path, tiny_model):
     """`pacs-ai serve` with its PACS down and [retry] max_attempts = 2: the report's first
     attempt is a transfer-out with outcome 4 (to be retried), the second 8 (given up), each
     with the reason; include_patient_id puts the film's Patient ID in the transfer-in and the
     transfer-out (the report's), and never in the journal."""
     from tests.dicom_peers import ServiceProcess, write_service_config
-    from tests.real_peers import tiny_model
 
     folder = tmp_path / "service"
     folder.mkdir()
     down = {"name": "down-pacs", "ae_title": "NOBODY", "host": LOCALHOST, "port": free_port()}
-    config = write_service_config(folder, model=tiny_model(folder), destinations=[down],
+    config = write_service_config(folder, model=tiny_model, destinations=[down],
                                   tables={"retry": {"max_attempts": 2},
                                           "audit": {"include_patient_id": True},
                                           "workers": {"torch_threads": 1}})
@@ -456,11 +455,10 @@ def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path):
 
 
 
-def test_no_audit_file_when_the_trail_is_off(tmp_path):
+def test_no_audit_file_when_the_trail_is_off(tmp_path, tiny_model):
     from tests.dicom_peers import ServiceProcess, write_service_config
-    from tests.real_peers import tiny_model
 
-    config = write_service_config(tmp_path, model=tiny_model(tmp_path),
+    config = write_service_config(tmp_path, model=tiny_model,
                                   tables={"audit": {"enabled": False}})
     with ServiceProcess(config, tmp_path / "serve.log") as service:
         [result] = SimulatedModality(service.port).send([synthetic_radiograph(seed=8)])
@@ -473,7 +471,7 @@ def test_no_audit_file_when_the_trail_is_off(tmp_path):
 # --- the whole path with real peers: DCMTK storescu -> pacs-ai serve -> Orthanc -------------------
 
 @pytest.mark.real_peer
-def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path):
+def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path, tiny_model):
     """storescu sends a film to `pacs-ai serve`, which reports to Orthanc; echoscu calls with an
     AE title the listener does not allow. The audit file holds the film's transfer-in (the
     AE title, address, its UIDs, outcome 0), the report's transfer-out to Orthanc (the SR
@@ -482,7 +480,7 @@ def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path):
     from tests.conftest import SAMPLE_DICOMS, require_tool
     from tests.dicom_peers import ServiceProcess, write_service_config
     from tests.real_peers import (Modality, Orthanc, echoscu, orthanc_destination,
-                                  renamed_copy, storescu, tiny_model)
+                                  renamed_copy, storescu)
     from tests.test_real_peers import stored_reports_for
 
     require_tool("Orthanc")
@@ -490,7 +488,7 @@ def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path):
         folder = tmp_path / "service"
         folder.mkdir()
         config = write_service_config(
-            folder, model=tiny_model(folder), destinations=[orthanc_destination(orthanc)],
+            folder, model=tiny_model, destinations=[orthanc_destination(orthanc)],
             tables={"workers": {"torch_threads": 1},
                     "listener": {"allowed_calling_ae_titles": ["XRAY_ROOM_1", "MODALITY"]}})
         film = renamed_copy(SAMPLE_DICOMS / "cr_normal_pa_12bit.dcm", tmp_path / "film.dcm")

@@ -19,13 +19,6 @@ from tests.conftest import REPO_ROOT, SAMPLE_DICOMS
 MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())["files"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def classify(*arguments: str) -> tuple[int, list[dict], str]:
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run([sys.executable, "-m", "pacs_ai", "classify", *arguments],

@@ -16,13 +16,6 @@ from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
                                write_service_config)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def status(config: Path) -> dict:
     result = pacs_ai_cli("status", "--config", str(config), "--json", "--limit", "50")
     # 1: something needs an admin (failed jobs, a destination failing too long), as here often.

@@ -181,13 +181,6 @@ def stand_in_venv(tmp_path) -> Path:
     return venv
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def install(checkout: Path, destdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(checkout / "deploy" / "install.sh"), "--destdir",
                            str(destdir), *args], capture_output=True, text=True, timeout=60)

@@ -16,7 +16,7 @@ from pacs_ai.config import ConfigError, parse_config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
 from tests.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
                                write_service_config)
-from tests.real_peers import Orthanc, orthanc_destination, tiny_model
+from tests.real_peers import Orthanc, orthanc_destination
 
 
 def destination(**extra) -> dict:
@@ -72,7 +72,7 @@ def test_echo_against_orthanc_up_stopped_and_back(tmp_path):
 
 
 @pytest.mark.real_peer
-def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path):
+def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path, tiny_model):
     """pacs-ai serve echoes Orthanc at start-up (ok in status, /healthz, metrics); Orthanc
     stopped, the next echo 10 s later fails, and status then says so and exits 1 (over
     [status] destination_failing_seconds = 0)."""
@@ -81,7 +81,7 @@ def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path):
     folder.mkdir()
     metrics_port = free_port()
     config = write_service_config(
-        folder, model=tiny_model(folder),
+        folder, model=tiny_model,
         destinations=[orthanc_destination(orthanc, echo_interval_seconds=10, timeout_seconds=5)],
         tables={"metrics": {"enabled": True, "host": LOCALHOST, "port": metrics_port},
                 "status": {"destination_failing_seconds": 0}})

@@ -21,7 +21,7 @@ import pytest
 
 from tests.dicom_peers import (LOCALHOST, ServiceProcess, SimulatedModality, pacs_ai_cli,
                                synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import Orthanc, tiny_model
+from tests.real_peers import Orthanc
 
 pytestmark = pytest.mark.real_peer
 
@@ -122,11 +122,6 @@ def orthanc(tmp_path_factory):
         yield pacs
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_model(tmp_path_factory.mktemp("model"))
-
-
 def password_file(folder: Path, password: str = "s3cret-stow") -> Path:
     path = folder / "stow-password"
     path.write_text(password + "\n")
@@ -161,8 +156,8 @@ def delivered_events(service: ServiceProcess) -> list[dict]:
     return [e for e in service.events() if e["event"] == "report_delivered"]
 
 
-def test_a_report_arrives_by_stow_rs_with_basic_auth(tmp_path, orthanc, model):
-    config = write_service_config(tmp_path, model=model,
+def test_a_report_arrives_by_stow_rs_with_basic_auth(tmp_path, orthanc, tiny_model):
+    config = write_service_config(tmp_path, model=tiny_model,
                                   destinations=[web_destination(orthanc.dicomweb_url, tmp_path)])
     with ServiceProcess(config, tmp_path / "serve.log") as service:
         film = send_film(service.port, seed=11)
@@ -177,11 +172,11 @@ def test_a_report_arrives_by_stow_rs_with_basic_auth(tmp_path, orthanc, model):
     assert tags["Modality"] == "SR" and tags["StudyInstanceUID"] == str(film.StudyInstanceUID)
 
 
-def test_a_5xx_is_retried_and_a_re_send_keeps_one_instance(tmp_path, orthanc, model):
+def test_a_5xx_is_retried_and_a_re_send_keeps_one_instance(tmp_path, orthanc, tiny_model):
     """First answer 503 without storing; then forward, but lose the answer (Orthanc stored
     it, pacs-ai saw 503); then forward: the same report is stored twice, Orthanc keeps one."""
     with ScriptedProxy(orthanc.dicomweb_url, ["503", "forward-then-503"]) as proxy:
-        config = write_service_config(tmp_path, model=model,
+        config = write_service_config(tmp_path, model=tiny_model,
                                       destinations=[web_destination(proxy.url, tmp_path)])
         with ServiceProcess(config, tmp_path / "serve.log") as service:
             film = send_film(service.port, seed=12)
@@ -197,9 +192,9 @@ def test_a_5xx_is_retried_and_a_re_send_keeps_one_instance(tmp_path, orthanc, mo
     assert len(reports_in_study(orthanc, film)) == 1  # stored twice, kept once
 
 
-def test_a_4xx_fails_at_once_with_the_servers_message(tmp_path, orthanc, model):
+def test_a_4xx_fails_at_once_with_the_servers_message(tmp_path, orthanc, tiny_model):
     with ScriptedProxy(orthanc.dicomweb_url, ["400"]) as proxy:
-        config = write_service_config(tmp_path, model=model,
+        config = write_service_config(tmp_path, model=tiny_model,
                                       destinations=[web_destination(proxy.url, tmp_path)])
         with ServiceProcess(config, tmp_path / "serve.log") as service:
             film = send_film(service.port, seed=13)
@@ -218,11 +213,11 @@ def test_a_4xx_fails_at_once_with_the_servers_message(tmp_path, orthanc, model):
             assert wait_until(lambda: len(reports_in_study(orthanc, film)) == 1, 60)
 
 
-def test_a_wrong_password_is_retried_with_the_servers_answer(tmp_path, orthanc, model):
+def test_a_wrong_password_is_retried_with_the_servers_answer(tmp_path, orthanc, tiny_model):
     destination = web_destination(orthanc.dicomweb_url, tmp_path)
     (tmp_path / "wrong").mkdir()
     destination["password_file"] = str(password_file(tmp_path / "wrong", "wrong"))
-    config = write_service_config(tmp_path, model=model, destinations=[destination],
+    config = write_service_config(tmp_path, model=tiny_model, destinations=[destination],
                                   tables={"retry": {"max_attempts": 3}})
     with ServiceProcess(config, tmp_path / "serve.log") as service:
         film = send_film(service.port, seed=14)
@@ -233,7 +228,7 @@ def test_a_wrong_password_is_retried_with_the_servers_answer(tmp_path, orthanc, 
     assert reports_in_study(orthanc, film) == []
 
 
-def test_https_with_the_archive_s_ca_and_a_bearer_token(tmp_path, model):
+def test_https_with_the_archive_s_ca_and_a_bearer_token(tmp_path, tiny_model):
     """An HTTPS DICOMweb server (the proxy, certificate from a test CA) in front of an Orthanc
     without authentication: ca_file verifies it and the token goes as a Bearer header; a
     destination trusting another CA fails with tls-certificate."""
@@ -248,7 +243,7 @@ def test_https_with_the_archive_s_ca_and_a_bearer_token(tmp_path, model):
         bearer = {"kind": "dicomweb", "url": proxy.url, "auth": "bearer",
                   "token_file": str(tmp_path / "token"), "timeout_seconds": 10}
         config = write_service_config(
-            tmp_path, model=model,
+            tmp_path, model=tiny_model,
             destinations=[{**bearer, "name": "web", "ca_file": str(material.ca_cert)},
                           {**bearer, "name": "untrusted", "ca_file": str(stranger.ca_cert)}],
             tables={"retry": {"max_attempts": 2}})

@@ -60,7 +60,6 @@ from tests.real_peers import (
     spool_jobs,
     storescu,
     thread_count,
-    tiny_model,
 )
 
 pytestmark = pytest.mark.real_peer
@@ -68,13 +67,8 @@ pytestmark = pytest.mark.real_peer
 SETTLED = ("done", "skipped", "failed")
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return tiny_model(tmp_path_factory.mktemp("model"))
-
-
-def expected_report_uid(model_path: Path, source_uid: str) -> str:
-    info = PneumoniaModel.load(model_path).info
+def expected_report_uid(tiny_model: Path, source_uid: str) -> str:
+    info = PneumoniaModel.load(tiny_model).info
     return report_uid(source_uid, info.name, info.version)
 
 
@@ -117,13 +111,13 @@ def check_some_reports(orthanc: Orthanc, report_uids: list[str], folder: Path,
 # --- kill -9 in the middle of a stream --------------------------------------------------------
 
 def test_kill_9_mid_stream_then_restart_every_acknowledged_instance_reported_once(
-        tmp_path, model_path):
+        tmp_path, tiny_model):
     require_tool("Orthanc")
     study_uid = generate_uid()
     images = write_stream(tmp_path / "stream", 240, study_uid)
     uid_of = {str(path): sop_uid(path) for path in images}
     with Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]) as orthanc:
-        config = write_service_config(tmp_path, model=model_path,
+        config = write_service_config(tmp_path, model=tiny_model,
                                       destinations=[orthanc_destination(orthanc)],
                                       tables={"retry": {"max_attempts": 0,
                                                         "max_age_seconds": 600}})
@@ -151,9 +145,9 @@ def test_kill_9_mid_stream_then_restart_every_acknowledged_instance_reported_onc
             second = storescu(service.port, rest, called_ae="PACS_AI", calling_ae="XRAY_STREAM")
             assert sorted(second.acknowledged) == sorted(map(str, rest)), second.output[-2000:]
 
-            expected = {expected_report_uid(model_path, uid_of[str(p)]): uid_of[str(p)]
+            expected = {expected_report_uid(tiny_model, uid_of[str(p)]): uid_of[str(p)]
                         for p in images}
-            acknowledged_reports = {expected_report_uid(model_path, uid_of[p])
+            acknowledged_reports = {expected_report_uid(tiny_model, uid_of[p])
                                     for p in acknowledged}
             assert wait_until(lambda: set(orthanc.study_sop_instance_uids(
                 study_uid, modality="SR")) >= set(expected), 180), "reports missing"
@@ -177,12 +171,12 @@ def test_kill_9_mid_stream_then_restart_every_acknowledged_instance_reported_onc
 
 # --- the PACS down for a while, then back -----------------------------------------------------
 
-def test_pacs_down_then_back_every_report_delivered_once(tmp_path, model_path):
+def test_pacs_down_then_back_every_report_delivered_once(tmp_path, tiny_model):
     require_tool("Orthanc")
     study_uid = generate_uid()
     images = write_stream(tmp_path / "images", 30, study_uid)
     orthanc = Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]).start()
-    config = write_service_config(tmp_path, model=model_path,
+    config = write_service_config(tmp_path, model=tiny_model,
                                   destinations=[orthanc_destination(orthanc)],
                                   tables={"retry": {"max_attempts": 0, "max_age_seconds": 600,
                                                     "initial_delay_seconds": 0.2,
@@ -198,7 +192,7 @@ def test_pacs_down_then_back_every_report_delivered_once(tmp_path, model_path):
                               >= len(images), 60), "deliveries were not retried"
             time.sleep(2)
             orthanc.start()
-            expected = {expected_report_uid(model_path, sop_uid(p)) for p in images}
+            expected = {expected_report_uid(tiny_model, sop_uid(p)) for p in images}
             assert wait_until(lambda: set(orthanc.study_sop_instance_uids(
                 study_uid, modality="SR")) >= expected, 90), "reports not delivered"
             time.sleep(2)  # a duplicate delivery would show up here
@@ -246,7 +240,7 @@ def small_spool_fs(folder: Path, size: str):
 
 
 def test_spool_full_answers_out_of_resources_and_resumes_when_space_returns(tmp_path,
-                                                                            model_path):
+                                                                            tiny_model):
     """Where mounting is allowed (root with CAP_SYS_ADMIN), the spool lives on a 6 MiB tmpfs that
     really fills up, and space returns by remounting it bigger. Elsewhere the service runs with
     tests/fault_hooks/sitecustomize.py: while a flag file exists every spool temp-file write
@@ -261,7 +255,7 @@ def test_spool_full_answers_out_of_resources_and_resumes_when_space_returns(tmp_
             env = {"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
                    "PACS_AI_FAULT_ENOSPC_FLAG": str(flag)}
         config = write_service_config(
-            tmp_path, model=model_path,
+            tmp_path, model=tiny_model,
             tables={"storage": {"spool_dir": str(spool_fs / "spool"),
                                 "keep_source_images": True, "keep_reports": False}})
         with ServiceProcess(config, tmp_path / "serve.log", env=env) as service:
@@ -328,10 +322,10 @@ REQUEST_TIMEOUT_S = 1  # below the ACSE timeout, which would drop silent peers t
 
 
 @pytest.fixture(scope="module")
-def guarded_service(tmp_path_factory, model_path):
+def guarded_service(tmp_path_factory, tiny_model):
     """A service with an allow list, a limit of 4 associations and short timeouts."""
     folder = tmp_path_factory.mktemp("guarded")
-    config = write_service_config(folder, model=model_path, tables={
+    config = write_service_config(folder, model=tiny_model, tables={
         "listener": {"allowed_calling_ae_titles": ALLOWED_CALLERS},
         "limits": {"max_associations": ASSOCIATION_LIMIT, "acse_timeout_seconds": 2,
                    "dimse_timeout_seconds": 5, "network_timeout_seconds": 5,
@@ -609,7 +603,7 @@ def test_more_associations_than_the_limit_are_rejected_then_served(guarded_servi
     still_serving(guarded_service, threads_before)
 
 
-def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_path, model_path):
+def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_path, tiny_model):
     """A decoder that dies in C code (SIGSEGV, injected by tests/fault_hooks) takes down only
     the helper process: that image is failed with `decode-crashed`, the rest of its batch and
     the images after it are reported, and the listener keeps serving."""
@@ -619,7 +613,7 @@ def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_p
     env = {"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
            "PACS_AI_FAULT_CRASH_MARKER": marker}
     with RecordingPacs() as pacs:
-        config = write_service_config(tmp_path, model=model_path,
+        config = write_service_config(tmp_path, model=tiny_model,
                                       destinations=[pacs.destination()])
         with ServiceProcess(config, tmp_path / "serve.log", env=env) as service:
             modality = SimulatedModality(service.port, calling_ae_title="XRAY_CRASH")
@@ -641,10 +635,10 @@ def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_p
             assert any(event.get("event") == "image_helper_crashed" for event in service.events())
 
 
-def test_helper_processes_end_when_the_service_is_killed(tmp_path, model_path):
+def test_helper_processes_end_when_the_service_is_killed(tmp_path, tiny_model):
     """kill -9 of the service must not leave its helper processes behind (each holds ~150 MB and
     would wait forever on a queue nobody writes to)."""
-    config = write_service_config(tmp_path, model=model_path)
+    config = write_service_config(tmp_path, model=tiny_model)
     with ServiceProcess(config, tmp_path / "serve.log") as service:
         pid = service.process.pid
         assert wait_until(lambda: bool(helper_pids(pid)), 20), "no helper process started"
@@ -667,12 +661,12 @@ def helper_pids(service_pid: int) -> list[int]:
     return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def test_a_helper_that_cannot_start_stops_start_up_with_a_message(tmp_path, model_path):
+def test_a_helper_that_cannot_start_stops_start_up_with_a_message(tmp_path, tiny_model):
     """A helper process that cannot start (a broken install) must stop `pacs-ai serve` with a
     message naming the way out, not fail every film later as a decoder crash."""
     from tests.dicom_peers import pacs_ai_cli
 
-    config = write_service_config(tmp_path, model=model_path)
+    config = write_service_config(tmp_path, model=tiny_model)
     result = pacs_ai_cli("serve", "--config", str(config),
                          env={"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
                               "PACS_AI_FAULT_HELPER_BROKEN": "1"})

@@ -25,13 +25,6 @@ from tests.dicom_peers import (RecordingPacs, SimulatedModality, free_port, pacs
                                synthetic_radiograph, wait_until, write_service_config)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def get(service: Service, path: str) -> tuple[int, dict | str]:
     url = f"http://127.0.0.1:{service.metrics_server.port}{path}"
     try:

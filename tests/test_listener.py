@@ -633,13 +633,6 @@ def test_serve_refuses_an_unusable_model_with_a_message(tmp_path):
 
 # --- the service in this process: file retention, metrics and health ---------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.pt")
-
-
 def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tmp_path,
                                                                               tiny_model):
     from pacs_ai.config import load_config

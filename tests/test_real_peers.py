@@ -29,7 +29,6 @@ from tests.real_peers import (
     spool_jobs,
     storescu,
     storescu_many,
-    tiny_model,
 )
 
 pytestmark = pytest.mark.real_peer
@@ -58,9 +57,9 @@ def orthanc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, orthanc):
+def service(tmp_path_factory, orthanc, tiny_model):
     folder = tmp_path_factory.mktemp("service")
-    config = write_service_config(folder, model=tiny_model(folder),
+    config = write_service_config(folder, model=tiny_model,
                                   destinations=[orthanc_destination(orthanc)],
                                   tables={"workers": {"torch_threads": 1}})
     with ServiceProcess(config, folder / "serve.log") as running:

@@ -48,7 +48,7 @@ from tests.dicom_peers import (
     write_service_config,
 )
 from tests.haproxy_peer import SAMPLE_CONFIG, Backend, HAProxy, check_config
-from tests.real_peers import Modality, Orthanc, orthanc_destination, spool_jobs, tiny_model
+from tests.real_peers import Modality, Orthanc, orthanc_destination, spool_jobs
 
 pytestmark = pytest.mark.real_peer
 
@@ -180,9 +180,9 @@ def test_the_sample_haproxy_config_is_valid_appended_to_debians_default():
 
 
 @pytest.mark.slow
-def test_three_replicas_behind_haproxy_a_kill_9_and_a_drain_lose_no_film(tmp_path):
+def test_three_replicas_behind_haproxy_a_kill_9_and_a_drain_lose_no_film(tmp_path, tiny_model):
     require_tool("Orthanc")
-    model_path = tiny_model(tmp_path)
+    model_path = tiny_model
     with Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]) as orthanc:
         replicas = []
         for index in range(1, REPLICAS + 1):
@@ -224,11 +224,11 @@ def replica_config(folder: Path, model_path: Path, *, destinations: list[dict],
 
 
 @pytest.mark.slow
-def test_haproxy_keeps_films_away_from_a_replica_below_its_spool_floor(tmp_path):
+def test_haproxy_keeps_films_away_from_a_replica_below_its_spool_floor(tmp_path, tiny_model):
     """Why the sample checks /readyz and not the DICOM port: a replica whose spool is below
     [storage] min_free_bytes accepts TCP and associations but refuses every film (0xA700). With
     the HTTP check HAProxy takes it out and every film goes to the other replica."""
-    model_path = tiny_model(tmp_path)
+    model_path = tiny_model
     replicas = []
     for name, storage in (("pacs-ai-full", {"min_free_bytes": 2**62}), ("pacs-ai-ok", {})):
         config, health_port = replica_config(tmp_path / name, model_path, destinations=[],
@@ -283,12 +283,12 @@ def summed(samples: list, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_the_metrics_of_two_replicas_add_up(tmp_path):
+def test_the_metrics_of_two_replicas_add_up(tmp_path, tiny_model):
     """Issue 16 item 4: summed over the replicas, the counters equal what the modalities and
     the PACS saw: C-STOREs acknowledged (a film sent twice counts twice), films classified and
     reports delivered (once per replica that took the film); the gauges combine as their help
     says. Each replica runs a helper process, whose work shows in its replica's counters, once."""
-    model_path = tiny_model(tmp_path)
+    model_path = tiny_model
     with RecordingPacs() as pacs:
         replicas = []
         for name in ("pacs-ai-1", "pacs-ai-2"):

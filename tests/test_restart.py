@@ -20,13 +20,6 @@ from tests.dicom_peers import (RecordingPacs, ServiceProcess, SendResult, Simula
 STREAM_LENGTH = 30
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.export import export_untrained_tiny_model
-
-    return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def stream_in_background(port: int, datasets) -> tuple[threading.Thread, list[SendResult]]:
     results: list[SendResult] = []
     modality = SimulatedModality(port, timeout=10)

@@ -11,7 +11,7 @@ import pytest
 from pacs_ai.jobs import JobStore, NewInstance
 from tests.dicom_peers import (ServiceProcess, SimulatedModality, pacs_ai_cli,
                                synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import Modality, Orthanc, orthanc_destination, tiny_model
+from tests.real_peers import Modality, Orthanc, orthanc_destination
 
 
 def sr_in_study(orthanc: Orthanc, film) -> list[str]:
@@ -19,11 +19,11 @@ def sr_in_study(orthanc: Orthanc, film) -> list[str]:
 
 
 @pytest.mark.real_peer
-def test_each_caller_s_reports_go_where_its_route_says(tmp_path):
+def test_each_caller_s_reports_go_where_its_route_says(tmp_path, tiny_model):
     with Orthanc(tmp_path / "ward-pacs", modalities=[Modality("PACS_AI", 104)]) as ward_pacs, \
             Orthanc(tmp_path / "er-archive", dicomweb=True) as er_archive:
         config = write_service_config(
-            tmp_path, model=tiny_model(tmp_path),
+            tmp_path, model=tiny_model,
             destinations=[orthanc_destination(ward_pacs, name="ward-pacs"),
                           {"name": "er-archive", "kind": "dicomweb",
                            "url": er_archive.dicomweb_url}])

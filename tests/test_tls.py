@@ -31,7 +31,6 @@ from tests.real_peers import (
     renamed_copy,
     storescu,
     thread_count,
-    tiny_model,
 )
 from tests.test_real_peers import check_stored_report, stored_reports_for
 from tests.tls_material import make_tls_material
@@ -59,14 +58,14 @@ def tls_orthanc(tmp_path_factory, pki):
 
 
 @pytest.fixture(scope="module")
-def tls_service(tmp_path_factory, pki, tls_orthanc):
+def tls_service(tmp_path_factory, pki, tls_orthanc, tiny_model):
     material, _ = pki
     folder = tmp_path_factory.mktemp("tls-service")
     destination = orthanc_destination(tls_orthanc, tls={
         "ca_file": str(material.ca_cert), "cert_file": str(material.client_cert),
         "key_file": str(material.client_key)})
     config = write_service_config(
-        folder, model=tiny_model(folder), destinations=[destination],
+        folder, model=tiny_model, destinations=[destination],
         tables={"tls": {"cert_file": str(material.server_cert),
                         "key_file": str(material.server_key),
                         "ca_file": str(material.ca_cert), "require_client_cert": True},
@@ -192,13 +191,13 @@ def test_a_peer_that_never_starts_its_handshake_holds_up_nobody(tls_service, pki
         assert good.returncode == 0, good.stdout + good.stderr
 
 
-def test_silent_tls_peers_are_capped_like_any_open_connection(tmp_path, pki):
+def test_silent_tls_peers_are_capped_like_any_open_connection(tmp_path, pki, tiny_model):
     """Peers stuck before their handshake each hold a thread until the association request
     timeout, so they count against the open-connection caps (2 x max_associations in all,
     max_associations per address) like any other."""
     material, _ = pki
     config = write_service_config(
-        tmp_path, model=tiny_model(tmp_path),
+        tmp_path, model=tiny_model,
         tables={"tls": {"cert_file": str(material.server_cert),
                         "key_file": str(material.server_key),
                         "ca_file": str(material.ca_cert), "require_client_cert": True},

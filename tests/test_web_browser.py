@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import require_tool
 from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
                                synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import spool_jobs, tiny_model
+from tests.real_peers import spool_jobs
 
 pytestmark = pytest.mark.real_peer
 
@@ -41,7 +41,8 @@ def browser():
 
 
 def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(tmp_path,
-                                                                               browser):
+                                                                               browser,
+                                                                               tiny_model):
     from selenium.webdriver.common.by import By
 
     token_file = tmp_path / "web-token"
@@ -50,7 +51,7 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
     metrics_port = free_port()
     with RecordingPacs(ae_title="PACS") as pacs:
         config = write_service_config(
-            tmp_path, model=tiny_model(tmp_path),
+            tmp_path, model=tiny_model,
             destinations=[pacs.destination(name="pacs"), archive.destination(name="archive")],
             tables={"retry": {"max_attempts": 2},
                     "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},

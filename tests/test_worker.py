@@ -20,11 +20,8 @@ from tests.dicom_peers import synthetic_radiograph, wait_until
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> PneumoniaModel:
-    from training.export import export_untrained_tiny_model
-
-    return PneumoniaModel.load(
-        export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt"))
+def loaded_tiny_model(tiny_model) -> PneumoniaModel:
+    return PneumoniaModel.load(tiny_model)
 
 
 @pytest.fixture
@@ -59,10 +56,10 @@ def worker_for(spool: Spool, store: JobStore, model: PneumoniaModel,
                                 threading.Event(), lambda job: None, ImageWork(0))
 
 
-def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, tiny_model):
+def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, loaded_tiny_model):
     spool, store = backlog
     stop = threading.Event()
-    worker = worker_for(spool, store, tiny_model, stop)
+    worker = worker_for(spool, store, loaded_tiny_model, stop)
     worker.start()
     try:
         assert wait_until(lambda: store.job_counts()["done"] == 5, 60), store.job_counts()
@@ -77,9 +74,10 @@ def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, tiny_model):
     assert all(job.classify_ms and job.classify_ms > 0 for job in store.all_jobs())
 
 
-def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_worker_stops(backlog, tiny_model):
+def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_worker_stops(backlog,
+                                                                          loaded_tiny_model):
     spool, store = backlog
-    worker = worker_for(spool, store, tiny_model, threading.Event())
+    worker = worker_for(spool, store, loaded_tiny_model, threading.Event())
     worker._claim_next_batch()
     assert store.job_counts()["classifying"] == 2
     worker._give_back_next_batch()
