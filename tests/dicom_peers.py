@@ -247,22 +247,6 @@ class SimulatedModality:
                           status.get("ErrorComment"))
 
 
-def write_raw_file(path: Path, *, sop_class_uid: str, sop_instance_uid: str,
-                   transfer_syntax: str, body: bytes) -> Path:
-    """A DICOM file with valid file meta and `body` as its (possibly corrupt) dataset bytes."""
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.filebase import DicomBytesIO
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
-    return path
-
-
 # --- the PACS that receives the reports (an SCP) ---------------------------------------------------
 
 class RecordingPacs:

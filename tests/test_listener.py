@@ -30,11 +30,11 @@ from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
 from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
                                  corrupt_pixel_data, deflate_bomb, raw_connection, read_pdu,
-                                 silent_connections, undecodable)
+                                 silent_connections, undecodable, write_raw_part10)
 from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                SimulatedModality, free_port,
-                               synthetic_radiograph, wait_until, write_raw_file)
+                               synthetic_radiograph, wait_until)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -277,9 +277,10 @@ def test_below_the_disk_floor_answers_out_of_resources_and_writes_nothing(tmp_pa
 
 def test_unparseable_dataset_is_refused_as_cannot_understand(listener, tmp_path):
     uid = generate_uid()
-    corrupt = write_raw_file(tmp_path / "corrupt.dcm", sop_class_uid=CR_IMAGE_STORAGE,
-                             sop_instance_uid=uid, transfer_syntax=DeflatedExplicitVRLittleEndian,
-                             body=b"this is not a deflate stream" * 10)
+    corrupt = write_raw_part10(tmp_path / "corrupt.dcm", sop_class_uid=CR_IMAGE_STORAGE,
+                               sop_instance_uid=uid,
+                               transfer_syntax_uid=DeflatedExplicitVRLittleEndian,
+                               dataset_bytes=b"this is not a deflate stream" * 10)
     result = listener.modality().send_file_as_is(corrupt)
     assert result.status is not None and 0xC000 <= result.status <= 0xCFFF
     assert listener.store.all_jobs() == []
@@ -291,9 +292,10 @@ def test_dataset_not_matching_the_request_is_refused(listener, tmp_path):
     inner = pydicom.filebase.DicomBytesIO()
     inner.is_little_endian, inner.is_implicit_VR = True, False
     pydicom.filewriter.write_dataset(inner, ds)  # the dataset alone, without file meta
-    mismatched = write_raw_file(tmp_path / "mismatch.dcm", sop_class_uid=CR_IMAGE_STORAGE,
-                                sop_instance_uid=generate_uid(),  # not the dataset's own UID
-                                transfer_syntax=ExplicitVRLittleEndian, body=inner.getvalue())
+    mismatched = write_raw_part10(tmp_path / "mismatch.dcm", sop_class_uid=CR_IMAGE_STORAGE,
+                                  sop_instance_uid=generate_uid(),  # not the dataset's own UID
+                                  transfer_syntax_uid=ExplicitVRLittleEndian,
+                                  dataset_bytes=inner.getvalue())
     result = listener.modality().send_file_as_is(mismatched)
     assert result.status == 0xC001
     assert listener.store.all_jobs() == []
