@@ -42,7 +42,7 @@ def films(synthetic: int) -> list[Path]:
     paths = [ROOT / "sample_dicoms" / e["file"] for e in manifest
              if e["expected_status"] == "ok" and "pneumonia" in e["file"]]
     if synthetic:
-        from tests.dicom_peers import synthetic_radiograph
+        from testbed.dicom_peers import synthetic_radiograph
 
         cache = ROOT / "runs" / "bench-cache"
         cache.mkdir(parents=True, exist_ok=True)

@@ -45,11 +45,11 @@ from pynetdicom import AE, StoragePresentationContexts, evt  # noqa: E402
 from pynetdicom.presentation import build_context  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
 
-from tests.dicom_peers import (DX_FOR_PRESENTATION_STORAGE, LOCALHOST,  # noqa: E402
-                               RecordingPacs, ServiceProcess, free_port, synthetic_radiograph,
-                               wait_until, write_service_config)
-from tests.real_peers import (propose_as_stored, stop_process, storescu_many,  # noqa: E402
-                              wait_for_port)
+from testbed.dicom_peers import (DX_FOR_PRESENTATION_STORAGE, LOCALHOST,  # noqa: E402
+                                 RecordingPacs, ServiceProcess, free_port, synthetic_radiograph,
+                                 wait_until, write_service_config)
+from testbed.real_peers import (propose_as_stored, stop_process, storescu_many,  # noqa: E402
+                                wait_for_port)
 
 SAMPLE_DIR = REPO_ROOT / "sample_dicoms"
 MODEL_PATH = REPO_ROOT / "deploy" / "models" / "pacs-ai-pneumonia.pt"

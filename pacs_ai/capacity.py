@@ -31,16 +31,18 @@ from pacs_ai.config import AUTO, Config, WorkersConfig
 
 log = structlog.get_logger()
 
-# Peak memory per part, docs/benchmarks.md (2026-11-26 and 1.2.0 runs): the main process
-# 298-372 MB (model loaded, up to 4 associations), each helper process about 170 MB more
-# (decoding a 10 MB film and building its report), and a film in flight per association (the
-# systemd unit's sizing: 30 MB for a large film).
-MAIN_PROCESS_MB = 400
-HELPER_PROCESS_MB = 170
+# Peak memory per part, docs/benchmarks.md ("1 to 16 cores", heat maps on, the sum of each
+# process's peak): 850-880 MB with one helper, each further helper 203-213 MB more (decoding a
+# 10 MB film, its report and heat map), so the main process with its model about 640 MB (the
+# 2-core VM measured less: 490-530 MB with one helper); and a film in flight per association
+# (the systemd unit's sizing: 30 MB for a large film).
+MAIN_PROCESS_MB = 650
+HELPER_PROCESS_MB = 210
 FILM_IN_FLIGHT_MB = 30
-# The listener receives in one Python process (about 25 films/s of 10 MB on one core,
-# docs/benchmarks.md) and a helper prepares and reports a plain film in about 35 ms of CPU:
-# beyond a few helpers only compressed films gain, so more cost memory for little.
+# The listener receives in one Python process (about 25 films/s of 10 MB on one core) and a
+# helper prepares and reports a plain film in about 40 ms of CPU: beyond a few helpers only
+# compressed films gain. Measured (docs/benchmarks.md, "1 to 16 cores"): 8 helpers at 8 and 16
+# cores reported as fast as the bare receiver received at 4 associations; more cost memory.
 MAX_AUTO_HELPERS = 8
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

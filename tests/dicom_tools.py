@@ -5,8 +5,9 @@
   complains about content-tree and encoding problems on stderr).
 
 Both accept a ``pydicom.Dataset`` (written to a temporary file, which needs ``file_meta``) or a
-path, skip the test outside CI when the tool is missing (``tests.conftest.require_tool``) and so
-belong in tests marked ``@pytest.mark.real_peer``. Every run is bounded by a timeout.
+path, skip the test outside CI when the tool is missing
+(``testbed.environment.require_tool``) and so belong in tests marked
+``@pytest.mark.real_peer``. Every run is bounded by a timeout.
 
 Typical use::
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from tests.conftest import require_tool
+from testbed.environment import require_tool
 
 TOOL_TIMEOUT_S = 60
 

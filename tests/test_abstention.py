@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pacs_ai.model import PneumoniaModel
-from tests.dicom_peers import wait_until
+from testbed.dicom_peers import wait_until
 from tests.test_classify_cli import classify
 from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
-from tests.conftest import SAMPLE_DICOMS
+from testbed.environment import SAMPLE_DICOMS
 from training.ensemble import (EnsembleNetwork, export_untrained_tiny_ensemble, fit_gaussians,
                                fit_ood)
 from training.models import pacs_cnn

@@ -17,8 +17,8 @@ import structlog.testing
 from pacs_ai import audit, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import ConfigError, parse_config
-from tests.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
-                               wait_until)
+from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
+                                 wait_until)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -415,7 +415,7 @@ def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path, tin
     attempt is a transfer-out with outcome 4 (to be retried), the second 8 (given up), each
     with the reason; include_patient_id puts the film's Patient ID in the transfer-in and the
     transfer-out (the report's), and never in the journal."""
-    from tests.dicom_peers import ServiceProcess, write_service_config
+    from testbed.dicom_peers import ServiceProcess, write_service_config
 
     folder = tmp_path / "service"
     folder.mkdir()
@@ -456,7 +456,7 @@ def test_failed_deliveries_and_the_patient_id_in_the_service_audit(tmp_path, tin
 
 
 def test_no_audit_file_when_the_trail_is_off(tmp_path, tiny_model):
-    from tests.dicom_peers import ServiceProcess, write_service_config
+    from testbed.dicom_peers import ServiceProcess, write_service_config
 
     config = write_service_config(tmp_path, model=tiny_model,
                                   tables={"audit": {"enabled": False}})
@@ -477,10 +477,10 @@ def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path, t
     AE title, address, its UIDs, outcome 0), the report's transfer-out to Orthanc (the SR
     Orthanc stored, outcome 0) and the refused caller as a security alert; the journal-side
     log holds no audit record."""
-    from tests.conftest import SAMPLE_DICOMS, require_tool
-    from tests.dicom_peers import ServiceProcess, write_service_config
-    from tests.real_peers import (Modality, Orthanc, echoscu, orthanc_destination,
-                                  renamed_copy, storescu)
+    from testbed.environment import SAMPLE_DICOMS, require_tool
+    from testbed.dicom_peers import ServiceProcess, write_service_config
+    from testbed.real_peers import (Modality, Orthanc, echoscu, orthanc_destination,
+                                    renamed_copy, storescu)
     from tests.test_real_peers import stored_reports_for
 
     require_tool("Orthanc")

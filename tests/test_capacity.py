@@ -120,17 +120,19 @@ def test_helpers_follow_the_cpus(cpus, count, processes, limited_by):
 
 
 def test_memory_limits_the_helpers():
-    # the shipped unit's MemoryMax=1536M on 16 CPUs: (1536 - 400 - 10 x 30) / 170 = 4.9
+    # the shipped unit's MemoryMax=1536M on 16 CPUs: (1536 - 650 - 10 x 30) / 210 = 2.8
     sizing = size_workers(AUTO_WORKERS, resources(16, memory_gib=1.5), max_associations=10)
-    assert (sizing.count, sizing.processes, sizing.limited_by) == (1, 4, "memory")
+    assert (sizing.count, sizing.processes, sizing.limited_by) == (1, 2, "memory")
     expected = (1536 - MAIN_PROCESS_MB - 10 * FILM_IN_FLIGHT_MB) // HELPER_PROCESS_MB
     assert sizing.helpers == expected
+    # 3 GiB: 10 helpers would fit, the CPUs allow 8
+    assert size_workers(AUTO_WORKERS, resources(16, 3), max_associations=10).helpers == 8
     # more associations in flight leave room for fewer helpers
-    assert size_workers(AUTO_WORKERS, resources(16, 1.5), max_associations=30).helpers == 1
+    assert size_workers(AUTO_WORKERS, resources(16, 1.5), max_associations=20).helpers == 1
 
 
 def test_too_little_memory_for_a_helper_decodes_in_the_worker_thread():
-    sizing = size_workers(AUTO_WORKERS, resources(8, memory_gib=0.75), max_associations=10)
+    sizing = size_workers(AUTO_WORKERS, resources(8, memory_gib=1.0), max_associations=10)
     assert (sizing.count, sizing.processes, sizing.limited_by) == (1, 0, "memory")
 
 
@@ -190,7 +192,7 @@ def test_the_service_sizes_itself_under_taskset(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO_ROOT, require_tool
+    from testbed.environment import REPO_ROOT, require_tool
 
     require_tool("taskset")
     if len(os.sched_getaffinity(0)) < 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 
 MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())["files"]
 

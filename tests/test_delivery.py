@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.report import report_summary
-from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
-                               pacs_ai_cli, synthetic_radiograph, wait_until,
-                               write_service_config)
+from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
+                                 pacs_ai_cli, synthetic_radiograph, wait_until,
+                                 write_service_config)
 
 
 def status(config: Path) -> dict:

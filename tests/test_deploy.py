@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.config import LimitsConfig, parse_config
-from tests.conftest import REPO_ROOT
+from testbed.environment import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 UNIT = DEPLOY / "pacs-ai.service"
@@ -592,9 +592,9 @@ def set_config_key(text: str, table: str, key: str, value: str) -> str:
 @pytest.mark.slow
 def test_the_guide_commands_work_against_an_installed_service(
         checkout, stand_in_venv, tiny_model, tmp_path):
-    from tests.dicom_peers import free_port
-    from tests.real_peers import Modality, Orthanc, stop_process, wait_for_port
-    from tests.conftest import SAMPLE_DICOMS, require_tool
+    from testbed.dicom_peers import free_port
+    from testbed.real_peers import Modality, Orthanc, stop_process, wait_for_port
+    from testbed.environment import SAMPLE_DICOMS, require_tool
 
     for tool in ("echoscu", "storescu", "curl", "df", "du", "diff"):
         require_tool(tool)
@@ -703,10 +703,10 @@ def test_the_guide_commands_work_against_an_installed_service(
 @pytest.mark.real_peer
 def test_the_guide_tls_check_works_against_the_guide_tls_listener(tiny_model, tmp_path):
     """The guide's [tls] example (mutual TLS) and its echoscu +tls command, as written."""
-    from tests.dicom_peers import free_port
-    from tests.real_peers import stop_process, wait_for_port
+    from testbed.dicom_peers import free_port
+    from testbed.real_peers import stop_process, wait_for_port
     from tests.tls_material import make_tls_material
-    from tests.conftest import require_tool
+    from testbed.environment import require_tool
 
     require_tool("echoscu")
     material = make_tls_material(tmp_path / "tls")

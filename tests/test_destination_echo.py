@@ -14,9 +14,9 @@ import structlog.testing
 from pacs_ai import metrics
 from pacs_ai.config import ConfigError, parse_config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
-from tests.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
-                               write_service_config)
-from tests.real_peers import Orthanc, orthanc_destination
+from testbed.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
+                                 write_service_config)
+from testbed.real_peers import Orthanc, orthanc_destination
 
 
 def destination(**extra) -> dict:

@@ -154,7 +154,7 @@ def test_routing_mistakes_name_the_key(tmp_path, routes, routing, message):
 
 
 def test_serve_stops_at_start_up_on_a_route_to_an_unknown_destination(tmp_path):
-    from tests.dicom_peers import pacs_ai_cli
+    from testbed.dicom_peers import pacs_ai_cli
 
     config = tmp_path / "pacs-ai.toml"
     config.write_text('[[destinations]]\nname = "main"\nae_title = "PACS"\nhost = "pacs"\n'

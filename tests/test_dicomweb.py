@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.dicom_peers import (LOCALHOST, ServiceProcess, SimulatedModality, pacs_ai_cli,
-                               synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import Orthanc
+from testbed.dicom_peers import (LOCALHOST, ServiceProcess, SimulatedModality, pacs_ai_cli,
+                                 synthetic_radiograph, wait_until, write_service_config)
+from testbed.real_peers import Orthanc
 
 pytestmark = pytest.mark.real_peer
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 
 pytestmark = pytest.mark.timeout(300)
 

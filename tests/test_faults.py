@@ -3,7 +3,7 @@ the middle of a stream, the PACS going away and coming back, the spool's disk fi
 hostile peers. Each fault test prints the instances sent, acknowledged, reported and lost.
 
 DCMTK's storescu/echoscu play the modality where its per-file statuses are enough; pynetdicom
-(tests.dicom_peers.SimulatedModality, tests.hostile_input) where a test needs exact status codes
+(testbed.dicom_peers.SimulatedModality, tests.hostile_input) where a test needs exact status codes
 or bytes no real tool would send. Orthanc is the PACS.
 """
 
@@ -25,8 +25,8 @@ from pydicom.uid import generate_uid
 
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.uids import report_uid
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS, require_tool
-from tests.dicom_peers import (
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
+from testbed.dicom_peers import (
     RecordingPacs,
     ServiceProcess,
     SimulatedModality,
@@ -52,7 +52,7 @@ from tests.hostile_input import (
     write_mutation,
     wrong_vrs,
 )
-from tests.real_peers import (
+from testbed.real_peers import (
     Modality,
     Orthanc,
     echoscu,
@@ -664,7 +664,7 @@ def helper_pids(service_pid: int) -> list[int]:
 def test_a_helper_that_cannot_start_stops_start_up_with_a_message(tmp_path, tiny_model):
     """A helper process that cannot start (a broken install) must stop `pacs-ai serve` with a
     message naming the way out, not fail every film later as a decoder crash."""
-    from tests.dicom_peers import pacs_ai_cli
+    from testbed.dicom_peers import pacs_ai_cli
 
     config = write_service_config(tmp_path, model=tiny_model)
     result = pacs_ai_cli("serve", "--config", str(config),

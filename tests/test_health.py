@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pacs_ai.config import load_config
 from pacs_ai.service import Service
-from tests.dicom_peers import (RecordingPacs, SimulatedModality, free_port, pacs_ai_cli,
-                               synthetic_radiograph, wait_until, write_service_config)
+from testbed.dicom_peers import (RecordingPacs, SimulatedModality, free_port, pacs_ai_cli,
+                                 synthetic_radiograph, wait_until, write_service_config)
 
 
 def get(service: Service, path: str) -> tuple[int, dict | str]:

@@ -24,7 +24,7 @@ from pacs_ai.model import ModelContractError, PneumoniaModel, default_model_path
 from pacs_ai.pixels import display_array
 from pacs_ai.report import build_report, report_summary, source_header
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
-from tests.conftest import SAMPLE_DICOMS, require_tool
+from testbed.environment import SAMPLE_DICOMS, require_tool
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 from tests.test_report import MODEL, make_source
 
@@ -354,7 +354,7 @@ def backlog_of(tmp_path, count: int):
     """A spool and queue holding `count` received synthetic films."""
     from pacs_ai.jobs import JobStore, NewInstance
     from pacs_ai.spool import Spool
-    from tests.dicom_peers import synthetic_radiograph
+    from testbed.dicom_peers import synthetic_radiograph
 
     spool = Spool(tmp_path / "spool")
     spool.prepare()
@@ -382,7 +382,7 @@ def run_worker(spool, store, model, destinations, **report_settings) -> None:
     from pacs_ai.config import ReportConfig, WorkersConfig, default_config
     from pacs_ai.image_work import ImageWork
     from pacs_ai.worker import ClassificationWorker
-    from tests.dicom_peers import wait_until
+    from testbed.dicom_peers import wait_until
 
     config = dataclasses.replace(default_config(spool.root.parent),
                                  workers=WorkersConfig(processes=0, batch_size=2),
@@ -409,7 +409,7 @@ def test_a_pneumonia_film_is_sent_with_its_heat_map_to_every_destination(
     both files in the outbox before the job is marked."""
     from pacs_ai.config import Destination
     from pacs_ai.sender import DestinationSender
-    from tests.dicom_peers import RecordingPacs
+    from testbed.dicom_peers import RecordingPacs
 
     spool, store = backlog_of(tmp_path, 3)
     with RecordingPacs() as first, RecordingPacs() as second:
@@ -478,7 +478,7 @@ def default_retry():
 
 
 def wait_until_done(store) -> bool:
-    from tests.dicom_peers import wait_until
+    from testbed.dicom_peers import wait_until
 
     return wait_until(lambda: store.job_counts()["done"] == len(store.all_jobs()), 30)
 
@@ -546,7 +546,7 @@ def test_a_pacs_that_refuses_secondary_capture_still_gets_every_report(tmp_path,
 
     from pacs_ai.config import Destination, RetryPolicy
     from pacs_ai.sender import DestinationSender
-    from tests.dicom_peers import free_port, wait_until
+    from testbed.dicom_peers import free_port, wait_until
 
     stored = []
     ae = AE(ae_title="SR_ONLY")

@@ -20,11 +20,11 @@ from pacs_ai.model import PneumoniaModel, default_model_path
 from pacs_ai.intended_use import site_model_info
 from pacs_ai.report import report_summary, site_settings_part
 from pacs_ai.uids import heatmap_uid, report_uid
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS, require_tool
-from tests.dicom_peers import ServiceProcess, wait_until, write_service_config
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
+from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
-from tests.real_peers import (Modality, Orthanc, orthanc_destination, renamed_copy, spool_jobs,
-                              storescu)
+from testbed.real_peers import (Modality, Orthanc, orthanc_destination, renamed_copy, spool_jobs,
+                                storescu)
 
 pytestmark = pytest.mark.real_peer
 

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 from pacs_ai.filters import FilterPolicy
 from pacs_ai.image_work import ImageWork
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
-from tests.dicom_peers import synthetic_radiograph
+from testbed.dicom_peers import synthetic_radiograph
 
 FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 

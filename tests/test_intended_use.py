@@ -328,7 +328,7 @@ def pediatric_model(tmp_path_factory) -> Path:
 
 def aged_films() -> dict[str, Dataset]:
     """An adult (Patient's Age), a child (birth date), and a film without any age."""
-    from tests.dicom_peers import synthetic_radiograph
+    from testbed.dicom_peers import synthetic_radiograph
 
     adult = synthetic_radiograph(seed=11)
     adult.PatientAge = "054Y"
@@ -344,7 +344,7 @@ def aged_films() -> dict[str, Dataset]:
 
 @pytest.mark.slow
 def test_classify_skips_films_outside_the_age_range(tmp_path, pediatric_model):
-    from tests.dicom_peers import pacs_ai_cli
+    from testbed.dicom_peers import pacs_ai_cli
 
     for name, ds in aged_films().items():
         ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
@@ -370,8 +370,8 @@ def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path
     is sent for it; the child's report carries the site's threshold (0, so pneumonia, where the
     model's own 1.0 would say normal) and the age range in its Algorithm Parameters."""
     from pacs_ai.report import report_summary
-    from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
-                                   pacs_ai_cli, wait_until, write_service_config)
+    from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
+                                     pacs_ai_cli, wait_until, write_service_config)
 
     films = aged_films()
     with RecordingPacs() as pacs:
@@ -418,7 +418,7 @@ def test_a_widened_range_classifies_the_adult_in_process(tmp_path, pediatric_mod
     """The service in this process: [model] max_age_years = 99 lets the adult film through,
     and the worker's filter policy holds the site's range."""
     from pacs_ai.service import Service
-    from tests.dicom_peers import SimulatedModality, wait_until, write_service_config
+    from testbed.dicom_peers import SimulatedModality, wait_until, write_service_config
 
     config = load_config(write_service_config(
         tmp_path, model=pediatric_model,

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from pacs_ai.config import parse_config
-from tests.conftest import REPO_ROOT
+from testbed.environment import REPO_ROOT
 from tests.test_deploy import seconds, unit_service_section
 
 MANIFESTS = REPO_ROOT / "deploy" / "kubernetes"
@@ -243,7 +243,7 @@ def test_the_image_contents_install_and_serve_the_image_config_outside_a_contain
     import signal
     import sys
 
-    from tests.dicom_peers import SimulatedModality, free_port
+    from testbed.dicom_peers import SimulatedModality, free_port
 
     image = tmp_path / "image"
     copy_like_the_containerfile(image)
@@ -326,7 +326,7 @@ def test_the_image_builds_and_serves_with_podman(tmp_path):
     problem = podman_problem()
     if problem is not None:
         pytest.skip(problem)
-    from tests.dicom_peers import SimulatedModality, free_port
+    from testbed.dicom_peers import SimulatedModality, free_port
 
     tag = "localhost/pacs-ai:test"
     built = subprocess.run(["podman", "build", "-t", tag, "-f", str(CONTAINERFILE),

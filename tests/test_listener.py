@@ -31,10 +31,10 @@ from pacs_ai.spool import Spool
 from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
                                  corrupt_pixel_data, deflate_bomb, raw_connection, read_pdu,
                                  silent_connections, undecodable, write_raw_part10)
-from tests.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
-                               DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
-                               SimulatedModality, free_port,
-                               synthetic_radiograph, wait_until)
+from testbed.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
+                                 DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
+                                 SimulatedModality, free_port,
+                                 synthetic_radiograph, wait_until)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -148,7 +148,7 @@ def rejected_count(reason: str) -> float:
 @pytest.mark.real_peer
 def test_an_association_to_another_called_ae_title_is_rejected(listener):
     """Issue 14: `echoscu -aec NOTME` succeeded; the called AE title was never checked."""
-    from tests.real_peers import echoscu
+    from testbed.real_peers import echoscu
 
     before = rejected_count("called-ae-not-recognised")
     with structlog.testing.capture_logs() as events:
@@ -169,7 +169,7 @@ def test_an_association_to_another_called_ae_title_is_rejected(listener):
 def test_a_calling_ae_title_bound_to_another_address_is_rejected(tmp_path):
     """Issue 14 item 6: an AE title bound to an address (like Orthanc's modality host check)
     is refused from any other, with the answer an unknown calling AE title gets."""
-    from tests.real_peers import echoscu
+    from testbed.real_peers import echoscu
 
     listener = Listener(tmp_path, listener={"allowed_calling_ae_titles": [
         {"ae_title": "CR1", "address": "127.0.0.2/32"}, "MODALITY"]})
@@ -202,7 +202,7 @@ def test_a_calling_ae_title_bound_to_another_address_is_rejected(tmp_path):
 
 @pytest.mark.real_peer
 def test_the_called_ae_title_check_can_be_turned_off(tmp_path):
-    from tests.real_peers import echoscu
+    from testbed.real_peers import echoscu
 
     listener = Listener(tmp_path, listener={"check_called_ae_title": False})
     try:
@@ -216,7 +216,7 @@ def test_the_called_ae_title_check_can_be_turned_off(tmp_path):
 def test_an_association_offering_only_unaccepted_sop_classes_is_counted(listener, tmp_path):
     """Issue 14: a CT modality sending here had every presentation context refused, and
     nothing on our side said so."""
-    from tests.real_peers import propose_as_stored, storescu
+    from testbed.real_peers import propose_as_stored, storescu
 
     ct = synthetic_radiograph(sop_class_uid=CT_IMAGE_STORAGE, modality="CT", seed=4)
     path = tmp_path / "ct.dcm"
@@ -513,7 +513,7 @@ def split_model(tmp_path_factory) -> Path:
 
 def classify_cli(model: Path, paths: list[Path]) -> dict[str, dict]:
     """`pacs-ai classify` on the files, keyed by file name."""
-    from tests.dicom_peers import pacs_ai_cli
+    from testbed.dicom_peers import pacs_ai_cli
 
     result = pacs_ai_cli("classify", "--model", str(model), *map(str, paths), timeout=300)
     assert result.returncode in (0, 1), result.stderr
@@ -525,7 +525,7 @@ def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
     from pacs_ai.model import PneumoniaModel
     from pacs_ai.report import report_summary
     from pacs_ai.uids import report_uid
-    from tests.dicom_peers import RecordingPacs, ServiceProcess, pacs_ai_cli, write_service_config
+    from testbed.dicom_peers import RecordingPacs, ServiceProcess, pacs_ai_cli, write_service_config
 
     manifest = sample_manifest()
     # A modality can only send what it can read as DICOM.
@@ -612,7 +612,7 @@ def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
 
 
 def test_serve_with_bad_config_prints_one_line_not_a_traceback(tmp_path):
-    from tests.dicom_peers import pacs_ai_cli
+    from testbed.dicom_peers import pacs_ai_cli
 
     path = tmp_path / "pacs-ai.toml"
     path.write_text("[listener]\nport = \"x\"\n")
@@ -623,7 +623,7 @@ def test_serve_with_bad_config_prints_one_line_not_a_traceback(tmp_path):
 
 
 def test_serve_refuses_an_unusable_model_with_a_message(tmp_path):
-    from tests.dicom_peers import pacs_ai_cli, write_service_config
+    from testbed.dicom_peers import pacs_ai_cli, write_service_config
 
     not_a_model = tmp_path / "model.pt"
     not_a_model.write_bytes(b"not torchscript")
@@ -639,7 +639,7 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
                                                                               tiny_model):
     from pacs_ai.config import load_config
     from pacs_ai.service import Service
-    from tests.dicom_peers import write_service_config
+    from testbed.dicom_peers import write_service_config
 
     config = load_config(write_service_config(
         tmp_path, model=tiny_model,
@@ -683,7 +683,7 @@ def test_failed_and_skipped_files_are_purged_after_keep_failed_days(tmp_path, ti
 
     from pacs_ai.config import load_config
     from pacs_ai.service import Service
-    from tests.dicom_peers import write_service_config
+    from testbed.dicom_peers import write_service_config
 
     config = load_config(write_service_config(
         tmp_path, model=tiny_model,
@@ -736,7 +736,7 @@ def test_start_up_warns_when_reports_go_nowhere(tmp_path, tiny_model):
     and dropped."""
     from pacs_ai.config import load_config
     from pacs_ai.service import Service
-    from tests.dicom_peers import write_service_config
+    from testbed.dicom_peers import write_service_config
 
     def start_up_events(folder: Path, destinations) -> list[dict]:
         folder.mkdir()
@@ -762,7 +762,7 @@ def test_a_resent_image_retries_its_failed_job_and_gets_reported(tmp_path, tiny_
     and reported (the acknowledgement alone would lose the finding)."""
     from pacs_ai.config import load_config
     from pacs_ai.service import Service
-    from tests.dicom_peers import write_service_config
+    from testbed.dicom_peers import write_service_config
 
     with RecordingPacs() as pacs:
         config = load_config(write_service_config(tmp_path, model=tiny_model,

@@ -29,8 +29,8 @@ from pacs_ai.classify import dataset_display_image
 from pacs_ai.imaging import DECODE_MIN_SIZE, to_model_input
 from pacs_ai.pixels import decode_pixels, display_array
 from pacs_ai.pixels_reduced import box_reduce, decode_jpeg2000_level, jpeg2000_header
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS
-from tests.dicom_peers import synthetic_radiograph
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
+from testbed.dicom_peers import synthetic_radiograph
 from tests.test_sample_dicoms import LOSSLESS_TOLERANCE
 
 MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())

@@ -16,10 +16,10 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from tests.conftest import SAMPLE_DICOMS, require_tool
-from tests.dicom_peers import ServiceProcess, wait_until, write_service_config
+from testbed.environment import SAMPLE_DICOMS, require_tool
+from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
-from tests.real_peers import (
+from testbed.real_peers import (
     Modality,
     Orthanc,
     echoscu,

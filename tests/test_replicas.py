@@ -35,8 +35,8 @@ from pynetdicom import AE
 
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.uids import report_uid
-from tests.conftest import require_tool
-from tests.dicom_peers import (
+from testbed.environment import require_tool
+from testbed.dicom_peers import (
     CR_IMAGE_STORAGE,
     RecordingPacs,
     ServiceProcess,
@@ -48,7 +48,7 @@ from tests.dicom_peers import (
     write_service_config,
 )
 from tests.haproxy_peer import SAMPLE_CONFIG, Backend, HAProxy, check_config
-from tests.real_peers import Modality, Orthanc, orthanc_destination, spool_jobs
+from testbed.real_peers import Modality, Orthanc, orthanc_destination, spool_jobs
 
 pytestmark = pytest.mark.real_peer
 

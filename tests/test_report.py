@@ -31,7 +31,7 @@ from pacs_ai.report import (
     threshold_parameter,
 )
 from pacs_ai.uids import report_series_uid, report_uid, tracking_uid
-from tests.conftest import require_tool
+from testbed.environment import require_tool
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.report import report_summary
-from tests.dicom_peers import (RecordingPacs, ServiceProcess, SendResult, SimulatedModality,
-                               free_port, pacs_ai_cli, synthetic_radiograph, wait_until,
-                               write_service_config)
+from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SendResult, SimulatedModality,
+                                 free_port, pacs_ai_cli, synthetic_radiograph, wait_until,
+                                 write_service_config)
 
 STREAM_LENGTH = 30
 

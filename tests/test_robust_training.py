@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pacs_ai.imaging import equalize_histogram, to_model_input
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from testbed.environment import REPO_ROOT, SHARED_DATA
 from tests.test_training import generated_layout
 from training.augment import augment_pictures, equalize_batch
 from training.shifts import CONDITIONS, CONDITIONS_BY_NAME

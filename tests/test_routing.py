@@ -9,9 +9,9 @@ import sqlite3
 import pytest
 
 from pacs_ai.jobs import JobStore, NewInstance
-from tests.dicom_peers import (ServiceProcess, SimulatedModality, pacs_ai_cli,
-                               synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import Modality, Orthanc, orthanc_destination
+from testbed.dicom_peers import (ServiceProcess, SimulatedModality, pacs_ai_cli,
+                                 synthetic_radiograph, wait_until, write_service_config)
+from testbed.real_peers import Modality, Orthanc, orthanc_destination
 
 
 def sr_in_study(orthanc: Orthanc, film) -> list[str]:

@@ -30,7 +30,7 @@ from pacs_ai.classify import dataset_display_image
 from pacs_ai.filters import skip_reason
 from pacs_ai.imaging import to_model_input
 from pacs_ai.pixels import display_array
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS, require_tool, skip_or_fail
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool, skip_or_fail
 
 LOSSLESS_TOLERANCE = 0.005
 LOSSY_TOLERANCE = 0.01
@@ -57,7 +57,7 @@ def read(entry: dict) -> pydicom.Dataset:
 
 @pytest.fixture(scope="module")
 def originals() -> Path:
-    from tests.conftest import SHARED_DATA
+    from testbed.environment import SHARED_DATA
 
     folder = SHARED_DATA / "originals"
     if not (folder / "train").is_dir():

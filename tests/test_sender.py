@@ -15,7 +15,7 @@ from pacs_ai.model import ModelInfo
 from pacs_ai.report import build_report
 from pacs_ai.cstore_transport import CStoreTransport, report_to_send
 from pacs_ai.sender import DestinationSender
-from tests.dicom_peers import RecordingPacs, synthetic_radiograph
+from testbed.dicom_peers import RecordingPacs, synthetic_radiograph
 
 MODEL = ModelInfo(name="pacs-ai-pneumonia", version="9.9.9", threshold=0.5,
                   output_kind="probability", metadata={})
@@ -80,9 +80,9 @@ def tls_pacs(tmp_path_factory):
     """storescp over TLS (demanding a client certificate from our CA), and a plain one."""
     import subprocess
 
-    from tests.conftest import require_tool
-    from tests.dicom_peers import free_port
-    from tests.real_peers import stop_process, wait_for_port
+    from testbed.environment import require_tool
+    from testbed.dicom_peers import free_port
+    from testbed.real_peers import stop_process, wait_for_port
     from tests.tls_material import make_tls_material
 
     tool = require_tool("storescp")
@@ -142,7 +142,7 @@ def test_tls_failures_towards_the_pacs_say_why(tls_pacs):
     not_tls = failed_attempt("127.0.0.1", plain_port, ours)
     assert not_tls.startswith("tls-protocol: ") and "TLS handshake" in not_tls, not_tls
 
-    from tests.dicom_peers import free_port
+    from testbed.dicom_peers import free_port
 
     closed = failed_attempt("127.0.0.1", free_port(), ours)  # nothing listening
     assert closed.startswith("connection-failed: "), closed

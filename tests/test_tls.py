@@ -18,10 +18,10 @@ import time
 import pydicom
 import pytest
 
-from tests.conftest import REPO_ROOT, SAMPLE_DICOMS, require_tool
-from tests.dicom_peers import (ServiceProcess, SimulatedModality, wait_until,
-                               write_service_config)
-from tests.real_peers import (
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
+from testbed.dicom_peers import (ServiceProcess, SimulatedModality, wait_until,
+                                 write_service_config)
+from testbed.real_peers import (
     Modality,
     Orthanc,
     OrthancTLS,

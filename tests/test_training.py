@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import SHARED_DATA
+from testbed.environment import SHARED_DATA
 from training.data import ImageSet, patient_of
 from training.report import (DECISION_POINT, SENSITIVITY_FLOOR, choose_threshold,
                              expected_calibration_error, metrics_at, roc_auc,

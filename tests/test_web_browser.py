@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
-                               synthetic_radiograph, wait_until, write_service_config)
-from tests.real_peers import spool_jobs
+from testbed.environment import require_tool
+from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
+                                 synthetic_radiograph, wait_until, write_service_config)
+from testbed.real_peers import spool_jobs
 
 pytestmark = pytest.mark.real_peer
 

@@ -16,7 +16,7 @@ from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.spool import Spool
 from pacs_ai.worker import ClassificationWorker
-from tests.dicom_peers import synthetic_radiograph, wait_until
+from testbed.dicom_peers import synthetic_radiograph, wait_until
 
 
 @pytest.fixture(scope="module")

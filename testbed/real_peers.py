@@ -8,12 +8,12 @@ and helpers around `pacs-ai serve` running as a subprocess.
   per-file store statuses from its log, so a test can count sent / acknowledged / refused.
 - :func:`propose_as_stored` writes a DCMTK association profile that proposes, for every file, its
   own SOP class with only the transfer syntax it is stored in (no fallback to uncompressed).
-- The service itself runs through ``tests.dicom_peers`` (``write_service_config`` and
+- The service itself runs through ``testbed.dicom_peers`` (``write_service_config`` and
   ``ServiceProcess``); :func:`thread_count` (``/proc/<pid>/task``) and
   :func:`orthanc_destination` add what real-peer and fault tests need.
 
-Every helper that runs an external program calls ``tests.conftest.require_tool`` first, so tests
-using them skip outside CI when the tool is missing and fail in CI; mark them
+Every helper that runs an external program calls ``testbed.environment.require_tool`` first,
+so tests using them skip outside CI when the tool is missing and fail in CI; mark them
 ``@pytest.mark.real_peer``. Every wait is bounded.
 
 Orthanc 1.10 has no option to bind its DICOM port to one address; it listens on all interfaces on
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import require_tool
-from tests.dicom_peers import free_port
+from testbed.environment import require_tool
+from testbed.dicom_peers import free_port
 
 LOOPBACK = "127.0.0.1"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # orthanc-dicomweb
@@ -50,7 +50,7 @@ START_TIMEOUT_S = 60
 
 def require_file(path: Path, package: str) -> str:
     """A file a Debian package installs, or skip/fail like require_tool."""
-    from tests.conftest import skip_or_fail
+    from testbed.environment import skip_or_fail
 
     if not Path(path).is_file():
         skip_or_fail(f"{path} not found (apt-get install {package})")
@@ -447,7 +447,7 @@ def propose_as_stored(files: Sequence[Path], config_path: Path,
 
 
 # --- pacs-ai serve as a subprocess ------------------------------------------------------------
-# The service runs through tests.dicom_peers (write_service_config + ServiceProcess); these add
+# The service runs through testbed.dicom_peers (write_service_config + ServiceProcess); these add
 # what real-peer and fault tests need on top.
 
 def thread_count(pid: int) -> int:
