@@ -18,10 +18,10 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage,
                                   SecondaryCaptureImageStorage)
 
+from pacs_ai import pynetdicom_internals
 from pacs_ai.config import Destination, TLSFiles
 from pacs_ai.sockets import send_small_messages_at_once
 from pacs_ai.transport import ConnectFailed, StoreResult
@@ -100,7 +100,7 @@ def is_stored(status: int) -> bool:
 # A report file whose transfer syntax the PACS accepted is sent as its stored bytes, not decoded
 # and re-encoded: that was about 20 ms of interpreter time per report in the service process,
 # which the listener needs (docs/benchmarks.md). Only send_c_store(path) reads this setting.
-_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+pynetdicom_internals.send_datasets_from_file_in_chunks()
 
 
 def report_to_send(association, path: Path) -> Path | Dataset:

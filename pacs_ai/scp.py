@@ -40,6 +40,8 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from pacs_ai import audit, metrics
 from pacs_ai.audit import AuditTrail
@@ -47,8 +49,9 @@ from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
 from pacs_ai.received import PIXEL_DATA_TAG, ReceivedDataError, check_pixel_data
-from pacs_ai.sockets import (RequestDeadlines, association_transport, limit_message_bytes,
-                             read_pdus_in_large_chunks, send_small_messages_at_once)
+from pacs_ai.pynetdicom_internals import os_socket, register_server
+from pacs_ai.sockets import (RequestDeadlines, limit_message_bytes, read_pdus_in_large_chunks,
+                             send_small_messages_at_once)
 from pacs_ai.spool import Spool, SpoolFullError
 
 log = structlog.get_logger()
@@ -81,7 +84,7 @@ CANNOT_UNDERSTAND_UID = 0xC001
 
 
 def accepted_transfer_syntaxes() -> list[str]:
-    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.pixels import get_decoder
 
     decodable = []
     for uid in COMPRESSED_TRANSFER_SYNTAXES:
@@ -137,6 +140,25 @@ class _AssociationAudit:
     ended: str = "closed"  # "released" or "aborted" once pynetdicom says so
     stored: int = 0
     refused: int = 0
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the listener's own accept step and
+    admission check (StorageSCP._connection_guards says why). Passed to `AE.make_server` as
+    `server_class`, the public way to change them; `accept(server)` returns a connection and
+    its address, `admit(request, client_address)` whether to serve it (socketserver closes a
+    refused one)."""
+
+    def __init__(self, *args, accept, admit, **kwargs):
+        self._accept = accept
+        self._admit = admit
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        return self._accept(self)
+
+    def verify_request(self, request, client_address) -> bool:
+        return self._admit(request, client_address)
 
 
 class StorageSCP:
@@ -360,18 +382,25 @@ class StorageSCP:
                     (evt.EVT_RELEASED, self._on_association_ended),
                     (evt.EVT_ABORTED, self._on_association_ended)]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
+        accept, admit = self._connection_guards()
         try:
-            self._server = self.ae.start_server((listener.host, listener.port), block=False,
-                                                evt_handlers=handlers, ssl_context=ssl_context)
+            # pynetdicom's start_server(block=False), with our server class
+            self._server = self.ae.make_server((listener.host, listener.port),
+                                               evt_handlers=handlers, ssl_context=ssl_context,
+                                               server_class=GuardedAssociationServer,
+                                               accept=accept, admit=admit)
         except OSError as error:
             raise UserError(f"cannot listen on {listener.host}:{listener.port}: "
                             f"{error.strerror or error}; is another DICOM service using the port? "
                             "Set [listener] port or host in the config") from None
+        register_server(self.ae, self._server)
         self._request_deadlines.start()
-        self._harden(self._server)
+        threading.Thread(target=make_target(self._server.serve_forever),
+                         name=f"AcceptorServer@{self.port}", daemon=True).start()
 
-    def _harden(self, server) -> None:
-        """Bound what a misbehaving peer can hold.
+    def _connection_guards(self):
+        """The server's accept step and admission check (GuardedAssociationServer), which bound
+        what a misbehaving peer can hold.
 
         pynetdicom applies max_associations only once an association request arrives, and reads
         PDUs from a blocking socket: a peer that connects and stalls (or announces a huge PDU
@@ -387,7 +416,7 @@ class StorageSCP:
         connection_cap = 2 * limits.max_associations
         per_address_cap = limits.max_connections_per_address
 
-        def get_request() -> tuple[socket.socket, tuple[str, int]]:
+        def accept(server) -> tuple[socket.socket, tuple[str, int]]:
             client, address = server.socket.accept()
             client.settimeout(timeout)  # also bounds the TLS handshake
             if server.ssl_context:
@@ -421,8 +450,7 @@ class StorageSCP:
                 self._audit_security(reason, peer)
             return False
 
-        server.get_request = get_request
-        server.verify_request = admit_connection  # socketserver closes refused sockets
+        return accept, admit_connection
 
     def _open_connection_peers(self) -> list[str]:
         """The peer address of each admitted connection whose socket is still open."""
@@ -444,7 +472,7 @@ class StorageSCP:
         for association in remaining:
             # Shut the transport first so a reader blocked on a stalled peer returns at once;
             # abort() waits for that reader, so it runs off this thread.
-            transport = getattr(association.dul.socket, "socket", None)
+            transport = os_socket(association)
             if transport is not None:
                 try:
                     transport.shutdown(socket.SHUT_RDWR)
@@ -655,11 +683,11 @@ def inflate_within(deflated: bytes, max_bytes: int) -> bytes:
 
 def finish_tls_handshake(event: Event) -> str | None:
     """Complete a TLS connection's handshake in the connection's own thread (the accept loop
-    leaves it undone, see StorageSCP._harden), and record one that fails: a plain-TCP client on
-    the TLS port, an untrusted or missing client certificate, a peer that times out. Such a
-    connection is closed and its association ends; nothing else waits on it. Returns the TLS
-    error when the handshake failed, else None."""
-    raw = getattr(association_transport(event.assoc), "socket", None)
+    leaves it undone, see StorageSCP._connection_guards), and record one that fails: a
+    plain-TCP client on the TLS port, an untrusted or missing client certificate, a peer that
+    times out. Such a connection is closed and its association ends; nothing else waits on it.
+    Returns the TLS error when the handshake failed, else None."""
+    raw = os_socket(event.assoc)
     if not isinstance(raw, ssl.SSLSocket):
         return None
     try:

@@ -11,13 +11,9 @@ from typing import Any
 
 import structlog
 
+from pacs_ai import pynetdicom_internals as internals
+
 log = structlog.get_logger()
-
-
-def association_transport(association: Any) -> Any | None:
-    """pynetdicom's AssociationSocket of an association (`.socket` is the OS or TLS socket),
-    or None before it has one."""
-    return getattr(getattr(association, "dul", None), "socket", None)
 
 
 def send_small_messages_at_once(association: Any) -> None:
@@ -28,7 +24,7 @@ def send_small_messages_at_once(association: Any) -> None:
     per message on Linux. Measured: a 40-report C-STORE run to a pynetdicom PACS took 48 ms per
     report with Nagle and 7 ms without (docs/benchmarks.md).
     """
-    raw = getattr(association_transport(association), "socket", None)
+    raw = internals.os_socket(association)
     if raw is None:
         return
     try:
@@ -57,8 +53,7 @@ def read_pdus_in_large_chunks(association: Any, max_pdu_bytes: int | None = None
     a body longer than `max_pdu_bytes` is not read at all (`on_too_large(association,
     nr_bytes)` is called) and reads as a connection closed, so pynetdicom ends the association.
     """
-    transport = association_transport(association)
-    if transport is None or getattr(transport, "socket", None) is None:
+    if internals.os_socket(association) is None:
         return
 
     def recv(nr_bytes: int) -> bytearray:
@@ -70,7 +65,7 @@ def read_pdus_in_large_chunks(association: Any, max_pdu_bytes: int | None = None
         received = 0
         while received < nr_bytes:
             chunk = bytearray(min(nr_bytes - received, READ_CHUNK_BYTES))
-            filled = _fill(transport.socket, chunk)
+            filled = _fill(internals.os_socket(association), chunk)
             received += filled
             if filled < len(chunk):  # the peer closed the connection: what we have so far
                 chunks.append(chunk[:filled])
@@ -78,7 +73,7 @@ def read_pdus_in_large_chunks(association: Any, max_pdu_bytes: int | None = None
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else bytearray().join(chunks)
 
-    transport.recv = recv
+    internals.replace_pdu_reader(association, recv)
 
 
 def _fill(sock: socket.socket, buffer: bytearray) -> int:
@@ -107,24 +102,18 @@ def limit_message_bytes(association: Any, max_bytes: int,
     `on_too_large(association, message, size)` is called, and an A-ABORT goes out (the DUL
     sends it before reading anything more; what the peer still sends is then ignored).
     """
-    dimse = getattr(association, "dimse", None)
-    if dimse is None:
-        return
-    receive = dimse.receive_primitive
-
-    def receive_within_limit(primitive: Any) -> None:
-        receive(primitive)
-        message = dimse.message
-        if message is None:  # complete: handed to the association's thread
+    def check_size() -> None:
+        in_progress = internals.message_in_progress(association)
+        if in_progress is None:  # complete: handed to the association's thread
             return
-        size = message.encoded_command_set.tell() + message.data_set.tell()
+        message, size = in_progress
         if size <= max_bytes:
             return
-        dimse.message = None
+        internals.drop_message_in_progress(association)
         on_too_large(association, message, size)
         association.acse.send_abort(0x02)  # source: service provider
 
-    dimse.receive_primitive = receive_within_limit
+    internals.after_each_received_fragment(association, check_size)
 
 
 def shut_down(sock: socket.socket | None) -> None:
@@ -140,19 +129,6 @@ def shut_down(sock: socket.socket | None) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:  # already closed or reset
         pass
-
-
-def end_acceptor_wait(association: Any) -> None:
-    """Make an acceptor association that is still waiting for its A-ASSOCIATE-RQ give up now.
-
-    pynetdicom's acceptor thread waits up to the ACSE timeout for the request primitive, and
-    nothing wakes it when the connection closes first: a connect-and-close (a port scan, a TCP
-    health probe) held its thread, and its place under the association limit, for 30 s. `None`
-    on that queue reads as the timeout: the thread kills its DUL, closes the socket and ends.
-    """
-    dul = getattr(association, "dul", None)
-    if dul is not None:
-        dul.to_user_queue.put(None)
 
 
 class RequestDeadlines:
@@ -201,7 +177,11 @@ class RequestDeadlines:
         with self._changed:
             waiting = self._pending.pop(association, None) is not None
         if waiting:
-            end_acceptor_wait(association)
+            # pynetdicom's acceptor thread waits up to the ACSE timeout for the request, and
+            # nothing wakes it when the connection closes first: a connect-and-close (a port
+            # scan, a TCP health probe) held its thread, and its place under the association
+            # limit, for 30 s.
+            internals.end_acceptor_wait(association)
 
     def _run(self) -> None:
         while True:
@@ -221,5 +201,5 @@ class RequestDeadlines:
                     self._on_expired(association)  # logged before the peer sees the close
                 except Exception as error:  # a logging problem must not stop the deadlines
                     log.error("request_deadline_callback_failed", error=str(error))
-                shut_down(getattr(association_transport(association), "socket", None))
-                end_acceptor_wait(association)
+                shut_down(internals.os_socket(association))
+                internals.end_acceptor_wait(association)
