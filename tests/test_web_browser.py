@@ -44,6 +44,8 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
                                                                                browser,
                                                                                tiny_model):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     token_file = tmp_path / "web-token"
     token_file.write_text(TOKEN + "\n")
@@ -55,7 +57,8 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
             destinations=[pacs.destination(name="pacs"), archive.destination(name="archive")],
             tables={"retry": {"max_attempts": 2},
                     "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},
-                    "web": {"token_file": str(token_file), "refresh_seconds": 5}})
+                    # long enough that no reload comes between typing and pressing retry
+                    "web": {"token_file": str(token_file), "refresh_seconds": 600}})
         with ServiceProcess(config, tmp_path / "serve.log") as service:
             films = [synthetic_radiograph(seed=40 + n) for n in range(3)]
             results = SimulatedModality(service.port, calling_ae_title="ER_CR").send(films)
@@ -80,6 +83,7 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
             archive_row = browser.find_element(By.ID, "destination-archive").text
             assert "retrying" in archive_row or "failing" in archive_row, archive_row
             source = browser.page_source
+            assert "<meta http-equiv=\"refresh\" content=\"600\">" in source  # reloads itself
             for film in films:  # no patient name or ID, no full UID, no accession number
                 for value in (str(film.PatientName), film.PatientID, str(film.SOPInstanceUID),
                               film.AccessionNumber, "Synthetic"):
@@ -96,8 +100,14 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
                     field.clear()
                     if token is not None:
                         field.send_keys(token)
-                    browser.find_element(By.CSS_SELECTOR,
-                                         f"button[name=job][value='{first}']").click()
+                    button = browser.find_element(By.CSS_SELECTOR,
+                                                  f"button[name=job][value='{first}']")
+                    button.click()
+                    # the answer is a new page: wait until the old one is gone
+                    WebDriverWait(browser, 30).until(staleness_of(button))
+                    WebDriverWait(browser, 30).until(
+                        lambda driver: driver.execute_script("return document.readyState")
+                        == "complete")
 
                 press_retry(None)
                 assert browser.title == "Retry refused"
