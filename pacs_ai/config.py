@@ -16,12 +16,14 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import MAX_AGE_YEARS
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+
+T = TypeVar("T")
 
 # The SOP classes a chest film arrives as. Keywords or dotted UIDs are accepted in the config.
 SOP_CLASS_KEYWORDS = {
@@ -29,7 +31,6 @@ SOP_CLASS_KEYWORDS = {
     "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
     "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
 }
-DEFAULT_SOP_CLASSES = tuple(SOP_CLASS_KEYWORDS)
 SR_KINDS = ("comprehensive3d", "comprehensive")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -560,66 +561,108 @@ TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filter
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
-    """Build a Config from parsed TOML; raise ConfigError naming the first problem."""
+    """Build a Config from parsed TOML; raise ConfigError naming the first problem.
+
+    One reader per table; each key's default is its dataclass field's default (the one source,
+    which `default_config` uses too)."""
     unknown = sorted(set(data) - set(TOP_LEVEL_TABLES))
     if unknown:
         raise ConfigError(f"unknown table or key {unknown[0]!r} at the top level; the tables are "
                           f"{', '.join(f'[{name}]' for name in TOP_LEVEL_TABLES)}")
-    table = lambda name: _Table(data.get(name, {}), f"[{name}]")  # noqa: E731
 
-    t = table("listener")
+    def read(name: str, reader: Callable[..., T], *args: Any) -> T:
+        t = _Table(data.get(name, {}), f"[{name}]")
+        value = reader(t, *args)
+        t.finish()
+        return value
+
+    # read in this order, so the first problem reported is the first table's
+    listener = read("listener", _read_listener)
+    limits = read("limits", _read_limits)
+    storage = read("storage", _read_storage, base_dir)
+    model = read("model", _read_model, base_dir)
+    workers = read("workers", _read_workers)
+    filters = parse_filter_policy(data.get("filters", {}))
+    report = read("report", _read_report)
+    destinations = parse_destinations(data.get("destinations", []), base_dir, listener.ae_title)
+    retry = read("retry", _read_retry)
+    log = read("log", _read_log)
+    metrics = read("metrics", _read_metrics)
+    tls = read("tls", _read_tls, base_dir)
+    status = read("status", _read_status)
+    audit = read("audit", _read_audit, base_dir)
+    routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
+    web = read("web", _read_web, base_dir)
+    return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
+                  filters=filters, report=report, destinations=destinations, retry=retry,
+                  log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
+                  web=web, source=source)
+
+
+def _read_listener(t: _Table) -> ListenerConfig:
+    d = ListenerConfig
     listener = ListenerConfig(
-        ae_title=t.string("ae_title", DEFAULT_AE_TITLE, check=check_ae_title),
-        host=t.string("host", "0.0.0.0", check=_check_host),
-        port=t.integer("port", DEFAULT_PORT, minimum=1, maximum=65535),
+        ae_title=t.string("ae_title", d.ae_title, check=check_ae_title),
+        host=t.string("host", d.host, check=_check_host),
+        port=t.integer("port", d.port, minimum=1, maximum=65535),
         allowed_calling_ae_titles=_calling_ae_titles(t),
-        check_called_ae_title=t.boolean("check_called_ae_title", True),
-        allowed_peer_addresses=t.strings("allowed_peer_addresses", (), check=check_network),
+        check_called_ae_title=t.boolean("check_called_ae_title", d.check_called_ae_title),
+        allowed_peer_addresses=t.strings("allowed_peer_addresses", d.allowed_peer_addresses,
+                                         check=check_network),
         sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in
-                          t.strings("sop_classes", DEFAULT_SOP_CLASSES, check=check_sop_class)),
+                          t.strings("sop_classes", d.sop_classes, check=check_sop_class)),
     )
     if not listener.sop_classes:
         raise t.fail("sop_classes", "must list at least one SOP class, e.g. "
                                     '["ComputedRadiographyImageStorage"]')
-    t.finish()
+    return listener
 
-    t = table("limits")
+
+def _read_limits(t: _Table) -> LimitsConfig:
+    d = LimitsConfig
     limits = LimitsConfig(
-        max_associations=t.integer("max_associations", 10, minimum=1, maximum=1000),
-        max_pdu_bytes=t.integer("max_pdu_bytes", 1048576, minimum=0, maximum=2**32 - 1),
-        max_pixels=t.integer("max_pixels", DEFAULT_MAX_PIXELS, minimum=4),
-        acse_timeout_seconds=t.number("acse_timeout_seconds", 30.0, minimum=0,
+        max_associations=t.integer("max_associations", d.max_associations, minimum=1,
+                                   maximum=1000),
+        max_pdu_bytes=t.integer("max_pdu_bytes", d.max_pdu_bytes, minimum=0, maximum=2**32 - 1),
+        max_pixels=t.integer("max_pixels", d.max_pixels, minimum=4),
+        acse_timeout_seconds=t.number("acse_timeout_seconds", d.acse_timeout_seconds, minimum=0,
                                       exclusive_minimum=True),
-        dimse_timeout_seconds=t.number("dimse_timeout_seconds", 60.0, minimum=0,
-                                       exclusive_minimum=True),
-        network_timeout_seconds=t.number("network_timeout_seconds", 60.0, minimum=0,
-                                         exclusive_minimum=True),
-        shutdown_grace_seconds=t.number("shutdown_grace_seconds", 10.0, minimum=0),
+        dimse_timeout_seconds=t.number("dimse_timeout_seconds", d.dimse_timeout_seconds,
+                                       minimum=0, exclusive_minimum=True),
+        network_timeout_seconds=t.number("network_timeout_seconds", d.network_timeout_seconds,
+                                         minimum=0, exclusive_minimum=True),
+        shutdown_grace_seconds=t.number("shutdown_grace_seconds", d.shutdown_grace_seconds,
+                                        minimum=0),
         association_request_timeout_seconds=t.number(
-            "association_request_timeout_seconds", LimitsConfig.association_request_timeout_seconds,
+            "association_request_timeout_seconds", d.association_request_timeout_seconds,
             minimum=0, exclusive_minimum=True),
-        max_dataset_bytes=t.integer("max_dataset_bytes", LimitsConfig.max_dataset_bytes,
+        max_dataset_bytes=t.integer("max_dataset_bytes", d.max_dataset_bytes,
                                     minimum=1024 * 1024, maximum=2**32 - 1),
     )
+    # the per-address cap follows max_associations unless set
     limits = dataclasses.replace(limits, max_connections_per_address=t.integer(
         "max_connections_per_address", limits.max_associations, minimum=1, maximum=2000))
     if 0 < limits.max_pdu_bytes < 4096:
         raise t.fail("max_pdu_bytes", "must be 0 (no limit) or at least 4096")
-    t.finish()
+    return limits
 
-    t = table("storage")
-    storage = StorageConfig(
-        spool_dir=t.path("spool_dir", base_dir / "spool", base_dir) or base_dir / "spool",
-        min_free_bytes=t.integer("min_free_bytes", StorageConfig.min_free_bytes, minimum=0),
-        keep_source_images=t.boolean("keep_source_images", False),
-        keep_reports=t.boolean("keep_reports", False),
-        keep_failed_days=t.number("keep_failed_days", StorageConfig.keep_failed_days, minimum=0),
+
+def _read_storage(t: _Table, base_dir: Path) -> StorageConfig:
+    d = StorageConfig
+    spool_dir = base_dir / d.spool_dir  # relative to the config file's folder
+    return StorageConfig(
+        spool_dir=t.path("spool_dir", spool_dir, base_dir) or spool_dir,
+        min_free_bytes=t.integer("min_free_bytes", d.min_free_bytes, minimum=0),
+        keep_source_images=t.boolean("keep_source_images", d.keep_source_images),
+        keep_reports=t.boolean("keep_reports", d.keep_reports),
+        keep_failed_days=t.number("keep_failed_days", d.keep_failed_days, minimum=0),
     )
-    t.finish()
 
-    t = table("model")
+
+def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
+    # every key's default is None: the model file's own value (pacs_ai.intended_use)
     model = ModelConfig(
-        path=t.path("path", None, base_dir, must_exist=True),
+        path=t.path("path", ModelConfig.path, base_dir, must_exist=True),
         threshold=t.optional_number("threshold", minimum=0.0, maximum=1.0),
         min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
@@ -629,34 +672,35 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
             and model.min_age_years > model.max_age_years):
         raise t.fail("min_age_years", f"{model.min_age_years:g} is above max_age_years "
                                       f"{model.max_age_years:g}")
-    t.finish()
+    return model
 
-    t = table("workers")
-    workers = WorkersConfig(
+
+def _read_workers(t: _Table) -> WorkersConfig:
+    d = WorkersConfig
+    return WorkersConfig(
         count=t.integer_or_auto("count", minimum=1, maximum=64),
         processes=t.integer_or_auto("processes", minimum=0, maximum=64),
-        batch_size=t.integer("batch_size", 4, minimum=1, maximum=512),
-        torch_threads=t.integer("torch_threads", 0, minimum=0, maximum=256),
+        batch_size=t.integer("batch_size", d.batch_size, minimum=1, maximum=512),
+        torch_threads=t.integer("torch_threads", d.torch_threads, minimum=0, maximum=256),
     )
-    t.finish()
 
-    filters = parse_filter_policy(data.get("filters", {}))
 
-    t = table("report")
-    report = ReportConfig(sr_kind=t.string("sr_kind", "comprehensive3d", choices=SR_KINDS),
-                          heatmap=t.boolean("heatmap", True),
-                          heatmap_for_normal=t.boolean("heatmap_for_normal", False))
-    t.finish()
+def _read_report(t: _Table) -> ReportConfig:
+    d = ReportConfig
+    return ReportConfig(sr_kind=t.string("sr_kind", d.sr_kind, choices=SR_KINDS),
+                        heatmap=t.boolean("heatmap", d.heatmap),
+                        heatmap_for_normal=t.boolean("heatmap_for_normal", d.heatmap_for_normal))
 
-    destinations = parse_destinations(data.get("destinations", []), base_dir, listener.ae_title)
 
-    t = table("retry")
+def _read_retry(t: _Table) -> RetryPolicy:
+    d = RetryPolicy
     retry = RetryPolicy(
-        initial_delay_seconds=t.number("initial_delay_seconds", 10.0, minimum=0,
-                                       exclusive_minimum=True),
-        max_delay_seconds=t.number("max_delay_seconds", 900.0, minimum=0, exclusive_minimum=True),
-        max_attempts=t.integer("max_attempts", 0, minimum=0),
-        max_age_seconds=t.number("max_age_seconds", RetryPolicy.max_age_seconds, minimum=0),
+        initial_delay_seconds=t.number("initial_delay_seconds", d.initial_delay_seconds,
+                                       minimum=0, exclusive_minimum=True),
+        max_delay_seconds=t.number("max_delay_seconds", d.max_delay_seconds, minimum=0,
+                                   exclusive_minimum=True),
+        max_attempts=t.integer("max_attempts", d.max_attempts, minimum=0),
+        max_age_seconds=t.number("max_age_seconds", d.max_age_seconds, minimum=0),
     )
     if retry.max_delay_seconds < retry.initial_delay_seconds:
         raise t.fail("max_delay_seconds", "must be at least initial_delay_seconds")
@@ -664,27 +708,31 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         raise t.fail("max_attempts", "max_attempts and max_age_seconds are both 0, so a report "
                                      "for a destination that never comes back would be retried "
                                      "forever; set at least one of them")
-    t.finish()
+    return retry
 
-    t = table("log")
-    log = LogConfig(level=t.string("level", "info", choices=LOG_LEVELS),
-                    format=t.string("format", "auto", choices=LOG_FORMATS),
-                    priority_prefix=t.string("priority_prefix", "auto",
-                                             choices=LOG_PRIORITY_PREFIXES))
-    t.finish()
 
-    t = table("metrics")
-    metrics = MetricsConfig(enabled=t.boolean("enabled", True),
-                            host=t.string("host", "127.0.0.1", check=_check_host),
-                            port=t.integer("port", DEFAULT_METRICS_PORT, minimum=0, maximum=65535))
-    t.finish()
+def _read_log(t: _Table) -> LogConfig:
+    d = LogConfig
+    return LogConfig(level=t.string("level", d.level, choices=LOG_LEVELS),
+                     format=t.string("format", d.format, choices=LOG_FORMATS),
+                     priority_prefix=t.string("priority_prefix", d.priority_prefix,
+                                              choices=LOG_PRIORITY_PREFIXES))
 
-    t = table("tls")
+
+def _read_metrics(t: _Table) -> MetricsConfig:
+    d = MetricsConfig
+    return MetricsConfig(enabled=t.boolean("enabled", d.enabled),
+                         host=t.string("host", d.host, check=_check_host),
+                         port=t.integer("port", d.port, minimum=0, maximum=65535))
+
+
+def _read_tls(t: _Table, base_dir: Path) -> ListenerTLSConfig:
     tls = ListenerTLSConfig(
         cert_file=t.path("cert_file", None, base_dir, must_exist=True),
         key_file=t.path("key_file", None, base_dir, must_exist=True),
         ca_file=t.path("ca_file", None, base_dir, must_exist=True),
-        require_client_cert=t.boolean("require_client_cert", False),
+        require_client_cert=t.boolean("require_client_cert",
+                                      ListenerTLSConfig.require_client_cert),
     )
     if (tls.cert_file is None) != (tls.key_file is None):
         raise t.fail("cert_file", "cert_file and key_file go together: set both to enable TLS, "
@@ -694,49 +742,45 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     if (tls.ca_file is not None or tls.require_client_cert) and tls.cert_file is None:
         raise t.fail("ca_file", "TLS settings without cert_file and key_file; set both to enable "
                                 "TLS")
-    t.finish()
+    return tls
 
-    t = table("status")
-    status = StatusConfig(
+
+def _read_status(t: _Table) -> StatusConfig:
+    d = StatusConfig
+    return StatusConfig(
         destination_failing_seconds=t.number(
-            "destination_failing_seconds", StatusConfig.destination_failing_seconds, minimum=0),
+            "destination_failing_seconds", d.destination_failing_seconds, minimum=0),
         failed_jobs_within_seconds=t.number(
-            "failed_jobs_within_seconds", StatusConfig.failed_jobs_within_seconds, minimum=0),
+            "failed_jobs_within_seconds", d.failed_jobs_within_seconds, minimum=0),
     )
-    t.finish()
 
-    t = table("audit")
+
+def _read_audit(t: _Table, base_dir: Path) -> AuditConfig:
+    d = AuditConfig
     audit = AuditConfig(
-        enabled=t.boolean("enabled", True),
-        path=t.path("path", None, base_dir),
-        max_bytes=t.integer("max_bytes", AuditConfig.max_bytes, minimum=0),
-        backup_count=t.integer("backup_count", AuditConfig.backup_count, minimum=0,
-                               maximum=1000),
-        include_patient_id=t.boolean("include_patient_id", False),
+        enabled=t.boolean("enabled", d.enabled),
+        path=t.path("path", d.path, base_dir),
+        max_bytes=t.integer("max_bytes", d.max_bytes, minimum=0),
+        backup_count=t.integer("backup_count", d.backup_count, minimum=0, maximum=1000),
+        include_patient_id=t.boolean("include_patient_id", d.include_patient_id),
     )
     if 0 < audit.max_bytes < 64 * 1024:
         raise t.fail("max_bytes", "must be 0 (never rotate) or at least 65536 (64 KiB)")
     if audit.max_bytes and not audit.backup_count:
         raise t.fail("backup_count", "must be at least 1 when max_bytes is set (the rotated "
                                      "files kept); for no rotation set max_bytes = 0")
-    t.finish()
+    return audit
 
-    routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
 
-    t = table("web")
-    web = WebConfig(
-        enabled=t.boolean("enabled", True),
-        token_file=t.path("token_file", None, base_dir, must_exist=True),
-        show_accession_number=t.boolean("show_accession_number", False),
-        recent_films=t.integer("recent_films", WebConfig.recent_films, minimum=1, maximum=1000),
-        refresh_seconds=t.integer("refresh_seconds", WebConfig.refresh_seconds, minimum=0,
+def _read_web(t: _Table, base_dir: Path) -> WebConfig:
+    d = WebConfig
+    return WebConfig(
+        enabled=t.boolean("enabled", d.enabled),
+        token_file=t.path("token_file", d.token_file, base_dir, must_exist=True),
+        show_accession_number=t.boolean("show_accession_number", d.show_accession_number),
+        recent_films=t.integer("recent_films", d.recent_films, minimum=1, maximum=1000),
+        refresh_seconds=t.integer("refresh_seconds", d.refresh_seconds, minimum=0,
                                   maximum=3600))
-    t.finish()
-
-    return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
-                  filters=filters, report=report, destinations=destinations, retry=retry,
-                  log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
-                  web=web, source=source)
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:

@@ -217,3 +217,30 @@ def test_retry_policy_backs_off_exponentially_and_knows_its_limits():
     assert policy.exhausted(1, 100)
     assert policy.delay_after(10_000) == 10  # no overflow
 
+
+
+def test_no_file_and_an_empty_file_give_the_same_config(tmp_path):
+    """The dataclasses' defaults are the one source: the parser reads them for missing keys."""
+    assert parse_config({}, base_dir=tmp_path) == default_config(tmp_path)
+
+
+def test_every_value_the_example_config_sets_is_the_code_default(tmp_path):
+    """deploy/pacs-ai.toml shows the defaults; only the spool (the installed path) differs."""
+    import tomllib
+    data = tomllib.loads(EXAMPLE_CONFIG.read_text())
+    data.get("model", {}).pop("path", None)
+    data.get("tls", {}).clear()
+    config = parse_config(data, base_dir=tmp_path)
+    default = default_config(tmp_path)
+    assert config.storage.spool_dir == Path("/var/lib/pacs-ai")
+    differences = []
+    for table in dataclasses.fields(config):
+        ours, code = getattr(config, table.name), getattr(default, table.name)
+        if not dataclasses.is_dataclass(ours):
+            if ours != code and table.name != "source":
+                differences.append(table.name)
+            continue
+        for key in dataclasses.fields(ours):
+            if getattr(ours, key.name) != getattr(code, key.name):
+                differences.append(f"[{table.name}] {key.name}")
+    assert differences == ["[storage] spool_dir"]
