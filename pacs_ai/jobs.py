@@ -28,13 +28,48 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pacs_ai.errors import UserError
 
-JOB_STATES = ("pending", "classifying", "delivering", "done", "skipped", "failed")
-DELIVERY_STATES = ("pending", "done", "failed")
+
+# The job vocabulary. The values are what the queue stores and what `pacs-ai status`, the queue
+# page and the metrics show: a StrEnum member equals its string, so rows read back as plain
+# strings compare equal to these.
+class JobState(StrEnum):
+    PENDING = "pending"
+    CLASSIFYING = "classifying"
+    DELIVERING = "delivering"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Stage(StrEnum):
+    """Where a failed job failed (jobs.stage, the `stage` label of pacs_ai_failed_total)."""
+
+    CLASSIFY = "classify"  # the pixels could not be decoded or the model failed
+    REPORT = "report"  # the SR could not be built
+    DELIVER = "deliver"  # a delivery was given up
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # never tried yet, or retrying
+    DONE = "done"
+    FAILED = "failed"  # given up
+
+
+class DeliveryObject(StrEnum):
+    """What a delivery sends (deliveries.object)."""
+
+    REPORT = "report"  # the SR
+    HEATMAP = "heatmap"  # its heat-map image (pacs_ai.heatmap_image)
+
+
+JOB_STATES = tuple(state.value for state in JobState)
+DELIVERY_STATES = tuple(state.value for state in DeliveryState)
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -124,7 +159,7 @@ class Delivery:
     sop_instance_uid: str
     received_at: float
     # "report": report_file and report_uid are the SR's; "heatmap": the heat-map image's
-    object: str = "report"
+    object: str = DeliveryObject.REPORT
 
 
 @dataclass(frozen=True)
@@ -162,7 +197,8 @@ _JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
 def accepts_resend(job: Job) -> bool:
     """A job a re-sent copy of its image should run again: it failed before a report existed,
     or it failed and its files were purged since ([storage] keep_failed_days)."""
-    return job.state == "failed" and (job.stage in ("classify", "report") or is_purged(job))
+    return job.state == JobState.FAILED and (job.stage in (Stage.CLASSIFY, Stage.REPORT)
+                                             or is_purged(job))
 
 
 def is_purged(job: Job) -> bool:
@@ -308,14 +344,14 @@ class JobStore:
                     "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
                     "calling_ae_title, image_file, state, received_at, updated_at, "
                     "peer_address, modality, station_name, accession_number) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                    f"VALUES (?, ?, ?, ?, ?, '{JobState.PENDING}', ?, ?, ?, ?, ?, ?)",
                     (instance.sop_instance_uid, instance.sop_class_uid,
                      instance.study_instance_uid, instance.calling_ae_title, image_file, now,
                      now, instance.peer_address, instance.modality, instance.station_name,
                      instance.accession_number)))
             else:
                 self._write(lambda db: db.execute(
-                    "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, "
+                    f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
                     "image_file = ?, sop_class_uid = ?, calling_ae_title = ?, received_at = ?, "
                     "updated_at = ?, peer_address = ?, modality = ?, station_name = ?, "
                     "accession_number = ? WHERE id = ?",
@@ -330,16 +366,18 @@ class JobStore:
     def reset_interrupted(self) -> int:
         """At start-up: jobs a previous run was classifying go back to pending."""
         return self._write(lambda db: db.execute(
-            "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'classifying'",
+            f"UPDATE jobs SET state = '{JobState.PENDING}', updated_at = ? WHERE state = "
+            f"'{JobState.CLASSIFYING}'",
             (time.time(),)).rowcount)
 
     def claim(self, limit: int) -> list[Job]:
         """Take up to `limit` of the oldest pending jobs for classification."""
         def body(db: sqlite3.Connection) -> list[Job]:
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending' "
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.PENDING}' "
                               "ORDER BY id LIMIT ?", (limit,)).fetchall()
             if rows:
-                db.executemany("UPDATE jobs SET state = 'classifying', updated_at = ? WHERE id = ?",
+                db.executemany(f"UPDATE jobs SET state = '{JobState.CLASSIFYING}', updated_at = ? "
+                               "WHERE id = ?",
                                [(time.time(), row[0]) for row in rows])
             return [Job(*row) for row in rows]
         return self._write(body)
@@ -351,8 +389,8 @@ class JobStore:
 
         def body(db: sqlite3.Connection) -> int:
             now = time.time()
-            return sum(db.execute("UPDATE jobs SET state = 'pending', updated_at = ? "
-                                  "WHERE id = ? AND state = 'classifying'",
+            return sum(db.execute(f"UPDATE jobs SET state = '{JobState.PENDING}', updated_at = ? "
+                                  f"WHERE id = ? AND state = '{JobState.CLASSIFYING}'",
                                   (now, job_id)).rowcount for job_id in ids)
         requeued = self._write(body) if ids else 0
         if requeued:
@@ -360,30 +398,31 @@ class JobStore:
         return requeued
 
     def mark_skipped(self, job_id: int, reason: str) -> bool:
-        return self._finish(job_id, "skipped", None, reason)
+        return self._finish(job_id, JobState.SKIPPED, None, reason)
 
-    def mark_failed(self, job_id: int, stage: str, reason: str) -> bool:
-        return self._finish(job_id, "failed", stage, reason)
+    def mark_failed(self, job_id: int, stage: Stage, reason: str) -> bool:
+        return self._finish(job_id, JobState.FAILED, stage, reason)
 
-    def _finish(self, job_id: int, state: str, stage: str | None, reason: str) -> bool:
+    def _finish(self, job_id: int, state: JobState, stage: Stage | None, reason: str) -> bool:
         """Settle a claimed job. False (and no change) when it is no longer `classifying`: a
         batch that breaks after reporting some of its jobs must not mark those failed."""
         return self._write(lambda db: db.execute(
             "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ? "
-            "WHERE id = ? AND state = 'classifying'",
+            f"WHERE id = ? AND state = '{JobState.CLASSIFYING}'",
             (state, stage, reason, time.time(), job_id)).rowcount) == 1
 
     def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
                       report_file: str, classify_ms: float, destinations: Iterable[str],
                       route: str | None = None, model: str | None = None,
-                      heatmap_uid: str | None = None, heatmap_file: str | None = None) -> str:
+                      heatmap_uid: str | None = None,
+                      heatmap_file: str | None = None) -> JobState:
         """The report (and its heat-map image, when `heatmap_file` is given) is in the outbox:
         queue one delivery per destination and object (those of `route`).
         Returns the new state: 'delivering', or 'done' when there is no destination."""
         names = list(destinations)
-        state = "delivering" if names else "done"
+        state = JobState.DELIVERING if names else JobState.DONE
 
-        def body(db: sqlite3.Connection) -> str:
+        def body(db: sqlite3.Connection) -> JobState:
             now = time.time()
             db.execute("UPDATE jobs SET state = ?, stage = NULL, reason = NULL, probability = ?, "
                        "finding = ?, report_uid = ?, report_file = ?, classify_ms = ?, "
@@ -391,12 +430,13 @@ class JobStore:
                        (state, probability, finding, report_uid, report_file, classify_ms, now,
                         route, model, job_id))
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
-                           "next_attempt_at) VALUES (?, ?, 'pending', ?)",
+                           f"next_attempt_at) VALUES (?, ?, '{DeliveryState.PENDING}', ?)",
                            [(job_id, name, now) for name in names])
             if heatmap_file is not None:
                 db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
                                "next_attempt_at, object, object_uid, object_file) "
-                               "VALUES (?, ?, 'pending', ?, 'heatmap', ?, ?)",
+                               f"VALUES (?, ?, '{DeliveryState.PENDING}', ?, "
+                               f"'{DeliveryObject.HEATMAP}', ?, ?)",
                                [(job_id, name, now, heatmap_uid, heatmap_file)
                                 for name in names])
             return state
@@ -412,36 +452,40 @@ class JobStore:
             "SELECT d.job_id, d.destination, d.attempts, d.first_attempt_at, "
             "COALESCE(d.object_file, j.report_file), COALESCE(d.object_uid, j.report_uid), "
             "j.sop_instance_uid, j.received_at, d.object FROM deliveries d "
-            "JOIN jobs j ON j.id = d.job_id WHERE d.destination = ? AND d.state = 'pending' "
-            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.job_id, d.object DESC "
+            "JOIN jobs j ON j.id = d.job_id WHERE d.destination = ? "
+            f"AND d.state = '{DeliveryState.PENDING}' AND d.next_attempt_at <= ? "
+            "ORDER BY d.next_attempt_at, d.job_id, d.object DESC "
             "LIMIT ?",
             (destination, now, limit))
         return [Delivery(*row) for row in rows]
 
     def next_attempt_at(self, destination: str) -> float | None:
         rows = self._read("SELECT MIN(next_attempt_at) FROM deliveries "
-                          "WHERE destination = ? AND state = 'pending'", (destination,))
+                          "WHERE destination = ? AND state = "
+                          f"'{DeliveryState.PENDING}'", (destination,))
         return rows[0][0]
 
     def delivery_succeeded(self, job_id: int, destination: str,
-                           object: str = "report") -> Job | None:
+                           object: str = DeliveryObject.REPORT) -> Job | None:
         """Record a delivery; returns the job when this completed all of its deliveries."""
         def body(db: sqlite3.Connection) -> Job | None:
             now = time.time()
-            db.execute("UPDATE deliveries SET state = 'done', attempts = attempts + 1, "
-                       "first_attempt_at = COALESCE(first_attempt_at, ?), delivered_at = ?, "
+            db.execute(f"UPDATE deliveries SET state = '{DeliveryState.DONE}', "
+                       "attempts = attempts + 1, first_attempt_at = COALESCE(first_attempt_at, ?), "
+                       "delivered_at = ?, "
                        "last_error = NULL WHERE job_id = ? AND destination = ? AND object = ?",
                        (now, now, job_id, destination, object))
             return self._settle_job(db, job_id, now)
         return self._write(body)
 
     def delivery_failed(self, job_id: int, destination: str, error: str, *,
-                        retry_at: float | None, object: str = "report") -> Job | None:
+                        retry_at: float | None,
+                        object: str = DeliveryObject.REPORT) -> Job | None:
         """Record a failed attempt: retried at `retry_at`, or given up for good when None.
         Returns the job when this was its last open delivery."""
         def body(db: sqlite3.Connection) -> Job | None:
             now = time.time()
-            state = "pending" if retry_at is not None else "failed"
+            state = DeliveryState.PENDING if retry_at is not None else DeliveryState.FAILED
             db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
                        "first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, "
                        "last_error = ? WHERE job_id = ? AND destination = ? AND object = ?",
@@ -452,21 +496,25 @@ class JobStore:
 
     def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> Job | None:
         """Close a delivering job once none of its deliveries is pending."""
-        rows = db.execute("SELECT destination || CASE object WHEN 'report' THEN '' "
-                          "ELSE ' (' || object || ')' END, state, last_error FROM deliveries "
+        rows = db.execute("SELECT destination || CASE object "
+                          f"WHEN '{DeliveryObject.REPORT}' THEN '' ELSE ' (' || object || ')' END, "
+                          "state, last_error FROM deliveries "
                           "WHERE job_id = ? ORDER BY destination, object DESC",
                           (job_id,)).fetchall()
-        if any(state == "pending" for _, state, _ in rows):
+        if any(state == DeliveryState.PENDING for _, state, _ in rows):
             return None
-        failed = [(name, error) for name, state, error in rows if state == "failed"]
+        failed = [(name, error) for name, state, error in rows
+                  if state == DeliveryState.FAILED]
         if failed:
             reason = "; ".join(f"delivery to {name} failed: {error}" for name, error in failed)
-            db.execute("UPDATE jobs SET state = 'failed', stage = 'deliver', reason = ?, "
-                       "updated_at = ? WHERE id = ? AND state = 'delivering'",
+            db.execute(f"UPDATE jobs SET state = '{JobState.FAILED}', stage = '{Stage.DELIVER}', "
+                       "reason = ?, updated_at = ? "
+                       f"WHERE id = ? AND state = '{JobState.DELIVERING}'",
                        (reason, now, job_id))
         else:
-            db.execute("UPDATE jobs SET state = 'done', stage = NULL, reason = NULL, "
-                       "updated_at = ? WHERE id = ? AND state = 'delivering'", (now, job_id))
+            db.execute(f"UPDATE jobs SET state = '{JobState.DONE}', stage = NULL, reason = NULL, "
+                       "updated_at = ? WHERE id = ? AND state = "
+                       f"'{JobState.DELIVERING}'", (now, job_id))
         row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(*row)
 
@@ -479,12 +527,13 @@ class JobStore:
         def body(db: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(names))
             unknown = f"AND destination NOT IN ({marks})" if names else ""
-            rows = db.execute("SELECT job_id, destination FROM deliveries WHERE state = 'pending' "
-                              f"{unknown}", names).fetchall()
+            rows = db.execute("SELECT job_id, destination FROM deliveries "
+                              f"WHERE state = '{DeliveryState.PENDING}' {unknown}",
+                              names).fetchall()
             now = time.time()
             for job_id, name in rows:
-                db.execute("UPDATE deliveries SET state = 'failed', last_error = ? "
-                           "WHERE job_id = ? AND destination = ?",
+                db.execute(f"UPDATE deliveries SET state = '{DeliveryState.FAILED}', "
+                           "last_error = ? WHERE job_id = ? AND destination = ?",
                            ("destination-removed: no longer in the config", job_id, name))
                 self._settle_job(db, job_id, now)
             return len(rows)
@@ -504,14 +553,16 @@ class JobStore:
         all. Returns the number of deliveries requeued (0 when the job is in another state)."""
         def body(db: sqlite3.Connection) -> int:
             now = time.time()
-            job = db.execute("UPDATE jobs SET state = 'delivering', stage = NULL, reason = NULL, "
-                             "updated_at = ? WHERE id = ? AND state = 'failed' AND stage = "
-                             "'deliver' AND report_file IS NOT NULL", (now, job_id)).rowcount
+            job = db.execute(f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, "
+                             "reason = NULL, updated_at = ? WHERE id = ? AND "
+                             f"state = '{JobState.FAILED}' AND stage = '{Stage.DELIVER}' "
+                             "AND report_file IS NOT NULL", (now, job_id)).rowcount
             if not job:
                 return 0
             return db.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, first_attempt_at = NULL, "
-                "next_attempt_at = ?, last_error = NULL WHERE job_id = ? AND state = 'failed'",
+                f"UPDATE deliveries SET state = '{DeliveryState.PENDING}', attempts = 0, "
+                "first_attempt_at = NULL, next_attempt_at = ?, last_error = NULL "
+                f"WHERE job_id = ? AND state = '{DeliveryState.FAILED}'",
                 (now, job_id)).rowcount
         requeued = self._write(body)
         if requeued:
@@ -526,7 +577,7 @@ class JobStore:
         def body(db: sqlite3.Connection) -> list[PurgedJob]:
             rows = db.execute(
                 "SELECT id, sop_instance_uid, state, image_file, report_file FROM jobs "
-                "WHERE state IN ('failed', 'skipped') AND updated_at < ? "
+                f"WHERE state IN ('{JobState.FAILED}', '{JobState.SKIPPED}') AND updated_at < ? "
                 "AND (image_file != '' OR report_file IS NOT NULL)",
                 (finished_before,)).fetchall()
             ids = [(row[0],) for row in rows]
@@ -535,7 +586,8 @@ class JobStore:
             heatmaps = {job_id: file for job_id, file in db.execute(
                 "SELECT job_id, object_file FROM deliveries WHERE object_file IS NOT NULL AND "
                 f"job_id IN ({','.join('?' * len(ids))})", [i for (i,) in ids]).fetchall()}
-            db.executemany("DELETE FROM deliveries WHERE job_id = ? AND state = 'failed'", ids)
+            db.executemany("DELETE FROM deliveries WHERE job_id = ? AND state = "
+                           f"'{DeliveryState.FAILED}'", ids)
             return [PurgedJob(sop_instance_uid=uid, state=state,
                               files=tuple(f for f in (image, report, heatmaps.get(job_id)) if f))
                     for job_id, uid, state, image, report in rows]
@@ -547,16 +599,19 @@ class JobStore:
         def body(db: sqlite3.Connection) -> tuple[int, int]:
             now = time.time()
             deliveries = db.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, first_attempt_at = NULL, "
-                "next_attempt_at = ?, last_error = NULL WHERE state = 'failed'", (now,)).rowcount
+                f"UPDATE deliveries SET state = '{DeliveryState.PENDING}', attempts = 0, "
+                "first_attempt_at = NULL, next_attempt_at = ?, last_error = NULL "
+                f"WHERE state = '{DeliveryState.FAILED}'", (now,)).rowcount
             redeliver = db.execute(
-                "UPDATE jobs SET state = 'delivering', stage = NULL, reason = NULL, "
-                "updated_at = ? WHERE state = 'failed' AND report_file IS NOT NULL AND id IN "
-                "(SELECT job_id FROM deliveries WHERE state = 'pending')", (now,)).rowcount
+                f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, reason = NULL, "
+                f"updated_at = ? WHERE state = '{JobState.FAILED}' AND report_file IS NOT NULL "
+                "AND id IN (SELECT job_id FROM deliveries WHERE state = "
+                f"'{DeliveryState.PENDING}')", (now,)).rowcount
             reclassify = db.execute(
-                "UPDATE jobs SET state = 'pending', stage = NULL, reason = NULL, updated_at = ? "
-                "WHERE state = 'failed' AND stage IN ('classify', 'report') "
-                "AND image_file != ''", (now,)).rowcount  # not those purged
+                f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
+                f"updated_at = ? WHERE state = '{JobState.FAILED}' "
+                f"AND stage IN ('{Stage.CLASSIFY}', '{Stage.REPORT}') AND image_file != ''",
+                (now,)).rowcount  # not those purged
             return redeliver + reclassify, deliveries
         result = self._write(body)
         self._work_added()
@@ -591,18 +646,19 @@ class JobStore:
         for name in names:
             last_success = self._read(
                 "SELECT MAX(delivered_at) FROM deliveries WHERE destination = ? "
-                "AND state = 'done'", (name,))[0][0]
+                f"AND state = '{DeliveryState.DONE}'", (name,))[0][0]
             count, oldest = self._read(
                 "SELECT COUNT(*), MIN(j.received_at) FROM deliveries d JOIN jobs j "
-                "ON j.id = d.job_id WHERE d.destination = ? AND d.state = 'pending'",
+                "ON j.id = d.job_id WHERE d.destination = ? AND d.state = "
+                f"'{DeliveryState.PENDING}'",
                 (name,))[0]
             # Deliveries still open or given up on whose first attempt failed after the last
             # success: the destination has stored nothing since. Ordered: the last error wins.
             since, error = None, None
             for first_attempt_at, last_error in self._read(
                     "SELECT first_attempt_at, last_error FROM deliveries WHERE destination = ? "
-                    "AND state IN ('pending', 'failed') AND attempts > 0 "
-                    "AND last_error IS NOT NULL AND first_attempt_at > ? "
+                    f"AND state IN ('{DeliveryState.PENDING}', '{DeliveryState.FAILED}') "
+                    "AND attempts > 0 AND last_error IS NOT NULL AND first_attempt_at > ? "
                     "ORDER BY next_attempt_at", (name, last_success or 0)):
                 since = first_attempt_at if since is None else min(since, first_attempt_at)
                 error = last_error
@@ -612,21 +668,22 @@ class JobStore:
 
     def failed_since(self, since: float) -> int:
         """Jobs that failed at or after `since` (epoch seconds) and are still failed."""
-        return self._read("SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND updated_at >= ?",
-                          (since,))[0][0]
+        return self._read(f"SELECT COUNT(*) FROM jobs WHERE state = '{JobState.FAILED}' AND "
+                          "updated_at >= ?", (since,))[0][0]
 
     def backlog(self) -> int:
         """Jobs received but not finished: waiting for classification or for delivery."""
         return self._read("SELECT COUNT(*) FROM jobs WHERE state IN "
-                          "('pending', 'classifying', 'delivering')")[0][0]
+                          f"('{JobState.PENDING}', '{JobState.CLASSIFYING}', "
+                          f"'{JobState.DELIVERING}')")[0][0]
 
     def latest_failures(self, limit: int = 10) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'failed' "
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.FAILED}' "
                           "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
     def latest_skips(self, limit: int = 10) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'skipped' "
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.SKIPPED}' "
                           "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
@@ -636,10 +693,11 @@ class JobStore:
         "destination (heatmap)"."""
         return self._read(
             "SELECT COALESCE(d.object_uid, j.report_uid), d.destination || CASE d.object "
-            "WHEN 'report' THEN '' ELSE ' (' || d.object || ')' END, d.attempts, "
+            f"WHEN '{DeliveryObject.REPORT}' THEN '' ELSE ' (' || d.object || ')' END, d.attempts, "
             "d.next_attempt_at, d.last_error "
-            "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending' AND "
-            "d.attempts > 0 ORDER BY d.next_attempt_at LIMIT ?", (limit,))
+            "FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+            f"WHERE d.state = '{DeliveryState.PENDING}' AND d.attempts > 0 "
+            "ORDER BY d.next_attempt_at LIMIT ?", (limit,))
 
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the queue page): by id, the primary key, so it stays
@@ -657,7 +715,7 @@ class JobStore:
         ids = list(job_ids)
         if not ids:
             return {}
-        rank = {"failed": 0, "pending": 1, "done": 2}
+        rank = {DeliveryState.FAILED: 0, DeliveryState.PENDING: 1, DeliveryState.DONE: 2}
         result: dict[int, dict[str, dict[str, Any]]] = {}
         for job_id, name, state, attempts, error in self._read(
                 "SELECT job_id, destination, state, attempts, last_error FROM deliveries "
