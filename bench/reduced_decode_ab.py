@@ -1,4 +1,4 @@
-"""CPU of `pacs_ai.classify.prepare` per file with the reduced decode (issue 16) and at full size,
+"""CPU of `pacs_ai.film_input.prepare` per file with the reduced decode (issue 16) and at full size,
 in one process, alternating, so both see the same machine load.
 
     .venv/bin/python bench/reduced_decode_ab.py [--repeats 9]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 
-import pacs_ai.classify as classify  # noqa: E402
+import pacs_ai.film_input as film_input  # noqa: E402
 from pacs_ai.filters import FilterPolicy  # noqa: E402
 
 SAMPLES = REPO_ROOT / "sample_dicoms"
@@ -38,9 +38,9 @@ def files() -> list[Path]:
 
 
 def prepare(path: Path, min_size: int | None):
-    classify.DECODE_MIN_SIZE = min_size
+    film_input.DECODE_MIN_SIZE = min_size
     started = time.process_time()
-    prepared = classify.prepare(path, FilterPolicy(), 50_000_000)
+    prepared = film_input.prepare(path, FilterPolicy(), 50_000_000)
     return prepared, time.process_time() - started
 
 
@@ -48,7 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    reduced = classify.DECODE_MIN_SIZE
+    reduced = film_input.DECODE_MIN_SIZE
     print(f"{'file':<48} {'transfer syntax':<34} {'full ms':>8} {'reduced':>8} {'MAD':>7}")
     for path in files():
         seconds: dict[int | None, list[float]] = {None: [], reduced: []}
@@ -63,7 +63,7 @@ def main() -> int:
         print(f"{path.name:<48} {syntax[:34]:<34} "
               f"{1000 * statistics.median(seconds[None]):>8.1f} "
               f"{1000 * statistics.median(seconds[reduced]):>8.1f} {difference:>7.4f}")
-    classify.DECODE_MIN_SIZE = reduced
+    film_input.DECODE_MIN_SIZE = reduced
     return 0
 
 

@@ -354,8 +354,8 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
 # --- micro-figures --------------------------------------------------------------------------------
 
 def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
-    """Median seconds of pacs_ai.classify.prepare (read, decode, preprocess) per file."""
-    from pacs_ai.classify import prepare
+    """Median seconds of pacs_ai.film_input.prepare (read, decode, preprocess) per file."""
+    from pacs_ai.film_input import prepare
     from pacs_ai.filters import FilterPolicy
     from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
@@ -412,7 +412,7 @@ def print_table(results: list[RunResult], decode: list[dict], model: list[dict])
               f"{latency:<24} {r.service_peak_rss_mb or '-':>11}  "
               f"{r.cpu_ms_per_film if r.cpu_ms_per_film is not None else '-':>11}  {workers}"
               + (f"   NOTE: {'; '.join(r.notes)}" if r.notes else ""))
-    print("\ndecode + preprocess (pacs_ai.classify.prepare), median ms per image")
+    print("\ndecode + preprocess (pacs_ai.film_input.prepare), median ms per image")
     for row in decode:
         print(f"  {row['milliseconds_median']:>8}  {row['transfer_syntax_name']:<45} "
               f"{row['rows']}x{row['columns']}  {row['status']}  {row['file']}")

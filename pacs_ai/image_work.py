@@ -9,7 +9,7 @@ in flight run again one at a time, so the one image that crashed it is failed wi
 `decode-crashed` and every other image is processed normally.
 
 Two kinds of work, both plain functions of picklable arguments:
-- `prepare_image`: `pacs_ai.classify.prepare` (filter -> decode -> the one preprocessing step),
+- `prepare_image`: `pacs_ai.film_input.prepare` (filter -> decode -> the one preprocessing step),
   exactly as `pacs-ai classify` does it;
 - `render_report`: read the source header, build the SR (with the region its saliency map
   outlines, for a film reported as pneumonia), encode it to bytes; and the heat-map image when
@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from pacs_ai.classify import Prepared, prepare
+from pacs_ai.film_input import Prepared, prepare
 from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import ModelInfo

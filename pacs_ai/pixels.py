@@ -58,7 +58,7 @@ def display_array(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
 @dataclass(frozen=True)
 class DisplayPicture:
     """A display-oriented picture (float32 2-D in [0, 1] from a DICOM film; a PNG/JPEG's 8-bit
-    array in `pacs_ai.classify`) and the film's region in it, (left, top, right, bottom) in
+    array in `pacs_ai.film_input`) and the film's region in it, (left, top, right, bottom) in
     Pillow's box convention: the whole array at full size; for a film decoded smaller, its
     rows and columns divided by the reduction, shifted where the codec's pixels are (JPEG 2000),
     so that a resize maps exactly the film onto the model input (a tenth of a pixel's error

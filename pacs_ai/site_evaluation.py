@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pacs_ai.classify import expand_paths
+from pacs_ai.offline_classification import expand_paths
 from pacs_ai.errors import UserError
 from pacs_ai.evaluation import (metrics_at, roc_auc, roc_curve, threshold_for_sensitivity,
                                  wilson_interval)

@@ -1,6 +1,6 @@
 """Classification workers: take pending jobs, classify them, put the report in the outbox.
 
-A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.classify.prepare`: filter ->
+A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.film_input.prepare`: filter ->
 decode pixels -> the one preprocessing function), then the model on a batch, so the service and
 the offline classifier give the same probability for the same file. When a backlog builds, a
 worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
@@ -29,7 +29,7 @@ import structlog
 
 from pacs_ai import metrics
 from pacs_ai.config import Config
-from pacs_ai.classify import Prepared
+from pacs_ai.film_input import Prepared
 from pacs_ai.image_work import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel

@@ -498,7 +498,7 @@ def sample_manifest() -> list[dict]:
 def split_model(tmp_path_factory) -> Path:
     """The tiny test model, with its threshold set between the samples' probabilities so that
     both findings occur (an untrained model's outputs sit close together)."""
-    from pacs_ai.classify import classify_files
+    from pacs_ai.offline_classification import classify_files
     from pacs_ai.model import PneumoniaModel
     from training.export import export_untrained_tiny_model
 

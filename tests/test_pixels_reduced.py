@@ -1,6 +1,6 @@
 """Films decoded no larger than the model input needs (issue 16, pacs_ai.pixels_reduced).
 
-The claim: the model input of the service's path (`pacs_ai.classify`, which decodes a film
+The claim: the model input of the service's path (`pacs_ai.film_input`, which decodes a film
 smaller by whole factors, at least 400 pixels per side) agrees with the full-resolution path
 `to_model_input(display_array(ds))` within the tolerance tests/test_sample_dicoms.py allows a
 lossless sample against its source (mean absolute difference of the histogram-ranked inputs
@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGLSLossless, RLELossless)
 
-from pacs_ai.classify import dataset_display_image
+from pacs_ai.film_input import dataset_display_image
 from pacs_ai.imaging import DECODE_MIN_SIZE, to_model_input
 from pacs_ai.pixels import decode_pixels, display_array
 from pacs_ai.pixels_reduced import box_reduce, decode_jpeg2000_level, jpeg2000_header

@@ -26,7 +26,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 
-from pacs_ai.classify import dataset_display_image
+from pacs_ai.film_input import dataset_display_image
 from pacs_ai.filters import skip_reason
 from pacs_ai.imaging import to_model_input
 from pacs_ai.pixels import display_array

@@ -165,7 +165,7 @@ def command_train(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pacs_ai.classify import classify_files
+    from pacs_ai.offline_classification import classify_files
     from pacs_ai.model import PneumoniaModel
     from training.data import list_split
     from training.report import write_report

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.classify import classify_files
+    from pacs_ai.offline_classification import classify_files
     from pacs_ai.model import PneumoniaModel
 
     from pacs_ai.filters import FilterPolicy

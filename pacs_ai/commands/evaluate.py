@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.classify import classify_files
+    from pacs_ai.offline_classification import classify_files
     from pacs_ai.config import load_config
     from pacs_ai.errors import UserError
     from pacs_ai.intended_use import format_age_range, site_model_info

@@ -65,9 +65,9 @@ if _CRASH_MARKER:
     import multiprocessing
     import signal
 
-    import pacs_ai.classify
+    import pacs_ai.film_input
 
-    _real_prepare = pacs_ai.classify.prepare
+    _real_prepare = pacs_ai.film_input.prepare
 
     def _crashing_prepare(path, *args, **kwargs):
         if multiprocessing.parent_process() is not None:
@@ -76,7 +76,7 @@ if _CRASH_MARKER:
                     os.kill(os.getpid(), signal.SIGSEGV)
         return _real_prepare(path, *args, **kwargs)
 
-    pacs_ai.classify.prepare = _crashing_prepare
+    pacs_ai.film_input.prepare = _crashing_prepare
 
 
 # ``PACS_AI_FAULT_HELPER_BROKEN=1``: the helper's start-up check fails as a broken install would

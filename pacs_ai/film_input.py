@@ -1,31 +1,29 @@
-"""Offline classification of files: DICOM, PNG or JPEG in, one result dict per file out.
+"""The service's per-film step: a received file -> the model input, or the reason it has none.
 
-The same steps as the service (filter, decode, preprocess, model), without the network.
+read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a display picture) ->
+preprocessing (`pacs_ai.imaging.to_model_input`). A worker runs `prepare` in a helper process
+(`pacs_ai.image_work`) on each film it claims; offline classification
+(`pacs_ai.offline_classification`: `pacs-ai classify`, `pacs-ai evaluate`) runs the same
+function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
+commands; the listener only ever stores DICOM.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_ai.filters import FilterPolicy, skip_reason
 from pacs_ai.imaging import DECODE_MIN_SIZE, to_model_input
-from pacs_ai.model import PneumoniaModel
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS, DisplayPicture, PixelDataError, display_picture
 
-BATCH_SIZE = 32
 REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-# Files a folder walk passes over: documentation and listings next to images (a README.md,
-# a manifest.json). A file named on the command line is always read.
-NOT_IMAGE_SUFFIXES = {".md", ".json", ".txt", ".csv", ".html", ".pdf", ".py", ".toml"}
 
 
 class SkipImage(Exception):
@@ -39,18 +37,6 @@ class Prepared:
     status: str = "ok"
     reason: str | None = None
     seconds: float = 0.0  # reading, decoding and preprocessing this file took
-
-
-def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given, and the image candidates under a folder, in sorted order."""
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file()
-                              and not p.name.startswith(".")
-                              and p.suffix.lower() not in NOT_IMAGE_SUFFIXES)
-        else:
-            yield path
 
 
 def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> DisplayPicture:
@@ -142,44 +128,3 @@ def _prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
         return Prepared(path, status="error", reason="too-large: out of memory while reading")
     except Exception as error:  # a decoder bug must not end a run over hundreds of files
         return Prepared(path, status="error", reason=f"decode-failed: {type(error).__name__}: {error}")
-
-
-def classify_files(paths: Iterable[str | Path], model: PneumoniaModel,
-                   policy: FilterPolicy = FilterPolicy(),
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
-    """One result dict per file, in input order, classifying in batches."""
-    pending: list[Prepared] = []
-    for path in expand_paths(paths):
-        pending.append(prepare(path, policy, max_pixels))
-        if sum(p.model_input is not None for p in pending) >= BATCH_SIZE:
-            yield from _finish(pending, model)
-            pending = []
-    yield from _finish(pending, model)
-
-
-def _finish(pending: list[Prepared], model: PneumoniaModel) -> Iterator[dict[str, Any]]:
-    ready = [p for p in pending if p.model_input is not None]
-    probabilities, ood_scores = (model.assess(np.stack([p.model_input for p in ready]))
-                                 if ready else ([], None))
-    by_path = dict(zip((id(p) for p in ready), probabilities))
-    ood_by_path = dict(zip((id(p) for p in ready), ood_scores)) if ood_scores is not None else {}
-    model_label = {"name": model.info.name, "version": model.info.version}
-    for item in pending:
-        result: dict[str, Any] = {"path": str(item.path), "status": item.status,
-                                  "probability": None, "finding": None,
-                                  "threshold": model.info.threshold, "model": model_label}
-        if item.model_input is not None:
-            probability = float(by_path[id(item)])
-            result["probability"] = round(probability, 6)
-            if id(item) in ood_by_path:
-                score = float(ood_by_path[id(item)])
-                result["ood_score"] = round(score, 4)
-                abstain = model.abstain_reason(score)
-                if abstain:  # the model's probability is shown, but no finding
-                    result.update(status="skipped", reason=abstain)
-                    yield result
-                    continue
-            result["finding"] = model.finding(probability)
-        else:
-            result["reason"] = item.reason
-        yield result
