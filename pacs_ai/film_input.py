@@ -2,7 +2,7 @@
 
 read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a display picture) ->
 preprocessing (`pacs_ai.imaging.to_model_input`). A worker runs `prepare` in a helper process
-(`pacs_ai.image_work`) on each film it claims; offline classification
+(`pacs_ai.helper_processes`) on each film it claims; offline classification
 (`pacs_ai.offline_classification`: `pacs-ai classify`, `pacs-ai evaluate`) runs the same
 function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
 commands; the listener only ever stores DICOM.

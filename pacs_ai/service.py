@@ -24,7 +24,7 @@ from pacs_ai.audit import AuditTrail
 from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
-from pacs_ai.image_work import ImageWork
+from pacs_ai.helper_processes import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel

@@ -4,7 +4,7 @@ A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.film_input.prepa
 decode pixels -> the one preprocessing function), then the model on a batch, so the service and
 the offline classifier give the same probability for the same file. When a backlog builds, a
 worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
-Decoding and building the SR run in a helper process (`pacs_ai.image_work`), the model here.
+Decoding and building the SR run in a helper process (`pacs_ai.helper_processes`), the model here.
 Under a backlog the next batch is claimed, and its images handed to the helper, while this
 batch's reports are written; a worker that stops gives that batch back to pending.
 
@@ -30,7 +30,7 @@ import structlog
 from pacs_ai import metrics
 from pacs_ai.config import Config
 from pacs_ai.film_input import Prepared
-from pacs_ai.image_work import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
+from pacs_ai.helper_processes import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
 from pacs_ai.jobs import Job, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.routing import RouteFacts, choose_route

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pacs_ai import heatmap
 from pacs_ai.heatmap_image import SHOWN_FROM, build_heatmap_image
-from pacs_ai.image_work import render_report
+from pacs_ai.helper_processes import render_report
 from pacs_ai.imaging import to_model_input
 from pacs_ai.model import ModelContractError, PneumoniaModel, default_model_path
 from pacs_ai.pixels import display_array
@@ -380,7 +380,7 @@ def run_worker(spool, store, model, destinations, **report_settings) -> None:
     import dataclasses
 
     from pacs_ai.config import ReportConfig, WorkersConfig, default_config
-    from pacs_ai.image_work import ImageWork
+    from pacs_ai.helper_processes import ImageWork
     from pacs_ai.worker import ClassificationWorker
     from testbed.dicom_peers import wait_until
 

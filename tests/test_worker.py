@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pacs_ai.config import WorkersConfig, default_config
-from pacs_ai.image_work import ImageWork
+from pacs_ai.helper_processes import ImageWork
 from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.spool import Spool

@@ -83,12 +83,12 @@ if _CRASH_MARKER:
 # (an import error); the service must refuse to start with a message. Only helpers run the check
 # (the service submits it to them by name), so replacing it everywhere is enough.
 if os.environ.get("PACS_AI_FAULT_HELPER_BROKEN"):
-    import pacs_ai.image_work
+    import pacs_ai.helper_processes
 
     def _broken_warm_up() -> int:
         raise ImportError("injected by the test hook: a library of the helper is missing")
 
-    pacs_ai.image_work._warm_up = _broken_warm_up
+    pacs_ai.helper_processes._warm_up = _broken_warm_up
 
 
 # ``PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES=<path>``: in the service process, while the file <path>

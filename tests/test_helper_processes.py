@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pacs_ai.filters import FilterPolicy
-from pacs_ai.image_work import ImageWork
+from pacs_ai.helper_processes import ImageWork
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 from testbed.dicom_peers import synthetic_radiograph
 
