@@ -68,8 +68,6 @@ class DeliveryObject(StrEnum):
     HEATMAP = "heatmap"  # its heat-map image (pacs_ai.heatmap_image)
 
 
-JOB_STATES = tuple(state.value for state in JobState)
-DELIVERY_STATES = tuple(state.value for state in DeliveryState)
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -618,7 +616,7 @@ class JobStore:
         return result
 
     def job_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts = {state.value: 0 for state in JobState}
         counts.update(dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
         return counts
 
@@ -632,7 +630,7 @@ class JobStore:
         result: dict[str, dict[str, int]] = {}
         for name, state, count in self._read(
                 "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
-            result.setdefault(name, dict.fromkeys(DELIVERY_STATES, 0))[state] = count
+            result.setdefault(name, {s.value: 0 for s in DeliveryState})[state] = count
         return result
 
     def destination_deliveries(self, names: Iterable[str]) -> dict[str, DestinationDeliveries]:

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import disable_created_metrics, generate_latest
 
 from pacs_ai.errors import UserError
+from pacs_ai.jobs import Stage
 
 log = structlog.get_logger()
 
@@ -46,7 +47,7 @@ REPORTED = Counter(
     "pacs_ai_reported", "Structured reports delivered, by destination.",
     ["destination"], registry=REGISTRY)
 FAILED = Counter(
-    "pacs_ai_failed", "Jobs that failed, by pipeline stage (classify, report, send).",
+    "pacs_ai_failed", f"Jobs that failed, by pipeline stage ({', '.join(Stage)}).",
     ["stage"], registry=REGISTRY)
 REJECTED = Counter(
     "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",

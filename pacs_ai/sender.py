@@ -22,7 +22,7 @@ import structlog
 from pacs_ai import audit, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Destination, RetryPolicy
-from pacs_ai.jobs import Delivery, Job, JobStore
+from pacs_ai.jobs import Delivery, DeliveryObject, Job, JobStore, Stage
 from pacs_ai.spool import Spool
 from pacs_ai.transport import ConnectFailed, StoreResult, Transport
 
@@ -102,14 +102,15 @@ class DestinationSender(threading.Thread):
         finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name,
                                                  delivery.object)
         seconds = time.time() - delivery.received_at
-        if delivery.object == "report":  # the metrics count reports, not heat-map images
+        if delivery.object == DeliveryObject.REPORT:  # the metrics count reports, not heat-maps
             metrics.REPORTED.labels(destination=self.destination.name).inc()
             metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(seconds)
         log.info("report_delivered", destination=self.destination.name,
                  report_uid=delivery.report_uid, sop_instance_uid=delivery.sop_instance_uid,
                  status=result.detail, attempts=delivery.attempts + 1,
                  seconds_since_received=round(seconds, 3),
-                 **({"object": delivery.object} if delivery.object != "report" else {}))
+                 **({"object": delivery.object}
+                    if delivery.object != DeliveryObject.REPORT else {}))
         self._audit(delivery, stored=True, detail=result.detail, given_up=False)
         if finished is not None:
             self.on_job_finished(finished)
@@ -128,9 +129,10 @@ class DestinationSender(threading.Thread):
                                               retry_at=retry_at, object=delivery.object)
         fields = dict(destination=self.destination.name, report_uid=delivery.report_uid,
                       sop_instance_uid=delivery.sop_instance_uid, attempts=attempts, error=error,
-                      **({"object": delivery.object} if delivery.object != "report" else {}))
+                      **({"object": delivery.object}
+                         if delivery.object != DeliveryObject.REPORT else {}))
         if give_up:
-            metrics.FAILED.labels(stage="send").inc()
+            metrics.FAILED.labels(stage=Stage.DELIVER).inc()
             log.error("delivery_failed", **fields)
         else:
             log.warning("delivery_retry_scheduled", retry_in_seconds=round(retry_at - now, 3),

@@ -33,7 +33,7 @@ import pacs_ai
 from pacs_ai import health
 from pacs_ai.config import Config
 from pacs_ai.errors import UserError
-from pacs_ai.jobs import JOB_STATES, Job, JobStore
+from pacs_ai.jobs import Job, JobState, JobStore, Stage
 
 log = structlog.get_logger()
 
@@ -112,7 +112,7 @@ class QueuePage:
             "route": job.route,
             "model": job.model,
             "deliveries": deliveries,
-            "retry_possible": job.state == "failed" and job.stage == "deliver"
+            "retry_possible": job.state == JobState.FAILED and job.stage == Stage.DELIVER
                               and job.report_file is not None,
         }
         if self.config.web.show_accession_number:
@@ -269,7 +269,7 @@ def render(snapshot: dict[str, Any], config: Config) -> str:
             f"<td>{_e(state['last_success_at']) or 'never'}</td><td>{state['pending']}</td>"
             f"<td><code>{_e(state['last_error'])}</code></td></tr>")
     counts = " | ".join(f"<span class={state}>{state} {snapshot['jobs'].get(state, 0)}</span>"
-                        for state in JOB_STATES)
+                        for state in JobState)
     token_field = ("<p><label>Token for retry: <input type=password name=token "
                    "autocomplete=off></label> <span class=note>then press retry on a failed "
                    "film</span></p>" if retry else

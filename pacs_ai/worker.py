@@ -31,7 +31,7 @@ from pacs_ai import metrics
 from pacs_ai.config import Config
 from pacs_ai.film_input import Prepared
 from pacs_ai.helper_processes import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
-from pacs_ai.jobs import Job, JobStore
+from pacs_ai.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.routing import RouteFacts, choose_route
 from pacs_ai.spool import Spool
@@ -166,7 +166,8 @@ class ClassificationWorker(threading.Thread):
                 raise
             log.exception("batch_failed", worker=self.name, error=str(error))
             for job in jobs:
-                self._fail(job, "classify", f"internal-error: {type(error).__name__}: {error}")
+                self._fail(job, Stage.CLASSIFY,
+                           f"internal-error: {type(error).__name__}: {error}")
 
     def _requeue_when_writable(self, jobs: Sequence[Job], error: BaseException) -> None:
         """Back off, then put the batch's still-`classifying` jobs back to pending, retrying
@@ -194,7 +195,7 @@ class ClassificationWorker(threading.Thread):
             if item.status == "skipped":
                 self._skip(job, item.reason or "skipped")
             elif item.model_input is None:
-                self._fail(job, "classify", item.reason or "error")
+                self._fail(job, Stage.CLASSIFY, item.reason or "error")
             else:
                 # the image's own decode time, not its wait behind other work in the helper
                 ready.append(_Ready(job, item.model_input, item.seconds))
@@ -206,7 +207,8 @@ class ClassificationWorker(threading.Thread):
                 np.stack([r.model_input for r in ready]))
         except Exception as error:
             for item in ready:
-                self._fail(item.job, "classify", f"model-failed: {type(error).__name__}: {error}")
+                self._fail(item.job, Stage.CLASSIFY,
+                           f"model-failed: {type(error).__name__}: {error}")
             return
         inference_share = (time.perf_counter() - started) / len(ready)
         if ood_scores is not None:
@@ -274,7 +276,7 @@ class ClassificationWorker(threading.Thread):
                 seconds: float) -> None:
         job = item.job
         if report.data is None or report.report_uid is None:
-            self._fail(job, "report", report.error or "report-failed")
+            self._fail(job, Stage.REPORT, report.error or "report-failed")
             return
         finding = self.model.finding(probability)
         report_uid = report.report_uid
@@ -305,10 +307,10 @@ class ClassificationWorker(threading.Thread):
                  milliseconds=round(seconds * 1000, 1), model=self.model.info.label,
                  route=route.name, destinations=list(route.destinations),
                  **({"heatmap_uid": report.heatmap_uid} if heatmap_file else {}))
-        if state == "done":
+        if state == JobState.DONE:
             self.on_job_finished(self._reload(job))
 
-    def _fail(self, job: Job, stage: str, reason: str) -> None:
+    def _fail(self, job: Job, stage: Stage, reason: str) -> None:
         try:
             changed = self.store.mark_failed(job.id, stage, reason)
         except Exception as error:

@@ -481,17 +481,26 @@ def label_values_in_code() -> dict[str, set[str]]:
     skipped = (_reason_codes(source / "filters.py")
                | _reason_codes(source / "intended_use.py", functions=("outside_reason",))
                | _reason_codes(source / "model.py", functions=("abstain_reason",)))
+    from pacs_ai.jobs import Stage
+
+    def stage(node: ast.expr) -> set[str]:
+        """The value of a `Stage.MEMBER` (or a string) passed as a stage; none for a variable."""
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "Stage":
+            return {Stage[node.attr].value}
+        return {node.value} if isinstance(node, ast.Constant) else set()
+
     failed: set[str] = set()
     for path in (source / "worker.py", source / "sender.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
             name = getattr(node.func, "attr", None)
-            if name == "_fail" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
-                failed.add(node.args[1].value)  # worker._fail(job, stage, reason)
+            if name == "_fail" and len(node.args) >= 2:
+                failed |= stage(node.args[1])  # worker._fail(job, stage, reason)
             if name == "labels":
-                failed |= {k.value.value for k in node.keywords
-                           if k.arg == "stage" and isinstance(k.value, ast.Constant)}
+                for keyword in node.keywords:
+                    if keyword.arg == "stage":
+                        failed |= stage(keyword.value)
     finding = {constant.value
                for function in ast.walk(ast.parse((source / "model.py").read_text()))
                if isinstance(function, ast.FunctionDef) and function.name == "finding"

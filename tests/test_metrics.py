@@ -61,7 +61,7 @@ def test_counters_histograms_and_gauge_reach_the_scrape(healthy_server):
     metrics.SKIPPED.labels(reason=metrics.reason_code("view_position: LATERAL")).inc()
     metrics.CLASSIFIED.labels(finding="PNEUMONIA").inc()
     metrics.REPORTED.labels(destination="PACS").inc()
-    metrics.FAILED.labels(stage="send").inc()
+    metrics.FAILED.labels(stage="deliver").inc()
     metrics.REJECTED.labels(reason="calling_ae").inc()
     metrics.CLASSIFY_SECONDS.observe(0.2)
     metrics.RECEIVE_TO_DELIVERY_SECONDS.observe(42.0)
@@ -73,7 +73,7 @@ def test_counters_histograms_and_gauge_reach_the_scrape(healthy_server):
         ("pacs_ai_skipped_total", (("reason", "view_position"),)): 1,
         ("pacs_ai_classified_total", (("finding", "PNEUMONIA"),)): 1,
         ("pacs_ai_reported_total", (("destination", "PACS"),)): 1,
-        ("pacs_ai_failed_total", (("stage", "send"),)): 1,
+        ("pacs_ai_failed_total", (("stage", "deliver"),)): 1,
         ("pacs_ai_rejected_total", (("reason", "calling_ae"),)): 1,
         ("pacs_ai_classify_seconds_count", ()): 1,
         ("pacs_ai_receive_to_delivery_seconds_count", ()): 1,
