@@ -47,7 +47,7 @@ from pacs_ai import audit, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
-from pacs_ai.jobs import JobStore, NewInstance, accepts_resend
+from pacs_ai.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
 from pacs_ai.received import PIXEL_DATA_TAG, ReceivedDataError, check_pixel_data
 from pacs_ai.pynetdicom_internals import os_socket, register_server
 from pacs_ai.sockets import (RequestDeadlines, limit_message_bytes, read_pdus_in_large_chunks,
@@ -129,6 +129,15 @@ class StoreOutcome:
         answer.Status = self.status
         answer.ErrorComment = self.reason[:64]  # LO: at most 64 characters
         return answer
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What StorageSCP._store did with one C-STORE, for the answer, the log and the audit."""
+    outcome: StoreOutcome
+    instance: NewInstance | None = None  # None until the header has been read and checked
+    size: int = 0  # bytes of the Part 10 file to spool (0: not got that far, or a duplicate)
+    duplicate: bool = False  # the instance already had a job
 
 
 @dataclass
@@ -323,8 +332,8 @@ class StorageSCP:
             called_ae_title=self.config.listener.ae_title, node=self._node, how=state.ended,
             stored=state.stored, refused=state.refused))
 
-    def _audit_store(self, event: Event, outcome: StoreOutcome, header: Dataset | None,
-                     duplicate: bool) -> None:
+    def _audit_store(self, event: Event, result: StoreResult, header: Dataset | None) -> None:
+        outcome = result.outcome
         association = event.assoc
         state = self._audited_associations.get(association)
         if state is not None:
@@ -348,7 +357,8 @@ class StorageSCP:
             study_instance_uid=value("StudyInstanceUID"),
             series_instance_uid=value("SeriesInstanceUID"),
             patient_id=value("PatientID") if self.config.audit.include_patient_id else None,
-            association_id=state.id if state is not None else None, duplicate=duplicate))
+            association_id=state.id if state is not None else None,
+            duplicate=result.duplicate))
 
     def _on_pdu_too_large(self, association, size: int) -> None:
         metrics.REJECTED.labels(reason="pdu-too-large").inc()
@@ -533,12 +543,11 @@ class StorageSCP:
             self._in_flight += 1
         received: dict[str, Dataset] = {}  # the dataset's header, once read (for the audit)
         try:
-            outcome, instance, size, duplicate = self._store(event, received)
+            result = self._store(event, received)
         except Exception as error:  # never let a bug take the association (or us) down
             log.exception("store_failed_unexpectedly", error=str(error))
-            outcome, instance, size, duplicate = (
-                StoreOutcome(OUT_OF_RESOURCES, f"internal-error: {type(error).__name__}"),
-                None, 0, False)
+            result = StoreResult(
+                StoreOutcome(OUT_OF_RESOURCES, f"internal-error: {type(error).__name__}"))
         finally:
             with self._in_flight_changed:
                 self._in_flight -= 1
@@ -546,24 +555,24 @@ class StorageSCP:
         fields = dict(calling_ae_title=event.assoc.requestor.ae_title,
                       sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
                       sop_instance_uid=str(event.request.AffectedSOPInstanceUID or ""),
-                      transfer_syntax=str(event.context.transfer_syntax), bytes=size,
+                      transfer_syntax=str(event.context.transfer_syntax), bytes=result.size,
                       milliseconds=round((time.perf_counter() - started) * 1000, 1))
+        outcome = result.outcome
         if outcome.status == SUCCESS:
             metrics.RECEIVED.inc()
-            log.info("instance_received", study_instance_uid=instance.study_instance_uid,
-                     duplicate=duplicate, **fields)
+            log.info("instance_received", study_instance_uid=result.instance.study_instance_uid,
+                     duplicate=result.duplicate, **fields)
         else:
             metrics.REJECTED.labels(reason=metrics.reason_code(outcome.reason or "unknown")).inc()
             log.warning("instance_refused", status=f"0x{outcome.status:04X}",
                         reason=outcome.reason, **fields)
         try:
-            self._audit_store(event, outcome, received.get("header"), duplicate)
+            self._audit_store(event, result, received.get("header"))
         except Exception as error:  # the audit trail must never cost the modality its answer
             self.audit.lose(error)
         return outcome.response()
 
-    def _store(self, event: Event, received: dict[str, Dataset]
-               ) -> tuple[StoreOutcome, NewInstance | None, int, bool]:
+    def _store(self, event: Event, received: dict[str, Dataset]) -> StoreResult:
         request = event.request
         try:
             dataset = received_header(event, self.config.limits.max_dataset_bytes)
@@ -572,18 +581,18 @@ class StorageSCP:
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
         except DatasetTooLarge as error:
-            return StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"), None, 0, False
+            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"))
         except ReceivedDataError as error:
-            return StoreOutcome(CANNOT_UNDERSTAND, str(error)), None, 0, False
+            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND, str(error)))
         except Exception as error:  # pydicom raises many kinds on a malformed stream
-            return StoreOutcome(CANNOT_UNDERSTAND,
-                                f"unparseable: {type(error).__name__}: {error}"), None, 0, False
+            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND,
+                                            f"unparseable: {type(error).__name__}: {error}"))
         if not sop_instance_uid or sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            return StoreOutcome(CANNOT_UNDERSTAND_UID, "bad-sop-instance-uid: missing or not the "
-                                "one in the request"), None, 0, False
+            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND_UID, "bad-sop-instance-uid: "
+                                            "missing or not the one in the request"))
         if sop_class_uid != str(request.AffectedSOPClassUID):
-            return StoreOutcome(DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch: dataset and "
-                                "request differ"), None, 0, False
+            return StoreResult(StoreOutcome(DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch: "
+                                            "dataset and request differ"))
 
         instance = NewInstance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                                study_instance_uid=study_uid,
@@ -594,11 +603,11 @@ class StorageSCP:
         if existing is not None and not accepts_resend(existing):
             # already durable: idempotent; but a re-send is the modality asking again, so a
             # report that could not be delivered is sent again (its image is not needed)
-            if existing.state == "failed" and existing.stage == "deliver":
+            if existing.state == JobState.FAILED and existing.stage == Stage.DELIVER:
                 requeued = self.store.redeliver(existing.id)
                 log.info("redelivery_requested", sop_instance_uid=sop_instance_uid,
                          report_uid=existing.report_uid, deliveries=requeued)
-            return StoreOutcome(SUCCESS), instance, 0, True
+            return StoreResult(StoreOutcome(SUCCESS), instance, duplicate=True)
 
         # The received bytes as they came, behind a Part 10 header, written from pynetdicom's
         # buffer: event.encoded_dataset() would copy a 10 MB film twice more in memory.
@@ -609,11 +618,12 @@ class StorageSCP:
             self.spool.check_room(size, self.config.storage.min_free_bytes)
             staged = self.spool.stage(header, body)
         except SpoolFullError as error:
-            return StoreOutcome(OUT_OF_RESOURCES, f"disk-full: {error.strerror}"), instance, \
-                size, False
+            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"disk-full: {error.strerror}"),
+                               instance, size)
         except OSError as error:
-            return StoreOutcome(OUT_OF_RESOURCES, f"write-failed: {error.strerror or error}"), \
-                instance, size, False
+            return StoreResult(StoreOutcome(OUT_OF_RESOURCES,
+                                            f"write-failed: {error.strerror or error}"),
+                               instance, size)
         finally:
             body.release()  # pynetdicom closes its buffer after the handler
 
@@ -626,11 +636,11 @@ class StorageSCP:
         try:
             created = self.store.admit(instance, place)
         except Exception as error:  # sqlite3 or OS errors: not recorded, so not acknowledged
-            return StoreOutcome(OUT_OF_RESOURCES, f"queue-write-failed: {error}"), instance, \
-                size, False
+            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"queue-write-failed: {error}"),
+                               instance, size)
         finally:
             staged.unlink(missing_ok=True)  # gone already when placed
-        return StoreOutcome(SUCCESS), instance, size, not created
+        return StoreResult(StoreOutcome(SUCCESS), instance, size, duplicate=not created)
 
 
 def header_values(dataset: Dataset) -> dict[str, str | None]:
