@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pacs_ai.helper_processes import render_report  # noqa: E402
-from pacs_ai.imaging import to_model_input  # noqa: E402
 from pacs_ai.model import PneumoniaModel  # noqa: E402
 from pacs_ai.pixels import display_array  # noqa: E402
+from pacs_ai.preprocessing import to_model_input  # noqa: E402
 
 
 def films(synthetic: int) -> list[Path]:

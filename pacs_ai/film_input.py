@@ -1,7 +1,7 @@
 """The service's per-film step: a received file -> the model input, or the reason it has none.
 
 read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a display picture) ->
-preprocessing (`pacs_ai.imaging.to_model_input`). A worker runs `prepare` in a helper process
+preprocessing (`pacs_ai.preprocessing.to_model_input`). A worker runs `prepare` in a helper process
 (`pacs_ai.helper_processes`) on each film it claims; offline classification
 (`pacs_ai.offline_classification`: `pacs-ai classify`, `pacs-ai evaluate`) runs the same
 function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
@@ -19,8 +19,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_ai.filters import FilterPolicy, skip_reason
-from pacs_ai.imaging import DECODE_MIN_SIZE, to_model_input
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS, DisplayPicture, PixelDataError, display_picture
+from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 
 REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}

@@ -3,7 +3,7 @@ heat-map image) and `python -m training explain` (the deletion check), so what i
 what is reported.
 
 A map is a small grid (the model's `saliency` output, 12 x 12 for the shipped ensemble) over the
-200 x 200 model input. The model input is the whole film squashed to 200 x 200 (pacs_ai.imaging:
+200 x 200 model input. The model input is the whole film squashed (pacs_ai.preprocessing:
 corners to corners, no crop), so grid cell (i, j) covers exactly rows [i * R / G, (i + 1) * R / G)
 and columns [j * C / G, (j + 1) * C / G) of a film of R rows and C columns. DICOM spatial
 coordinates (PS3.3 C.10.5.1.2) put (0, 0) at the top left corner of the top left pixel and

@@ -1,7 +1,7 @@
 """Loading a model file and checking it against the contract (see docs/design.md).
 
 A model file is TorchScript saved with an extra file ``pacs_ai.json`` holding its metadata.
-Input: float32 [N, 1, 200, 200] from :func:`pacs_ai.imaging.to_model_input`.
+Input: float32 [N, 1, 200, 200] from :func:`pacs_ai.preprocessing.to_model_input`.
 Output: [N] logits or probabilities of class "pneumonia", as ``output`` in the metadata says.
 
 Optional (model files from `python -m training ensemble`): a method ``forward_with_ood`` giving
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pacs_ai.errors import UserError
-from pacs_ai.imaging import MODEL_INPUT_SIZE, PREPROCESSING_ID
+from pacs_ai.preprocessing import MODEL_INPUT_SIZE, PREPROCESSING_ID
 
 METADATA_FILE = "pacs_ai.json"
 FORMAT_ID = "pacs-ai-model/2"  # what `python -m training` writes

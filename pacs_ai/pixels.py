@@ -1,6 +1,6 @@
 """DICOM pixels -> the display-oriented 2-D picture a radiologist sees.
 
-This is the DICOM half of the pixel path; `pacs_ai.imaging.to_model_input` is the other half.
+This is the DICOM half of the pixel path; `pacs_ai.preprocessing.to_model_input` is the other half.
 Steps, in the order of the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2):
 
 1. Guards, before anything is decoded: pixel data present, a single monochrome frame, a

@@ -56,7 +56,7 @@ def test_films_far_from_the_fitted_ones_score_higher(tmp_path):
     """Fitted on one chest film's rank-equalised variants, a checkerboard scores far higher."""
     from pacs_ai.film_input import DEFAULT_MAX_PIXELS, prepare
     from pacs_ai.filters import FilterPolicy
-    from pacs_ai.imaging import to_model_input
+    from pacs_ai.preprocessing import to_model_input
 
     film = prepare(CHEST_FILM, FilterPolicy(), DEFAULT_MAX_PIXELS).model_input[0]
     rng = np.random.default_rng(1)

@@ -19,9 +19,9 @@ from PIL import Image
 from pacs_ai import heatmap
 from pacs_ai.heatmap_image import SHOWN_FROM, build_heatmap_image
 from pacs_ai.helper_processes import render_report
-from pacs_ai.imaging import to_model_input
 from pacs_ai.model import ModelContractError, PneumoniaModel, default_model_path
 from pacs_ai.pixels import display_array
+from pacs_ai.preprocessing import to_model_input
 from pacs_ai.report import build_report, report_summary, source_header
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
 from testbed.environment import SAMPLE_DICOMS, require_tool

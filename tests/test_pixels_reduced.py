@@ -26,9 +26,9 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8
                          JPEGLSLossless, RLELossless)
 
 from pacs_ai.film_input import dataset_display_image
-from pacs_ai.imaging import DECODE_MIN_SIZE, to_model_input
 from pacs_ai.pixels import decode_pixels, display_array
 from pacs_ai.pixels_reduced import box_reduce, decode_jpeg2000_level, jpeg2000_header
+from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 from testbed.dicom_peers import synthetic_radiograph
 from tests.test_sample_dicoms import LOSSLESS_TOLERANCE

@@ -28,8 +28,8 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
 
 from pacs_ai.film_input import dataset_display_image
 from pacs_ai.filters import skip_reason
-from pacs_ai.imaging import to_model_input
 from pacs_ai.pixels import display_array
+from pacs_ai.preprocessing import to_model_input
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool, skip_or_fail
 
 LOSSLESS_TOLERANCE = 0.005

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pacs_ai.imaging import to_model_input
+from pacs_ai.preprocessing import to_model_input
 from training.data import DEFAULT_CACHE_DIR
 from training.shifts import CONDITIONS, StressCondition, border, crop
 from training.stress import cached_shifted_inputs, default_split_file, validation_files

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from pacs_ai import heatmap
-from pacs_ai.imaging import to_model_input
 from pacs_ai.model import PneumoniaModel
+from pacs_ai.preprocessing import to_model_input
 from training.data import list_split
 
 BATCH = 32

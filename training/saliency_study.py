@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pacs_ai import heatmap
-from pacs_ai.imaging import to_model_input
 from pacs_ai.model import PneumoniaModel, default_model_path
+from pacs_ai.preprocessing import to_model_input
 from training.cli import DEFAULT_DATA
 from training.ensemble import EnsembleNetwork
 from training.explain import occluded, random_placement, validation_pneumonia_films

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from pacs_ai.imaging import PREPROCESSING_ID, to_model_input
+from pacs_ai.preprocessing import PREPROCESSING_ID, to_model_input
 from training import shifts
 from training.data import DEFAULT_CACHE_DIR
 from training.report import metrics_at

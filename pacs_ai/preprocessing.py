@@ -22,6 +22,8 @@ MODEL_INPUT_SIZE = 200
 # A film may be decoded smaller for the model (pacs_ai.pixels_reduced), but never below twice
 # the input per side, so the antialiased resize still averages at least 2 x 2 pixels into each.
 DECODE_MIN_SIZE = 2 * MODEL_INPUT_SIZE
+# An identifier, not an import path: every model file carries it (the service refuses another),
+# so it keeps the name this module had when v1 was defined (pacs_ai/imaging.py).
 PREPROCESSING_ID = "pacs_ai.imaging.to_model_input/v1"
 
 
