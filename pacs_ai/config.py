@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from pacs_ai.dicom_constants import DEFAULT_SR_KIND, FILM_SOP_CLASSES, SOP_CLASS_KEYWORDS, SR_KINDS
 from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import MAX_AGE_YEARS
@@ -25,13 +26,6 @@ from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
 T = TypeVar("T")
 
-# The SOP classes a chest film arrives as. Keywords or dotted UIDs are accepted in the config.
-SOP_CLASS_KEYWORDS = {
-    "ComputedRadiographyImageStorage": "1.2.840.10008.5.1.4.1.1.1",
-    "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
-    "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
-}
-SR_KINDS = ("comprehensive3d", "comprehensive")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_PRIORITY_PREFIXES = ("auto", "on", "off")
@@ -61,7 +55,8 @@ class ListenerConfig:
     allowed_calling_ae_titles: tuple[str | BoundAETitle, ...] = ()
     check_called_ae_title: bool = True  # reject associations addressed to another AE title
     allowed_peer_addresses: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any address
-    sop_classes: tuple[str, ...] = tuple(SOP_CLASS_KEYWORDS.values())  # dotted UIDs
+    # dotted UIDs; the config accepts SOP_CLASS_KEYWORDS' keywords too
+    sop_classes: tuple[str, ...] = FILM_SOP_CLASSES
 
     @property
     def calling_ae_titles(self) -> tuple[str, ...]:
@@ -131,7 +126,7 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    sr_kind: str = "comprehensive3d"
+    sr_kind: str = DEFAULT_SR_KIND
     # the heat-map image (Secondary Capture) sent with the report of a film reported as
     # pneumonia, when the model gives saliency maps; for normal findings too when asked
     heatmap: bool = True
@@ -687,7 +682,7 @@ def _read_workers(t: _Table) -> WorkersConfig:
 
 def _read_report(t: _Table) -> ReportConfig:
     d = ReportConfig
-    return ReportConfig(sr_kind=t.string("sr_kind", d.sr_kind, choices=SR_KINDS),
+    return ReportConfig(sr_kind=t.string("sr_kind", d.sr_kind, choices=tuple(SR_KINDS)),
                         heatmap=t.boolean("heatmap", d.heatmap),
                         heatmap_for_normal=t.boolean("heatmap_for_normal", d.heatmap_for_normal))
 

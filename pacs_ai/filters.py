@@ -22,14 +22,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, FILM_SOP_CLASSES, MONOCHROME
 from pacs_ai.intended_use import in_range, outside_reason, patient_age
-
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
-
-COLOUR_PHOTOMETRICS = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-                       "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV")
 
 
 def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
@@ -50,8 +44,7 @@ class FilterPolicy:
     see :meth:`with_intended_age`."""
 
     # SOP Class UIDs to classify: CR Image, DX For Presentation, DX For Processing.
-    sop_class_uids: tuple[str, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
-                                       DX_FOR_PROCESSING_STORAGE)
+    sop_class_uids: tuple[str, ...] = FILM_SOP_CLASSES
     # Modality (0008,0060) values to classify.
     modalities: tuple[str, ...] = ("CR", "DX")
     # Body Part Examined (0018,0015) values meaning chest. "CHEST" is the DICOM term;
@@ -151,7 +144,7 @@ def _colour(ds: Dataset, policy: FilterPolicy) -> str | None:
 
 def _monochrome(ds: Dataset, policy: FilterPolicy) -> str | None:
     photometric = _upper(ds.get("PhotometricInterpretation"))
-    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric in MONOCHROME:
         return None
     return (f"not-monochrome: Photometric Interpretation is {photometric or '(none)'}, not "
             "MONOCHROME1 or MONOCHROME2")

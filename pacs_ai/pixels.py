@@ -28,6 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
 from pacs_ai.pixels_reduced import SmallDecode, box_reduce, decode_small
 
 # A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
@@ -37,10 +38,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # Robust window when the file has neither VOI LUT nor window: clip the outer 0.5 % each side,
 # as viewers' "auto window" does, so a few hot or dead pixels do not set the contrast.
 ROBUST_WINDOW_PERCENTILES = (0.5, 99.5)
-
-MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-COLOUR_PHOTOMETRICS = ("RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
-                       "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV")
 
 
 class PixelDataError(ValueError):

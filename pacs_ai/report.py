@@ -77,6 +77,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM, validate_value
 
 import pacs_ai
+from pacs_ai.dicom_constants import CR_IMAGE_STORAGE, DEFAULT_SR_KIND, SOP_CLASS_NAMES, SR_KINDS
 from pacs_ai.highdicom_tables import use_lazy_module_table
 from pacs_ai.intended_use import format_age_range
 from pacs_ai.model import ModelInfo
@@ -98,16 +99,7 @@ UNITLESS = Code("1", "UCUM", "no units")
 SOURCE = Code("260753009", "SCT", "Source")  # concept name highdicom gives library images
 
 # --- What a report is made from ---------------------------------------------------------------
-SR_KINDS = {  # sr_kind -> SOP Class UID
-    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR Storage
-    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR Storage
-}
-DEFAULT_SR_KIND = "comprehensive3d"
-SUPPORTED_SOURCE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-}
+# the SR kinds (SR_KINDS) and the source SOP classes (SOP_CLASS_NAMES): pacs_ai.dicom_constants
 REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                               "SeriesInstanceUID", "Rows", "Columns")
 # Type 2 attributes highdicom reads from the evidence; an empty value is valid, absence is not.
@@ -286,10 +278,10 @@ def source_header(source: Dataset) -> Dataset:
     missing = [keyword for keyword in REQUIRED_SOURCE_ATTRIBUTES if not _has_value(source, keyword)]
     if missing:
         raise ReportSourceError(f"source dataset lacks {', '.join(missing)}")
-    if str(source.SOPClassUID) not in SUPPORTED_SOURCE_SOP_CLASSES:
+    if str(source.SOPClassUID) not in SOP_CLASS_NAMES:
         raise ReportSourceError(
             f"source SOP class {source.SOPClassUID} is not a CR or DX image; "
-            f"reports are made for {', '.join(SUPPORTED_SOURCE_SOP_CLASSES.values())}")
+            f"reports are made for {', '.join(SOP_CLASS_NAMES.values())}")
 
     header = Dataset()
     dropped: list[str] = []
@@ -477,7 +469,7 @@ def image_descriptors(header: Dataset) -> list[Any]:
     """TID 1602 (modality, size) and TID 1603 (orientation, spacing) items the source supports."""
     acquisition = RelationshipTypeValues.HAS_ACQ_CONTEXT
     pixels = CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
-    modality = (codes.cid29.ComputedRadiography if header.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1"
+    modality = (codes.cid29.ComputedRadiography if header.SOPClassUID == CR_IMAGE_STORAGE
                 else codes.cid29.DigitalRadiography)
     items: list[Any] = [
         CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acquisition),
