@@ -26,7 +26,7 @@ from pacs_ai.config import Config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
 from pacs_ai.helper_processes import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
-from pacs_ai.jobs import Job, JobStore
+from pacs_ai.jobs import Job, JobState, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP
 from pacs_ai.sender import DestinationSender
@@ -198,19 +198,24 @@ class Service:
                 except FileNotFoundError:
                     pass
         states = {state: sum(1 for job in purged if job.state == state)
-                  for state in ("failed", "skipped")}
-        log.info("failed_files_purged", jobs=len(purged), failed=states["failed"],
-                 skipped=states["skipped"], bytes=freed, keep_failed_days=days,
+                  for state in (JobState.FAILED, JobState.SKIPPED)}
+        log.info("failed_files_purged", jobs=len(purged), failed=states[JobState.FAILED],
+                 skipped=states[JobState.SKIPPED], bytes=freed, keep_failed_days=days,
                  sop_instance_uids=[job.sop_instance_uid for job in purged[:20]])
         return len(purged)
 
     def job_finished(self, job: Job) -> None:
         """A job reached done or skipped (or failed): drop the files not asked to be kept.
-        Failed jobs keep everything so `pacs-ai retry` can run them again."""
+        Failed jobs keep everything so `pacs-ai retry` can run them again.
+
+        Workers and senders call this once they are done with the job's files, not the job
+        store at the state change: the sender's audit record of a delivery reads the report
+        (study, SOP class, patient) after the queue has recorded it, and the store does not
+        know the spool."""
         storage = self.config.storage
-        if job.state in ("done", "skipped") and not storage.keep_source_images:
+        if job.state in (JobState.DONE, JobState.SKIPPED) and not storage.keep_source_images:
             self.spool.remove(job.image_file)
-        if job.state == "done" and not storage.keep_reports:
+        if job.state == JobState.DONE and not storage.keep_reports:
             self.spool.remove(job.report_file)
             for heatmap_file in self.store.heatmap_files(job.id):  # its heat-map image
                 self.spool.remove(heatmap_file)
