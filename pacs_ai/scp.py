@@ -132,7 +132,7 @@ class StoreOutcome:
 
 
 @dataclass(frozen=True)
-class StoreResult:
+class ReceiveResult:
     """What StorageSCP._store did with one C-STORE, for the answer, the log and the audit."""
     outcome: StoreOutcome
     instance: NewInstance | None = None  # None until the header has been read and checked
@@ -332,7 +332,7 @@ class StorageSCP:
             called_ae_title=self.config.listener.ae_title, node=self._node, how=state.ended,
             stored=state.stored, refused=state.refused))
 
-    def _audit_store(self, event: Event, result: StoreResult, header: Dataset | None) -> None:
+    def _audit_store(self, event: Event, result: ReceiveResult, header: Dataset | None) -> None:
         outcome = result.outcome
         association = event.assoc
         state = self._audited_associations.get(association)
@@ -546,7 +546,7 @@ class StorageSCP:
             result = self._store(event, received)
         except Exception as error:  # never let a bug take the association (or us) down
             log.exception("store_failed_unexpectedly", error=str(error))
-            result = StoreResult(
+            result = ReceiveResult(
                 StoreOutcome(OUT_OF_RESOURCES, f"internal-error: {type(error).__name__}"))
         finally:
             with self._in_flight_changed:
@@ -572,7 +572,7 @@ class StorageSCP:
             self.audit.lose(error)
         return outcome.response()
 
-    def _store(self, event: Event, received: dict[str, Dataset]) -> StoreResult:
+    def _store(self, event: Event, received: dict[str, Dataset]) -> ReceiveResult:
         request = event.request
         try:
             dataset = received_header(event, self.config.limits.max_dataset_bytes)
@@ -581,18 +581,18 @@ class StorageSCP:
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
             study_uid = str(dataset.get("StudyInstanceUID", "") or "").strip() or None
         except DatasetTooLarge as error:
-            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"))
+            return ReceiveResult(StoreOutcome(OUT_OF_RESOURCES, f"dataset-too-large: {error}"))
         except ReceivedDataError as error:
-            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND, str(error)))
+            return ReceiveResult(StoreOutcome(CANNOT_UNDERSTAND, str(error)))
         except Exception as error:  # pydicom raises many kinds on a malformed stream
-            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND,
-                                            f"unparseable: {type(error).__name__}: {error}"))
+            return ReceiveResult(StoreOutcome(CANNOT_UNDERSTAND,
+                                              f"unparseable: {type(error).__name__}: {error}"))
         if not sop_instance_uid or sop_instance_uid != str(request.AffectedSOPInstanceUID):
-            return StoreResult(StoreOutcome(CANNOT_UNDERSTAND_UID, "bad-sop-instance-uid: "
-                                            "missing or not the one in the request"))
+            return ReceiveResult(StoreOutcome(CANNOT_UNDERSTAND_UID, "bad-sop-instance-uid: "
+                                              "missing or not the one in the request"))
         if sop_class_uid != str(request.AffectedSOPClassUID):
-            return StoreResult(StoreOutcome(DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch: "
-                                            "dataset and request differ"))
+            return ReceiveResult(StoreOutcome(DOES_NOT_MATCH_SOP_CLASS, "sop-class-mismatch: "
+                                              "dataset and request differ"))
 
         instance = NewInstance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
                                study_instance_uid=study_uid,
@@ -607,7 +607,7 @@ class StorageSCP:
                 requeued = self.store.redeliver(existing.id)
                 log.info("redelivery_requested", sop_instance_uid=sop_instance_uid,
                          report_uid=existing.report_uid, deliveries=requeued)
-            return StoreResult(StoreOutcome(SUCCESS), instance, duplicate=True)
+            return ReceiveResult(StoreOutcome(SUCCESS), instance, duplicate=True)
 
         # The received bytes as they came, behind a Part 10 header, written from pynetdicom's
         # buffer: event.encoded_dataset() would copy a 10 MB film twice more in memory.
@@ -618,12 +618,12 @@ class StorageSCP:
             self.spool.check_room(size, self.config.storage.min_free_bytes)
             staged = self.spool.stage(header, body)
         except SpoolFullError as error:
-            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"disk-full: {error.strerror}"),
-                               instance, size)
+            return ReceiveResult(StoreOutcome(OUT_OF_RESOURCES, f"disk-full: {error.strerror}"),
+                                 instance, size)
         except OSError as error:
-            return StoreResult(StoreOutcome(OUT_OF_RESOURCES,
-                                            f"write-failed: {error.strerror or error}"),
-                               instance, size)
+            return ReceiveResult(StoreOutcome(OUT_OF_RESOURCES,
+                                              f"write-failed: {error.strerror or error}"),
+                                 instance, size)
         finally:
             body.release()  # pynetdicom closes its buffer after the handler
 
@@ -636,11 +636,11 @@ class StorageSCP:
         try:
             created = self.store.admit(instance, place)
         except Exception as error:  # sqlite3 or OS errors: not recorded, so not acknowledged
-            return StoreResult(StoreOutcome(OUT_OF_RESOURCES, f"queue-write-failed: {error}"),
-                               instance, size)
+            return ReceiveResult(StoreOutcome(OUT_OF_RESOURCES, f"queue-write-failed: {error}"),
+                                 instance, size)
         finally:
             staged.unlink(missing_ok=True)  # gone already when placed
-        return StoreResult(StoreOutcome(SUCCESS), instance, size, duplicate=not created)
+        return ReceiveResult(StoreOutcome(SUCCESS), instance, size, duplicate=not created)
 
 
 def header_values(dataset: Dataset) -> dict[str, str | None]:
