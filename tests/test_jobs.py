@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pacs_ai.errors import UserError
-from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
+                          accepts_resend)
 from pacs_ai.spool import Spool, SpoolFullError, uid_filename
 
 
@@ -190,6 +191,37 @@ def test_deliveries_to_a_removed_destination_are_failed_with_reason(store, spool
     assert store.delivery_succeeded(job.id, "kept").state == "failed"
     assert "destination-removed" in store.latest_failures()[0].reason
     assert store.abandon_unknown_destinations([]) == 0
+
+
+def test_the_stored_vocabulary_is_the_one_queues_already_hold(store, spool):
+    """Issue 18 item 4: states, stages and delivery objects are enums whose values are the
+    strings a queue written before them holds (and `pacs-ai status`, the queue page and the
+    metrics show); rows written with those plain strings are read and settled as before."""
+    assert [*JobState] == ["pending", "classifying", "delivering", "done", "skipped", "failed"]
+    assert [*Stage] == ["classify", "report", "deliver"]
+    assert [*DeliveryState] == ["pending", "done", "failed"]
+    assert [*DeliveryObject] == ["report", "heatmap"]
+    admit(store, spool, "1.1")
+    admit(store, spool, "1.2")
+    now = time.time()
+    with store._lock:  # as an older pacs-ai wrote them: plain strings
+        store._db.execute("UPDATE jobs SET state = 'failed', stage = 'deliver', "
+                          "report_file = 'outbox/r.dcm' WHERE sop_instance_uid = '1.1'")
+        store._db.execute("UPDATE jobs SET state = 'failed', stage = 'classify' "
+                          "WHERE sop_instance_uid = '1.2'")
+        store._db.execute("INSERT INTO deliveries (job_id, destination, state, next_attempt_at, "
+                          "object) SELECT id, 'pacs', 'failed', ?, 'report' FROM jobs "
+                          "WHERE sop_instance_uid = '1.1'", (now,))
+    delivery_failed, classify_failed = store.find("1.1"), store.find("1.2")
+    assert not accepts_resend(delivery_failed) and accepts_resend(classify_failed)
+    assert store.job_counts() == {"pending": 0, "classifying": 0, "delivering": 0, "done": 0,
+                                  "skipped": 0, "failed": 2}
+    assert store.delivery_counts() == {"pacs": {"pending": 0, "done": 0, "failed": 1}}
+    assert store.requeue_failed() == (2, 1)
+    assert (store.find("1.1").state, store.find("1.2").state) == ("delivering", "pending")
+    [due] = store.due_deliveries("pacs", now + 1, 10)
+    assert due.object == DeliveryObject.REPORT
+    assert store.delivery_succeeded(due.job_id, "pacs").state == JobState.DONE
 
 
 def test_status_side_refuses_a_missing_queue(tmp_path):
