@@ -1,8 +1,8 @@
 """The service's per-film step: a received file -> the model input, or the reason it has none.
 
-read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a display picture) ->
-preprocessing (`pacs_ai.preprocessing.to_model_input`). A worker runs `prepare` in a helper process
-(`pacs_ai.helper_processes`) on each film it claims; offline classification
+read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a display picture)
+-> preprocessing (`pacs_ai.preprocessing.to_model_input`). A worker runs `prepare` in a helper
+process (`pacs_ai.helper_processes`) on each film it claims; offline classification
 (`pacs_ai.offline_classification`: `pacs-ai classify`, `pacs-ai evaluate`) runs the same
 function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
 commands; the listener only ever stores DICOM.
