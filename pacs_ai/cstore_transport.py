@@ -17,12 +17,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage,
-                                  SecondaryCaptureImageStorage)
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
 from pacs_ai import pynetdicom_internals
 from pacs_ai.config import Destination, TLSFiles
+from pacs_ai.dicom_constants import SR_KINDS
 from pacs_ai.sockets import send_small_messages_at_once
 from pacs_ai.transport import ConnectFailed, StoreResult
 
@@ -128,9 +127,8 @@ class CStoreTransport:
             setattr(ae, timeout, destination.timeout_seconds)
         # One context per transfer syntax, so a PACS that takes both accepts both and the
         # report goes as stored (Explicit VR); offered together, PACSs often pick Implicit VR.
-        # (and the heat-map images, pacs_ai.heatmap_image)
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage,
-                          SecondaryCaptureImageStorage):
+        # Every SR kind a report may be written as, and the heat-map images (pacs_ai.heatmap_image).
+        for sop_class in (*SR_KINDS.values(), SecondaryCaptureImageStorage):
             for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
                 ae.add_requested_context(sop_class, [syntax])
         return ae
