@@ -11,9 +11,9 @@ config change between the two applies to films not yet reported.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
+from pacs_ai.addresses import address_in, parse_networks
 from pacs_ai.config import DEFAULT_ROUTE, Config, Route
 
 
@@ -34,19 +34,7 @@ class RouteChoice:
 
 
 def _address_matches(address: str | None, networks: tuple[str, ...]) -> bool:
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for value in networks:
-        network = ipaddress.ip_network(value, strict=False)
-        if ip.version == network.version and ip in network:
-            return True
-    return False
+    return bool(address) and address_in(address, parse_networks(networks))
 
 
 def _same(value: str | None, choices: tuple[str, ...]) -> bool:

@@ -21,7 +21,6 @@ aborted as soon as they do (sockets.limit_message_bytes), so it is never held wh
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import threading
@@ -44,6 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from pacs_ai import audit, metrics
+from pacs_ai.addresses import address_in, parse_networks
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
@@ -105,16 +105,6 @@ def server_ssl_context(tls: ListenerTLSConfig) -> ssl.SSLContext:
         context.load_verify_locations(cafile=str(tls.ca_file))
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
-
-
-def _address_in(address: str, networks: list) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == network.version and ip in network for network in networks)
 
 
 @dataclass(frozen=True)
@@ -194,8 +184,7 @@ class StorageSCP:
         self._associations: weakref.WeakSet = weakref.WeakSet()  # requested and admitted
         self._associations_lock = threading.Lock()
         self._calling_ae_networks = {
-            title: [ipaddress.ip_network(value, strict=False) for value in networks]
-            for title, networks in config.listener.calling_ae_addresses.items()}
+            title: parse_networks(networks) for title, networks in config.listener.calling_ae_addresses.items()}
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -258,7 +247,7 @@ class StorageSCP:
                 str(primitive.called_ae_title).strip() != listener.ae_title:
             return False
         networks = self._calling_ae_networks.get(str(primitive.calling_ae_title).strip())
-        return networks is not None and not _address_in(str(association.requestor.address),
+        return networks is not None and not address_in(str(association.requestor.address),
                                                         networks)
 
     def _refuse_wrong_address(self, association) -> None:
@@ -437,14 +426,13 @@ class StorageSCP:
                                                         do_handshake_on_connect=False)
             return client, address
 
-        allowed_networks = [ipaddress.ip_network(value, strict=False)
-                            for value in self.config.listener.allowed_peer_addresses]
+        allowed_networks = parse_networks(self.config.listener.allowed_peer_addresses)
 
         def admit_connection(request: socket.socket, client_address: tuple[str, int]) -> bool:
             peer = str(client_address[0])
             open_peers = self._open_connection_peers()
             reason, limit = None, None
-            if allowed_networks and not _address_in(peer, allowed_networks):
+            if allowed_networks and not address_in(peer, allowed_networks):
                 reason = "peer-address-not-allowed"
             elif open_peers.count(peer) >= per_address_cap:
                 reason, limit = "connection-limit-per-address", per_address_cap
