@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import pacs_ai
 from pacs_ai import heatmap
 from pacs_ai.model import ModelInfo
-from pacs_ai.report import _instance_number, site_settings_part  # the SR's numbering
+from pacs_ai.report import instance_number, patient_and_study, site_settings_part
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid
 
 MAX_SIDE = 1024  # longest side of the picture's film part, in pixels
@@ -161,17 +161,9 @@ def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
         series_number=series_number,
         sop_instance_uid=heatmap_uid(source_uid, model.name, model.version,
                                      site_settings_part(model)),
-        instance_number=_instance_number(header),
+        instance_number=instance_number(header),
         manufacturer=manufacturer,
-        patient_id=header.PatientID,
-        patient_name=header.PatientName,
-        patient_birth_date=header.PatientBirthDate,
-        patient_sex=header.PatientSex,
-        accession_number=header.AccessionNumber,
-        study_id=header.StudyID,
-        study_date=header.StudyDate,
-        study_time=header.StudyTime,
-        referring_physician_name=header.get("ReferringPhysicianName"),
+        **patient_and_study(header),
         # highdicom wants two values; emptied below when the source states none
         patient_orientation=_orientation(header) or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,

@@ -193,7 +193,7 @@ def build_report(
         sop_instance_uid=report_uid(source_uid, model.name, model.version,
                                     None if sr_kind == DEFAULT_SR_KIND else sr_kind,
                                     site_settings_part(model)),
-        instance_number=_instance_number(header),
+        instance_number=instance_number(header),
         manufacturer=manufacturer,
         manufacturer_model_name=model.name,
         software_versions=[f"pacs-ai {pacs_ai.__version__}", f"model {model.version}"],
@@ -223,15 +223,7 @@ def _sr_document(sop_class_uid: str, header: Dataset, content: MeasurementReport
         sop_class_uid=sop_class_uid,
         modality="SR",
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        patient_id=header.PatientID,
-        patient_name=header.PatientName,
-        patient_birth_date=header.PatientBirthDate,
-        patient_sex=header.PatientSex,
-        accession_number=header.AccessionNumber,
-        study_id=header.StudyID,
-        study_date=header.StudyDate,
-        study_time=header.StudyTime,
-        referring_physician_name=header.get("ReferringPhysicianName"),
+        **patient_and_study(header),
         specific_character_set=header.get("SpecificCharacterSet"),
         **attributes,
     )
@@ -353,7 +345,17 @@ def _empty_values_highdicom_rejects(header: Dataset) -> list[str]:
     return emptied
 
 
-def _instance_number(header: Dataset) -> int:
+def patient_and_study(header: Dataset) -> dict[str, Any]:
+    """The source's patient and study attributes as highdicom's SOP class constructors take
+    them: every object pacs-ai makes (the SR, the heat-map image) joins the source's study."""
+    return {"patient_id": header.PatientID, "patient_name": header.PatientName,
+            "patient_birth_date": header.PatientBirthDate, "patient_sex": header.PatientSex,
+            "accession_number": header.AccessionNumber, "study_id": header.StudyID,
+            "study_date": header.StudyDate, "study_time": header.StudyTime,
+            "referring_physician_name": header.get("ReferringPhysicianName")}
+
+
+def instance_number(header: Dataset) -> int:
     """The source's Instance Number, so the SR of image n sorts as n in the AI series."""
     try:
         number = int(header.get("InstanceNumber") or 1)

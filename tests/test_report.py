@@ -540,7 +540,7 @@ def highdicom_built_report(source: Dataset, probability: float, model: ModelInfo
         series_number=report.DEFAULT_SERIES_NUMBER,
         sop_instance_uid=report_uid(source_uid, model.name, model.version,
                                     None if sr_kind == report.DEFAULT_SR_KIND else sr_kind),
-        instance_number=report._instance_number(header),
+        instance_number=report.instance_number(header),
         manufacturer=report.DEFAULT_MANUFACTURER,
         manufacturer_model_name=model.name,
         software_versions=[f"pacs-ai {pacs_ai_version()}", f"model {model.version}"],
