@@ -626,10 +626,14 @@ class JobStore:
         return dict(self._read("SELECT route, COUNT(*) FROM jobs WHERE route IS NOT NULL "
                                "GROUP BY route ORDER BY route"))
 
-    def delivery_counts(self) -> dict[str, dict[str, int]]:
+    def delivery_counts(self, object: DeliveryObject | None = None) -> dict[str, dict[str, int]]:
+        """Deliveries per destination and state: of one object (reports, heat-map images), or
+        of all (a film with a heat-map image has two per destination)."""
+        where, parameters = ("", ()) if object is None else ("WHERE object = ? ", (object,))
         result: dict[str, dict[str, int]] = {}
         for name, state, count in self._read(
-                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
+                f"SELECT destination, state, COUNT(*) FROM deliveries {where}"
+                "GROUP BY destination, state", parameters):
             result.setdefault(name, {s.value: 0 for s in DeliveryState})[state] = count
         return result
 

@@ -326,3 +326,17 @@ def test_a_resent_image_redelivers_only_the_failed_deliveries_of_its_report(stor
     assert again.attempts == 0
     assert store.due_deliveries("up", time.time(), 10) == []  # delivered once is enough
     assert store.redeliver(job.id) == 0
+
+
+def test_delivery_counts_keep_reports_and_heat_map_images_apart(store, spool):
+    """`pacs-ai status` counts reports per film; a film's heat-map image is a delivery of its
+    own, counted apart."""
+    admit(store, spool, "1.1")
+    [job] = store.claim(10)
+    store.mark_reported(job.id, probability=0.9, finding="pneumonia", report_uid="2.25.1",
+                        report_file="outbox/2.25.1.dcm", classify_ms=12.0, destinations=["a"],
+                        heatmap_uid="2.25.2", heatmap_file="outbox/2.25.2.dcm")
+    one_pending = {"a": {"pending": 1, "done": 0, "failed": 0}}
+    assert store.delivery_counts(DeliveryObject.REPORT) == one_pending
+    assert store.delivery_counts(DeliveryObject.HEATMAP) == one_pending
+    assert store.delivery_counts() == {"a": {"pending": 2, "done": 0, "failed": 0}}

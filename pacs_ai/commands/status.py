@@ -34,6 +34,8 @@ def _time(timestamp: float | None) -> str | None:
 
 
 def collect(store: Any, limit: int) -> dict[str, Any]:
+    from pacs_ai.jobs import DeliveryObject
+
     def job_entry(job: Any) -> dict[str, Any]:
         return {"sop_instance_uid": job.sop_instance_uid, "stage": job.stage,
                 "reason": job.reason, "at": _time(job.updated_at), "route": job.route}
@@ -41,7 +43,9 @@ def collect(store: Any, limit: int) -> dict[str, Any]:
     return {
         "jobs": store.job_counts(),
         "backlog": store.backlog(),
-        "deliveries": store.delivery_counts(),
+        # reports per destination; heat-map images apart, so the counts stay one per film
+        "deliveries": store.delivery_counts(DeliveryObject.REPORT),
+        "heatmap_deliveries": store.delivery_counts(DeliveryObject.HEATMAP),
         "routes": store.route_counts(),
         "retrying": [{"report_uid": uid, "destination": name, "attempts": attempts,
                       "next_attempt_at": _time(next_at), "last_error": error}
@@ -110,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         print("deliveries:")
         for name in dict.fromkeys([*destinations, *report["deliveries"]]):
             counts = report["deliveries"].get(name, {})
-            print(f"  {name}: " + "  ".join(f"{state} {n}" for state, n in counts.items()))
+            print(f"  {name}: reports " + "  ".join(f"{state} {n}" for state, n in counts.items()))
+            images = report["heatmap_deliveries"].get(name)
+            if images:
+                print("    heat-map images " + "  ".join(f"{state} {n}"
+                                                    for state, n in images.items()))
             state = destinations.get(name)
             if state is None:
                 continue  # no longer in the config
