@@ -1,4 +1,4 @@
-"""Loading a model file and checking it against the contract (see docs/design.md).
+"""Loading a model file and checking it against the contract (see docs/architecture.md).
 
 A model file is TorchScript saved with an extra file ``pacs_ai.json`` holding its metadata.
 Input: float32 [N, 1, 200, 200] from :func:`pacs_ai.preprocessing.to_model_input`.

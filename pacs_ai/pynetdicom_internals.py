@@ -2,7 +2,7 @@
 
 pynetdicom has no public way to reach an association's socket, read its PDUs differently,
 watch a DIMSE message while it arrives, or wake an acceptor waiting for its A-ASSOCIATE-RQ;
-the listener and the sender need each (docs/design.md, "Library internals we rely on, and
+the listener and the sender need each (docs/architecture.md, "Library internals we rely on, and
 why", says what for). Each function here is one such use, so an upgrade has one file to read,
 and tests/test_pynetdicom_internals.py fails when the pinned pynetdicom (pyproject.toml) no
 longer has what they touch. Everything else goes through pynetdicom's public API (the

@@ -2,7 +2,7 @@
 signatures and call paths it relies on. A new pynetdicom release that changes any of it fails
 here, by name, before the listener's behaviour tests (test_listener, test_sockets) fail in a
 less obvious way. When this fails: read the new release's code for that internal, fix
-pynetdicom_internals.py, move the pin in pyproject.toml, and update docs/design.md ("Library
+pynetdicom_internals.py, move the pin in pyproject.toml, and update docs/architecture.md ("Library
 internals we rely on, and why")."""
 
 from __future__ import annotations
