@@ -19,6 +19,7 @@ from pacs_ai.audit import AuditTrail
 from pacs_ai.config import ConfigError, parse_config
 from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
                                  wait_until)
+from testbed.listener import Listener
 
 
 def read_records(path: Path) -> list[dict]:
@@ -245,28 +246,11 @@ def test_an_unwritable_audit_path_stops_the_start_with_the_key(tmp_path):
 
 # --- the listener's records (pynetdicom peers, in this process) ------------------------------------
 
-class AuditedListener:
-    """A StorageSCP with an audit trail, on a free port (no model, no workers)."""
+class AuditedListener(Listener):
+    """The listener with an audit trail, and its records."""
 
     def __init__(self, folder: Path, **tables):
-        from pacs_ai.jobs import JobStore
-        from pacs_ai.scp import StorageSCP
-        from pacs_ai.spool import Spool
-
-        settings = {"listener": {"host": LOCALHOST, "port": free_port()},
-                    "storage": {"spool_dir": str(folder / "spool"), "min_free_bytes": 0},
-                    "limits": {"shutdown_grace_seconds": 2}}
-        for table, values in tables.items():
-            settings.setdefault(table, {}).update(values)
-        self.config = parse_config(settings, base_dir=folder)
-        self.audit_path = self.config.audit.file(self.config.storage.spool_dir)
-        self.trail = AuditTrail(self.audit_path).start()
-        self.spool = Spool(self.config.storage.spool_dir)
-        self.spool.prepare()
-        self.store = JobStore.open(self.spool.db_path)
-        self.scp = StorageSCP(self.config, self.spool, self.store, self.trail)
-        self.scp.start()
-        self.port = self.scp.port
+        super().__init__(folder, audited=True, **tables)
 
     def records(self, kind: str | None = None) -> list[dict]:
         records = read_records(self.audit_path) if self.audit_path.exists() else []
@@ -275,11 +259,6 @@ class AuditedListener:
     def wait_for(self, kind: str, count: int = 1) -> list[dict]:
         wait_until(lambda: len(self.records(kind)) >= count, 10)
         return self.records(kind)
-
-    def close(self) -> None:
-        self.scp.stop(2)
-        self.store.close()
-        self.trail.close()
 
 
 @pytest.fixture

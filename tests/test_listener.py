@@ -23,11 +23,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from pacs_ai.config import parse_config
-from pacs_ai.jobs import JobStore
 from pacs_ai.pixels import display_array
-from pacs_ai.scp import StorageSCP
-from pacs_ai.spool import Spool
 from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
                                  corrupt_pixel_data, deflate_bomb, raw_connection, read_pdu,
                                  silent_connections, undecodable, write_raw_part10)
@@ -35,33 +31,9 @@ from testbed.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATIO
                                  DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                  SimulatedModality, free_port,
                                  synthetic_radiograph, wait_until)
+from testbed.listener import Listener
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-class Listener:
-    """A StorageSCP on a free port with its own spool and queue (no model, no workers)."""
-
-    def __init__(self, folder: Path, **tables):
-        settings = {"listener": {"host": LOCALHOST, "port": free_port()},
-                    "storage": {"spool_dir": str(folder / "spool"), "min_free_bytes": 0},
-                    "limits": {"shutdown_grace_seconds": 2}}
-        for table, values in tables.items():
-            settings.setdefault(table, {}).update(values)
-        self.config = parse_config(settings, base_dir=folder)
-        self.spool = Spool(self.config.storage.spool_dir)
-        self.spool.prepare()
-        self.store = JobStore.open(self.spool.db_path)
-        self.scp = StorageSCP(self.config, self.spool, self.store)
-        self.scp.start()
-        self.port = self.scp.port
-
-    def modality(self, **kwargs) -> SimulatedModality:
-        return SimulatedModality(self.port, **kwargs)
-
-    def close(self) -> None:
-        self.scp.stop(2)
-        self.store.close()
 
 
 @pytest.fixture
