@@ -352,28 +352,9 @@ def test_dcmj2pnm_shows_the_map_in_colour_on_the_film_around_the_reported_region
 
 def backlog_of(tmp_path, count: int):
     """A spool and queue holding `count` received synthetic films."""
-    from pacs_ai.jobs import JobStore, NewInstance
-    from pacs_ai.spool import Spool
-    from testbed.dicom_peers import synthetic_radiograph
+    from tests.test_worker import received_backlog
 
-    spool = Spool(tmp_path / "spool")
-    spool.prepare()
-    store = JobStore.open(spool.db_path)
-    for seed in range(count):
-        dataset = synthetic_radiograph(seed=900 + seed, rows=160, columns=128)
-        encoded = io.BytesIO()
-        dataset.save_as(encoded, enforce_file_format=True)
-        uid = str(dataset.SOPInstanceUID)
-
-        def place(uid=uid, data=encoded.getvalue()) -> str:
-            target = spool.image_path(uid)
-            spool.write_durably(target, data)
-            return spool.relative(target)
-
-        store.admit(NewInstance(sop_instance_uid=uid, sop_class_uid=str(dataset.SOPClassUID),
-                                study_instance_uid=str(dataset.StudyInstanceUID),
-                                calling_ae_title="XRAY"), place)
-    return spool, store
+    return received_backlog(tmp_path, count, first_seed=900, rows=160, columns=128)
 
 
 def run_worker(spool, store, model, destinations, **report_settings) -> None:

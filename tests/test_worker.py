@@ -24,14 +24,14 @@ def loaded_tiny_model(tiny_model) -> PneumoniaModel:
     return PneumoniaModel.load(tiny_model)
 
 
-@pytest.fixture
-def backlog(tmp_path):
-    """A spool and queue holding five received films, nothing classified yet."""
-    spool = Spool(tmp_path / "spool")
+def received_backlog(folder, count: int, *, first_seed: int = 700, rows: int = 128,
+                     columns: int = 96) -> tuple[Spool, JobStore]:
+    """A spool and queue in `folder` holding `count` received synthetic films, none classified."""
+    spool = Spool(folder / "spool")
     spool.prepare()
     store = JobStore.open(spool.db_path)
-    for seed in range(5):
-        dataset = synthetic_radiograph(seed=700 + seed, rows=128, columns=96)
+    for seed in range(first_seed, first_seed + count):
+        dataset = synthetic_radiograph(seed=seed, rows=rows, columns=columns)
         encoded = io.BytesIO()
         dataset.save_as(encoded, enforce_file_format=True)
         uid = str(dataset.SOPInstanceUID)
@@ -44,6 +44,13 @@ def backlog(tmp_path):
         store.admit(NewInstance(sop_instance_uid=uid, sop_class_uid=str(dataset.SOPClassUID),
                                 study_instance_uid=str(dataset.StudyInstanceUID),
                                 calling_ae_title="XRAY"), place)
+    return spool, store
+
+
+@pytest.fixture
+def backlog(tmp_path):
+    """A spool and queue holding five received films, nothing classified yet."""
+    spool, store = received_backlog(tmp_path, 5)
     yield spool, store
     store.close()
 
