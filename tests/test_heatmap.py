@@ -64,24 +64,32 @@ def tiny_with_maps(tmp_path_factory) -> PneumoniaModel:
 
 # --- the model contract -------------------------------------------------------------------------
 
-def test_the_shipped_model_gives_maps_and_exactly_1_2_0s_outputs(shipped):
-    """1.2.1 is 1.2.0's weights and metadata plus the saliency method: same numbers, bit for bit."""
+# The reference outputs were recorded on another machine: float32 kernels with another vector
+# width sum in another order (seen: 2.3e-7 relative on one probability), so they are compared
+# within this tolerance. A changed weight, buffer or preprocessing step moves them far more.
+RECORDED_ELSEWHERE = {"rtol": 1e-4, "atol": 1e-6}
+
+
+def test_the_shipped_model_gives_maps_and_1_2_0s_outputs(shipped):
+    """1.2.1 is 1.2.0's weights and metadata plus the saliency method: the same numbers, up to
+    the rounding another CPU's kernels give."""
     reference = json.loads(REFERENCE.read_text())
     names, inputs = reference_inputs()
     assert names == reference["inputs"]
     probabilities, ood = shipped.assess(inputs)
-    assert probabilities.tolist() == reference["probabilities"]
-    assert ood.tolist() == reference["ood_scores"]
+    np.testing.assert_allclose(probabilities, reference["probabilities"], **RECORDED_ELSEWHERE)
+    np.testing.assert_allclose(ood, reference["ood_scores"], **RECORDED_ELSEWHERE)
     assert shipped.info.version == "1.2.1" and shipped.has_saliency
     assert shipped.info.saliency_grid == (12, 12)
     metadata = shipped.info.metadata
     assert metadata["format"] == "pacs-ai-model/2"
     assert metadata["derived_from"]["version"] == "1.2.0"
     assert metadata["threshold"] == 0.43705397844314575
-    # the service's one pass with maps gives the same numbers, and the same maps
+    # the service's one pass with maps gives the same numbers as assess in this run, bit for
+    # bit (both computed here), and the same maps
     together, ood_together, maps_together = shipped.assess_with_saliency(inputs)
-    assert together.tolist() == reference["probabilities"]
-    assert ood_together.tolist() == reference["ood_scores"]
+    assert together.tolist() == probabilities.tolist()
+    assert ood_together.tolist() == ood.tolist()
     maps = shipped.saliency(inputs[:2])
     assert all(np.array_equal(a, b) for a, b in zip(maps, maps_together[:2]))
     assert all(m.shape == (12, 12) and m.dtype == np.float16 for m in maps)
