@@ -2,8 +2,11 @@
 
 An RGB picture: the film (display grey levels, reduced so its longest side is at most
 MAX_SIDE pixels) with the saliency map blended in colour where it is at least SHOWN_FROM of its
-maximum, the reported region outlined, a colour bar in a strip beside the film, and the words
-"AI heat map - not for diagnosis" burned in (Burned In Annotation YES). Same patient and study as
+maximum and the reported region outlined; beside it a strip with the colour scale (tick labels
+for the map's fraction of its maximum, a mark at the outline's level); below both a band with
+the words "AI heat map - not for diagnosis", the model and its probability (probability_label)
+and what the colours mean (Burned In Annotation YES). Strip and band add area: no word covers
+any part of the film, so its own markers (side, projection) stay visible. Same patient and study as
 the source, a series of its own (one per study and model version) and deterministic UIDs
 (pacs_ai.uids.heatmap_uid), so a re-sent film gives the same instance, never a second one.
 
@@ -37,6 +40,16 @@ WARNING_TEXT = "AI heat map - not for diagnosis"
 SERIES_DESCRIPTION = "pacs-ai heat map (AI, not for diagnosis)"
 DEFAULT_SERIES_NUMBER = 9902  # after the reports' 9901
 OUTLINE_COLOUR = (255, 255, 255)
+BACKGROUND = (0, 0, 0)
+WARNING_COLOUR = (255, 255, 0)
+TEXT_COLOUR = (255, 255, 255)
+LEGEND_COLOUR = (200, 200, 200)
+BAND_MIN_WIDTH_IN_TEXT = 30  # the words' band is at least this many text heights wide
+SCALE_TICKS = (1.0, 0.8, 0.6, 0.4, 0.2)  # of the map's maximum, the scale's tick labels
+LEGEND_TEXT = (
+    "Colour: how strongly each area drove the AI score, relative to this film's strongest "
+    f"(scale at right; not coloured below {SHOWN_FROM:.1f}). White outline: the reported region, "
+    f"around the areas at {heatmap.REGION_FRACTION:.1f} and above (white mark on the scale).")
 
 
 def colour_scale(values: np.ndarray) -> np.ndarray:
@@ -77,9 +90,11 @@ def film_grey(display: np.ndarray, box: tuple[float, float, float, float],
 def render(display: np.ndarray, box: tuple[float, float, float, float], film_rows: int,
            film_columns: int, grid: np.ndarray, region: np.ndarray | None,
            caption: str) -> np.ndarray:
-    """RGB uint8 [rows, columns + bar, 3]: the film (its region `box` of `display`) with its
-    normalised map grid in colour, the reported region (film coordinates, or None)
-    outlined, a colour bar and the caption."""
+    """RGB uint8 picture: the film (its region `box` of `display`) with its normalised map grid
+    in colour and the reported region (film coordinates, or None) outlined, at the top left;
+    the colour scale in a strip to its right; the words in a band below both. The strip and the
+    band add area: every film pixel outside the map's colour and the outline is the film's own
+    grey, where it would be without them (a marker or label on the film stays visible)."""
     rows, columns = picture_size(film_rows, film_columns)
     film = Image.fromarray(film_grey(display, box, rows, columns), mode="L").convert("RGB")
     strength = heatmap.upsampled(grid, rows, columns)  # corners to corners, like the film
@@ -88,43 +103,127 @@ def render(display: np.ndarray, box: tuple[float, float, float, float], film_row
     colours = levels.copy()
     colours.putpalette(_PALETTE)
     film.paste(colours.convert("RGB"), (0, 0), levels.point(_OPACITY_TABLE))
-    bar_width = max(24, columns // 16)
-    picture = Image.new("RGB", (columns + bar_width, rows))
-    picture.paste(film, (0, 0))
-    draw = ImageDraw.Draw(picture)
     if region is not None:
         scale = np.array([columns / film_columns, rows / film_rows])
-        draw.line([tuple(point) for point in (np.asarray(region) * scale).tolist()],
-                  fill=OUTLINE_COLOUR, width=max(1, rows // 400))
-    _colour_bar(draw, picture, columns, bar_width, rows)
-    _caption(draw, [WARNING_TEXT, caption], rows)
+        ImageDraw.Draw(film).line([tuple(point) for point in (np.asarray(region) * scale).tolist()],
+                                  fill=OUTLINE_COLOUR, width=outline_width(rows))
+    size = text_size(rows, columns)
+    strip = _scale_strip(size, rows)
+    # a small film's band is wider than the film, so that its lines still hold several words
+    band = _text_band(size, caption, max(columns + strip.width, BAND_MIN_WIDTH_IN_TEXT * size))
+    picture = Image.new("RGB", (band.width, rows + band.height), BACKGROUND)
+    picture.paste(film, (0, 0))
+    picture.paste(strip, (columns, 0))
+    picture.paste(band, (0, rows))
     return np.asarray(picture)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, picture: Image.Image, left: int, width: int,
-                rows: int) -> None:
-    """A vertical scale from the map's maximum (top) to SHOWN_FROM (bottom), in the strip
-    beside the film."""
-    margin = max(4, rows // 20)
-    height = rows - 2 * margin
-    if height < 8:
-        return
-    levels = np.linspace(1.0, SHOWN_FROM, height)
-    bar = np.repeat(colour_scale(levels)[:, None, :], width // 2, axis=1)
-    picture.paste(Image.fromarray(bar, mode="RGB"), (left + width // 4, margin))
-    font = _font(max(8, width // 3))
-    draw.text((left + 2, 1), "high", fill=(255, 255, 255), font=font)
-    draw.text((left + 2, rows - margin + 1), "low", fill=(255, 255, 255), font=font)
+def probability_label(probability: float) -> str:
+    """A probability as a radiologist reads it: "> 0.999" and "< 0.001" at the ends (three
+    decimals would round 0.999998 to a certain-looking "1.000"), else three decimals."""
+    value = float(probability)
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise ValueError(f"not a probability: {probability!r}")
+    if value > 0.999:
+        return "> 0.999"
+    if value < 0.001:
+        return "< 0.001"
+    return f"{value:.3f}"
 
 
-def _caption(draw: ImageDraw.ImageDraw, lines: list[str], rows: int) -> None:
-    size = max(10, rows // 40)
+def outline_width(rows: int) -> int:
+    return max(1, rows // 400)
+
+
+def text_size(rows: int, columns: int) -> int:
+    """The words' height in pixels: in proportion to the picture, so that they read the same
+    on a viewer that fits the picture to its screen, and never below 12 pixels."""
+    return max(12, round(max(rows, columns) / 48))
+
+
+# The scale and the fixed words are the same for every film of a size (a site's detectors give
+# a few sizes): drawn once per helper process, then pasted (drawing them took about 8 ms a
+# picture, against the image's 20 ms budget). The cached pictures are only pasted from.
+
+@functools.lru_cache(maxsize=16)
+def _scale_strip(size: int, rows: int) -> Image.Image:
+    """The colour scale, `rows` high: a bar from the map's maximum (1.0, top) to SHOWN_FROM
+    (bottom) with tick labels, and a white mark across it at REGION_FRACTION (the outline's
+    level); `size`: the labels' text size."""
     font = _font(size)
-    for index, line in enumerate(lines):
-        position = (size // 2, size // 2 + index * (size + size // 3))
-        # on a black box: readable on any film, cheaper than an outlined font
-        draw.rectangle(draw.textbbox(position, line, font=font), fill=(0, 0, 0))
-        draw.text(position, line, fill=(255, 255, 0), font=font)
+    pad = max(2, size // 2)
+    bar_width = size
+    label_width = max(round(font.getlength(_tick_text(value))) for value in SCALE_TICKS)
+    strip = Image.new("RGB", (pad + bar_width + pad + label_width + pad, rows), BACKGROUND)
+    top, bottom = size, rows - size  # room for half a label above 1.0 and below the last tick
+    height = bottom - top
+    if height < len(SCALE_TICKS) * size:
+        return strip  # too small a film for labels that do not overlap: the band explains
+
+    def y_of(value: float) -> int:
+        return top + round((1.0 - value) / (1.0 - SHOWN_FROM) * (height - 1))
+
+    bar = np.repeat(colour_scale(np.linspace(1.0, SHOWN_FROM, height))[:, None, :], bar_width,
+                    axis=1)
+    strip.paste(Image.fromarray(bar, mode="RGB"), (pad, top))
+    draw = ImageDraw.Draw(strip)
+    mark = y_of(heatmap.REGION_FRACTION)
+    # from the strip's edge across the bar, so it reads as a mark, not as one of the colours
+    draw.line([(0, mark), (pad + bar_width - 1, mark)], fill=OUTLINE_COLOUR,
+              width=max(2, outline_width(rows)))
+    for value in SCALE_TICKS:
+        y = y_of(value)
+        draw.line([(pad + bar_width, y), (pad + bar_width + pad // 2, y)], fill=TEXT_COLOUR)
+        text = _tick_text(value)
+        _, text_top, _, text_bottom = font.getbbox(text)  # centred on its tick
+        draw.text((pad + bar_width + pad, y - (text_top + text_bottom) // 2), text,
+                  fill=TEXT_COLOUR, font=font)
+    return strip
+
+
+def _tick_text(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _text_band(size: int, caption: str, width: int) -> Image.Image:
+    """A band `width` pixels wide holding the warning, the caption and the legend, one below
+    the other, each wrapped."""
+    pad = max(2, size // 2)
+    blocks = [_fixed_text_block(WARNING_TEXT, WARNING_COLOUR, size, width - 2 * pad),
+              _text_block(caption, TEXT_COLOUR, size, width - 2 * pad),
+              _fixed_text_block(LEGEND_TEXT, LEGEND_COLOUR, size, width - 2 * pad)]
+    band = Image.new("RGB", (width, 2 * pad + sum(block.height for block in blocks)),
+                     BACKGROUND)
+    top = pad
+    for block in blocks:
+        band.paste(block, (pad, top))
+        top += block.height
+    return band
+
+
+def _text_block(text: str, colour: tuple[int, int, int], size: int,
+                width: int) -> Image.Image:
+    """The text in `colour` on the background, wrapped at word boundaries to `width` pixels
+    (a word longer than that stays whole on its own line)."""
+    font = _font(size)
+    space = font.getlength(" ")
+    lines: list[tuple[str, float]] = []  # each line and its width
+    for word in text.split():
+        length = font.getlength(word)
+        if lines and lines[-1][1] + space + length <= width:
+            lines[-1] = (f"{lines[-1][0]} {word}", lines[-1][1] + space + length)
+        else:
+            lines.append((word, length))
+    step = size + size // 3
+    block = Image.new("RGB", (width, step * max(1, len(lines))), BACKGROUND)
+    draw = ImageDraw.Draw(block)
+    for index, (line, _) in enumerate(lines):
+        draw.text((0, index * step), line, fill=colour, font=font)
+    return block
+
+
+# the warning and the legend: the same words for every film (the caption differs)
+_fixed_text_block = functools.lru_cache(maxsize=8)(_text_block)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,7 +243,8 @@ def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
     (pacs_ai.report.source_header); `display`: its display array (pacs_ai.pixels, [0, 1]),
     `box` the film's region in it when it was decoded smaller (display_picture); `grid`: its
     normalised map; `region`: the reported region in film coordinates or None."""
-    caption = f"{model.name} {model.version}: pneumonia probability {probability:.3f}"
+    caption = (f"{model.name} {model.version}: pneumonia probability "
+               f"{probability_label(probability)}")
     rows, columns = int(header.Rows), int(header.Columns)
     if box is None:
         box = (0, 0, display.shape[1], display.shape[0])

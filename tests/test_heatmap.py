@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from pacs_ai import heatmap
-from pacs_ai.heatmap_image import SHOWN_FROM, build_heatmap_image
+from pacs_ai.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
+                                   picture_size, probability_label)
 from pacs_ai.helper_processes import render_report
 from pacs_ai.model import ModelContractError, PneumoniaModel, default_model_path
-from pacs_ai.pixels import display_array
+from pacs_ai.pixels import display_array, display_picture
 from pacs_ai.preprocessing import to_model_input
 from pacs_ai.report import build_report, report_summary, source_header
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
@@ -30,6 +31,9 @@ from tests.test_report import MODEL, make_source
 
 REFERENCE = Path(__file__).with_name("model_1.2.0_outputs.json")
 PNEUMONIA_SAMPLE = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_mono1.dcm"
+# an AP film with the side marker "R" and the projection marker "A-P" at its top left, where the
+# heat-map image's words once covered them
+AP_SAMPLE = SAMPLE_DICOMS / "dx_pneumonia_ap_12bit.dcm"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -280,7 +284,10 @@ def test_the_heat_map_image_belongs_to_the_source_study(rendered, shipped):
     assert image.SeriesInstanceUID != source.SeriesInstanceUID
     assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
     assert image.BurnedInAnnotation == "YES"
-    assert max(image.Rows, image.Columns) <= 1024 + 64
+    rows, columns = picture_size(int(source.Rows), int(source.Columns))
+    assert max(rows, columns) <= 1024
+    # the scale's strip to the right of the film, the words' band below it
+    assert image.Columns > columns and image.Rows > rows
     assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     # the SR of the same call names the region; the same call again gives the same bytes' UIDs
     again = render_report(PNEUMONIA_SAMPLE, float(report_summary(
@@ -330,30 +337,114 @@ def test_dcmj2pnm_shows_the_map_in_colour_on_the_film_around_the_reported_region
     pixels = np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
     image = pydicom.dcmread(path, stop_before_pixels=True)
     assert pixels.shape == (image.Rows, image.Columns, 3)
-    scale = int(source.Rows) / image.Rows  # film pixels per picture pixel
-    film_columns = round(int(source.Columns) / scale)
-    film = pixels[:, :film_columns]
-    # coloured: not grey (the burned-in caption is yellow: its rows are left out)
-    caption_rows = image.Rows // 8
+    rows, columns = picture_size(int(source.Rows), int(source.Columns))
+    film = pixels[:rows, :columns]
     colour = (film.max(axis=2) - film.min(axis=2)) > 8  # the film itself is grey: R = G = B
-    colour[:caption_rows] = False
     assert colour.any(), "no colour on the film"
-    shown = heatmap.upsampled(grid, image.Rows, film_columns) >= SHOWN_FROM
-    shown[:caption_rows] = False
+    shown = heatmap.upsampled(grid, rows, columns) >= SHOWN_FROM
     overlap = (colour & shown).sum() / (colour | shown).sum()
     print(f"coloured pixels: {int(colour.sum())}, map shown: {int(shown.sum())}, "
           f"intersection over union {overlap:.3f}")
     assert overlap >= 0.8
     assert colour.sum() < 0.5 * colour.size  # a region, not the whole film
     region = np.array(report_summary(pydicom.dcmread(io.BytesIO(result.data)))["region"])
-    region_mask = heatmap.region_mask(region / scale, image.Rows, film_columns).copy()
-    region_mask[:caption_rows] = False
+    scale = int(source.Rows) / rows  # film pixels per picture pixel
+    region_mask = heatmap.region_mask(region / scale, rows, columns)
     inside = (region_mask & colour).sum() / region_mask.sum()
     print(f"SR region pixels that are coloured: {inside:.2%} of {int(region_mask.sum())}")
     assert inside >= 0.95
-    # the colour bar beside the film spans the scale
-    bar = pixels[:, film_columns:]
+    # the colour scale beside the film spans it, the words below it are there
+    bar = pixels[:rows, columns:]
     assert ((bar.max(axis=2) - bar.min(axis=2)) > 60).sum() > 0.2 * bar.shape[0]
+    assert (pixels[rows:] > 128).any(axis=2).sum() > 0.005 * pixels[rows:].size / 3
+    # and as DCMTK shows it, the film is all there: its own grey wherever the map is not
+    picture = display_picture(source, min_size=min(rows, columns))
+    grey = film_grey(picture.values, picture.box, rows, columns).astype(np.int16)
+    untouched = ~(map_zone(grid, rows, columns) | outline_zone(region / scale, rows, columns))
+    for channel in range(3):
+        assert np.array_equal(film[..., channel][untouched], grey[untouched])
+
+
+def map_zone(grid: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The pixels the map may colour: at least SHOWN_FROM of its maximum once it is in 8-bit
+    levels (a value just below it may round up to it)."""
+    return heatmap.upsampled(grid, rows, columns) >= SHOWN_FROM - 1 / 255
+
+
+def outline_zone(region: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The pixels the white outline of a picture-coordinate region may touch: its polygon
+    grown by the line's width on every side (a generous box around each edge)."""
+    zone = np.zeros((rows, columns), bool)
+    reach = outline_width(rows) + 1
+    for (x0, y0), (x1, y1) in zip(region[:-1], region[1:]):
+        top, bottom = int(min(y0, y1)) - reach, int(max(y0, y1)) + reach + 1
+        left, right = int(min(x0, x1)) - reach, int(max(x0, x1)) + reach + 1
+        zone[max(0, top):bottom, max(0, left):right] = True
+    return zone
+
+
+@pytest.mark.parametrize("with_map", [False, True], ids=["no-map", "map"])
+def test_the_words_and_the_scale_add_area_and_hide_no_part_of_the_film(shipped, with_map):
+    """An AP film with its side and projection markers at the top left: every film pixel of the
+    image is where it is on the film, with the film's grey, except under the map's colour and
+    the outline; the scale is in a strip to its right, the words in a band below."""
+    source = pydicom.dcmread(AP_SAMPLE)
+    rows, columns = picture_size(int(source.Rows), int(source.Columns))
+    picture = display_picture(source, min_size=min(rows, columns))
+    if with_map:
+        grid = shipped.saliency(to_model_input(display_array(source))[np.newaxis])[0]
+        region = heatmap.to_film(heatmap.region_polygon(grid), grid.shape, int(source.Rows),
+                                 int(source.Columns))
+    else:
+        grid, region = np.zeros((12, 12), np.float16), None
+    image = build_heatmap_image(source_header(source), picture.values, grid, region, 0.999998,
+                                MODEL, box=picture.box)
+    pixels = image.pixel_array
+    assert pixels.shape[0] > rows and pixels.shape[1] > columns
+    grey = film_grey(picture.values, picture.box, rows, columns)
+    untouched = np.ones((rows, columns), bool)
+    if with_map:
+        scale = rows / int(source.Rows)
+        untouched = ~(map_zone(grid, rows, columns) | outline_zone(region * scale, rows, columns))
+        assert 0.5 < untouched.mean() < 1.0
+    for channel in range(3):
+        assert np.array_equal(pixels[:rows, :columns, channel][untouched], grey[untouched])
+    # the band below holds the words (light pixels on black), the strip the scale's colours
+    band = pixels[rows:]
+    assert (band.max(axis=2) > 128).mean() > 0.005
+    strip = pixels[:rows, columns:].astype(np.int16)
+    assert ((strip.max(axis=2) - strip.min(axis=2)) > 60).any()
+
+
+@pytest.mark.parametrize("probability,label", [
+    (0.999998, "> 0.999"), (1.0, "> 0.999"), (0.9995, "> 0.999"), (0.99901, "> 0.999"),
+    (0.999, "0.999"), (0.9989, "0.999"), (0.4371, "0.437"), (0.5, "0.500"), (0.0015, "0.002"),
+    (0.001, "0.001"), (0.00099, "< 0.001"), (0.0004, "< 0.001"), (0.0, "< 0.001")])
+def test_probabilities_are_labelled_as_a_radiologist_reads_them(probability, label):
+    assert probability_label(probability) == label
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.01, float("nan"), float("inf")])
+def test_a_value_that_is_no_probability_gets_no_label(value):
+    with pytest.raises(ValueError, match="not a probability"):
+        probability_label(value)
+
+
+def test_the_heat_map_image_states_the_probability_by_its_label(tmp_path):
+    """The words are pixels: the same film with probabilities that round alike to three
+    decimals but are labelled alike gives the same image; labelled differently, another."""
+    source = make_source("DX")
+    grid = np.zeros((12, 12), np.float32)
+    grid[5:8, 2:5] = 1.0
+    grid = heatmap.normalised(grid)
+    display = display_array(source)
+
+    def pixels(probability: float) -> np.ndarray:
+        return build_heatmap_image(source_header(source), display, grid, None, probability,
+                                   MODEL).pixel_array
+
+    assert np.array_equal(pixels(0.999998), pixels(0.9993))  # both "> 0.999"
+    assert not np.array_equal(pixels(0.999998), pixels(0.9989))  # "0.999"
 
 
 # --- the worker sends both ----------------------------------------------------------------------
