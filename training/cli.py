@@ -8,6 +8,11 @@
   ensemble  several runs of one split as one model file (mean logit), with the out-of-distribution
             score fitted on their training films and the threshold rule applied to the ensemble
   export    copy a run's model into a model file with a release version (the shipped model)
+  gate      train one member of the gate: a small network that tells a young child's frontal
+            chest film from adult films and made-up pictures (training.gate)
+  gate-check  a gate's (or a model file's) abstention on children's and adult validation films,
+            shifted, restyled, turned, and on made-up pictures (training.gate_check)
+  gated-model  a released classifier file behind trained gate members, as one model file
   table     the comparison table (markdown) of several runs' validation figures
   add-saliency  re-export an ensemble model file with its saliency method (contract 2): the same
             weights and metadata under a new version, checked to give the same outputs
@@ -24,6 +29,10 @@ import sys
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "chest_xray"
+DEFAULT_ADULTS = DEFAULT_DATA.parent / "adults_nih"
+SAMPLE_DICOMS = Path(__file__).resolve().parent.parent / "sample_dicoms"
+SHIPPED_SPLIT = (Path(__file__).resolve().parent.parent / "deploy" / "models"
+                 / "pacs-ai-pneumonia.split.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip the first N films (in file-name order)")
     explain.add_argument("--limit", type=int, help="at most N films (after --start)")
     explain.add_argument("--seed", type=int, default=0, help="seeds the random regions")
+
+    gate = commands.add_parser("gate", help="train one member of the gate (is this a young "
+                               "child's frontal chest film?)")
+    gate.add_argument("--out", type=Path, required=True, help="run folder to create")
+    gate.add_argument("--seed", type=int, default=0, help="seeds the weights, batches and augmentation")
+    gate.add_argument("--data", type=Path, default=DEFAULT_DATA, help="chest_xray root folder")
+    gate.add_argument("--adults", type=Path, default=DEFAULT_ADULTS,
+                      help="adult films in NORMAL/ and PNEUMONIA/ (shared/data/adults_nih)")
+    gate.add_argument("--split-file", type=Path, default=SHIPPED_SPLIT,
+                      help="the classifier's split.json: its training films are the gate's "
+                           "(default: the shipped model's)")
+    gate.add_argument("--adult-split-seed", type=int, default=0)
+    gate.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    gate.add_argument("--steps-per-epoch", type=int, help="override the recipe's steps per epoch")
+    gate.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+
+    check = commands.add_parser("gate-check", help="abstention of a gate on children's and "
+                                "adult validation films, shifted, restyled and made up")
+    source = check.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", type=Path, nargs="+", help="gate run folders (an ensemble)")
+    source.add_argument("--model", type=Path, help="a model file: its own out-of-distribution "
+                        "score and threshold")
+    check.add_argument("--out", type=Path, required=True)
+    check.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    check.add_argument("--adults", type=Path, default=DEFAULT_ADULTS)
+    check.add_argument("--split-file", type=Path, default=SHIPPED_SPLIT)
+    check.add_argument("--samples", type=Path, default=SAMPLE_DICOMS)
+    check.add_argument("--originals", type=Path, default=DEFAULT_DATA.parent / "originals")
+
+    gated = commands.add_parser("gated-model", help="a classifier model file behind trained "
+                                "gate members, as one model file")
+    gated.add_argument("--classifier", type=Path, required=True,
+                       help="a released model file (its weights and threshold are kept)")
+    gated.add_argument("--gates", type=Path, nargs="+", required=True, help="gate run folders")
+    gated.add_argument("--version", required=True)
+    gated.add_argument("--output", type=Path, required=True)
+    gated.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    gated.add_argument("--adults", type=Path, default=DEFAULT_ADULTS)
 
     table = commands.add_parser("table", help="markdown table of several runs")
     table.add_argument("runs", nargs="+", type=Path)
@@ -311,6 +358,92 @@ def command_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_gate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from training.gate import GateRecipe, load_gate_data, train_gate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = GateRecipe()
+    overrides = {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v})
+    data, record = load_gate_data(args.split_file, args.data, args.adults, args.adult_split_seed)
+    summary = train_gate(data, args.out, args.seed, recipe, record)
+    print(json.dumps(summary))
+    return 0
+
+
+def command_gate_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from training.gate import (adult_split, gate_scores, load_gate_member,
+                               log_amplitude_profile, threshold_for)
+    from training.gate_check import check_sets, markdown, summarise
+    from training.data import load_pictures, load_split
+    from training.stress import validation_files
+
+    children, _ = validation_files(args.split_file, args.data)
+    adults_all = load_pictures(load_split(args.adults.parent, args.adults.name, progress=False),
+                               progress=False)
+    if args.runs:
+        gates = [load_gate_member(run) for run in args.runs]
+        seed = json.loads((args.runs[0] / "split.json").read_text())["adult_split_seed"]
+        styles = dict(np.load(args.runs[0] / "styles.npz"))
+
+        def score(inputs):
+            return gate_scores(gates, inputs)
+        label = "gate " + " + ".join(str(run) for run in args.runs)
+    else:
+        from pacs_ai.model import PneumoniaModel
+
+        model = PneumoniaModel.load(args.model)
+        if model.info.ood_threshold is None:
+            raise SystemExit(f"{args.model} has no out-of-distribution score")
+        seed = 0
+        children_train = load_pictures(load_split(
+            args.data, "train", progress=False,
+            names=set(json.loads(args.split_file.read_text())["train"])), progress=False)
+        styles = None
+
+        def score(inputs):
+            return model.assess(inputs)[1]
+        label = model.info.label
+    split = adult_split(adults_all, seed)
+    by_name = {path.name: path for path in adults_all.paths}
+    adults = [by_name[name] for name in split["validation"]]
+    if styles is None:
+        train_index = [i for i, p in enumerate(adults_all.paths) if p.name in set(split["train"])]
+        styles = {"children": log_amplitude_profile(children_train.pictures),
+                  "adults": log_amplitude_profile(adults_all.pictures[train_index])}
+    table = check_sets(score, children, adults, styles, args.samples, args.originals)
+    if args.runs:
+        threshold = threshold_for({name: row["scores"] for name, row in table.items()
+                                   if name.startswith("children ") and row["side"] == "in"})
+    else:
+        threshold = model.info.ood_threshold
+    rows = summarise(table, threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gate.json").write_text(json.dumps(
+        {"label": label, "threshold": threshold, "sets": rows}, indent=2))
+    np.savez_compressed(args.out / "gate_scores.npz",
+                        **{name: row["scores"] for name, row in table.items()})
+    (args.out / "gate.md").write_text(markdown(rows, threshold, label))
+    print((args.out / "gate.md").read_text())
+    return 0
+
+
+def command_gated_model(args: argparse.Namespace) -> int:
+    from training.gated_model import build_gated_model
+
+    ood = build_gated_model(args.classifier, args.gates, args.version, args.output, args.data,
+                            args.adults)
+    print(json.dumps(ood, indent=2))
+    return 0
+
+
 def command_table(args: argparse.Namespace) -> int:
     rows = [json.loads((run / "summary.json").read_text()) for run in args.runs]
     print("| configuration | epochs | val accuracy @0.5 | val AUC | threshold | val accuracy | "
@@ -332,5 +465,6 @@ def main(argv: list[str] | None = None) -> int:
                "ensemble": command_ensemble, "abstention": command_abstention,
                "export": command_export,
                "add-saliency": command_add_saliency, "explain": command_explain,
-               "table": command_table}[args.command]
+               "gate": command_gate, "gate-check": command_gate_check,
+               "gated-model": command_gated_model, "table": command_table}[args.command]
     return handler(args)

@@ -24,6 +24,7 @@ DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "trainin
 
 _PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _NORMAL_PATIENT = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
+_NIH_PATIENT = re.compile(r"^(\d{8})_\d+\.")  # NIH ChestX-ray14: patient _ follow-up
 
 
 @dataclass
@@ -51,10 +52,14 @@ class ImageSet:
 
 
 def patient_of(path: Path) -> str:
-    """Patient key from the file name: personNNN for pneumonia, IM-XXXX for normal films."""
+    """Patient key from the file name: personNNN for pneumonia, IM-XXXX for normal films,
+    nih:NNNNNNNN for the adult NIH films (shared/data/adults_nih)."""
     name = path.name
     match = _PNEUMONIA_PATIENT.match(name) or _NORMAL_PATIENT.match(name)
-    return match.group(1).lower() if match else f"file:{name.lower()}"
+    if match:
+        return match.group(1).lower()
+    nih = _NIH_PATIENT.match(name)
+    return f"nih:{nih.group(1)}" if nih else f"file:{name.lower()}"
 
 
 def list_split(root: Path, split: str) -> list[tuple[Path, int]]:
