@@ -18,6 +18,7 @@
             weights and metadata under a new version, checked to give the same outputs
   explain   the deletion check of a model's saliency maps on its validation split's pneumonia
             films: does removing the reported region lower the score more than a random one?
+            (--lungs: and how often does the region lie over the lung fields?)
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="skip the first N films (in file-name order)")
     explain.add_argument("--limit", type=int, help="at most N films (after --start)")
     explain.add_argument("--seed", type=int, default=0, help="seeds the random regions")
+    explain.add_argument("--lungs", action="store_true",
+                         help="also: how often the region lies over the lung fields (a fixed "
+                              "estimate, training/lung_fields.py)")
+    explain.add_argument("--threads", type=int, help="torch threads (default: torch's)")
 
     gate = commands.add_parser("gate", help="train one member of the gate (is this a young "
                                "child's frontal chest film?)")
@@ -352,8 +357,12 @@ def command_add_saliency(args: argparse.Namespace) -> int:
 def command_explain(args: argparse.Namespace) -> int:
     from training.explain import run_explain
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     summary = run_explain(args.model, args.data, args.out, args.split_file, args.limit,
-                          args.seed, start=args.start)
+                          args.seed, start=args.start, lungs=args.lungs)
     print(json.dumps(summary, indent=2))
     return 0
 

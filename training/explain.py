@@ -11,6 +11,11 @@ Figures: the share of films where the reported region lowers the model's score (
 most pneumonia films' probabilities are within 1e-4 of 1) more than the random one does, and the
 median drops of both; over the films the model reports as pneumonia (those
 whose SR carries the region) and over all pneumonia films of the split.
+
+With `lungs`, also where the region lies: whether its centre is in the lung fields and what
+share of its area is, against a fixed lung-field estimate (training/lung_fields.py, whose
+docstring says how it was drawn and its limits), with the random regions as the chance level;
+`--out` then also gets lung_fields.png, the fields drawn on the mean of the films checked.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pacs_ai import heatmap
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.preprocessing import to_model_input
 from training.data import list_split
+from training.lung_fields import LungCheck, field_shares, lung_figures
 
 BATCH = 32
 
@@ -63,7 +69,8 @@ def random_placement(polygon: np.ndarray, rows: int, columns: int,
 
 
 def run_explain(model_path: Path, data: Path, out: Path | None, split_file: Path | None = None,
-                limit: int | None = None, seed: int = 0, start: int = 0) -> dict[str, Any]:
+                limit: int | None = None, seed: int = 0, start: int = 0,
+                lungs: bool = False) -> dict[str, Any]:
     model = PneumoniaModel.load(model_path)
     if not model.has_saliency:
         raise SystemExit(f"{model.info.label} gives no saliency maps (model contract 2 with "
@@ -71,6 +78,7 @@ def run_explain(model_path: Path, data: Path, out: Path | None, split_file: Path
     paths = validation_pneumonia_films(model_path, data, split_file)
     paths = paths[start:start + limit if limit is not None else None]
     rng = np.random.default_rng(seed)
+    lung_check = LungCheck() if lungs else None
     rows_out: list[dict[str, Any]] = []
     started = time.perf_counter()
     for batch_start in range(0, len(paths), BATCH):
@@ -80,6 +88,8 @@ def run_explain(model_path: Path, data: Path, out: Path | None, split_file: Path
         probabilities, ood = model.assess(inputs)
         logits = model_scores(model, inputs)
         maps = model.saliency(inputs)
+        if lung_check is not None:
+            lung_check.add_inputs(inputs)
         variants, meta = [], []
         for path, film, probability, logit, grid, score in zip(
                 batch_paths, films, probabilities, logits, maps,
@@ -97,6 +107,8 @@ def run_explain(model_path: Path, data: Path, out: Path | None, split_file: Path
                          "reported": model.finding(float(probability)) == "pneumonia"
                          and model.abstain_reason(score) is None,
                          "area_share": heatmap.polygon_area(region) / (rows * columns)})
+            if lung_check is not None:
+                meta[-1]["lungs"] = lung_check.film(region, elsewhere, rows, columns)
         if not variants:
             continue
         scores = model_scores(model, np.stack(variants))
@@ -112,8 +124,16 @@ def run_explain(model_path: Path, data: Path, out: Path | None, split_file: Path
                               "maximum, convex hull",
                "reported": _figures([r for r in rows_out if r["reported"]]),
                "all": _figures(rows_out)}
+    if lung_check is not None:
+        summary["lungs"] = {"estimate": "training/lung_fields.py (fixed polygons)",
+                            "fields_share_of_frame": field_shares(),
+                            "reported": lung_figures([r for r in rows_out if r["reported"]]),
+                            "all": lung_figures(rows_out)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        picture = lung_check.check_picture() if lung_check is not None else None
+        if picture is not None:
+            picture.save(out / "lung_fields.png")
         (out / "explain.json").write_text(json.dumps({"summary": summary, "films": rows_out},
                                                      indent=1))
     return summary
