@@ -48,8 +48,8 @@ from pynetdicom.sop_class import Verification  # noqa: E402
 from testbed.dicom_peers import (DX_FOR_PRESENTATION_STORAGE, LOCALHOST,  # noqa: E402
                                  RecordingPacs, ServiceProcess, free_port, synthetic_radiograph,
                                  wait_until, write_service_config)
-from testbed.real_peers import (propose_as_stored, stop_process, storescu_many,  # noqa: E402
-                                wait_for_port)
+from testbed.real_peers import (propose_as_stored, status_kb, stop_process,  # noqa: E402
+                                storescu_many, wait_for_port)
 
 SAMPLE_DIR = REPO_ROOT / "sample_dicoms"
 MODEL_PATH = REPO_ROOT / "deploy" / "models" / "pacs-ai-pneumonia.pt"
@@ -239,16 +239,6 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -261,8 +251,8 @@ def service_figures(pid: int) -> dict[str, float]:
     """Peak RSS (VmHWM) and CPU seconds of the service's main process and of its helpers, read
     while they are alive. The total RSS adds the peaks: an upper bound of the peak of the sum."""
     main, *helpers = process_tree(pid)
-    main_mb = _status_kb(main, "VmHWM") / 1024
-    helpers_mb = sum(_status_kb(child, "VmHWM") for child in helpers) / 1024
+    main_mb = status_kb(main, "VmHWM") / 1024
+    helpers_mb = sum(status_kb(child, "VmHWM") for child in helpers) / 1024
     return {"peak_rss_mb_main": round(main_mb, 1), "peak_rss_mb_helpers": round(helpers_mb, 1),
             "peak_rss_mb_total": round(main_mb + helpers_mb, 1),
             "cpu_seconds_main": round(_cpu_seconds(main), 2),

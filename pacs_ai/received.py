@@ -22,6 +22,7 @@ PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM_TAG = 0xFFFEE000
 SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
+PIXEL_DATA_HEADER_BYTES = 12  # tag, VR, reserved and 4-byte length (explicit VR)
 LONG_LENGTH_VRS = (b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"SQ", b"SV", b"UC", b"UN",
                    b"UR", b"UT", b"UV")
 
@@ -31,10 +32,13 @@ class ReceivedDataError(ValueError):
     code no-pixel-data or truncated-pixel-data."""
 
 
-def check_pixel_data(header: Dataset, stream: BytesIO, syntax: UID) -> None:
+def check_pixel_data(header: Dataset, stream: BytesIO, syntax: UID,
+                     dataset_length: int | None = None) -> None:
     """Raise ReceivedDataError unless the Pixel Data element at `stream`'s position (where
     parsing `header` stopped) is present and whole, and long enough for the header's
-    dimensions when uncompressed."""
+    dimensions when uncompressed. `dataset_length`: the whole dataset's length where `stream`
+    holds only its first bytes, through the Pixel Data element's header (a deflated dataset,
+    pacs_ai.inflation); None: `stream` holds all of it."""
     buffer = stream.getbuffer()
     try:
         length, value_start = _pixel_data_element(buffer, stream.tell(), syntax)
@@ -44,7 +48,7 @@ def check_pixel_data(header: Dataset, stream: BytesIO, syntax: UID) -> None:
                                         "undefined length")
             _check_items(buffer, value_start, syntax.is_little_endian)
             return
-        arrived = len(buffer) - value_start
+        arrived = (len(buffer) if dataset_length is None else dataset_length) - value_start
         if length > arrived:
             raise ReceivedDataError(f"truncated-pixel-data: Pixel Data declares {length} "
                                     f"bytes, {arrived} arrived")

@@ -6,7 +6,8 @@ once the instance is fsynced under spool/images/ and its job row is committed; o
     0xA700  out of resources: disk below the [storage] min_free_bytes floor (checked before
             anything is written), disk full, or the queue cannot be written (the sender keeps
             the image and retries later); or a deflated dataset that inflates past
-            [limits] max_dataset_bytes (inflation stops there).
+            [limits] max_dataset_bytes, or past 16 MiB before its Pixel Data (inflated in
+            chunks, the rest only counted: pacs_ai.inflation).
     0xA900  the dataset's SOP Class UID is not the one the request announced.
     0xC000  cannot understand: the dataset cannot be parsed, or does not parse up to and through
             a whole Pixel Data element, or its uncompressed Pixel Data is shorter than Rows,
@@ -26,9 +27,7 @@ import ssl
 import threading
 import time
 import weakref
-import zlib
 from dataclasses import dataclass
-from io import BytesIO
 
 import structlog
 from pydicom.dataset import Dataset
@@ -47,8 +46,10 @@ from pacs_ai.addresses import address_in, parse_networks
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
+from pacs_ai.inflation import DatasetTooLarge, InflatedHead
 from pacs_ai.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
-from pacs_ai.received import PIXEL_DATA_TAG, ReceivedDataError, check_pixel_data
+from pacs_ai.received import (PIXEL_DATA_HEADER_BYTES, PIXEL_DATA_TAG, ReceivedDataError,
+                              check_pixel_data)
 from pacs_ai.pynetdicom_internals import os_socket, register_server
 from pacs_ai.sockets import (RequestDeadlines, limit_message_bytes, read_pdus_in_large_chunks,
                              send_small_messages_at_once)
@@ -645,38 +646,29 @@ def header_values(dataset: Dataset) -> dict[str, str | None]:
     return values
 
 
-class DatasetTooLarge(ValueError):
-    """A deflated dataset inflates past [limits] max_dataset_bytes."""
-
-
 def received_header(event: Event, max_bytes: int) -> Dataset:
     """The received dataset up to its pixel data (all the listener reads are three UIDs), once
     the Pixel Data element is known to be whole (ReceivedDataError if not).
 
     `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
-    as long as the handler runs (fsync included). A deflated stream is inflated, but never past
-    `max_bytes` (DatasetTooLarge): 1 MB can inflate to gigabytes.
+    as long as the handler runs (fsync included). A deflated stream is inflated in chunks as
+    far as the header goes and the rest only counted, never past `max_bytes`
+    (pacs_ai.inflation, DatasetTooLarge): 1 MB can inflate to gigabytes.
     """
     syntax = event.context.transfer_syntax
     stream = event.request.DataSet
-    if syntax == DeflatedExplicitVRLittleEndian:
-        stream = BytesIO(inflate_within(stream.getvalue(), max_bytes))
     stream.seek(0)
+    deflated = syntax == DeflatedExplicitVRLittleEndian
+    if deflated:
+        stream = InflatedHead(stream, max_bytes)
     header = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                           stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
-    check_pixel_data(header, stream, syntax)
+    dataset_length = None
+    if deflated:
+        stream.keep(PIXEL_DATA_HEADER_BYTES)
+        dataset_length = stream.finish()
+    check_pixel_data(header, stream, syntax, dataset_length)
     return header
-
-
-def inflate_within(deflated: bytes, max_bytes: int) -> bytes:
-    """A Deflated Explicit VR Little Endian dataset inflated (raw deflate, PS3.5 A.5), or
-    DatasetTooLarge as soon as the output would pass `max_bytes`; zlib.error when corrupt."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = inflater.decompress(deflated, max_bytes + 1)
-    if len(inflated) > max_bytes:
-        raise DatasetTooLarge(f"inflates to more than {max_bytes} bytes "
-                              f"([limits] max_dataset_bytes)")
-    return inflated
 
 
 def finish_tls_handshake(event: Event) -> str | None:

@@ -455,6 +455,24 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+def status_kb(pid: int, key: str) -> int:
+    """A kB figure of /proc/<pid>/status: "VmRSS" (resident now), "VmHWM" (the peak of it);
+    0 when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM again from the resident size now (Linux clear_refs "5"; the process must be
+    ours), so a later VmHWM is the peak of what happened in between."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def orthanc_destination(orthanc: "Orthanc", **extra: Any) -> dict[str, Any]:
     """Orthanc as a [[destinations]] entry of the service's config."""
     return {"name": "orthanc", "ae_title": orthanc.ae_title, "host": LOOPBACK,

@@ -7,7 +7,8 @@ that break off associations in the middle of a PDU.
   file meta is intact: :func:`send_raw_files` sends those data set bytes unparsed (pynetdicom's
   chunked send), exactly as a broken modality would put them on the wire.
 - :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances;
-  :func:`deflate_bomb` a small deflated one that inflates to any size;
+  :func:`deflate_bomb` a small deflated one that inflates to any size
+  (:func:`send_files_at_once`: several of them, each over its own association, together);
   :func:`corrupt_pixel_data` datasets cut short or with too few pixels for their header.
 - :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
   are raw-socket behaviours: connect and leave, half a PDU, a PDU that announces more than it
@@ -23,6 +24,7 @@ import random
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,7 @@ def absurd_dimensions(source: Dataset) -> list[tuple[str, Dataset]]:
     return cases
 
 
+
 def wrong_vrs(source: Dataset) -> list[tuple[str, Dataset]]:
     """Instances with elements under a VR the standard does not give them (explicit VR only)."""
     cases = []
@@ -174,19 +177,62 @@ def wrong_vrs(source: Dataset) -> list[tuple[str, Dataset]]:
     return cases
 
 
-def deflate_bomb(source: Dataset, path: Path, *, inflated_bytes: int) -> Path:
-    """Issue 14's deflate bomb: a valid Deflated Explicit VR Little Endian film of zero pixels,
-    `source`'s attributes under a fresh SOP Instance UID, whose dataset inflates to about
-    `inflated_bytes` (a few kB on the wire per 10 MB)."""
+DATASET_TRAILING_PADDING = b"\xfc\xff\xfc\xff"  # (FFFC,FFFC), little endian
+PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+OVERLAY_DATA = b"\x00\x60\x00\x30"  # (6000,3000), little endian
+ZERO_PIECE_BYTES = 16 * 1024 * 1024
+
+
+def deflate_bomb(source: Dataset, path: Path, *, inflated_bytes: int,
+                 bulk: str = "pixels") -> Path:
+    """A valid Deflated Explicit VR Little Endian film under a fresh SOP Instance UID whose
+    dataset inflates to about `inflated_bytes` (about 1 kB on the wire per MB inflated), built
+    compressed, so a 1 GB one costs the test about 1 MB. `source` is an uncompressed film.
+
+    bulk="pixels" (issue 14's): zero pixels, Rows and Columns declaring the size (from about
+    100 MB, more pixels than [limits] max_pixels allows). bulk="padding" (issue 23): `source`'s
+    own small film followed by Data Set Trailing Padding (FFFC,FFFC) of zeros, within every
+    pixel limit: only its inflated size gives it away. bulk="overlay": the zeros as Overlay
+    Data (6000,3000) before `source`'s pixels, so they are part of the header.
+    """
     dataset = _renamed(source)
-    side = int((inflated_bytes / 2) ** 0.5)
-    dataset.Rows, dataset.Columns = side, side
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
-    dataset.PixelData = bytes(side * side * 2)
-    dataset["PixelData"].VR = "OW"
-    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+    tail = b""  # what follows the zeros
+    if bulk == "pixels":
+        side = int((inflated_bytes / 2) ** 0.5)
+        dataset.Rows, dataset.Columns = side, side
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+        del dataset.PixelData
+        tag, vr, zeros = PIXEL_DATA, b"OW", side * side * 2
+    elif bulk == "padding":
+        tag, vr, zeros = DATASET_TRAILING_PADDING, b"OB", inflated_bytes // 2 * 2
+    elif bulk == "overlay":
+        tag, vr, zeros = OVERLAY_DATA, b"OW", inflated_bytes // 2 * 2
+        pixels = Dataset()
+        pixels.PixelData = dataset.PixelData
+        pixels["PixelData"].VR = "OW"
+        tail = _dataset_bytes(pixels, EXPLICIT_VR_LE)
+        del dataset.PixelData
+    else:
+        raise ValueError(f"bulk: 'pixels', 'padding' or 'overlay', not {bulk!r}")
+    head = _dataset_bytes(dataset, EXPLICIT_VR_LE) + tag + vr + b"\0\0" + struct.pack("<I", zeros)
+    return write_raw_part10(path, sop_class_uid=str(dataset.SOPClassUID),
+                            sop_instance_uid=str(dataset.SOPInstanceUID),
+                            transfer_syntax_uid=DeflatedExplicitVRLittleEndian,
+                            dataset_bytes=_deflated(head, zeros, tail))
+
+
+def _deflated(head: bytes, zeros: int, tail: bytes = b"") -> bytes:
+    """Raw deflate (PS3.5 A.5) of `head`, `zeros` zero bytes and `tail`. Built in pieces that
+    each end in a full flush (byte-aligned, nothing after refers back), so pieces concatenate
+    and one compressed 16 MiB of zeros serves for all of them."""
+    def piece(data: bytes, final: bool = False) -> bytes:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return compressor.compress(data) + compressor.flush(
+            zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+    whole, rest = divmod(zeros, ZERO_PIECE_BYTES)
+    zero_piece = piece(bytes(ZERO_PIECE_BYTES)) if whole else b""
+    return piece(head) + zero_piece * whole + piece(bytes(rest) + tail, final=True)
 
 
 def corrupt_pixel_data(source: Dataset, folder: Path) -> dict[str, Path]:
@@ -303,6 +349,28 @@ def send_raw_files(host: str, port: int, paths: Sequence[Path], *, called_ae: st
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return results
 
+
+
+def send_files_at_once(port: int, paths: Sequence[Path], **modality) -> list:
+    """Each file's bytes as they are (SimulatedModality.send_file_as_is), each over its own
+    association, all at the same time: several modalities sending together. Returns their
+    SendResults in the order of `paths`; `modality` goes to SimulatedModality."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pynetdicom import _config
+
+    from testbed.dicom_peers import SimulatedModality
+
+    # Set once for all threads: each send's own set-and-restore would race with the others',
+    # and a send that is not chunked decodes (inflates) the file in this process first.
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
+            return list(pool.map(
+                lambda path: SimulatedModality(port, **modality).send_file_as_is(path), paths))
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
 
 # --- raw-socket peers -------------------------------------------------------------------------
 

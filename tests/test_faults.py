@@ -47,6 +47,7 @@ from tests.hostile_input import (
     fuzz_corpus,
     raw_connection,
     read_pdu,
+    send_files_at_once,
     send_raw_files,
     silent_connections,
     write_mutation,
@@ -57,7 +58,9 @@ from testbed.real_peers import (
     Orthanc,
     echoscu,
     orthanc_destination,
+    reset_peak_rss,
     spool_jobs,
+    status_kb,
     storescu,
     thread_count,
 )
@@ -546,6 +549,45 @@ def test_datasets_past_max_dataset_bytes_are_refused_without_being_held(guarded_
     assert sop_uid(bomb) not in jobs and sop_uid(large) not in jobs
     still_serving(guarded_service, threads_before)
 
+
+
+GIGABYTE = 1024 ** 3
+BOMB_MEMORY_BOUND_MB = 150  # six bombs together; before: at least 512 MB for one (see below)
+
+
+def test_six_deflate_bombs_at_once_are_refused_in_bounded_memory(tmp_path, tiny_model):
+    """Issue 23 item 2: six ~1 MB deflated C-STOREs, each inflating to 1 GB (a small film,
+    then Data Set Trailing Padding: within every pixel limit), sent at once to a service with
+    the default [limits] (max_dataset_bytes 256 MiB). Each was refused (0xA700), but inflated
+    in memory up to the limit first, and the inflated bytes copied once more to be parsed:
+    about 520 MB per association, 2.1 GB for six, over the unit's MemoryMax=1536M. Now the
+    header is inflated in chunks and the rest only counted. The service's peak resident size
+    while they arrive (VmHWM, reset first) grows by less than BOMB_MEMORY_BOUND_MB in all;
+    nothing of them is acknowledged; a real deflated film is still received and classified."""
+    source = synthetic_radiograph(seed=41, rows=256, columns=256)
+    bombs = [deflate_bomb(source, tmp_path / f"bomb-{index}.dcm", inflated_bytes=GIGABYTE,
+                          bulk="padding") for index in range(6)]
+    assert all(bomb.stat().st_size < 2 * 1024 * 1024 for bomb in bombs)
+    config = write_service_config(tmp_path, model=tiny_model)
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        pid = service.process.pid
+        resident_kb = status_kb(pid, "VmRSS")
+        reset_peak_rss(pid)
+        results = send_files_at_once(service.port, bombs)
+        growth_mb = (status_kb(pid, "VmHWM") - resident_kb) / 1024
+        print(f"six 1 GB deflate bombs at once: {[str(r.status) for r in results]}, peak "
+              f"resident size grew by {growth_mb:.0f} MB (from {resident_kb / 1024:.0f} MB)")
+        assert [r.status for r in results] == [0xA700] * 6, results
+        assert all(r.error_comment.startswith("dataset-too-large") for r in results), results
+        assert growth_mb < BOMB_MEMORY_BOUND_MB
+        film = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_deflated.dcm"
+        [received] = send_files_at_once(service.port, [film])
+        assert received.status == 0x0000
+        [job] = settle_jobs(service, [received.sop_instance_uid]).values()
+        assert job.state == "done" and job.reason is None, job
+        jobs = spool_jobs(tmp_path / "spool")
+        assert set(jobs) == {received.sop_instance_uid}
+        assert service.process.poll() is None
 
 def test_corrupt_pixel_data_is_refused_before_success(guarded_service, tmp_path):
     """Issue 14, item 3, sent as raw bytes: Pixel Data cut at 50 % (answered 0x0000, then

@@ -25,8 +25,8 @@ from pynetdicom.sop_class import Verification
 
 from pacs_ai.pixels import display_array
 from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
-                                 corrupt_pixel_data, deflate_bomb, raw_connection, read_pdu,
-                                 silent_connections, undecodable, write_raw_part10)
+                                 corrupt_pixel_data, deflate_bomb, raw_connection,
+                                 read_pdu, silent_connections, undecodable, write_raw_part10)
 from testbed.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                  DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                  SimulatedModality, free_port,
@@ -383,6 +383,38 @@ def test_a_deflated_dataset_inflating_past_the_limit_is_refused(tmp_path):
         fine = synthetic_radiograph(seed=2, transfer_syntax=DeflatedExplicitVRLittleEndian)
         assert listener.modality().send([fine])[0].status == 0x0000
         assert [job.sop_instance_uid for job in listener.store.all_jobs()] == [fine.SOPInstanceUID]
+    finally:
+        listener.close()
+
+
+
+def test_a_deflated_header_is_held_no_further_than_the_head_limit(tmp_path):
+    """Issue 23 item 2: a deflated dataset's header is kept while it is parsed, so bytes before
+    Pixel Data are held up to HEAD_LIMIT_BYTES only (here 64 MiB of overlay ahead of a small
+    film's pixels, within the default max_dataset_bytes): refused, and the listener's
+    allocations stay within twice that limit (inflated and copied whole before: 128 MiB)."""
+    import tracemalloc
+
+    from pacs_ai.inflation import HEAD_LIMIT_BYTES
+
+    bomb = deflate_bomb(synthetic_radiograph(seed=4, rows=64, columns=64),
+                        tmp_path / "overlay.dcm", inflated_bytes=4 * HEAD_LIMIT_BYTES,
+                        bulk="overlay")
+    listener = Listener(tmp_path)
+    try:
+        tracemalloc.start()
+        try:
+            result = listener.modality().send_file_as_is(bomb)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        print(f"{bomb.stat().st_size} bytes inflating to {4 * HEAD_LIMIT_BYTES} before Pixel "
+              f"Data: {result}, peak traced {peak / 2**20:.1f} MiB")
+        assert result.status == 0xA700
+        assert result.error_comment == (f"dataset-too-large: more than {HEAD_LIMIT_BYTES} "
+                                        "bytes before Pixel Data")
+        assert peak < 2 * HEAD_LIMIT_BYTES
+        assert listener.store.all_jobs() == []
     finally:
         listener.close()
 
