@@ -212,6 +212,32 @@ config_for_this_install() {
   ' "$REPO/deploy/pacs-ai.toml"
 }
 
+# Whether a config's [listener] lets no caller in: allowed_calling_ae_titles absent or [] and
+# accept_any_calling_ae not true. Such a service rejects every association (a config written
+# before pacs-ai asked for the choice was open to any caller instead), so say it here too.
+config_names_no_caller() {
+  awk '
+    /^[[:space:]]*\[/ { in_listener = ($0 ~ /^[[:space:]]*\[listener\][[:space:]]*(#.*)?$/) }
+    in_listener && /^[[:space:]]*allowed_calling_ae_titles[[:space:]]*=/ {
+      value = $0
+      sub(/^[^=]*=[[:space:]]*/, "", value)
+      sub(/#.*$/, "", value)
+      gsub(/[[:space:]]/, "", value)
+      if (value != "[]") named = 1
+    }
+    in_listener && /^[[:space:]]*accept_any_calling_ae[[:space:]]*=[[:space:]]*true/ { any = 1 }
+    END { exit (named || any) ? 1 : 0 }
+  ' "$1"
+}
+
+warn_if_no_caller_named() {
+  config_names_no_caller "$DESTDIR$CONFIG_DIR/pacs-ai.toml" || return 0
+  echo "install.sh: WARNING: $CONFIG_DIR/pacs-ai.toml names no calling AE title ([listener]" \
+    "allowed_calling_ae_titles is empty), so the service rejects every modality until you" \
+    "list their AE titles there, or set accept_any_calling_ae = true to take any caller;" \
+    "then restart it (deploy/README.md, \"The listener\")." >&2
+}
+
 install_config() {
   local example=$REPO/deploy/pacs-ai.toml
   local config=$DESTDIR$CONFIG_DIR/pacs-ai.toml
@@ -230,6 +256,7 @@ install_config() {
     system chown "root:$SERVICE_USER" "$CONFIG_DIR/pacs-ai.toml"
     note "config: wrote $CONFIG_DIR/pacs-ai.toml; edit AE titles and destinations before starting"
   fi
+  warn_if_no_caller_named
 }
 
 create_user_and_spool() {

@@ -51,12 +51,21 @@ class ListenerConfig:
     ae_title: str = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
-    # empty: accept any caller. A BoundAETitle entry is allowed only from its address.
+    # The calling AE titles that may associate; a BoundAETitle entry only from its address.
+    # Empty refuses every caller unless accept_any_calling_ae says otherwise: an installed
+    # service listens on every interface, so being open to any host must be a stated choice.
     allowed_calling_ae_titles: tuple[str | BoundAETitle, ...] = ()
+    accept_any_calling_ae: bool = False  # True: any calling AE title (a warning at each start)
     check_called_ae_title: bool = True  # reject associations addressed to another AE title
     allowed_peer_addresses: tuple[str, ...] = ()  # IPs or CIDR networks; empty: any address
     # dotted UIDs; the config accepts SOP_CLASS_KEYWORDS' keywords too
     sop_classes: tuple[str, ...] = FILM_SOP_CLASSES
+
+    @property
+    def refuses_every_caller(self) -> bool:
+        """No calling AE title is allowed and any-caller was not asked for: every association
+        is rejected until the admin names the modalities (or sets accept_any_calling_ae)."""
+        return not self.allowed_calling_ae_titles and not self.accept_any_calling_ae
 
     @property
     def calling_ae_titles(self) -> tuple[str, ...]:
@@ -311,9 +320,14 @@ class Config:
 
 
 def default_config(base_dir: Path | None = None) -> Config:
-    """The configuration without a file: port 11112, AE PACS_AI, spool ./spool, no destination."""
+    """The configuration without a file: port 11112, AE PACS_AI, spool ./spool, no destination.
+
+    It is the README's local try-out (`pacs-ai serve`), so it takes any calling AE title, with
+    the start-up warning that says so; a config file takes none until it names them or sets
+    [listener] accept_any_calling_ae = true, the one difference from an empty file."""
     base = (base_dir or Path.cwd()).resolve()
-    return Config(storage=StorageConfig(spool_dir=base / "spool"))
+    return Config(listener=ListenerConfig(accept_any_calling_ae=True),
+                  storage=StorageConfig(spool_dir=base / "spool"))
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -601,12 +615,17 @@ def _read_listener(t: _Table) -> ListenerConfig:
         host=t.string("host", d.host, check=_check_host),
         port=t.integer("port", d.port, minimum=1, maximum=65535),
         allowed_calling_ae_titles=_calling_ae_titles(t),
+        accept_any_calling_ae=t.boolean("accept_any_calling_ae", d.accept_any_calling_ae),
         check_called_ae_title=t.boolean("check_called_ae_title", d.check_called_ae_title),
         allowed_peer_addresses=t.strings("allowed_peer_addresses", d.allowed_peer_addresses,
                                          check=check_network),
         sop_classes=tuple(SOP_CLASS_KEYWORDS.get(v, v) for v in
                           t.strings("sop_classes", d.sop_classes, check=check_sop_class)),
     )
+    if listener.accept_any_calling_ae and listener.allowed_calling_ae_titles:
+        raise t.fail("accept_any_calling_ae", "true, yet allowed_calling_ae_titles names callers; "
+                                              "keep the list (only those may store) or remove "
+                                              "it (any caller may)")
     if not listener.sop_classes:
         raise t.fail("sop_classes", "must list at least one SOP class, e.g. "
                                     '["ComputedRadiographyImageStorage"]')

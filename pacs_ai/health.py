@@ -92,6 +92,10 @@ def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[st
     window = config.status.failed_jobs_within_seconds
     failed = store.failed_since(now - window if window > 0 else 0.0)
     reasons = []
+    if config.listener.refuses_every_caller:
+        reasons.append("listener-refuses-every-caller: [listener] allowed_calling_ae_titles is "
+                       "empty, so every association is rejected; name the modalities' AE titles "
+                       "there (or set accept_any_calling_ae = true), then restart")
     if failed:
         within = f" in the last {window:g} s" if window > 0 else ""
         reasons.append(f"failed-jobs: {failed} job(s) failed{within}; see the latest failures, "

@@ -161,6 +161,23 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return self._admit(request, client_address)
 
 
+def log_who_may_store(config: Config) -> None:
+    """At every start, a warning when the listener takes any calling AE title (as asked) or
+    none (nothing named yet), so neither goes unnoticed in the journal."""
+    listener, source = config.listener, str(config.source or "(defaults)")
+    if listener.accept_any_calling_ae:
+        log.warning("listener_accepts_any_calling_ae", config=source, host=listener.host,
+                    detail="any host that can reach the port may store films: "
+                           "accept_any_calling_ae = true (or no config file); name the "
+                           "modalities in [listener] allowed_calling_ae_titles instead")
+    elif listener.refuses_every_caller:
+        log.warning("listener_refuses_every_caller", config=source,
+                    detail="[listener] allowed_calling_ae_titles is empty, so every association "
+                           "is rejected (calling AE title not recognised): list the "
+                           "modalities' AE titles there, or set accept_any_calling_ae = true "
+                           "to take any caller; then restart")
+
+
 class StorageSCP:
     """The association server. start() returns once the port is bound; stop() is graceful."""
 
@@ -233,34 +250,47 @@ class StorageSCP:
 
     def _on_association_requested(self, event: Event) -> None:
         self._request_deadlines.requested(event.assoc)
-        if self._calling_ae_from_wrong_address(event.assoc):
-            self._refuse_wrong_address(event.assoc)
+        refusal = self._calling_ae_refusal(event.assoc)
+        if refusal is not None:
+            self._refuse_calling_ae(event.assoc, refusal)
         elif not self._admit_association(event.assoc):
             self._refuse_over_limit(event.assoc)
 
-    def _calling_ae_from_wrong_address(self, association) -> bool:
-        """Whether the calling AE title is bound to addresses ([listener]
-        allowed_calling_ae_titles) that the peer's is not among. A request addressed to another
-        AE title is left to pynetdicom's check, which answers it first."""
+    def _calling_ae_refusal(self, association) -> str | None:
+        """Why the calling AE title may not associate, where pynetdicom's own list check does
+        not say it: every caller while no title is allowed and any-caller was not asked for
+        ([listener] refuses_every_caller), or a title bound to addresses that the peer's is
+        not among. A request addressed to another AE title is left to pynetdicom's check,
+        which answers it first."""
         listener = self.config.listener
         primitive = association.requestor.primitive
         if listener.check_called_ae_title and \
                 str(primitive.called_ae_title).strip() != listener.ae_title:
-            return False
+            return None
         networks = self._calling_ae_networks.get(str(primitive.calling_ae_title).strip())
-        return networks is not None and not address_in(str(association.requestor.address),
-                                                        networks)
+        reason = None
+        if listener.refuses_every_caller:
+            reason = "calling-ae-not-allowed"
+        elif networks is not None and not address_in(str(association.requestor.address),
+                                                     networks):
+            reason = "calling-ae-wrong-address"
+        return reason
 
-    def _refuse_wrong_address(self, association) -> None:
+    def _refuse_calling_ae(self, association, reason: str) -> None:
         primitive = association.requestor.primitive
-        metrics.REJECTED.labels(reason="calling-ae-wrong-address").inc()
-        log.warning("association_rejected", reason="calling-ae-wrong-address",
-                    calling_ae_title=str(primitive.calling_ae_title).strip(),
-                    called_ae_title=str(primitive.called_ae_title).strip(),
-                    peer=str(association.requestor.address))
-        self._audit_security("calling-ae-wrong-address", str(association.requestor.address),
-                             calling_ae_title=str(primitive.calling_ae_title).strip(),
-                             called_ae_title=str(primitive.called_ae_title).strip())
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
+        peer = str(association.requestor.address)
+        metrics.REJECTED.labels(reason=reason).inc()
+        fix = {}
+        if self.config.listener.refuses_every_caller:
+            fix = {"fix": f"no calling AE title is allowed yet: list the modalities in [listener] "
+                          f"allowed_calling_ae_titles (e.g. [\"{calling}\"]), or set "
+                          f"accept_any_calling_ae = true to take any caller, in "
+                          f"{self.config.source or 'the config'}; then restart"}
+        log.warning("association_rejected", reason=reason, calling_ae_title=calling,
+                    called_ae_title=called, peer=peer, **fix)
+        self._audit_security(reason, peer, calling_ae_title=calling, called_ae_title=called)
         # The answer an unknown calling AE title gets (pynetdicom's require_calling_aet):
         # rejected-permanent, service user, calling AE title not recognised, so the reply does
         # not tell a caller which addresses the title is bound to.

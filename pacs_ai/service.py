@@ -28,7 +28,7 @@ from pacs_ai.helper_processes import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import Job, JobState, JobStore
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.scp import StorageSCP
+from pacs_ai.scp import StorageSCP, log_who_may_store
 from pacs_ai.sender import DestinationSender
 from pacs_ai.spool import Spool
 from pacs_ai.web import QueuePage
@@ -111,6 +111,7 @@ class Service:
             started=True, ae_title=config.listener.ae_title, node=audit.node_name(),
             details={"version": pacs_ai.__version__, "port": self.port,
                      "model": self.model.info.label}))
+        log_who_may_store(config)
         if not config.destinations:
             log.warning("no_destination", config=str(config.source or "(defaults)"),
                         reports_kept=config.storage.keep_reports,

@@ -334,12 +334,20 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def take_any_caller_unless_named(listener: dict[str, Any]) -> None:
+    """A test's [listener] takes any calling AE title, as stated (a config file refuses every
+    caller until it names them), unless the test names them or says otherwise itself."""
+    if "allowed_calling_ae_titles" not in listener:
+        listener.setdefault("accept_any_calling_ae", True)
+
+
 def write_service_config(folder: Path, *, model: Path, port: int | None = None,
                          destinations: Sequence[dict[str, Any]] = (),
                          tables: dict[str, dict[str, Any]] | None = None) -> Path:
-    """A config for a test service: 127.0.0.1, a free port, spool in `folder`/spool, no floor,
-    no metrics server, JSON logs at debug level, short retry delays. `tables` overrides or adds
-    keys per table, e.g. {"retry": {"max_attempts": 3}}."""
+    """A config for a test service: 127.0.0.1, a free port, any calling AE title (unless
+    `tables` names them), spool in `folder`/spool, no floor, no metrics server, JSON logs at
+    debug level, short retry delays. `tables` overrides or adds keys per table, e.g.
+    {"retry": {"max_attempts": 3}}."""
     settings: dict[str, dict[str, Any]] = {
         "listener": {"host": LOCALHOST, "port": port or free_port()},
         "limits": {"shutdown_grace_seconds": 5},
@@ -352,6 +360,7 @@ def write_service_config(folder: Path, *, model: Path, port: int | None = None,
     }
     for table, values in (tables or {}).items():
         settings.setdefault(table, {}).update(values)
+    take_any_caller_unless_named(settings["listener"])
     lines = []
     for table, values in settings.items():
         lines.append(f"[{table}]")

@@ -10,7 +10,8 @@ from pacs_ai.config import parse_config
 from pacs_ai.jobs import JobStore
 from pacs_ai.scp import StorageSCP
 from pacs_ai.spool import Spool
-from testbed.dicom_peers import LOCALHOST, SimulatedModality, free_port
+from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port,
+                                take_any_caller_unless_named)
 
 
 class Listener:
@@ -20,6 +21,7 @@ class Listener:
                     "limits": {"shutdown_grace_seconds": 2}}
         for table, values in tables.items():
             settings.setdefault(table, {}).update(values)
+        take_any_caller_unless_named(settings["listener"])
         self.config = parse_config(settings, base_dir=folder)
         self.audit_path = self.config.audit.file(self.config.storage.spool_dir)
         self.trail = AuditTrail(self.audit_path).start() if audited else None

@@ -29,6 +29,7 @@ def test_default_config_is_the_local_one(tmp_path):
     assert config.destinations == ()
     assert config.model.path is None
     assert config.listener.allowed_calling_ae_titles == ()
+    assert config.listener.accept_any_calling_ae  # the local try-out takes any caller
     assert load_config(None).storage.spool_dir == Path.cwd().resolve() / "spool"
 
 
@@ -219,20 +220,40 @@ def test_retry_policy_backs_off_exponentially_and_knows_its_limits():
 
 
 
-def test_no_file_and_an_empty_file_give_the_same_config(tmp_path):
-    """The dataclasses' defaults are the one source: the parser reads them for missing keys."""
-    assert parse_config({}, base_dir=tmp_path) == default_config(tmp_path)
+def test_no_file_and_an_empty_file_differ_only_in_taking_any_caller(tmp_path):
+    """The dataclasses' defaults are the one source: the parser reads them for missing keys.
+    The one difference: without a file (the local try-out) any calling AE title may store; a
+    config file, like the installed one, refuses every caller until it names them."""
+    empty_file = parse_config({}, base_dir=tmp_path)
+    no_file = default_config(tmp_path)
+    assert empty_file.listener.refuses_every_caller and not no_file.listener.refuses_every_caller
+    assert empty_file == dataclasses.replace(
+        no_file, listener=dataclasses.replace(no_file.listener, accept_any_calling_ae=False))
+
+
+def test_a_config_file_takes_any_caller_only_when_it_says_so(tmp_path):
+    named = load_config(write(tmp_path, '[listener]\nallowed_calling_ae_titles = ["CR1"]\n'))
+    assert not named.listener.refuses_every_caller and not named.listener.accept_any_calling_ae
+    anyone = load_config(write(tmp_path, "[listener]\naccept_any_calling_ae = true\n"))
+    assert anyone.listener.accept_any_calling_ae and not anyone.listener.refuses_every_caller
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[listener]\naccept_any_calling_ae = true\n'
+                                    'allowed_calling_ae_titles = ["CR1"]\n'))
+    assert "[listener] accept_any_calling_ae" in str(caught.value)
+    assert "allowed_calling_ae_titles" in str(caught.value)
 
 
 def test_every_value_the_example_config_sets_is_the_code_default(tmp_path):
-    """deploy/pacs-ai.toml shows the defaults; only the spool (the installed path) differs."""
+    """deploy/pacs-ai.toml shows the defaults of a config file; only the spool (the installed
+    path) differs."""
     import tomllib
     data = tomllib.loads(EXAMPLE_CONFIG.read_text())
     data.get("model", {}).pop("path", None)
     data.get("tls", {}).clear()
     config = parse_config(data, base_dir=tmp_path)
-    default = default_config(tmp_path)
+    default = parse_config({}, base_dir=tmp_path)
     assert config.storage.spool_dir == Path("/var/lib/pacs-ai")
+    assert config.listener.refuses_every_caller  # installed as is, it takes no caller
     differences = []
     for table in dataclasses.fields(config):
         ours, code = getattr(config, table.name), getattr(default, table.name)

@@ -238,6 +238,34 @@ def test_install_into_a_scratch_root_twice_is_idempotent_and_keeps_an_edited_con
     assert tree(root) == before
 
 
+def test_install_warns_while_the_config_names_no_calling_ae_title(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    """Issue 23 item 4: a config with no calling AE title (the fresh one, or one kept from
+    before, when empty meant any caller) makes the service reject every modality; install.sh
+    says so, and agrees with the service's own parser on each edit an admin might make."""
+    root = tmp_path / "root"
+    config_file = root / "etc/pacs-ai/pacs-ai.toml"
+    warning = "names no calling AE title"
+    first = install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(tiny_model))
+    assert first.returncode == 0 and warning in first.stderr, first.stderr
+    installed = config_file.read_text()
+    multi_line = '[\n  "CR1",\n  { ae_title = "DX", address = "10.1.2.0/24" },\n]'
+    for key, value in (("allowed_calling_ae_titles", '["CR1"]'),
+                       ("allowed_calling_ae_titles", multi_line),
+                       ("allowed_calling_ae_titles", "[ ]   # none yet"),
+                       ("accept_any_calling_ae", "true"),
+                       ("accept_any_calling_ae", "false")):
+        text = set_config_key(installed, "listener", key, value)
+        config_file.write_text(text)
+        again = install(checkout, root, "--venv-from", str(stand_in_venv),
+                        "--model", str(tiny_model))
+        assert again.returncode == 0, again.stderr
+        data = tomllib.loads(text)
+        data["model"]["path"] = str(tiny_model)
+        refuses = parse_config(data, base_dir=tmp_path).listener.refuses_every_caller
+        assert (warning in again.stderr) == refuses, (key, value, again.stderr)
+
+
 def test_uninstall_removes_program_and_unit_but_keeps_config_and_spool(
         checkout, stand_in_venv, tiny_model, tmp_path):
     root = tmp_path / "root"
@@ -707,6 +735,99 @@ def test_the_guide_commands_work_against_an_installed_service(
             # systemctl stop: SIGTERM, well within the unit's TimeoutStopSec.
             status = stop_process(service, timeout_s=60)
         assert status == 0, log_path.read_text()[-4000:]
+
+
+def serve_installed(program: Path, config_file: Path, log_path: Path,
+                    port: int) -> subprocess.Popen:
+    """What systemd runs (ExecStart), with the installed program and config; returns once the
+    DICOM port listens."""
+    from testbed.real_peers import wait_for_port
+
+    with log_path.open("wb") as log:
+        service = subprocess.Popen([str(program), "serve", "--config", str(config_file)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, process=service, what="installed pacs-ai serve")
+    return service
+
+
+def log_events(log_path: Path) -> list[dict]:
+    events = []
+    for line in log_path.read_text().splitlines():
+        line = line[line.find("{"):]  # after a "<4>" priority prefix, if any
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return events
+
+
+@pytest.mark.real_peer
+def test_the_installed_service_refuses_every_caller_until_the_admin_names_them(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    """Issue 23 item 4: the installed config listened on every interface with an empty
+    calling-AE list, so any host could store. As installed (only this test's port, spool and
+    model paths put in), a store from DCMTK's storescu is rejected at association, with a log
+    line that says how to fix it; `accept_any_calling_ae = true` takes it, with a warning at
+    the start."""
+    from testbed.dicom_peers import free_port
+    from testbed.real_peers import stop_process, storescu
+    from testbed.environment import SAMPLE_DICOMS
+
+    root = tmp_path / "root"
+    assert install(checkout, root, "--venv-from", str(stand_in_venv),
+                   "--model", str(tiny_model)).returncode == 0
+    program = root / "opt/pacs-ai/venv/bin/pacs-ai"
+    config_file = root / "etc/pacs-ai/pacs-ai.toml"
+    port = free_port()
+    text = config_file.read_text()
+    for table, key, value in (
+            ("listener", "host", '"127.0.0.1"'), ("listener", "port", str(port)),
+            ("storage", "spool_dir", f'"{root}/var/lib/pacs-ai"'),
+            ("model", "path", f'"{root}{INSTALLED_MODEL}"'), ("metrics", "enabled", "false")):
+        text = set_config_key(text, table, key, value)
+    config_file.write_text(text)
+    chest = SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm"
+
+    log_path = tmp_path / "as-installed.log"
+    service = serve_installed(program, config_file, log_path, port)
+    try:
+        refused = storescu(port, [chest], called_ae="PACS_AI", calling_ae="CR_ROOM1")
+    finally:
+        assert stop_process(service, timeout_s=60) == 0, log_path.read_text()[-3000:]
+    assert refused.returncode != 0 and refused.acknowledged == []
+    assert "Calling AE Title Not Recognized" in refused.output, refused.output
+    events = log_events(log_path)
+    [warning] = [e for e in events if e["event"] == "listener_refuses_every_caller"]
+    assert "allowed_calling_ae_titles" in warning["detail"]
+    [rejected] = [e for e in events if e["event"] == "association_rejected"]
+    assert rejected["reason"] == "calling-ae-not-allowed"
+    assert rejected["calling_ae_title"] == "CR_ROOM1"
+    assert 'allowed_calling_ae_titles (e.g. ["CR_ROOM1"])' in rejected["fix"]
+    assert "accept_any_calling_ae = true" in rejected["fix"]
+    assert str(config_file) in rejected["fix"]
+    assert not any(e["event"] == "listener_accepts_any_calling_ae" for e in events)
+    status = subprocess.run([str(program), "status", "--config", str(config_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert "listener-refuses-every-caller: " in status.stdout
+
+    # The admin says any caller may store, as the example config shows.
+    config_file.write_text(set_config_key(text, "listener", "accept_any_calling_ae", "true"))
+    log_path = tmp_path / "any-caller.log"
+    service = serve_installed(program, config_file, log_path, port)
+    try:
+        stored = storescu(port, [chest], called_ae="PACS_AI", calling_ae="CR_ROOM1")
+    finally:
+        assert stop_process(service, timeout_s=60) == 0, log_path.read_text()[-3000:]
+    assert stored.acknowledged == [str(chest)], stored.output
+    events = log_events(log_path)
+    [warning] = [e for e in events if e["event"] == "listener_accepts_any_calling_ae"]
+    assert warning["level"] == "warning"
+    assert not any(e["event"] in ("association_rejected", "listener_refuses_every_caller")
+                   for e in events)
+    status = subprocess.run([str(program), "status", "--config", str(config_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert "listener-refuses-every-caller" not in status.stdout, status.stdout
 
 
 @pytest.mark.real_peer

@@ -238,7 +238,8 @@ def test_the_image_contents_install_and_serve_the_image_config_outside_a_contain
     """What podman cannot check here, short of a container: the files the Containerfile copies
     build pacs-ai (a wheel, installed as the image's pip does, not editable), and that install
     serves the image's config (its addresses, ports and paths moved to loopback and tmp_path):
-    /readyz 200 with the shipped model, C-ECHO answered, SIGTERM ends it with status 0."""
+    /readyz 200 with the shipped model, C-ECHO answered from the calling AE title named in
+    allowed_calling_ae_titles and refused from another, SIGTERM ends it with status 0."""
     import os
     import signal
     import sys
@@ -271,6 +272,9 @@ def test_the_image_contents_install_and_serve_the_image_config_outside_a_contain
     for written, here in (("port = 11112", f"port = {dicom_port}"),
                           ("port = 9108", f"port = {metrics_port}"),
                           ('host = "0.0.0.0"', 'host = "127.0.0.1"'),
+                          # the admin names the modalities; until then every caller is refused
+                          ("allowed_calling_ae_titles = []",
+                           'allowed_calling_ae_titles = ["MODALITY"]'),
                           ('"/var/lib/pacs-ai"', f'"{tmp_path / "spool"}"'),
                           ('"/opt/pacs-ai/models/', f'"{image / "src/deploy/models"}/')):
         assert written in text, written
@@ -295,6 +299,8 @@ def test_the_image_contents_install_and_serve_the_image_config_outside_a_contain
         assert ready is not None and ready["ok"], log_path.read_text()[-3000:]
         assert ready["model"].startswith("pacs-ai-pneumonia ")
         assert SimulatedModality(dicom_port).echo() == 0x0000
+        assert not SimulatedModality(dicom_port, calling_ae_title="STRANGER"
+                                     ).association_accepted()
         service.send_signal(signal.SIGTERM)
         assert service.wait(timeout=90) == 0, log_path.read_text()[-3000:]
     finally:
@@ -321,8 +327,9 @@ def podman_problem() -> str | None:
 
 @pytest.mark.slow
 def test_the_image_builds_and_serves_with_podman(tmp_path):
-    """Build the image, start it, wait for /readyz, C-ECHO it, stop it with SIGTERM within the
-    grace. Needs podman that can pull the base image, reach PyPI and run containers."""
+    """Build the image, start it, wait for /readyz, see an association refused (its config
+    names no calling AE title yet), stop it with SIGTERM within the grace. Needs podman that can
+    pull the base image, reach PyPI and run containers."""
     problem = podman_problem()
     if problem is not None:
         pytest.skip(problem)
@@ -351,7 +358,8 @@ def test_the_image_builds_and_serves_with_podman(tmp_path):
                 time.sleep(1)
         assert status == 200, subprocess.run(["podman", "logs", name], capture_output=True,
                                              text=True).stderr[-3000:]
-        assert SimulatedModality(dicom_port).echo() == 0x0000
+        # the image's config names no calling AE title yet: every caller is refused
+        assert not SimulatedModality(dicom_port).association_accepted()
         stopped = subprocess.run(["podman", "stop", "-t", "90", name], capture_output=True,
                                  text=True, timeout=120)
         assert stopped.returncode == 0

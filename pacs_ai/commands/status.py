@@ -4,7 +4,8 @@ destination, the latest failures with reasons, and what needs an admin.
 Reads the job queue in the spool of the config (the service may be running meanwhile). Exit
 status: 0 when nothing needs an admin; 1 when something does (failed jobs within [status]
 failed_jobs_within_seconds, a destination failing for longer than [status]
-destination_failing_seconds, the spool unwritable or below [storage] min_free_bytes), listed
+destination_failing_seconds, the spool unwritable or below [storage] min_free_bytes, a listener
+that no calling AE title may use yet), listed
 under "needs admin"; 2 when the status cannot be read (a bad config, no queue yet).
 """
 
