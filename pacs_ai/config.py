@@ -21,6 +21,7 @@ from typing import Any, Callable, TypeVar
 from pacs_ai.dicom_constants import DEFAULT_SR_KIND, FILM_SOP_CLASSES, SOP_CLASS_KEYWORDS, SR_KINDS
 from pacs_ai.errors import UserError
 from pacs_ai.filters import FilterPolicy
+from pacs_ai.intended_use import UNKNOWN_AGE_CHOICES, UNKNOWN_AGE_CLASSIFY
 from pacs_ai.model import MAX_AGE_YEARS
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
@@ -120,6 +121,9 @@ class ModelConfig:
     min_age_years: float | None = None
     max_age_years: float | None = None
     ood_threshold: float | None = None  # abstain above this out-of-distribution score
+    # A film whose header gives no usable age: "classify" (the out-of-distribution gate alone
+    # decides) or "skip" (pacs_ai.filters). Not the model file's: a site choice, default classify.
+    unknown_age: str = UNKNOWN_AGE_CLASSIFY
 
 
 AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.capacity)
@@ -674,13 +678,16 @@ def _read_storage(t: _Table, base_dir: Path) -> StorageConfig:
 
 
 def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
-    # every key's default is None: the model file's own value (pacs_ai.intended_use)
+    # every key's default but unknown_age's is None: the model file's own value
+    # (pacs_ai.intended_use)
     model = ModelConfig(
         path=t.path("path", ModelConfig.path, base_dir, must_exist=True),
         threshold=t.optional_number("threshold", minimum=0.0, maximum=1.0),
         min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         ood_threshold=t.optional_number("ood_threshold", minimum=1e-9, maximum=1e9),
+        unknown_age=t.string("unknown_age", ModelConfig.unknown_age,
+                             choices=UNKNOWN_AGE_CHOICES),
     )
     if (model.min_age_years is not None and model.max_age_years is not None
             and model.min_age_years > model.max_age_years):

@@ -5,7 +5,9 @@ read -> filter (`pacs_ai.filters`) -> pixels (`pacs_ai.pixels`, DICOM to a displ
 process (`pacs_ai.helper_processes`) on each film it claims; offline classification
 (`pacs_ai.offline_classification`: `pacs-ai classify`, `pacs-ai evaluate`) runs the same
 function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
-commands; the listener only ever stores DICOM.
+commands; the listener only ever stores DICOM. Each prepared file says whether its header gave
+a usable patient age (`Prepared.age_known`; a PNG or JPEG has none), so films classified
+without one can be counted.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pacs_ai.filters import FilterPolicy, skip_reason
+from pacs_ai.filters import FilterPolicy, screen, screen_without_age
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS, DisplayPicture, PixelDataError, display_picture
 from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 
@@ -37,11 +40,19 @@ class Prepared:
     status: str = "ok"
     reason: str | None = None
     seconds: float = 0.0  # reading, decoding and preprocessing this file took
+    # The header gave a usable patient age (False for a PNG/JPEG; None: not looked at, the
+    # file was skipped by an earlier filter or could not be read).
+    age_known: bool | None = None
 
 
-def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> DisplayPicture:
+class FilmPicture(NamedTuple):
+    picture: DisplayPicture
+    age_known: bool  # the header gave a usable patient age
+
+
+def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
     """A display-oriented 2-D array from a DICOM, PNG or JPEG file (a DICOM film possibly
-    decoded smaller, down to what the model input needs).
+    decoded smaller, down to what the model input needs), and whether it has a patient age.
 
     Raises SkipImage for images outside the model's scope, ValueError ("<code>: <detail>")
     for unreadable ones.
@@ -51,8 +62,12 @@ def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Dis
     if head[128:132] == b"DICM":
         return read_dicom_image(path, policy, max_pixels)
     if path.suffix.lower() in PICTURE_SUFFIXES or head.startswith((b"\x89PNG", b"\xff\xd8")):
+        screening = screen_without_age(policy)  # no header, so no age
+        if screening.reason is not None:
+            raise SkipImage(screening.reason)
         picture = read_picture(path, max_pixels)
-        return DisplayPicture(picture, (0, 0, picture.shape[1], picture.shape[0]))
+        return FilmPicture(DisplayPicture(picture, (0, 0, picture.shape[1], picture.shape[0])),
+                           age_known=False)
     return read_dicom_image(path, policy, max_pixels)
 
 
@@ -71,7 +86,7 @@ def read_picture(path: Path, max_pixels: int) -> np.ndarray:
         raise ValueError(f"unreadable: not a readable PNG/JPEG ({error})") from None
 
 
-def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> DisplayPicture:
+def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -82,21 +97,28 @@ def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Displ
     except Exception as error:  # pydicom raises many kinds on corrupt headers
         raise ValueError(f"unreadable: DICOM header cannot be parsed "
                          f"({type(error).__name__}: {error})") from None
-    return dataset_display_image(dataset, policy, max_pixels)
+    return dataset_film_picture(dataset, policy, max_pixels)
+
+
+def dataset_film_picture(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> FilmPicture:
+    """Filter, then decode: SkipImage for "not for this model", PixelDataError for broken."""
+    try:
+        screening = screen(dataset, policy)
+    except Exception as error:  # a header so odd that even the filter cannot read it
+        raise PixelDataError(f"bad-pixel-header: {type(error).__name__}: {error}") from None
+    if screening.reason is not None:
+        raise SkipImage(screening.reason)
+    # decoded no larger than the model input needs (2 x 200 per side at least): the same
+    # model input within the consistency tests' tolerance for a fraction of the CPU (issue 16)
+    picture = display_picture(dataset, max_pixels=max_pixels, min_size=DECODE_MIN_SIZE)
+    return FilmPicture(picture, age_known=bool(screening.age_known))
 
 
 def dataset_display_image(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
                           max_pixels: int = DEFAULT_MAX_PIXELS) -> DisplayPicture:
-    """Filter, then decode: SkipImage for "not for this model", PixelDataError for broken."""
-    try:
-        reason = skip_reason(dataset, policy)
-    except Exception as error:  # a header so odd that even the filter cannot read it
-        raise PixelDataError(f"bad-pixel-header: {type(error).__name__}: {error}") from None
-    if reason is not None:
-        raise SkipImage(reason)
-    # decoded no larger than the model input needs (2 x 200 per side at least): the same
-    # model input within the consistency tests' tolerance for a fraction of the CPU (issue 16)
-    return display_picture(dataset, max_pixels=max_pixels, min_size=DECODE_MIN_SIZE)
+    """The decoded picture of a dataset that passes the filters (dataset_film_picture's)."""
+    return dataset_film_picture(dataset, policy, max_pixels).picture
 
 
 def _model_input(picture: DisplayPicture) -> np.ndarray:
@@ -116,7 +138,8 @@ def prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
 def _prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
     try:
         image = read_display_image(path, policy, max_pixels)
-        return Prepared(path, model_input=_model_input(image))
+        return Prepared(path, model_input=_model_input(image.picture),
+                        age_known=image.age_known)
     except SkipImage as skip:
         return Prepared(path, status="skipped", reason=str(skip))
     except ValueError as error:  # PixelDataError is one; ours all read "<code>: <detail>"

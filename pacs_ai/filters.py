@@ -1,15 +1,16 @@
 """Which instances the model was made for: frontal chest radiographs, one grey frame.
 
 `skip_reason(ds, policy)` reads only the header. It answers None for an image to classify,
-else "<code>: <detail>". A skip means "valid, but not for this model" and is recorded as
-skipped; broken pixel data is a different thing, found later by `pacs_ai.pixels`, and is an
-error. Skip codes, checked in this order:
+else "<code>: <detail>"; `screen(ds, policy)` answers the same and whether the header gave a
+usable patient age (the service counts films classified without one). A skip means "valid, but
+not for this model" and is recorded as skipped; broken pixel data is a different thing, found
+later by `pacs_ai.pixels`, and is an error. Skip codes, checked in this order:
 
     unsupported-sop-class, unsupported-modality, multi-frame, colour, not-monochrome,
-    not-chest, not-frontal, outside-intended-age
+    not-chest, not-frontal, outside-intended-age, unknown-age
 
-The last is the model's intended population (`pacs_ai.intended_use`): it is no [filters] key,
-start-up sets it from the model file and [model] min_age_years/max_age_years.
+The last two are the model's intended population (`pacs_ai.intended_use`): no [filters] keys,
+start-up sets them from the model file and [model] min_age_years/max_age_years/unknown_age.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, FILM_SOP_CLASSES, MONOCHROME
-from pacs_ai.intended_use import in_range, outside_reason, patient_age
+from pacs_ai.intended_use import (UNKNOWN_AGE_CHOICES, UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP,
+                                  in_range, outside_reason, patient_age, unknown_age_reason)
 
 
 def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
@@ -40,8 +42,8 @@ class FilterPolicy:
     """What to classify. Every field but the last is a TOML-friendly type, so a config table
     maps straight onto it: ``FilterPolicy(**config["filters"])``. Lists are accepted and stored
     as tuples; text values are compared case-insensitively. An empty tuple means "no
-    restriction". The last, `intended_age_years`, comes from the model, not from [filters]:
-    see :meth:`with_intended_age`."""
+    restriction". The last two, `intended_age_years` and `unknown_age`, come from the model and
+    [model], not from [filters]: see :meth:`with_intended_age`."""
 
     # SOP Class UIDs to classify: CR Image, DX For Presentation, DX For Processing.
     sop_class_uids: tuple[str, ...] = FILM_SOP_CLASSES
@@ -69,6 +71,10 @@ class FilterPolicy:
     # [model] min_age_years/max_age_years (pacs_ai.intended_use.site_model_info).
     intended_age_years: tuple[float, float] | None = field(default=None,
                                                             metadata={"config": False})
+    # A film without a usable age: "classify" (the out-of-distribution gate alone decides) or
+    # "skip" (reason unknown-age), with or without an age range. Not a [filters] key either:
+    # [model] unknown_age.
+    unknown_age: str = field(default=UNKNOWN_AGE_CLASSIFY, metadata={"config": False})
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -83,25 +89,57 @@ class FilterPolicy:
         if self.intended_age_years is not None:
             low, high = (float(v) for v in self.intended_age_years)
             object.__setattr__(self, "intended_age_years", (low, high))
+        if self.unknown_age not in UNKNOWN_AGE_CHOICES:
+            raise ValueError(f"unknown_age must be one of {', '.join(UNKNOWN_AGE_CHOICES)}, "
+                             f"not {self.unknown_age!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The [filters] keys."""
         return tuple(item.name for item in fields(cls) if item.metadata.get("config", True))
 
-    def with_intended_age(self, age_years: tuple[float, float] | None) -> "FilterPolicy":
-        """This policy with the model's effective age range (ModelInfo.intended_age_years)."""
-        return dataclasses.replace(self, intended_age_years=age_years)
+    def with_intended_age(self, age_years: tuple[float, float] | None,
+                          unknown_age: str | None = None) -> "FilterPolicy":
+        """This policy with the model's effective age range (ModelInfo.intended_age_years) and,
+        when given, [model] unknown_age (else the policy's own)."""
+        return dataclasses.replace(self, intended_age_years=age_years,
+                                   unknown_age=unknown_age or self.unknown_age)
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What the header filter found: the skip reason (None: classify), and whether the header
+    gave a usable patient age (None: not looked at, the film was skipped before the age)."""
+
+    reason: str | None
+    age_known: bool | None
+
+
+def screen(ds: Dataset, policy: FilterPolicy = FilterPolicy()) -> Screening:
+    """The filters in order; the age last, read once for both the check and the count."""
+    for check in (_sop_class, _modality, _frames, _colour, _monochrome, _body_part, _view):
+        reason = check(ds, policy)
+        if reason is not None:
+            return Screening(reason, None)
+    age = patient_age(ds)  # None: no usable age (unreadable values are logged by code)
+    if age is None:
+        return screen_without_age(policy)
+    if policy.intended_age_years is None or in_range(age.years, policy.intended_age_years):
+        return Screening(None, True)
+    return Screening(outside_reason(age, policy.intended_age_years), True)
+
+
+def screen_without_age(policy: FilterPolicy) -> Screening:
+    """A film with no usable age, or a PNG/JPEG (no header at all): classified, or skipped as
+    unknown-age when [model] unknown_age = "skip"."""
+    if policy.unknown_age == UNKNOWN_AGE_SKIP:
+        return Screening(unknown_age_reason(policy.intended_age_years), False)
+    return Screening(None, False)
 
 
 def skip_reason(ds: Dataset, policy: FilterPolicy = FilterPolicy()) -> str | None:
     """None when the model may classify this instance, else a reason 'code: detail'."""
-    for check in (_sop_class, _modality, _frames, _colour, _monochrome, _body_part, _view,
-                  _age):
-        reason = check(ds, policy)
-        if reason is not None:
-            return reason
-    return None
+    return screen(ds, policy).reason
 
 
 def _sop_class(ds: Dataset, policy: FilterPolicy) -> str | None:
@@ -181,15 +219,6 @@ def _view(ds: Dataset, policy: FilterPolicy) -> str | None:
                 "allow_missing_view_position = true to classify such images")
     described = position or "/".join(view_codes)
     return f"not-frontal: view is {described}, not one of {', '.join(policy.view_positions)}"
-
-
-def _age(ds: Dataset, policy: FilterPolicy) -> str | None:
-    if policy.intended_age_years is None:
-        return None
-    age = patient_age(ds)  # None: no usable age, classified (many films carry none)
-    if age is None or in_range(age.years, policy.intended_age_years):
-        return None
-    return outside_reason(age, policy.intended_age_years)
 
 
 def _code_values(sequence: Any) -> list[str]:

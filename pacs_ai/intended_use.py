@@ -6,8 +6,11 @@ A model file may state ``"intended_use": {"age_years": [min, max]}``
 ``min <= age < max + 1``, age in years with its fraction: [1, 5] takes 1 year to 5 years 11
 months. The film's age comes from Patient's Age (0010,1010), else from Patient's Birth Date
 (0010,0030) and the Study Date, else the Acquisition Date, else the Content Date. A value that
-cannot be read counts as absent (logged with a reason code, never the value), and a film
-without any age is classified: many films carry none.
+cannot be read counts as absent (logged with a reason code, never the value). A film without
+any age is classified by default, so the model's out-of-distribution gate alone decides for it
+(many films carry none); a site may skip such films instead with ``[model] unknown_age =
+"skip"`` (`unknown-age` reason). Either way the worker counts the films classified without an
+age (the job queue's age_known, `pacs-ai status`, a metric, the per-film log line).
 
 The check itself is the `outside-intended-age` filter in :mod:`pacs_ai.filters`; start-up puts
 the effective range into the filter policy (:meth:`pacs_ai.filters.FilterPolicy.with_intended_age`).
@@ -39,6 +42,10 @@ UNIT_NAMES = {"D": ("day", "days"), "W": ("week", "weeks"), "M": ("month", "mont
 UNIT_YEARS = {"D": 1 / DAYS_PER_YEAR, "W": 7 / DAYS_PER_YEAR, "M": 1 / 12, "Y": 1.0}
 # Reference dates for an age from the birth date, in order of preference.
 REFERENCE_DATES = ("StudyDate", "AcquisitionDate", "ContentDate")
+# [model] unknown_age: what to do with a film whose header gives no usable age
+UNKNOWN_AGE_CLASSIFY = "classify"  # the default: the out-of-distribution gate alone decides
+UNKNOWN_AGE_SKIP = "skip"  # recorded as skipped, reason `unknown-age`, no report
+UNKNOWN_AGE_CHOICES = (UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,15 @@ def format_age_range(age_range: tuple[float, float]) -> str:
 def outside_reason(age: PatientAge, age_range: tuple[float, float]) -> str:
     return (f"outside-intended-age: {age.text}; the model is for "
             f"{format_age_range(age_range)}")
+
+
+def unknown_age_reason(age_range: tuple[float, float] | None) -> str:
+    """The skip reason of a film without a usable age under [model] unknown_age = "skip"."""
+    model_range = (f"; the model is for {format_age_range(age_range)}"
+                   if age_range is not None else "")
+    return ("unknown-age: no usable patient age in the header (Patient's Age, or Birth Date "
+            f"with a Study, Acquisition or Content Date){model_range}; [model] unknown_age = "
+            '"skip"')
 
 
 def _number(value: float) -> str:
@@ -225,8 +241,10 @@ def _describe_range(age_range: tuple[float, float] | None) -> str:
     return format_age_range(age_range) if age_range is not None else "not stated"
 
 
-def log_site_model_info(model: ModelInfo, effective: ModelInfo) -> None:
-    """The start-up lines saying which threshold and age range are in force, and why."""
+def log_site_model_info(model: ModelInfo, effective: ModelInfo,
+                        unknown_age: str = UNKNOWN_AGE_CLASSIFY) -> None:
+    """The start-up lines saying which threshold and age range are in force, what happens to
+    films without an age ([model] unknown_age), and why."""
     if effective.intended_age_years is None:
         log.warning("intended_age_unchecked",
                     detail="the model file states no intended_use age_years and [model] sets "
@@ -250,3 +268,19 @@ def log_site_model_info(model: ModelInfo, effective: ModelInfo) -> None:
     if not math.isclose(effective.threshold, model.threshold, rel_tol=0, abs_tol=1e-12):
         log.warning("threshold_overridden", threshold=effective.threshold,
                     model_threshold=model.threshold, source="[model] threshold")
+    _log_unknown_age(effective, unknown_age)
+
+
+def _log_unknown_age(effective: ModelInfo, unknown_age: str) -> None:
+    if unknown_age == UNKNOWN_AGE_SKIP:
+        log.info("unknown_age", action=unknown_age,
+                 detail="films without a usable patient age are skipped (reason unknown-age)")
+    elif effective.ood_threshold is not None:
+        log.info("unknown_age", action=unknown_age,
+                 detail="films without a usable patient age are classified: the "
+                        "out-of-distribution gate alone decides for them")
+    else:  # nothing but the other header filters stands between such a film and a report
+        log.warning("unknown_age", action=unknown_age,
+                    detail="films without a usable patient age are classified, and the model "
+                           "file has no out-of-distribution score to abstain on those it was "
+                           'not made for: consider [model] unknown_age = "skip"')

@@ -93,7 +93,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     station_name TEXT,
     accession_number TEXT,             -- shown on the queue page only when [web] allows it
     route TEXT,                        -- the [[routes]] name taken, or 'default'
-    model TEXT                         -- name and version of the model that classified it
+    model TEXT,                        -- name and version of the model that classified it
+    age_known INTEGER                  -- a reported film's header gave a usable patient age:
+                                       -- 1 or 0; NULL: not reported, or before pacs-ai kept it
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -139,11 +141,18 @@ class Job:
     accession_number: str | None = None
     route: str | None = None
     model: str | None = None
+    age_known: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.age_known is not None:  # SQLite gives back 1 or 0
+            object.__setattr__(self, "age_known", bool(self.age_known))
 
 
-# Columns added after the first release: a queue written by an older pacs-ai gets them at open.
-ADDED_JOB_COLUMNS = ("peer_address", "modality", "station_name", "accession_number", "route",
-                     "model")
+# Columns added after the first release, with their types: a queue written by an older pacs-ai
+# gets them at open (its rows read NULL there).
+ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
+                     "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
+                     "age_known": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -272,9 +281,9 @@ class JobStore:
             connection.executescript(SCHEMA)
             _add_delivery_objects(connection)
             present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
-            for column in ADDED_JOB_COLUMNS:
+            for column, kind in ADDED_JOB_COLUMNS.items():
                 if column not in present:
-                    connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+                    connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise UserError(f"cannot open the job queue {path}: {error}") from None
@@ -413,9 +422,11 @@ class JobStore:
                       report_file: str, classify_ms: float, destinations: Iterable[str],
                       route: str | None = None, model: str | None = None,
                       heatmap_uid: str | None = None,
-                      heatmap_file: str | None = None) -> JobState:
+                      heatmap_file: str | None = None,
+                      age_known: bool | None = None) -> JobState:
         """The report (and its heat-map image, when `heatmap_file` is given) is in the outbox:
-        queue one delivery per destination and object (those of `route`).
+        queue one delivery per destination and object (those of `route`). `age_known`: whether
+        the film's header gave a usable patient age (counted by `age_counts`).
         Returns the new state: 'delivering', or 'done' when there is no destination."""
         names = list(destinations)
         state = JobState.DELIVERING if names else JobState.DONE
@@ -424,9 +435,9 @@ class JobStore:
             now = time.time()
             db.execute("UPDATE jobs SET state = ?, stage = NULL, reason = NULL, probability = ?, "
                        "finding = ?, report_uid = ?, report_file = ?, classify_ms = ?, "
-                       "updated_at = ?, route = ?, model = ? WHERE id = ?",
+                       "updated_at = ?, route = ?, model = ?, age_known = ? WHERE id = ?",
                        (state, probability, finding, report_uid, report_file, classify_ms, now,
-                        route, model, job_id))
+                        route, model, None if age_known is None else int(age_known), job_id))
             db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
                            f"next_attempt_at) VALUES (?, ?, '{DeliveryState.PENDING}', ?)",
                            [(job_id, name, now) for name in names])
@@ -618,6 +629,16 @@ class JobStore:
     def job_counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
         counts.update(dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
+        return counts
+
+    def age_counts(self) -> dict[str, int]:
+        """Classified jobs (those with a finding) by whether their header gave a usable patient
+        age: known, unknown, and not_recorded (classified by a pacs-ai that did not keep it)."""
+        counts = {"known": 0, "unknown": 0, "not_recorded": 0}
+        names = {1: "known", 0: "unknown", None: "not_recorded"}
+        for age_known, count in self._read("SELECT age_known, COUNT(*) FROM jobs WHERE "
+                                           "finding IS NOT NULL GROUP BY age_known"):
+            counts[names[age_known]] = count
         return counts
 
     def route_counts(self) -> dict[str, int]:

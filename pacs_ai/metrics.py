@@ -43,6 +43,10 @@ SKIPPED = Counter(
 CLASSIFIED = Counter(
     "pacs_ai_classified", "Instances classified by the model, by finding.",
     ["finding"], registry=REGISTRY)
+CLASSIFIED_WITHOUT_AGE = Counter(
+    "pacs_ai_classified_without_age", "Instances classified whose header gave no usable patient "
+    "age, so the age check could not apply (a subset of pacs_ai_classified_total; [model] "
+    'unknown_age = "skip" skips them instead).', registry=REGISTRY)
 REPORTED = Counter(
     "pacs_ai_reported", "Structured reports delivered, by destination.",
     ["destination"], registry=REGISTRY)

@@ -60,6 +60,8 @@ def _finish(pending: list[Prepared], model: PneumoniaModel) -> Iterator[dict[str
         result: dict[str, Any] = {"path": str(item.path), "status": item.status,
                                   "probability": None, "finding": None,
                                   "threshold": model.info.threshold, "model": model_label}
+        if item.model_input is not None:  # whether the age check could apply: false for a
+            result["age_known"] = item.age_known  # PNG/JPEG or a header without a usable age
         if item.model_input is not None:
             probability = float(by_path[id(item)])
             result["probability"] = round(probability, 6)

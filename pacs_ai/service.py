@@ -102,6 +102,7 @@ class Service:
                  model_path=str(self.model.path), threshold=self.model.info.threshold,
                  intended_age_years=(format_age_range(self.model.info.intended_age_years)
                                      if self.model.info.intended_age_years else None),
+                 unknown_age=config.model.unknown_age,
                  destinations=[d.name for d in config.destinations],
                  routes=[route.name for route in config.routing.routes],
                  workers=config.workers.count, resumed_jobs=resumed,
@@ -130,7 +131,8 @@ class Service:
                                 ).start()
 
     def _apply_site_model_settings(self) -> None:
-        """The threshold and age range in force: the model file's, or [model]'s overrides."""
+        """The threshold and age range in force: the model file's, or [model]'s overrides
+        (unknown_age, a site choice only, goes to the workers' filter policy)."""
         assert self.model is not None
         settings = self.config.model
         own = self.model.info
@@ -138,7 +140,7 @@ class Service:
                                           min_age_years=settings.min_age_years,
                                           max_age_years=settings.max_age_years,
                                           ood_threshold=settings.ood_threshold)
-        log_site_model_info(own, self.model.info)
+        log_site_model_info(own, self.model.info, settings.unknown_age)
 
     def _start_threads(self) -> None:
         assert self.store is not None and self.model is not None

@@ -10,7 +10,9 @@ batch's reports are written; a worker that stops gives that batch back to pendin
 
 Outcomes per job: skipped (the filter's reason), failed at stage "classify" (the pixel path's
 reason) or "report" (the SR cannot be built), or reported (SR fsynced in outbox/, deliveries
-queued). A crash mid-batch leaves the jobs in `classifying`; start-up puts them back to pending.
+queued). A film reported without a usable patient age in its header is counted as such (the
+job's age_known, pacs_ai_classified_without_age_total, age_known=false on its log line).
+A crash mid-batch leaves the jobs in `classifying`; start-up puts them back to pending.
 A full disk (report or queue write) is temporary, not a failure: the worker backs off and puts
 the batch's unfinished jobs back to pending once the queue can be written again.
 """
@@ -69,6 +71,7 @@ class _Ready:
     job: Job
     model_input: np.ndarray
     prepare_seconds: float
+    age_known: bool | None  # the header gave a usable patient age
 
 
 class ClassificationWorker(threading.Thread):
@@ -85,7 +88,9 @@ class ClassificationWorker(threading.Thread):
         self.wake = wake
         self.on_job_finished = on_job_finished
         # [filters] plus the model's intended age range (the site's, where [model] sets one)
-        self.filters = config.filters.with_intended_age(model.info.intended_age_years)
+        # and what to do with films without an age ([model] unknown_age)
+        self.filters = config.filters.with_intended_age(model.info.intended_age_years,
+                                                        config.model.unknown_age)
         self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
         # The next batch, claimed while this one's reports are written so the helper is not
         # idle meanwhile (measured: 21 % of a burst's worker time was model + writes).
@@ -198,7 +203,7 @@ class ClassificationWorker(threading.Thread):
                 self._fail(job, Stage.CLASSIFY, item.reason or "error")
             else:
                 # the image's own decode time, not its wait behind other work in the helper
-                ready.append(_Ready(job, item.model_input, item.seconds))
+                ready.append(_Ready(job, item.model_input, item.seconds, item.age_known))
         if not ready:
             return
         started = time.perf_counter()
@@ -218,7 +223,8 @@ class ClassificationWorker(threading.Thread):
                 metrics.OOD_SCORE.observe(float(score))
                 reason = self.model.abstain_reason(float(score))
                 if reason:
-                    self._skip(item.job, reason, ood_score=round(float(score), 3))
+                    self._skip(item.job, reason, ood_score=round(float(score), 3),
+                               age_known=item.age_known)
                 else:
                     kept.append((item, float(probability), grid))
             if not kept:
@@ -298,14 +304,18 @@ class ClassificationWorker(threading.Thread):
             job.id, probability=probability, finding=finding, report_uid=report_uid,
             report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,
             destinations=route.destinations, route=route.name, model=self.model.info.label,
-            heatmap_uid=report.heatmap_uid if heatmap_file else None, heatmap_file=heatmap_file)
+            heatmap_uid=report.heatmap_uid if heatmap_file else None, heatmap_file=heatmap_file,
+            age_known=item.age_known)
         metrics.CLASSIFIED.labels(finding=finding).inc()
+        if item.age_known is False:
+            metrics.CLASSIFIED_WITHOUT_AGE.inc()
         metrics.CLASSIFY_SECONDS.observe(seconds)
         log.info("instance_classified", sop_instance_uid=job.sop_instance_uid,
                  study_instance_uid=job.study_instance_uid, report_uid=report_uid,
                  probability=round(probability, 6), finding=finding,
                  milliseconds=round(seconds * 1000, 1), model=self.model.info.label,
-                 route=route.name, destinations=list(route.destinations),
+                 age_known=item.age_known, route=route.name,
+                 destinations=list(route.destinations),
                  **({"heatmap_uid": report.heatmap_uid} if heatmap_file else {}))
         if state == JobState.DONE:
             self.on_job_finished(self._reload(job))

@@ -356,6 +356,16 @@ def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_
     assert fp + tp == called
     assert all(r["finding"] == ("pneumonia" if float(r["probability"]) >= 0.3 else "normal")
                for r in rows)
+    # [model] unknown_age = "skip": the picture, which has no age, is skipped as in the service
+    config.write_text('[model]\nunknown_age = "skip"\n')
+    result = evaluate(str(folder), "--model", str(models["children"]), "--config", str(config),
+                      "--out", str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["counts"]["skipped_by_reason"] == {"outside-intended-age": 2,
+                                                      "unknown-age": 1}
+    [picture] = [r for r in read_results(tmp_path / "c") if r["path"].endswith(".png")]
+    assert picture["status"] == "skipped" and picture["reason"].startswith("unknown-age: ")
 
 
 def _no_traceback(result: subprocess.CompletedProcess) -> None:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pacs_ai.config import ConfigError, load_config, parse_config
 from pacs_ai.dicom_constants import CR_IMAGE_STORAGE
 from pacs_ai.errors import UserError
-from pacs_ai.filters import FilterPolicy, skip_reason
+from pacs_ai.filters import FilterPolicy, Screening, screen, skip_reason
 from pacs_ai.intended_use import (age_between, format_age_range, log_site_model_info,
                                   patient_age, site_model_info)
 from pacs_ai.model import ModelContractError, ModelInfo, validate_metadata
@@ -168,6 +168,87 @@ def test_fractional_and_wide_ranges():
         "outside-intended-age: 18 years; the model is for 0.5-17")
 
 
+# --- films without an age: counted, classified or skipped (issue 22 item 4) ----------------------
+
+PEDIATRIC_SKIP = FilterPolicy(intended_age_years=(1, 5), unknown_age="skip")
+UNKNOWN_AGE_REASON = ("unknown-age: no usable patient age in the header (Patient's Age, or Birth "
+                      "Date with a Study, Acquisition or Content Date); the model is for 1-5; "
+                      '[model] unknown_age = "skip"')
+
+
+@pytest.mark.parametrize(("attributes", "policy", "expected"), [
+    # an age in range: classified, whatever unknown_age says
+    ({"PatientAge": "003Y"}, PEDIATRIC, Screening(None, True)),
+    ({"PatientAge": "003Y"}, PEDIATRIC_SKIP, Screening(None, True)),
+    ({"PatientBirthDate": "20210115", "StudyDate": "20240301"}, PEDIATRIC_SKIP,
+     Screening(None, True)),
+    # out of range: the age decides, not unknown_age
+    ({"PatientAge": "054Y"}, PEDIATRIC_SKIP,
+     Screening("outside-intended-age: 54 years; the model is for 1-5", True)),
+    # absent: classified by default, skipped with unknown_age = "skip"
+    ({}, PEDIATRIC, Screening(None, False)),
+    ({}, PEDIATRIC_SKIP, Screening(UNKNOWN_AGE_REASON, False)),
+    ({"PatientAge": "", "PatientBirthDate": ""}, PEDIATRIC_SKIP,
+     Screening(UNKNOWN_AGE_REASON, False)),
+    ({"PatientBirthDate": "20210115"}, PEDIATRIC_SKIP,  # no date of the film
+     Screening(UNKNOWN_AGE_REASON, False)),
+    # present but unparseable: no usable age, so the same as absent
+    ({"PatientAge": "fifty"}, PEDIATRIC, Screening(None, False)),
+    ({"PatientAge": "fifty"}, PEDIATRIC_SKIP, Screening(UNKNOWN_AGE_REASON, False)),
+    ({"PatientBirthDate": "2021-01-15", "StudyDate": "20240301"}, PEDIATRIC_SKIP,
+     Screening(UNKNOWN_AGE_REASON, False)),
+    # an earlier filter decides first: the age is not looked at
+    ({"ViewPosition": "LL"}, PEDIATRIC_SKIP,
+     Screening("not-frontal: view is LL, not one of PA, AP", None)),
+    # no age range in force: an age is still counted, and "skip" still skips films without one
+    ({"PatientAge": "054Y"}, FilterPolicy(), Screening(None, True)),
+    ({}, FilterPolicy(), Screening(None, False)),
+    ({}, FilterPolicy(unknown_age="skip"), Screening(
+        "unknown-age: no usable patient age in the header (Patient's Age, or Birth Date with a "
+        'Study, Acquisition or Content Date); [model] unknown_age = "skip"', False)),
+])
+def test_films_without_a_usable_age_are_classified_or_skipped_and_told_apart(attributes, policy,
+                                                                            expected):
+    ds = chest_pa(**attributes)
+    assert screen(ds, policy) == expected
+    assert skip_reason(ds, policy) == expected.reason
+
+
+def test_an_unparseable_age_skipped_is_logged_by_code_only():
+    with structlog.testing.capture_logs() as logs:
+        assert skip_reason(chest_pa(PatientAge="fifty"), PEDIATRIC_SKIP) == UNKNOWN_AGE_REASON
+    assert [e["reasons"] for e in logs if e["event"] == "patient_age_unreadable"] == [
+        ["patient-age-malformed"]]
+    assert "fifty" not in json.dumps(logs)
+
+
+def test_unknown_age_is_a_policy_setting_kept_with_the_age_range():
+    with pytest.raises(ValueError, match="unknown_age"):
+        FilterPolicy(unknown_age="ignore")
+    assert "unknown_age" not in FilterPolicy.field_names()  # [model]'s, not a [filters] key
+    skipping = FilterPolicy().with_intended_age((1, 5), "skip")
+    assert (skipping.intended_age_years, skipping.unknown_age) == ((1.0, 5.0), "skip")
+    assert skipping.with_intended_age((1, 17)).unknown_age == "skip"  # kept unless given
+    assert FilterPolicy().with_intended_age((1, 5)).unknown_age == "classify"
+
+
+def test_a_picture_has_no_age_so_it_is_classified_or_skipped_alike(tmp_path):
+    """PNG/JPEG (the offline commands): no header, so no age."""
+    import numpy as np
+    from PIL import Image
+
+    from pacs_ai.film_input import prepare
+
+    path = tmp_path / "film.png"
+    Image.fromarray(np.full((240, 220), 90, np.uint8)).save(path)
+    classified = prepare(path, PEDIATRIC, 10**8)
+    assert (classified.status, classified.age_known) == ("ok", False)
+    assert classified.model_input is not None
+    skipped = prepare(path, PEDIATRIC_SKIP, 10**8)
+    assert (skipped.status, skipped.reason) == ("skipped", UNKNOWN_AGE_REASON)
+    assert skipped.model_input is None
+
+
 # --- the model file -----------------------------------------------------------------------------
 
 def metadata(**changes):
@@ -212,6 +293,9 @@ def test_model_overrides_are_read(tmp_path):
     config = parse_config({}, base_dir=tmp_path)
     assert (config.model.threshold, config.model.min_age_years,
             config.model.max_age_years) == (None, None, None)
+    assert config.model.unknown_age == "classify"
+    assert load_config(write(tmp_path, '[model]\nunknown_age = "skip"\n')).model.unknown_age \
+        == "skip"
 
 
 @pytest.mark.parametrize(("text", "named"), [
@@ -225,12 +309,27 @@ def test_model_overrides_are_read(tmp_path):
     ("[model]\nmin_age_years = 6\nmax_age_years = 5\n", "[model] min_age_years"),
     ("[model]\nmin_age = 6\n", "unknown key 'min_age'"),
     ("[filters]\nintended_age_years = [1, 5]\n", "unknown key 'intended_age_years'"),
+    ("[model]\nunknown_age = \"ignore\"\n", "[model] unknown_age: 'ignore' is not one of "
+                                             "'classify', 'skip'"),
+    ("[model]\nunknown_age = false\n", "[model] unknown_age: expected a quoted string"),
+    ("[filters]\nunknown_age = \"skip\"\n", "unknown key 'unknown_age'"),
 ])
 def test_bad_model_overrides_name_the_key(tmp_path, text, named):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert named in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_serve_stops_on_a_wrong_unknown_age_with_one_line_naming_the_key(tmp_path):
+    from testbed.dicom_peers import pacs_ai_cli
+
+    path = write(tmp_path, '[model]\nunknown_age = "ask"\n')
+    result = pacs_ai_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"pacs-ai serve: error: {path}: [model] unknown_age: 'ask' is not one of 'classify', "
+        "'skip'"]
 
 
 # --- the site's settings over the model's own ---------------------------------------------------
@@ -273,6 +372,22 @@ def test_start_up_logs_the_ranges_and_thresholds_in_force():
     assert (events["threshold_overridden"]["threshold"],
             events["threshold_overridden"]["model_threshold"]) == (0.3, 0.5)
     assert [e["event"] for e in logs].count("threshold_overridden") == 1
+
+
+def test_start_up_logs_what_happens_to_films_without_an_age():
+    import dataclasses
+
+    gated = dataclasses.replace(PEDIATRIC_MODEL, ood_threshold=2.0)
+    with structlog.testing.capture_logs() as logs:
+        log_site_model_info(gated, gated)
+        log_site_model_info(PEDIATRIC_MODEL, PEDIATRIC_MODEL)
+        log_site_model_info(PEDIATRIC_MODEL, PEDIATRIC_MODEL, "skip")
+    events = [(e["action"], e["log_level"], e["detail"]) for e in logs
+              if e["event"] == "unknown_age"]
+    assert [event[:2] for event in events] == [("classify", "info"), ("classify", "warning"),
+                                               ("skip", "info")]
+    assert "out-of-distribution gate alone decides" in events[0][2]
+    assert 'consider [model] unknown_age = "skip"' in events[1][2]
 
 
 # --- the report and the finding -----------------------------------------------------------------
@@ -357,6 +472,9 @@ def test_classify_skips_films_outside_the_age_range(tmp_path, pediatric_model):
     assert results["adult"]["reason"] == "outside-intended-age: 54 years; the model is for 1-5"
     assert results["adult"]["probability"] is None and results["adult"]["finding"] is None
     assert results["child"]["status"] == "ok" and results["unknown"]["status"] == "ok"
+    # the age check could apply to the child's film, not to the one without an age
+    assert (results["child"]["age_known"], results["unknown"]["age_known"]) == (True, False)
+    assert "age_known" not in results["adult"]  # skipped: not classified
     assert "Traceback" not in result.stderr
     model_card = pacs_ai_cli("model", "--model", str(pediatric_model))
     assert "ages 1-5 years" in model_card.stdout
@@ -456,3 +574,108 @@ def test_a_report_made_at_the_sites_settings_gets_its_own_uid(tmp_path):
     lower = build_report(source, 0.4, site_model_info(model, threshold=0.3))
     wider = build_report(source, 0.4, site_model_info(model, max_age_years=17))
     assert len({own.SOPInstanceUID, lower.SOPInstanceUID, wider.SOPInstanceUID}) == 3
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def _serve_and_send_by_storescu(tmp_path: Path, model: Path, model_table: dict,
+                                films: list[Dataset], reports: int) -> dict:
+    """storescu (DCMTK) -> `pacs-ai serve` (metrics on) -> a recording PACS: what status (text
+    and JSON), the metrics, the log and the PACS show once the films are settled."""
+    from testbed.dicom_peers import (RecordingPacs, ServiceProcess, free_port, pacs_ai_cli,
+                                     wait_until, write_service_config)
+    from testbed.real_peers import storescu
+
+    folder = tmp_path / "films"
+    folder.mkdir(parents=True)
+    paths = []
+    for index, ds in enumerate(films):
+        paths.append(folder / f"{index}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    metrics_port = free_port()
+    with RecordingPacs() as pacs:
+        config = write_service_config(
+            tmp_path, model=model, destinations=[pacs.destination()],
+            tables={"model": model_table, "workers": {"processes": 0},
+                    "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            sent = storescu(service.port, paths, called_ae="PACS_AI")
+            assert len(sent.acknowledged) == len(films), sent.output
+            status = lambda: json.loads(pacs_ai_cli(  # noqa: E731
+                "status", "--config", str(config), "--json").stdout)
+            assert wait_until(lambda: status()["backlog"] == 0
+                              and sum(status()["jobs"].values()) == len(films), 120), \
+                service.log_path.read_text()[-3000:]
+            assert pacs.wait_for(reports, timeout=60)
+            result = {"status": status(), "metrics": _scrape(metrics_port),
+                      "text": pacs_ai_cli("status", "--config", str(config)).stdout}
+            time.sleep(1.0)  # a report too many would arrive now
+            assert service.terminate() == 0
+            result["events"] = service.events()
+    from pacs_ai.report import report_summary
+
+    result["reported"] = {report_summary(ds)["source_sop_instance_uid"]
+                          for ds in pacs.snapshot()}
+    result["log"] = (tmp_path / "serve.log").read_text()
+    return result
+
+
+@pytest.mark.real_peer
+@pytest.mark.slow
+def test_a_film_without_an_age_is_counted_and_the_skip_setting_skips_it(tmp_path,
+                                                                       pediatric_model):
+    """Issue 22 item 4, end to end with DCMTK's storescu as the modality: by default the film
+    without an age is classified, reported, and counted in `pacs-ai status` (text and JSON),
+    pacs_ai_classified_without_age_total and its log line (age_known=false), the child's film
+    as one with an age; with [model] unknown_age = "skip" the same film is skipped as
+    unknown-age with no report, and nothing is counted as classified without an age."""
+    films = aged_films()
+    child, unknown = str(films["child"].SOPInstanceUID), str(films["unknown"].SOPInstanceUID)
+    sent = [films["adult"], films["child"], films["unknown"]]
+    without_age = ("pacs_ai_classified_without_age_total", ())
+    skipped_unknown = ("pacs_ai_skipped_total", (("reason", "unknown-age"),))
+
+    default = _serve_and_send_by_storescu(tmp_path / "classify", pediatric_model, {}, sent,
+                                          reports=2)
+    assert default["reported"] == {child, unknown}
+    assert default["status"]["classified_ages"] == {"known": 1, "unknown": 1,
+                                                    "not_recorded": 0}
+    assert default["status"]["unknown_age"] == "classify"
+    assert ('no age:   1 of 2 classified films had no usable patient age ([model] unknown_age '
+            '= "classify")') in default["text"]
+    assert default["metrics"][without_age] == 1
+    assert default["metrics"].get(skipped_unknown, 0) == 0
+    classified = {e["sop_instance_uid"]: e for e in default["events"]
+                  if e["event"] == "instance_classified"}
+    assert (classified[unknown]["age_known"], classified[child]["age_known"]) == (False, True)
+    [start] = [e for e in default["events"] if e["event"] == "unknown_age"]
+    assert start["action"] == "classify" and start["level"] == "warning"  # no gate in this model
+
+    skip = _serve_and_send_by_storescu(tmp_path / "skip", pediatric_model,
+                                       {"unknown_age": "skip"}, sent, reports=1)
+    assert skip["reported"] == {child}
+    assert skip["status"]["classified_ages"] == {"known": 1, "unknown": 0, "not_recorded": 0}
+    assert skip["status"]["jobs"]["skipped"] == 2
+    reasons = {entry["sop_instance_uid"]: entry["reason"] for entry in skip["status"]["skipped"]}
+    assert reasons[unknown] == UNKNOWN_AGE_REASON
+    assert f"{unknown}  {UNKNOWN_AGE_REASON}" in skip["text"]
+    assert skip["metrics"][skipped_unknown] == 1
+    assert skip["metrics"][without_age] == 0
+    [start] = [e for e in skip["events"] if e["event"] == "unknown_age"]
+    assert start["action"] == "skip"
+    [skipped_event] = [e for e in skip["events"] if e["event"] == "instance_skipped"
+                       and e["sop_instance_uid"] == unknown]
+    assert skipped_event["reason"] == UNKNOWN_AGE_REASON
+    for run in (default, skip):  # no patient data in the log: no birth date, not the child's age
+        assert "20210115" not in run["log"] and "19700101" not in run["log"]
+        assert "3 years" not in run["log"]
+    assert not {"age", "patient_age", "age_years"} & set(classified[child])

@@ -224,6 +224,63 @@ def test_the_stored_vocabulary_is_the_one_queues_already_hold(store, spool):
     assert store.delivery_succeeded(due.job_id, "pacs").state == JobState.DONE
 
 
+def test_reported_jobs_keep_whether_their_film_had_an_age(store, spool):
+    """Issue 22 item 4: the queue counts classified films by whether the header gave a usable
+    patient age; films not classified are not counted."""
+    for uid in ("1.1", "1.2", "1.3", "1.4"):
+        admit(store, spool, uid)
+    jobs = {job.sop_instance_uid: job for job in store.claim(4)}
+    store.mark_reported(jobs["1.1"].id, probability=0.9, finding="pneumonia", report_uid="2.1",
+                        report_file="outbox/2.1.dcm", classify_ms=5, destinations=[],
+                        age_known=True)
+    store.mark_reported(jobs["1.2"].id, probability=0.1, finding="normal", report_uid="2.2",
+                        report_file="outbox/2.2.dcm", classify_ms=5, destinations=["pacs"],
+                        age_known=False)
+    store.mark_skipped(jobs["1.3"].id, "unknown-age: no usable patient age in the header")
+    store.mark_failed(jobs["1.4"].id, Stage.CLASSIFY, "decode-failed: broken")
+    assert store.age_counts() == {"known": 1, "unknown": 1, "not_recorded": 0}
+    assert (store.find("1.1").age_known, store.find("1.2").age_known) == (True, False)
+    assert store.find("1.3").age_known is None
+
+
+def test_a_queue_from_before_age_counts_opens_and_counts_its_films_as_not_recorded(tmp_path):
+    """A queue written by the release before (every column but age_known) keeps working: its
+    classified films count as not recorded, new ones are counted, and the column is an
+    INTEGER like the rest of the schema says."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL UNIQUE,
+            sop_class_uid TEXT NOT NULL, study_instance_uid TEXT, calling_ae_title TEXT,
+            image_file TEXT NOT NULL, state TEXT NOT NULL, stage TEXT, reason TEXT,
+            probability REAL, finding TEXT, report_uid TEXT, report_file TEXT, classify_ms REAL,
+            received_at REAL NOT NULL, updated_at REAL NOT NULL, peer_address TEXT,
+            modality TEXT, station_name TEXT, accession_number TEXT, route TEXT, model TEXT);
+        INSERT INTO jobs (sop_instance_uid, sop_class_uid, image_file, state, finding,
+            received_at, updated_at, model) VALUES ('1.2.3', '1.2.840.10008.5.1.4.1.1.1', '',
+            'done', 'normal', 1, 1, 'pacs-ai-pneumonia 1.2.1');
+        PRAGMA user_version = 1;""")
+    old.close()
+    store = JobStore.open(path)
+    try:
+        assert store.find("1.2.3").age_known is None
+        assert store.age_counts() == {"known": 0, "unknown": 0, "not_recorded": 1}
+        store.admit(instance("1.2.4"), lambda: "images/b.dcm")
+        [job] = store.claim(1)
+        store.mark_reported(job.id, probability=0.2, finding="normal", report_uid="2.9",
+                            report_file="outbox/2.9.dcm", classify_ms=1, destinations=[],
+                            age_known=False)
+        assert store.age_counts() == {"known": 0, "unknown": 1, "not_recorded": 1}
+    finally:
+        store.close()
+    check = sqlite3.connect(path)
+    types = {row[1]: row[2] for row in check.execute("PRAGMA table_info(jobs)")}
+    check.close()
+    assert types["age_known"] == "INTEGER"
+
+
 def test_status_side_refuses_a_missing_queue(tmp_path):
     with pytest.raises(UserError, match="no job queue"):
         JobStore.open(tmp_path / "none.sqlite", create=False)

@@ -1,8 +1,8 @@
 """`pacs-ai evaluate FOLDER`: validate the model on the site's own labelled films before go-live.
 
 The films go through the same steps as in the service (filters, intended age, decoding, the
-model, abstention), with the threshold and age range the config would put in force. Exit
-status 0 when the figures were computed, 1 when nothing (or no film of a class) could be
+model, abstention), with the threshold, age range and unknown_age the config would put in
+force. Exit status 0 when the figures were computed, 1 when nothing (or no film of a class) could be
 classified or the labels give no figures, 2 for usage errors (a missing folder, a CSV row whose
 file is missing or whose label is unknown, a bad config or model file).
 """
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shipped model)")
     parser.add_argument("--config", metavar="PATH",
                         help="the service's TOML config: its [filters], [limits] max_pixels "
-                             "and [model] threshold/age range apply as in the service")
+                             "and [model] threshold/age range/unknown_age apply as in the "
+                             "service")
     parser.add_argument("--sensitivity-floor", type=float, default=DEFAULT_FLOOR,
                         metavar="S", help="the proposed threshold is the highest whose "
                         f"sensitivity on these films is >= S (default {DEFAULT_FLOOR})")
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                                  min_age_years=config.model.min_age_years,
                                  max_age_years=config.model.max_age_years,
                                  ood_threshold=config.model.ood_threshold)
-    policy = config.filters.with_intended_age(model.info.intended_age_years)
+    policy = config.filters.with_intended_age(model.info.intended_age_years,
+                                              config.model.unknown_age)
 
     results = classify_files([film.path for film in labelled.films], model, policy,
                              config.limits.max_pixels)

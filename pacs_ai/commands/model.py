@@ -70,7 +70,7 @@ def _file_source(args: argparse.Namespace, config) -> str:
 def _site_settings(config, own) -> str:
     """What the config's [model] puts in force over the file's own values, as the service
     would (an impossible combination stops here as it stops the service)."""
-    from pacs_ai.intended_use import format_age_range, site_model_info
+    from pacs_ai.intended_use import UNKNOWN_AGE_CLASSIFY, format_age_range, site_model_info
 
     settings = config.model
     effective = site_model_info(own, threshold=settings.threshold,
@@ -84,6 +84,8 @@ def _site_settings(config, own) -> str:
         changes.append(f"ages {format_age_range(effective.intended_age_years)} years")
     if settings.ood_threshold is not None:
         changes.append(f"abstention above {effective.ood_threshold:.3f}")
+    if settings.unknown_age != UNKNOWN_AGE_CLASSIFY:
+        changes.append("films without an age skipped")
     where = config.source or "the built-in config"
     if not changes:
         return f"the model file's own settings ({where} overrides none)"

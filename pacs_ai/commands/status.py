@@ -1,5 +1,6 @@
 """`pacs-ai status`: jobs per state, backlog, the spool, deliveries and their health per
-destination, the latest failures with reasons, and what needs an admin.
+destination, classified films without a known patient age, the latest failures with reasons,
+and what needs an admin.
 
 Reads the job queue in the spool of the config (the service may be running meanwhile). Exit
 status: 0 when nothing needs an admin; 1 when something does (failed jobs within [status]
@@ -48,6 +49,8 @@ def collect(store: Any, limit: int) -> dict[str, Any]:
         "deliveries": store.delivery_counts(DeliveryObject.REPORT),
         "heatmap_deliveries": store.delivery_counts(DeliveryObject.HEATMAP),
         "routes": store.route_counts(),
+        # classified films by whether their header gave a usable patient age
+        "classified_ages": store.age_counts(),
         "retrying": [{"report_uid": uid, "destination": name, "attempts": attempts,
                       "next_attempt_at": _time(next_at), "last_error": error}
                      for uid, name, attempts, next_at, error in store.retrying_deliveries(limit)],
@@ -76,6 +79,15 @@ def _seconds(value: float | None) -> str:
     return f"{value // 3600} h {value % 3600 // 60} min"
 
 
+def _ages_line(ages: dict[str, int], unknown_age: str) -> str:
+    classified = sum(ages.values())
+    line = (f"no age:   {ages['unknown']} of {classified} classified films had no usable "
+            f'patient age ([model] unknown_age = "{unknown_age}")')
+    if ages["not_recorded"]:
+        line += f"; {ages['not_recorded']} classified before pacs-ai recorded it"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
     from pacs_ai import health
     from pacs_ai.config import load_config
@@ -95,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                   "min_free_bytes": spool_state["min_free_bytes"],
                   "spool_writable": spool_state["writable"],
                   "destinations": destinations,
+                  "unknown_age": config.model.unknown_age,
                   "needs_admin": health.needs_admin(config, store, destinations, spool_state)}
     finally:
         store.close()
@@ -107,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'' if report['spool_writable'] else ', NOT WRITABLE'})")
     print("jobs:     " + " | ".join(f"{state} {count}" for state, count in report["jobs"].items()))
     print(f"backlog:  {report['backlog']} (waiting for classification or delivery)")
+    print(_ages_line(report["classified_ages"], report["unknown_age"]))
     if report["routes"]:
         print("routes:   " + " | ".join(f"{name} {count}"
                                         for name, count in report["routes"].items())
