@@ -507,7 +507,8 @@ def label_values_in_code() -> dict[str, set[str]]:
     rejected |= _reason_codes(source / "scp.py", calls=("StoreOutcome",))
     rejected |= _reason_codes(source / "received.py", calls=("ReceivedDataError",))
     skipped = (_reason_codes(source / "filters.py")
-               | _reason_codes(source / "intended_use.py", functions=("outside_reason",))
+               | _reason_codes(source / "intended_use.py",
+                               functions=("outside_reason", "unknown_age_reason"))
                | _reason_codes(source / "model.py", functions=("abstain_reason",)))
     from pacs_ai.jobs import Stage
 
@@ -545,7 +546,7 @@ def test_the_guide_lists_each_metric_label_value_the_code_sets():
     in_code = label_values_in_code()
     assert {"association-limit", "calling-ae-not-allowed", "truncated-pixel-data", "disk-full",
             "peer-address-not-allowed"} <= in_code["pacs_ai_rejected_total{reason}"]
-    assert {"not-chest", "outside-intended-age", "out-of-distribution"} <= \
+    assert {"not-chest", "outside-intended-age", "unknown-age", "out-of-distribution"} <= \
         in_code["pacs_ai_skipped_total{reason}"]  # the scan finds them
     guide = GUIDE.read_text()
     start = guide.index("\n### Metrics\n")
