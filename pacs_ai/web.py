@@ -111,6 +111,7 @@ class QueuePage:
             "reason": job.reason,
             "route": job.route,
             "model": job.model,
+            "age_known": job.age_known,  # false: classified without a usable patient age
             "deliveries": deliveries,
             "retry_possible": job.state == JobState.FAILED and job.stage == Stage.DELIVER
                               and job.report_file is not None,
@@ -228,7 +229,8 @@ def _e(value: Any) -> str:
 
 def _finding(film: dict[str, Any]) -> str:
     if film["finding"]:
-        return f"{_e(film['finding'])} ({film['probability']})"
+        no_age = ", no age" if film.get("age_known") is False else ""
+        return f"{_e(film['finding'])} ({film['probability']}){no_age}"
     return _e(film["reason"]) or "-"
 
 

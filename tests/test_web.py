@@ -29,12 +29,13 @@ def fill(store: JobStore) -> dict[str, int]:
                                 modality="CR", station_name="ROOM1",
                                 accession_number=f"ACC-{name}"), lambda: f"images/{name}.dcm")
     done, failed, skipped = store.claim(3)
-    for job, probability in ((done, 0.91), (failed, 0.12)):
+    for job, probability, age_known in ((done, 0.91, True), (failed, 0.12, False)):
         store.mark_reported(job.id, probability=probability,
                             finding="pneumonia" if probability > 0.5 else "normal",
                             report_uid=f"2.25.{job.id}99999999999999999", report_file=
                             f"outbox/{job.id}.dcm", classify_ms=5.0,
-                            destinations=["pacs"], route="default", model="tiny 0.0.0-test")
+                            destinations=["pacs"], route="default", model="tiny 0.0.0-test",
+                            age_known=age_known)
     store.delivery_succeeded(done.id, "pacs")
     store.delivery_failed(failed.id, "pacs", "http-400: Dataset refused by policy",
                           retry_at=None)
@@ -96,6 +97,9 @@ def test_the_json_shows_films_counts_and_destinations_without_patient_data(serve
     assert failed["deliveries"]["pacs"]["last_error"] == "http-400: Dataset refused by policy"
     assert failed["retry_possible"] and failed["model"] == "tiny 0.0.0-test"
     assert films[ids["skipped"]]["reason"] == "modality: CT"
+    # classified without a usable patient age (issue 22 item 4); not looked at when skipped
+    assert (films[ids["done"]]["age_known"], failed["age_known"]) == (True, False)
+    assert films[ids["skipped"]]["age_known"] is None
     assert films[ids["done"]]["deliveries"]["pacs"]["state"] == "done"
     assert films[ids["done"]]["sop_instance_uid"] == short_uid(SOURCE_UID) == \
         "1.2.826....23456789"
@@ -117,6 +121,7 @@ def test_the_page_is_html_that_reloads_itself(served):
     assert f"<button type=submit name=job value={ids['failed']}>retry</button>" in page
     assert f"value={ids['done']}>" not in page  # retry only for failed deliveries
     assert "http-400: Dataset refused by policy" in page
+    assert "normal (0.12), no age" in page and "pneumonia (0.91)<" in page
     assert SOURCE_UID not in page and "ACC-" not in page
 
 
