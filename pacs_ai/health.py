@@ -45,15 +45,18 @@ def spool_state(spool: Spool, min_free_bytes: int) -> dict[str, Any]:
             "writable": write_problem is None, "problems": problems}
 
 
-def destinations_state(store: JobStore, config: Config, now: float | None = None,
-                       echoes: dict[str, dict[str, Any]] | None = None
+def destinations_state(store: JobStore, config: Config, now: float | None = None
                        ) -> dict[str, dict[str, Any]]:
     """Per configured destination: last success, pending deliveries and the oldest one's age
-    (since its image was received), how long it has been failing, and the latest C-ECHO
-    (`echoes`, pacs_ai.destination_echo.load_results; None where echoes are off)."""
+    (since its image was received), how long it has been failing, the latest C-ECHO (from the
+    spool's destination-echo.json; None where echoes are off), and its health in one word with
+    the reason (:func:`destination_health`). `pacs-ai status`, /healthz and the queue page all
+    show this, so they cannot disagree."""
+    from pacs_ai.destination_echo import load_results
+
     now = time.time() if now is None else now
-    echoes = echoes or {}
     echoing = {d.name for d in config.destinations if d.echo_interval_seconds > 0}
+    echoes = load_results(config.storage.spool_dir) if echoing else {}
     limit = config.status.destination_failing_seconds
     result = {}
     for name, state in store.destination_deliveries(d.name for d in config.destinations).items():
@@ -70,7 +73,47 @@ def destinations_state(store: JobStore, config: Config, now: float | None = None
             "last_error": state.last_error,
             "echo": _echo_state(echoes.get(name), now, limit) if name in echoing else None,
         }
+        result[name]["health"], result[name]["health_detail"] = destination_health(result[name])
     return result
+
+
+# A destination's health, worst first: what each word means (the guide lists them too).
+HEALTH_WORDS = {
+    "failing": "deliveries or the C-ECHO have failed for longer than [status] "
+               "destination_failing_seconds: needs an admin",
+    "retrying": "deliveries or the latest C-ECHO failed, for less than that so far",
+    "unknown": "nothing tried yet: no report sent and no C-ECHO answered",
+    "ok": "the latest delivery and C-ECHO (whichever it has) worked",
+}
+
+
+def destination_health(state: dict[str, Any]) -> tuple[str, str]:
+    """The one word for a destination's health (a key of HEALTH_WORDS) and why, from its
+    delivery failures and its latest C-ECHO alike: a PACS that is down with nothing waiting
+    shows in its echo, one that refuses reports while it answers echoes in its deliveries."""
+    echo = state.get("echo") or {}
+    delivery_failing = state["failing_since"] is not None
+    echo_failing = echo.get("ok") is False
+    if state["failing_too_long"] or echo.get("failing_too_long"):
+        word = "failing"
+    elif delivery_failing or echo_failing:
+        word = "retrying"
+    elif state["last_success_at"] is None and not echo.get("ok"):
+        return "unknown", ("no C-ECHO answered yet" if echo else "no report sent yet")
+    else:
+        word = "ok"
+    reasons = []
+    if delivery_failing:
+        reasons.append(f"deliveries failing for {state['failing_seconds']:.0f} s: "
+                       f"{state['last_error']}")
+    if echo_failing:
+        reasons.append(f"C-ECHO failing for {echo['failing_seconds']:.0f} s: {echo['detail']}")
+    if not reasons:
+        if state["last_success_at"] is not None:
+            reasons.append(f"last report stored {state['last_success_at']}")
+        if echo.get("ok"):
+            reasons.append(f"C-ECHO ok at {echo['at']}")
+    return word, "; ".join(reasons)
 
 
 def _echo_state(echo: dict[str, Any] | None, now: float, limit: float) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pacs_ai import audit, health, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
-from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
+from pacs_ai.destination_echo import DestinationEcho, EchoResults
 from pacs_ai.helper_processes import ImageWork
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import Job, JobState, JobStore
@@ -315,8 +315,7 @@ class Service:
         if self.store is None:
             return report
         ready = self.readiness()
-        destinations = health.destinations_state(self.store, self.config,
-                                                  echoes=load_results(self.spool.root))
+        destinations = health.destinations_state(self.store, self.config)
         pending = [s["oldest_pending_seconds"] for s in destinations.values()
                    if s["oldest_pending_seconds"] is not None]
         report.update(

@@ -125,10 +125,8 @@ class QueuePage:
         deliveries = self.store.deliveries_of(job.id for job in jobs)
         destinations = health.destinations_state(self.store, self.config)
         kinds = {d.name: (d.kind, d.where) for d in self.config.destinations}
-        for name, state in destinations.items():
+        for name, state in destinations.items():  # health: health.destination_health's
             state["kind"], state["where"] = kinds.get(name, (None, None))
-            state["health"] = ("failing" if state["failing_too_long"] else
-                               "retrying" if state["failing_since"] else "ok")
         return {
             "generated_at": _iso(time.time()),
             "version": pacs_ai.__version__,
@@ -219,7 +217,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th { background: #f0f0f0; }
 .done, .ok { color: #176317; } .failed, .failing { color: #a00; font-weight: bold; }
 .pending, .retrying, .delivering, .classifying { color: #8a5a00; }
-.skipped { color: #555; } .note { color: #555; } code { font-size: 12px; }
+.skipped, .unknown { color: #555; } .note { color: #555; } code { font-size: 12px; }
 """
 
 
@@ -267,7 +265,8 @@ def render(snapshot: dict[str, Any], config: Config) -> str:
         destinations.append(
             f"<tr id=destination-{_e(name)}><td>{_e(name)}</td><td>{_e(state['kind'])}</td>"
             f"<td><code>{_e(state['where'])}</code></td>"
-            f"<td class={_e(state['health'])}>{_e(state['health'])}</td>"
+            f"<td class={_e(state['health'])} title=\"{_e(state['health_detail'])}\">"
+            f"{_e(state['health'])}<br><span class=note>{_e(state['health_detail'])}</span></td>"
             f"<td>{_e(state['last_success_at']) or 'never'}</td><td>{state['pending']}</td>"
             f"<td><code>{_e(state['last_error'])}</code></td></tr>")
     counts = " | ".join(f"<span class={state}>{state} {snapshot['jobs'].get(state, 0)}</span>"

@@ -4,7 +4,9 @@ a real Orthanc up, stopped and back, and the service showing the result in `pacs
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 import urllib.request
 
@@ -71,6 +73,33 @@ def test_echo_against_orthanc_up_stopped_and_back(tmp_path):
     assert events == ["echo_failed", "echo_recovered"], logs  # on each change, not each echo
 
 
+def health_everywhere(config, metrics_port: int, name: str) -> dict[str, tuple[str, str]]:
+    """A destination's health word and reason as each place shows it: `pacs-ai status` (text
+    and --json), /healthz, /api/queue and the /queue page. Digits become # in the reasons, as
+    a second or an echo's time may pass between the reads."""
+    def read(path: str):
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{metrics_port}{path}",
+                                    timeout=10) as answer:
+            return answer.read().decode()
+
+    def entry(state: dict) -> tuple[str, str]:
+        return state["health"], state["health_detail"]
+
+    found = {"status --json": entry(json.loads(pacs_ai_cli(
+        "status", "--config", str(config), "--json").stdout)["destinations"][name])}
+    text = pacs_ai_cli("status", "--config", str(config)).stdout
+    block = text[text.index(f"  {name}: reports"):]
+    line = re.search(r"^    health (\w+)(?:: (.*))?$", block, flags=re.M)
+    found["status"] = (line.group(1), line.group(2) or "")
+    found["/healthz"] = entry(json.loads(read("/healthz"))["destinations"][name])
+    found["/api/queue"] = entry(json.loads(read("/api/queue"))["destinations"][name])
+    row = re.search(rf"<tr id=destination-{re.escape(name)}>.*?</tr>", read("/queue"), re.S)
+    cell = re.search(r'<td class=(\w+) title="([^"]*)">(\w+)<br>', row.group(0))
+    assert cell.group(1) == cell.group(3), row.group(0)
+    found["/queue"] = (cell.group(3), html.unescape(cell.group(2)))
+    return {where: (word, re.sub(r"\d", "#", detail)) for where, (word, detail) in found.items()}
+
+
 @pytest.mark.real_peer
 def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path, tiny_model):
     """pacs-ai serve echoes Orthanc at start-up (ok in status, /healthz, metrics); Orthanc
@@ -107,6 +136,9 @@ def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path, tiny_mod
                                     timeout=10) as answer:
             exposition = answer.read().decode()
         assert 'pacs_ai_destination_echo_ok{destination="orthanc"} 1.0' in exposition
+        # Issue 23 item 5: one health, the same everywhere.
+        seen = health_everywhere(config, metrics_port, "orthanc")
+        assert set(seen.values()) == {("ok", "C-ECHO ok at ####-##-##T##:##:##+##:##")}, seen
 
         orthanc.stop()
         assert wait_until(lambda: status()[1]["destinations"]["orthanc"]["echo"]["ok"] is False,
@@ -118,5 +150,11 @@ def test_service_shows_the_echo_in_status_healthz_and_metrics(tmp_path, tiny_mod
                                  for reason in report["needs_admin"]), report["needs_admin"]
         text = pacs_ai_cli("status", "--config", str(config)).stdout
         assert "echo FAILED at " in text and "connection-failed" in text, text
+        # With the PACS down and nothing waiting, every place says failing, for the C-ECHO
+        # (the queue page said "ok" and /api/queue "no C-ECHO yet").
+        seen = health_everywhere(config, metrics_port, "orthanc")
+        [(word, detail)] = set(seen.values())
+        assert word == "failing" and detail.startswith("C-ECHO failing for "), seen
+        assert "connection-failed" in detail, seen
         assert [e["event"] for e in service.events()
                 if e.get("event") in ("echo_failed", "echo_recovered")] == ["echo_failed"]

@@ -190,6 +190,8 @@ def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_bac
         retry={"initial_delay_seconds": 0.2, "max_delay_seconds": 0.5, "max_attempts": 0,
                "max_age_seconds": 600})
     try:
+        state = get(service, "/healthz")[1]["destinations"]["main-pacs"]
+        assert (state["health"], state["health_detail"]) == ("unknown", "no report sent yet")
         [result] = SimulatedModality(service.port).send([synthetic_radiograph(seed=7)])
         assert result.status == 0
         # Failing past [status] destination_failing_seconds (1 s).
@@ -202,6 +204,9 @@ def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_bac
         assert state["last_success_at"] is None and state["pending"] == 1
         assert state["failing_seconds"] > 1 and "connection-failed" in state["last_error"]
         assert state["oldest_pending_seconds"] > 1
+        assert state["health"] == "failing"
+        assert state["health_detail"].startswith("deliveries failing for ")
+        assert state["health_detail"].endswith(state["last_error"])
         assert body["oldest_pending_delivery_seconds"] == state["oldest_pending_seconds"]
         [reason] = body["needs_admin"]
         assert reason.startswith("destination-failing: main-pacs")
@@ -222,6 +227,8 @@ def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_bac
             live, body = get(service, "/healthz")
             state = body["destinations"]["main-pacs"]
             assert state["failing_since"] is None and state["last_success_at"] is not None
+            assert state["health"] == "ok"
+            assert state["health_detail"] == f"last report stored {state['last_success_at']}"
             assert body["needs_admin"] == [] and body["oldest_pending_delivery_seconds"] is None
             samples = scrape(service)
             assert samples[("pacs_ai_oldest_pending_delivery_seconds", labels)] == 0
@@ -232,6 +239,40 @@ def test_a_pacs_that_is_down_shows_in_healthz_metrics_and_status_until_it_is_bac
             assert code == 0 and report["needs_admin"] == []
     finally:
         service.stop()
+
+
+def test_one_health_word_from_deliveries_and_echo_alike():
+    """destination_health's table: a failure of either kind is "retrying" until [status]
+    destination_failing_seconds, then "failing"; "ok" needs a delivery or an echo that
+    worked; "unknown" before either."""
+    from pacs_ai.health import HEALTH_WORDS, destination_health
+
+    quiet = {"failing_since": None, "failing_seconds": None, "failing_too_long": False,
+             "last_error": None, "last_success_at": None, "echo": None}
+    stored = {**quiet, "last_success_at": "2026-12-07T00:00:00+00:00"}
+    failing = {**stored, "failing_since": "2026-12-07T00:01:00+00:00", "failing_seconds": 30.0,
+               "last_error": "connection-failed: PACS@pacs:104"}
+    echo_down = {"ok": False, "at": "2026-12-07T00:02:00+00:00", "detail": "connection-failed",
+                 "failing_seconds": 40.0, "failing_too_long": False}
+    echo_up = {"ok": True, "at": "2026-12-07T00:02:00+00:00", "detail": "0x0000",
+               "failing_seconds": None, "failing_too_long": False}
+    no_echo_yet = {"ok": None, "at": None, "detail": "no C-ECHO yet", "failing_seconds": None,
+                   "failing_too_long": False}
+    cases = [
+        (quiet, "unknown", "no report sent yet"),
+        ({**quiet, "echo": no_echo_yet}, "unknown", "no C-ECHO answered yet"),
+        (stored, "ok", "last report stored 2026-12-07T00:00:00+00:00"),
+        ({**quiet, "echo": echo_up}, "ok", "C-ECHO ok at 2026-12-07T00:02:00+00:00"),
+        (failing, "retrying", "deliveries failing for 30 s: connection-failed: PACS@pacs:104"),
+        ({**failing, "failing_too_long": True}, "failing", "deliveries failing for 30 s: "
+                                                           "connection-failed: PACS@pacs:104"),
+        ({**quiet, "echo": echo_down}, "retrying", "C-ECHO failing for 40 s: connection-failed"),
+        ({**stored, "echo": {**echo_down, "failing_too_long": True}}, "failing",
+         "C-ECHO failing for 40 s: connection-failed"),
+    ]
+    for state, word, detail in cases:
+        assert destination_health(state) == (word, detail), state
+        assert word in HEALTH_WORDS
 
 
 def test_failed_jobs_make_status_exit_1_within_the_configured_window(tmp_path, tiny_model):

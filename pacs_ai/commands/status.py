@@ -91,7 +91,6 @@ def _ages_line(ages: dict[str, int], unknown_age: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from pacs_ai import health
     from pacs_ai.config import load_config
-    from pacs_ai.destination_echo import load_results
     from pacs_ai.jobs import JobStore
     from pacs_ai.spool import Spool
 
@@ -100,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     store = JobStore.open(spool.db_path, create=False)
     try:
         spool_state = health.spool_state(spool, config.storage.min_free_bytes)
-        destinations = health.destinations_state(store, config,
-                                                  echoes=load_results(spool.root))
+        destinations = health.destinations_state(store, config)
         report = {"spool": str(spool.root), **collect(store, max(args.limit, 0)),
                   "spool_free_bytes": spool_state["free_bytes"],
                   "min_free_bytes": spool_state["min_free_bytes"],
@@ -137,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             state = destinations.get(name)
             if state is None:
                 continue  # no longer in the config
+            print(f"    health {state['health']}"
+                  + (f": {state['health_detail']}" if state["health_detail"] else ""))
             line = f"    last success {state['last_success_at'] or 'never'}"
             if state["pending"]:
                 line += f", oldest waiting {_seconds(state['oldest_pending_seconds'])}"
