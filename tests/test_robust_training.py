@@ -132,3 +132,21 @@ def test_smoke_robust_members_make_an_ensemble_that_is_stressed_and_abstains(tmp
     sets = json.loads((abstention / "abstention.json").read_text())["sets"]
     assert sets["validation none"]["count"] == len(first["validation"])
     assert "synthetic checkerboard" in sets and "sample skip_ct_chest_slice.dcm" in sets
+
+
+def test_the_stress_summary_shows_a_push_on_normal_films_that_specificity_hides():
+    from training.stress import HARD_SITE_SPECIFICITY, summarise
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    logits = np.r_[rng.normal(-7, 1.5, 200), rng.normal(6, 1.5, 200)]
+    pushed = logits + np.where(labels == 0, 2.0, 0.0)  # e.g. a tight crop on every normal film
+    summary = summarise({"none": 1 / (1 + np.exp(-logits)),
+                         "crop": 1 / (1 + np.exp(-pushed))}, labels, threshold=0.5)
+    unshifted, crop = summary["conditions"]["none"], summary["conditions"]["crop"]
+    # at the model's threshold the push is invisible: these normal films sit far below it
+    assert crop["specificity"] == unshifted["specificity"] == 1.0
+    assert crop["normal_logit_shift"] == pytest.approx(2.0, abs=1e-6)
+    assert unshifted["specificity_hard_site"] == pytest.approx(HARD_SITE_SPECIFICITY, abs=0.01)
+    assert crop["specificity_hard_site"] < 0.6
+    assert summary["worst"]["specificity_hard_site"]["condition"] == "crop"
