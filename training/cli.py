@@ -13,6 +13,8 @@
   gate-check  a gate's (or a model file's) abstention on children's and adult validation films,
             shifted, restyled, turned, and on made-up pictures (training.gate_check)
   gated-model  a released classifier file behind trained gate members, as one model file
+  finetune  one member of a released ensemble trained further on two views of each film, with a
+            penalty on their logits' difference (training.finetune)
   table     the comparison table (markdown) of several runs' validation figures
   add-saliency  re-export an ensemble model file with its saliency method (contract 2): the same
             weights and metadata under a new version, checked to give the same outputs
@@ -173,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     gated.add_argument("--output", type=Path, required=True)
     gated.add_argument("--data", type=Path, default=DEFAULT_DATA)
     gated.add_argument("--adults", type=Path, default=DEFAULT_ADULTS)
+
+    finetune = commands.add_parser("finetune", help="fine-tune one member of a released ensemble "
+                                   "on two views of each film with a logit-consistency penalty")
+    finetune.add_argument("--model", type=Path, required=True, help="a released ensemble file")
+    finetune.add_argument("--member", type=int, required=True, help="which member (0-based)")
+    finetune.add_argument("--out", type=Path, required=True, help="run folder to create")
+    finetune.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    finetune.add_argument("--seed", type=int, default=0, help="seeds the batches and views")
+    finetune.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    finetune.add_argument("--consistency", type=float, help="override the penalty's weight")
+    finetune.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
 
     table = commands.add_parser("table", help="markdown table of several runs")
     table.add_argument("runs", nargs="+", type=Path)
@@ -453,6 +466,23 @@ def command_gated_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from training.finetune import FinetuneRecipe, run_finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"epochs": args.epochs, "consistency": args.consistency}
+    recipe = dataclasses.replace(FinetuneRecipe(),
+                                 **{k: v for k, v in overrides.items() if v is not None})
+    print(json.dumps(run_finetune(args.model, args.member, args.data, args.out, args.seed,
+                                  recipe)))
+    return 0
+
+
 def command_table(args: argparse.Namespace) -> int:
     rows = [json.loads((run / "summary.json").read_text()) for run in args.runs]
     print("| configuration | epochs | val accuracy @0.5 | val AUC | threshold | val accuracy | "
@@ -475,5 +505,6 @@ def main(argv: list[str] | None = None) -> int:
                "export": command_export,
                "add-saliency": command_add_saliency, "explain": command_explain,
                "gate": command_gate, "gate-check": command_gate_check,
-               "gated-model": command_gated_model, "table": command_table}[args.command]
+               "gated-model": command_gated_model, "finetune": command_finetune,
+               "table": command_table}[args.command]
     return handler(args)
