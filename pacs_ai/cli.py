@@ -15,6 +15,7 @@ COMMANDS = {
     "classify": "pacs_ai.commands.classify",
     "status": "pacs_ai.commands.status",
     "retry": "pacs_ai.commands.retry",
+    "dismiss": "pacs_ai.commands.dismiss",
     "model": "pacs_ai.commands.model",
     "evaluate": "pacs_ai.commands.evaluate",
 }

@@ -12,11 +12,12 @@ metrics.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
 from pacs_ai.config import Config
-from pacs_ai.jobs import JobStore
+from pacs_ai.jobs import JobStore, retry_can_fix
 from pacs_ai.spool import Spool
 
 
@@ -132,17 +133,12 @@ def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[st
                 spool: dict[str, Any], now: float | None = None) -> list[str]:
     """What an admin should look at, one line each; empty when nothing."""
     now = time.time() if now is None else now
-    window = config.status.failed_jobs_within_seconds
-    failed = store.failed_since(now - window if window > 0 else 0.0)
     reasons = []
     if config.listener.refuses_every_caller:
         reasons.append("listener-refuses-every-caller: [listener] allowed_calling_ae_titles is "
                        "empty, so every association is rejected; name the modalities' AE titles "
                        "there (or set accept_any_calling_ae = true), then restart")
-    if failed:
-        within = f" in the last {window:g} s" if window > 0 else ""
-        reasons.append(f"failed-jobs: {failed} job(s) failed{within}; see the latest failures, "
-                       "fix the cause, then `pacs-ai retry`")
+    reasons += _failures(config, store, now)
     limit = config.status.destination_failing_seconds
     for name, state in destinations.items():
         if state["failing_too_long"]:
@@ -156,4 +152,28 @@ def needs_admin(config: Config, store: JobStore, destinations: dict[str, dict[st
                            f"{echo['failing_seconds']:.0f} s (over [status] "
                            f"destination_failing_seconds {limit:g}): {echo['detail']}")
     reasons.extend(spool["problems"])
+    return reasons
+
+
+def _failures(config: Config, store: JobStore, now: float) -> list[str]:
+    """Failed jobs within [status] failed_jobs_within_seconds that no admin dismissed: those
+    `pacs-ai retry` can fix once the cause is (failed-jobs), and those whose failure is in the
+    image itself (failed-images), which only a corrected image or a dismissal settles."""
+    window = config.status.failed_jobs_within_seconds
+    within = f" in the last {window:g} s" if window > 0 else ""
+    fixable, in_image = 0, Counter()
+    for (stage, code), count in store.failures_since(now - window if window > 0 else 0.0).items():
+        if retry_can_fix(stage, code):
+            fixable += count
+        else:
+            in_image[code] += count
+    reasons = []
+    if fixable:
+        reasons.append(f"failed-jobs: {fixable} job(s) failed{within}; see the latest failures, "
+                       "fix the cause, then `pacs-ai retry`")
+    if in_image:
+        codes = ", ".join(f"{code} {count}" for code, count in sorted(in_image.items()))
+        reasons.append(f"failed-images: {in_image.total()} image(s) failed{within} for what is "
+                       f"in the image ({codes}); `pacs-ai retry` cannot fix that: have the "
+                       "modality send a corrected image, or `pacs-ai dismiss` them")
     return reasons

@@ -5,7 +5,8 @@ A job is one received instance. Its life:
                            -> done        (no destination configured)
                            -> skipped     (not a film the model was made for; reason kept)
                            -> failed      (cannot decode, cannot build the report, or a
-                                           delivery gave up; reason kept, `pacs-ai retry` requeues)
+                                           delivery gave up; reason kept, `pacs-ai retry` requeues,
+                                           `pacs-ai dismiss` settles one no retry can fix)
 Each job that has a report gets one delivery row per destination and object: the report, and
 its heat-map image where one was made (pacs_ai.heatmap_image); each goes
     pending (attempts, next_attempt_at) -> done | failed
@@ -22,6 +23,7 @@ other processes (`pacs-ai status`, `pacs-ai retry`) open their own connection.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sqlite3
 import threading
@@ -94,6 +96,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     accession_number TEXT,             -- shown on the queue page only when [web] allows it
     route TEXT,                        -- the [[routes]] name taken, or 'default'
     model TEXT,                        -- name and version of the model that classified it
+    dismissed_at REAL,                 -- a failed job an admin dismissed (pacs-ai dismiss)
     age_known INTEGER                  -- a reported film's header gave a usable patient age:
                                        -- 1 or 0; NULL: not reported, or before pacs-ai kept it
 );
@@ -142,6 +145,7 @@ class Job:
     route: str | None = None
     model: str | None = None
     age_known: bool | None = None
+    dismissed_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.age_known is not None:  # SQLite gives back 1 or 0
@@ -152,7 +156,7 @@ class Job:
 # gets them at open (its rows read NULL there).
 ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
                      "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
-                     "age_known": "INTEGER"}
+                     "age_known": "INTEGER", "dismissed_at": "REAL"}
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,27 @@ def accepts_resend(job: Job) -> bool:
 def is_purged(job: Job) -> bool:
     """Its files were deleted after [storage] keep_failed_days (JobStore.purge_files)."""
     return job.image_file == "" and job.report_file is None
+
+
+# Codes of classify failures that come from the image itself: `pacs-ai retry` would run the same
+# bytes through the same code and fail the same way. A corrected image sent again runs the job
+# again; otherwise an admin dismisses the failure (`pacs-ai dismiss`).
+IMAGE_FAILURE_CODES = frozenset({
+    "no-pixel-data", "bad-pixel-header", "too-large", "multi-frame", "colour", "not-monochrome",
+    "unsupported-bit-depth", "unsupported-transfer-syntax", "truncated-pixel-data",
+    "decode-failed", "decode-crashed"})
+
+
+def reason_code(reason: str | None) -> str:
+    """The code of a "code: detail" reason ("" for none)."""
+    return (reason or "").split(":", 1)[0].strip()
+
+
+def retry_can_fix(stage: str | None, code: str) -> bool:
+    """Whether `pacs-ai retry`, once the cause is fixed, can turn a failure (its stage and the
+    code of its "code: detail" reason) into a report: a delivery (the PACS), the report, an
+    internal or model error; not a failure that is in the image (IMAGE_FAILURE_CODES)."""
+    return not (stage == Stage.CLASSIFY and code in IMAGE_FAILURE_CODES)
 
 
 _DELIVERIES_TABLE = re.search(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", SCHEMA,
@@ -359,9 +384,9 @@ class JobStore:
             else:
                 self._write(lambda db: db.execute(
                     f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
-                    "image_file = ?, sop_class_uid = ?, calling_ae_title = ?, received_at = ?, "
-                    "updated_at = ?, peer_address = ?, modality = ?, station_name = ?, "
-                    "accession_number = ? WHERE id = ?",
+                    "dismissed_at = NULL, image_file = ?, sop_class_uid = ?, "
+                    "calling_ae_title = ?, received_at = ?, updated_at = ?, peer_address = ?, "
+                    "modality = ?, station_name = ?, accession_number = ? WHERE id = ?",
                     (image_file, instance.sop_class_uid, instance.calling_ae_title, now, now,
                      instance.peer_address, instance.modality, instance.station_name,
                      instance.accession_number, existing.id)))
@@ -563,8 +588,8 @@ class JobStore:
         def body(db: sqlite3.Connection) -> int:
             now = time.time()
             job = db.execute(f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, "
-                             "reason = NULL, updated_at = ? WHERE id = ? AND "
-                             f"state = '{JobState.FAILED}' AND stage = '{Stage.DELIVER}' "
+                             "reason = NULL, dismissed_at = NULL, updated_at = ? WHERE id = ? "
+                             f"AND state = '{JobState.FAILED}' AND stage = '{Stage.DELIVER}' "
                              "AND report_file IS NOT NULL", (now, job_id)).rowcount
             if not job:
                 return 0
@@ -604,27 +629,59 @@ class JobStore:
 
     def requeue_failed(self) -> tuple[int, int]:
         """`pacs-ai retry`: failed classifications go back to pending, failed deliveries are
-        tried again from the start. Returns (jobs requeued, deliveries requeued)."""
+        tried again from the start; dismissed jobs are left as they are (dismiss).
+        Returns (jobs requeued, deliveries requeued)."""
         def body(db: sqlite3.Connection) -> tuple[int, int]:
             now = time.time()
             deliveries = db.execute(
                 f"UPDATE deliveries SET state = '{DeliveryState.PENDING}', attempts = 0, "
                 "first_attempt_at = NULL, next_attempt_at = ?, last_error = NULL "
-                f"WHERE state = '{DeliveryState.FAILED}'", (now,)).rowcount
+                f"WHERE state = '{DeliveryState.FAILED}' AND job_id NOT IN "
+                "(SELECT id FROM jobs WHERE dismissed_at IS NOT NULL)", (now,)).rowcount
             redeliver = db.execute(
                 f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, reason = NULL, "
                 f"updated_at = ? WHERE state = '{JobState.FAILED}' AND report_file IS NOT NULL "
-                "AND id IN (SELECT job_id FROM deliveries WHERE state = "
-                f"'{DeliveryState.PENDING}')", (now,)).rowcount
+                "AND dismissed_at IS NULL AND id IN (SELECT job_id FROM deliveries WHERE "
+                f"state = '{DeliveryState.PENDING}')", (now,)).rowcount
             reclassify = db.execute(
                 f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
-                f"updated_at = ? WHERE state = '{JobState.FAILED}' "
+                f"updated_at = ? WHERE state = '{JobState.FAILED}' AND dismissed_at IS NULL "
                 f"AND stage IN ('{Stage.CLASSIFY}', '{Stage.REPORT}') AND image_file != ''",
                 (now,)).rowcount  # not those purged
             return redeliver + reclassify, deliveries
         result = self._write(body)
         self._work_added()
         return result
+
+    def dismiss(self, keys: Iterable[str] | None = None) -> tuple[list[Job], list[str]]:
+        """`pacs-ai dismiss`: mark failed jobs an admin has seen, so that status no longer
+        calls for one; each stays failed, with its reason, and `retry` passes it over. `keys`:
+        job numbers or SOP Instance UIDs; None: every failed job not dismissed yet.
+        Returns (the jobs dismissed now, the keys that name no failed job); when a key names
+        none, nothing is dismissed. A job dismissed before is left as it was."""
+        def body(db: sqlite3.Connection) -> tuple[list[Job], list[str]]:
+            now = time.time()
+            if keys is None:
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = "
+                                  f"'{JobState.FAILED}' AND dismissed_at IS NULL").fetchall()
+                unknown: list[str] = []
+            else:
+                rows, unknown = [], []
+                for key in keys:
+                    column = "id" if key.isdigit() else "sop_instance_uid"
+                    row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {column} = ? AND "
+                                     f"state = '{JobState.FAILED}'", (key,)).fetchone()
+                    if row is None:
+                        unknown.append(key)
+                    elif Job(*row).dismissed_at is None:
+                        rows.append(row)
+                if unknown:  # all or nothing: a mistyped key changes nothing
+                    return [], unknown
+            jobs = [dataclasses.replace(Job(*row), dismissed_at=now) for row in rows]
+            db.executemany("UPDATE jobs SET dismissed_at = ? WHERE id = ?",
+                           [(now, job.id) for job in jobs])
+            return jobs, unknown
+        return self._write(body)
 
     def job_counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
@@ -689,10 +746,19 @@ class JobStore:
                                                  error)
         return result
 
-    def failed_since(self, since: float) -> int:
-        """Jobs that failed at or after `since` (epoch seconds) and are still failed."""
+    def failures_since(self, since: float) -> dict[tuple[str | None, str], int]:
+        """Jobs that failed at or after `since` (epoch seconds), are still failed and are not
+        dismissed, counted by (stage, reason code)."""
+        rows = self._read(
+            "SELECT stage, TRIM(SUBSTR(reason, 1, INSTR(reason || ':', ':') - 1)), COUNT(*) "
+            f"FROM jobs WHERE state = '{JobState.FAILED}' AND dismissed_at IS NULL AND "
+            "updated_at >= ? GROUP BY 1, 2", (since,))
+        return {(stage, code or ""): count for stage, code, count in rows}
+
+    def dismissed_count(self) -> int:
+        """Failed jobs an admin dismissed."""
         return self._read(f"SELECT COUNT(*) FROM jobs WHERE state = '{JobState.FAILED}' AND "
-                          "updated_at >= ?", (since,))[0][0]
+                          "dismissed_at IS NOT NULL")[0][0]
 
     def backlog(self) -> int:
         """Jobs received but not finished: waiting for classification or for delivery."""

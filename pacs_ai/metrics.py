@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import disable_created_metrics, generate_latest
 
 from pacs_ai.errors import UserError
+from pacs_ai import jobs
 from pacs_ai.jobs import Stage
 
 log = structlog.get_logger()
@@ -121,7 +122,7 @@ def reason_code(reason: str) -> str:
 
     Keeps label cardinality bounded: the free text after the colon varies per instance.
     """
-    return reason.split(":", 1)[0].strip() or "unknown"
+    return jobs.reason_code(reason) or "unknown"
 
 
 class MetricsServer:

@@ -2,12 +2,14 @@
 
 Success tells the modality it may forget the image, so whatever can be found wrong cheaply while
 the dataset is in hand is refused instead (0xC000 with the reason as Error Comment), and the
-modality's queue keeps the image: the dataset must parse up to its Pixel Data, the Pixel Data
-element must be whole (every fragment item and the sequence delimiter of encapsulated data),
-and for uncompressed syntaxes it must hold at least the bytes Rows x Columns x Number of Frames
-x Samples per Pixel x Bits Allocated declare. Only the element headers are read: the pixels
-are never copied. What cannot be checked here (a corrupt compressed stream, say) fails later
-in the worker, as before.
+modality's queue keeps the image: the dataset must parse up to its Pixel Data, the header
+must declare no more pixels (Rows x Columns x Number of Frames) than [limits] max_pixels, whatever
+the transfer syntax (the worker would never decode more: `too-large`), the Pixel Data element
+must be whole (every fragment item and the sequence delimiter of encapsulated data), and for
+uncompressed syntaxes it must hold at least the bytes Rows x Columns x Number of Frames x
+Samples per Pixel x Bits Allocated declare. Only the element headers are read: the pixels are
+never copied. What cannot be checked here (a corrupt compressed stream, say) fails later in the
+worker, as before.
 """
 
 from __future__ import annotations
@@ -28,8 +30,23 @@ LONG_LENGTH_VRS = (b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"SQ", b"SV", b"UC"
 
 
 class ReceivedDataError(ValueError):
-    """The received dataset is incomplete or malformed; str(error) is "<code>: <detail>" with
-    code no-pixel-data or truncated-pixel-data."""
+    """The received dataset is incomplete, malformed or too large to decode; str(error) is
+    "<code>: <detail>" with code no-pixel-data, truncated-pixel-data or too-large."""
+
+
+def check_declared_size(header: Dataset, max_pixels: int) -> None:
+    """Raise ReceivedDataError when the header declares more than `max_pixels` pixels (Rows x
+    Columns x frames), the limit the worker decodes within (pacs_ai.pixels). Values that are
+    not usable numbers are left to the worker, which fails the job with bad-pixel-header."""
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return
+    if min(rows, columns, frames) > 0 and rows * columns * frames > max_pixels:
+        # short enough for the Error Comment (64 characters)
+        raise ReceivedDataError(f"too-large: {rows} x {columns} x {frames} frame(s) > "
+                                f"max_pixels {max_pixels}")
 
 
 def check_pixel_data(header: Dataset, stream: BytesIO, syntax: UID,

@@ -11,8 +11,10 @@ once the instance is fsynced under spool/images/ and its job row is committed; o
     0xA900  the dataset's SOP Class UID is not the one the request announced.
     0xC000  cannot understand: the dataset cannot be parsed, or does not parse up to and through
             a whole Pixel Data element, or its uncompressed Pixel Data is shorter than Rows,
-            Columns, frames, samples and Bits Allocated declare (pacs_ai.received): refused
-            rather than acknowledged and failed later, so the modality keeps the image.
+            Columns, frames, samples and Bits Allocated declare, or it declares more pixels
+            than [limits] max_pixels (too-large, whatever the transfer syntax)
+            (pacs_ai.received): refused rather than acknowledged and failed later, so the
+            modality keeps the image.
     0xC001  cannot understand: no usable SOP Instance UID, or not the one the request announced.
 
 Each refusal is logged with its reason and counted (metric pacs_ai_rejected{reason}).
@@ -44,12 +46,12 @@ from pynetdicom.utils import make_target
 from pacs_ai import audit, metrics
 from pacs_ai.addresses import address_in, parse_networks
 from pacs_ai.audit import AuditTrail
-from pacs_ai.config import Config, ListenerTLSConfig
+from pacs_ai.config import Config, LimitsConfig, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.inflation import DatasetTooLarge, InflatedHead
 from pacs_ai.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
 from pacs_ai.received import (PIXEL_DATA_HEADER_BYTES, PIXEL_DATA_TAG, ReceivedDataError,
-                              check_pixel_data)
+                              check_declared_size, check_pixel_data)
 from pacs_ai.pynetdicom_internals import os_socket, register_server
 from pacs_ai.sockets import (RequestDeadlines, limit_message_bytes, read_pdus_in_large_chunks,
                              send_small_messages_at_once)
@@ -594,7 +596,7 @@ class StorageSCP:
     def _store(self, event: Event, received: dict[str, Dataset]) -> ReceiveResult:
         request = event.request
         try:
-            dataset = received_header(event, self.config.limits.max_dataset_bytes)
+            dataset = received_header(event, self.config.limits)
             received["header"] = dataset
             sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
@@ -676,13 +678,14 @@ def header_values(dataset: Dataset) -> dict[str, str | None]:
     return values
 
 
-def received_header(event: Event, max_bytes: int) -> Dataset:
+def received_header(event: Event, limits: LimitsConfig) -> Dataset:
     """The received dataset up to its pixel data (all the listener reads are three UIDs), once
-    the Pixel Data element is known to be whole (ReceivedDataError if not).
+    it is known to declare no more than [limits] max_pixels and its Pixel Data element to be
+    whole (ReceivedDataError if not).
 
     `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
     as long as the handler runs (fsync included). A deflated stream is inflated in chunks as
-    far as the header goes and the rest only counted, never past `max_bytes`
+    far as the header goes and the rest only counted, never past max_dataset_bytes
     (pacs_ai.inflation, DatasetTooLarge): 1 MB can inflate to gigabytes.
     """
     syntax = event.context.transfer_syntax
@@ -690,9 +693,10 @@ def received_header(event: Event, max_bytes: int) -> Dataset:
     stream.seek(0)
     deflated = syntax == DeflatedExplicitVRLittleEndian
     if deflated:
-        stream = InflatedHead(stream, max_bytes)
+        stream = InflatedHead(stream, limits.max_dataset_bytes)
     header = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                           stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+    check_declared_size(header, limits.max_pixels)  # before a deflated rest is inflated
     dataset_length = None
     if deflated:
         stream.keep(PIXEL_DATA_HEADER_BYTES)

@@ -109,6 +109,8 @@ class QueuePage:
             "finding": job.finding,
             "probability": None if job.probability is None else round(job.probability, 3),
             "reason": job.reason,
+            # a failure an admin dismissed (`pacs-ai dismiss`): seen, calls for no one
+            "dismissed_at": _iso(job.dismissed_at),
             "route": job.route,
             "model": job.model,
             "age_known": job.age_known,  # false: classified without a usable patient age
@@ -217,7 +219,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th { background: #f0f0f0; }
 .done, .ok { color: #176317; } .failed, .failing { color: #a00; font-weight: bold; }
 .pending, .retrying, .delivering, .classifying { color: #8a5a00; }
-.skipped, .unknown { color: #555; } .note { color: #555; } code { font-size: 12px; }
+.skipped, .unknown, .dismissed { color: #555; } .note { color: #555; } code { font-size: 12px; }
 """
 
 
@@ -230,6 +232,13 @@ def _finding(film: dict[str, Any]) -> str:
         no_age = ", no age" if film.get("age_known") is False else ""
         return f"{_e(film['finding'])} ({film['probability']}){no_age}"
     return _e(film["reason"]) or "-"
+
+
+def _dismissed(film: dict[str, Any]) -> str:
+    if not film.get("dismissed_at"):
+        return ""
+    return (f"<br><span class=dismissed title=\"{_e(film['dismissed_at'])}\">"
+            "dismissed</span>")
 
 
 def _deliveries(film: dict[str, Any]) -> str:
@@ -256,7 +265,8 @@ def render(snapshot: dict[str, Any], config: Config) -> str:
             + (f"<td>{_e(film.get('accession_number'))}</td>" if show_accession else "")
             + f"<td><code>{_e(film['sop_instance_uid'])}</code></td>"
             f"<td class={_e(film['state'])}>{_e(film['state'])}"
-            f"{' (' + _e(film['stage']) + ')' if film['stage'] else ''}</td>"
+            f"{' (' + _e(film['stage']) + ')' if film['stage'] else ''}"
+            f"{_dismissed(film)}</td>"
             f"<td class=finding>{_finding(film)}</td><td>{_e(film['route'])}</td>"
             f"<td class=deliveries>{_deliveries(film)}</td><td>{_e(film['model'])}</td>"
             f"<td>{button}</td></tr>")

@@ -6,8 +6,8 @@ that break off associations in the middle of a PDU.
   distinct instance for the service). :func:`write_mutation` turns one into a Part 10 file whose
   file meta is intact: :func:`send_raw_files` sends those data set bytes unparsed (pynetdicom's
   chunked send), exactly as a broken modality would put them on the wire.
-- :func:`absurd_dimensions`, :func:`wrong_vrs` build malformed but parseable instances;
-  :func:`deflate_bomb` a small deflated one that inflates to any size
+- :func:`absurd_dimensions`, :func:`declaring`, :func:`wrong_vrs` build malformed but parseable
+  instances; :func:`deflate_bomb` a small deflated one that inflates to any size
   (:func:`send_files_at_once`: several of them, each over its own association, together);
   :func:`corrupt_pixel_data` datasets cut short or with too few pixels for their header.
 - :func:`associate_rq` encodes an A-ASSOCIATE-RQ by hand (PS3.8 9.3.2) and :data:`BROKEN_PEERS`
@@ -161,6 +161,14 @@ def absurd_dimensions(source: Dataset) -> list[tuple[str, Dataset]]:
     return cases
 
 
+
+def declaring(source: Dataset, rows: int, columns: int) -> Dataset:
+    """`source` (any transfer syntax, its pixel data unchanged) under a fresh SOP Instance UID,
+    its header declaring `rows` x `columns` pixels: issue 23's JPEG 2000 film "of 60000 x 60000"
+    that no decoder here would ever be allowed to decode."""
+    dataset = _renamed(source)
+    dataset.Rows, dataset.Columns = rows, columns
+    return dataset
 
 def wrong_vrs(source: Dataset) -> list[tuple[str, Dataset]]:
     """Instances with elements under a VR the standard does not give them (explicit VR only)."""

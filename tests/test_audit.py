@@ -307,6 +307,24 @@ def test_listener_records_a_stored_and_a_refused_instance_and_the_association(au
     assert (end["pacs_ai"]["instances_stored"], end["pacs_ai"]["instances_refused"]) == (1, 1)
 
 
+
+def test_a_film_too_large_to_decode_is_a_refused_transfer(audited):
+    """Issue 23 item 3: refused while received, so audited as a refused transfer-in (outcome
+    8), with status and reason, like the other refusals; it was recorded as stored before."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from tests.hostile_input import declaring
+
+    listener = audited()
+    film = declaring(synthetic_radiograph(seed=9, transfer_syntax=JPEG2000Lossless), 60000, 60000)
+    [result] = SimulatedModality(listener.port).send([film])
+    assert result.status == 0xC000
+    [refused] = listener.wait_for("transfer-in")
+    assert refused["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert refused["pacs_ai"]["status"] == "0xC000"
+    assert refused["pacs_ai"]["reason"] == \
+        "too-large: 60000 x 60000 x 1 frame(s) > max_pixels 50000000"
+
 def test_listener_leaves_the_patient_id_out_by_default(audited):
     listener = audited()
     film = synthetic_radiograph()

@@ -284,7 +284,7 @@ def test_failed_jobs_make_status_exit_1_within_the_configured_window(tmp_path, t
         assert SimulatedModality(service.port).send([broken])[0].status == 0
         assert wait_until(lambda: service.store.job_counts()["failed"] == 1, 60)
         code, report, text = status(config)
-        assert code == 1 and report["needs_admin"][0].startswith("failed-jobs: 1 job(s)")
+        assert code == 1 and report["needs_admin"][0].startswith("failed-images: 1 image(s)")
         assert get(service, "/healthz")[1]["needs_admin"] == report["needs_admin"]
     finally:
         service.stop()
@@ -294,3 +294,91 @@ def test_failed_jobs_make_status_exit_1_within_the_configured_window(tmp_path, t
     time.sleep(0.01)
     code, report, _text = status(config)
     assert code == 0 and report["needs_admin"] == [] and len(report["failures"]) == 1
+
+
+@pytest.mark.real_peer
+def test_a_film_too_large_to_decode_is_refused_and_status_stays_green(tmp_path, tiny_model):
+    """Issue 23 item 3: storescu sends a JPEG 2000 film whose header declares 60000 x 60000
+    pixels. It was answered Success, its job failed too-large, and `pacs-ai status` exited 1
+    for a day advising `pacs-ai retry`, which cannot fix it. Now it is refused (0xC000, the
+    modality keeps it and shows the error), counted, and status stays 0."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from testbed.real_peers import propose_as_stored, storescu
+    from tests.hostile_input import declaring
+
+    film = tmp_path / "oversize.dcm"
+    declaring(synthetic_radiograph(seed=12, transfer_syntax=JPEG2000Lossless),
+              60000, 60000).save_as(film, enforce_file_format=True)
+    service, config = start(tmp_path, tiny_model)
+    try:
+        run = storescu(service.port, [film], called_ae="PACS_AI",
+                       extra=propose_as_stored([film], tmp_path / "as-stored.cfg"))
+        print(run.output)
+        assert run.responses == [(str(film), "Error: CannotUnderstand")]
+        assert scrape(service)[("pacs_ai_rejected_total", (("reason", "too-large"),))] == 1
+        assert service.store.all_jobs() == []
+        time.sleep(1.5)  # a worker would have failed an acknowledged one by now
+        code, report, _text = status(config)
+        assert code == 0 and report["needs_admin"] == [] and report["jobs"]["failed"] == 0
+        assert get(service, "/healthz")[1]["needs_admin"] == []
+    finally:
+        service.stop()
+
+
+def test_an_admin_dismisses_a_failure_no_retry_can_fix(tmp_path, tiny_model):
+    """Issue 23 item 3: a film that is whole on the wire but that no decoder can read is
+    acknowledged, then fails decode-failed; a report whose PACS is down fails at delivery.
+    status tells the two apart: `pacs-ai retry` for the delivery, not for the image. After
+    `pacs-ai dismiss` of the image, status calls only for the delivery, lists the image as
+    dismissed (text, --json, /api/queue), and `pacs-ai retry` leaves it failed."""
+    from tests.hostile_input import undecodable
+
+    down = {"name": "main-pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    service, config = start(tmp_path, tiny_model, destinations=[down],
+                            retry={"max_attempts": 1})
+    try:
+        broken = undecodable(synthetic_radiograph(seed=3))
+        good = synthetic_radiograph(seed=4)
+        assert [r.status for r in SimulatedModality(service.port).send([broken, good])] == [0, 0]
+        assert wait_until(lambda: service.store.job_counts()["failed"] == 2, 60)
+        code, report, text = status(config)
+        print(text)
+        assert code == 1
+        fixable, in_image = report["needs_admin"]
+        assert fixable.startswith("failed-jobs: 1 job(s) failed") and "`pacs-ai retry`" in fixable
+        assert in_image.startswith("failed-images: 1 image(s) failed") and \
+            "(decode-failed 1); `pacs-ai retry` cannot fix that" in in_image
+        assert {f["sop_instance_uid"]: f["retry_can_fix"] for f in report["failures"]} == \
+            {str(broken.SOPInstanceUID): False, str(good.SOPInstanceUID): True}
+
+        refused = pacs_ai_cli("dismiss", "--config", str(config), "2.25.1")
+        assert refused.returncode == 2 and "no failed job 2.25.1" in refused.stderr
+        done = pacs_ai_cli("dismiss", "--config", str(config), str(broken.SOPInstanceUID))
+        print(done.stdout)
+        assert done.returncode == 0, done.stderr
+        assert f"{broken.SOPInstanceUID} [classify] decode-failed" in done.stdout
+        assert "dismissed 1 failed job(s)" in done.stdout
+
+        code, report, text = status(config)
+        print(text)
+        assert code == 1 and report["needs_admin"] == [fixable]
+        assert report["dismissed"] == 1 and report["jobs"]["failed"] == 2
+        [seen] = [f for f in report["failures"] if f["dismissed_at"]]
+        assert seen["sop_instance_uid"] == str(broken.SOPInstanceUID)
+        assert "| failed 2 (1 dismissed)" in text
+        assert f"{broken.SOPInstanceUID} [classify]" in text and "(dismissed 20" in text
+        films = {f["job"]: f for f in get(service, "/api/queue")[1]["films"]}
+        assert films[seen["job"]]["dismissed_at"] == seen["dismissed_at"]
+        assert films[seen["job"]]["state"] == "failed"
+
+        retried = pacs_ai_cli("retry", "--config", str(config))
+        assert "requeued 1 failed job(s)" in retried.stdout, retried.stdout
+        assert service.store.find(str(broken.SOPInstanceUID)).state == "failed"
+        assert wait_until(lambda: service.store.job_counts()["failed"] == 2, 60)
+        dismissed_all = pacs_ai_cli("dismiss", "--config", str(config), "--all")
+        assert "dismissed 1 failed job(s)" in dismissed_all.stdout
+        code, report, _text = status(config)
+        assert code == 0 and report["needs_admin"] == [] and report["dismissed"] == 2
+    finally:
+        service.stop()

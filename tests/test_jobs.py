@@ -11,7 +11,7 @@ import pytest
 
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
-                          accepts_resend)
+                          accepts_resend, retry_can_fix)
 from pacs_ai.spool import Spool, SpoolFullError, uid_filename
 
 
@@ -397,3 +397,85 @@ def test_delivery_counts_keep_reports_and_heat_map_images_apart(store, spool):
     assert store.delivery_counts(DeliveryObject.REPORT) == one_pending
     assert store.delivery_counts(DeliveryObject.HEATMAP) == one_pending
     assert store.delivery_counts() == {"a": {"pending": 2, "done": 0, "failed": 0}}
+
+
+def test_dismissed_failures_stay_failed_and_retry_passes_them_over(store, spool):
+    """Issue 23 item 3: an admin dismisses failures no retry can fix. Each job keeps its
+    state and reason, no longer counts among the failures that call for an admin
+    (failures_since), and `pacs-ai retry` leaves it; a re-send of its image runs it again."""
+    for uid in ("1.1", "1.2", "1.3"):
+        admit(store, spool, uid)
+    oversize, garbage, undelivered = store.claim(3)
+    store.mark_failed(oversize.id, Stage.CLASSIFY, "too-large: 60000 x 60000 pixels")
+    store.mark_failed(garbage.id, Stage.CLASSIFY, "decode-failed: not a JPEG-LS stream")
+    report(store, undelivered, "2.3")
+    store.delivery_failed(undelivered.id, "PACS", "connection-failed: PACS", retry_at=None)
+    assert store.failures_since(0) == {("classify", "too-large"): 1,
+                                       ("classify", "decode-failed"): 1,
+                                       ("deliver", "delivery to PACS failed"): 1}
+
+    assert store.dismiss(["1.3", "9.9.9", "12345"]) == ([], ["9.9.9", "12345"])
+    assert store.find("1.3").dismissed_at is None  # a mistyped key changes nothing
+    dismissed, unknown = store.dismiss(["1.1", str(garbage.id)])  # UID or job number
+    assert [job.id for job in dismissed] == [oversize.id, garbage.id] and unknown == []
+    assert store.dismiss(["1.1"]) == ([], [])  # once is enough
+    kept = store.find("1.1")
+    assert (kept.state, kept.stage, kept.reason) == ("failed", "classify",
+                                                     "too-large: 60000 x 60000 pixels")
+    assert kept.dismissed_at == dismissed[0].dismissed_at and \
+        abs(kept.dismissed_at - time.time()) < 60
+    assert store.failures_since(0) == {("deliver", "delivery to PACS failed"): 1}
+    assert store.dismissed_count() == 2 and store.job_counts()["failed"] == 3
+
+    assert store.requeue_failed() == (1, 1)  # the delivery only
+    assert [store.find(uid).state for uid in ("1.1", "1.2", "1.3")] == \
+        ["failed", "failed", "delivering"]
+    assert admit(store, spool, "1.1", b"corrected")  # the modality sends a good copy
+    again = store.find("1.1")
+    assert (again.state, again.reason, again.dismissed_at) == ("pending", None, None)
+    assert store.dismissed_count() == 1
+
+
+def test_dismiss_all_takes_every_failed_job_not_dismissed_yet(store, spool):
+    for uid in ("1.1", "1.2", "1.3"):
+        admit(store, spool, uid)
+    first, second, running = store.claim(3)
+    store.mark_failed(first.id, Stage.CLASSIFY, "decode-failed: x")
+    store.dismiss([first.sop_instance_uid])
+    store.mark_failed(second.id, Stage.REPORT, "report-failed: y")
+    dismissed, unknown = store.dismiss()
+    assert [job.id for job in dismissed] == [second.id] and unknown == []
+    assert store.dismiss([running.sop_instance_uid]) == ([], [running.sop_instance_uid])
+    assert store.find("1.3").state == "classifying"
+
+
+@pytest.mark.parametrize("stage, code, fixable", [
+    ("classify", "too-large", False), ("classify", "decode-failed", False),
+    ("classify", "truncated-pixel-data", False), ("classify", "bad-pixel-header", False),
+    ("classify", "model-failed", True), ("classify", "internal-error", True),
+    ("classify", "unreadable", True), ("report", "report-failed", True),
+    ("deliver", "delivery to PACS failed", True)])
+def test_retry_can_fix_what_is_not_in_the_image(stage, code, fixable):
+    assert retry_can_fix(stage, code) is fixable
+
+
+def test_a_queue_from_before_dismissals_gets_the_column(spool):
+    """An older pacs-ai's queue has no dismissed_at; opening adds it as REAL, so the time
+    reads back as a number."""
+    import sqlite3
+
+    JobStore.open(spool.db_path).close()
+    connection = sqlite3.connect(spool.db_path)
+    connection.execute("ALTER TABLE jobs DROP COLUMN dismissed_at")
+    connection.close()
+    store = JobStore.open(spool.db_path)
+    try:
+        admit(store, spool, "1.1")
+        [job] = store.claim(1)
+        store.mark_failed(job.id, Stage.CLASSIFY, "too-large: 1 x 1")
+        [dismissed], _ = store.dismiss()
+        assert isinstance(store.find("1.1").dismissed_at, float)
+        assert store._db.execute("SELECT typeof(dismissed_at) FROM jobs").fetchone()[0] == \
+            "real"
+    finally:
+        store.close()

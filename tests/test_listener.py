@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification
 
 from pacs_ai.pixels import display_array
 from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
-                                 corrupt_pixel_data, deflate_bomb, raw_connection,
+                                 corrupt_pixel_data, declaring, deflate_bomb, raw_connection,
                                  read_pdu, silent_connections, undecodable, write_raw_part10)
 from testbed.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                  DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
@@ -418,6 +418,57 @@ def test_a_deflated_header_is_held_no_further_than_the_head_limit(tmp_path):
     finally:
         listener.close()
 
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless,
+                                    ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_a_film_declaring_more_than_max_pixels_is_refused_whatever_the_syntax(tmp_path, syntax):
+    """Issue 23 item 3: a JPEG 2000 film whose header declares 60000 x 60000 pixels was answered
+    Success, then its job failed too-large (the worker never decodes past [limits] max_pixels),
+    so the modality forgot an image nobody would read. Now Rows x Columns x frames past the
+    limit is refused while it is received, 0xC000 "too-large" (the modality keeps it), logged
+    and counted like the other refusals; a film exactly at the limit is still taken."""
+    source = synthetic_radiograph(seed=6, transfer_syntax=syntax)  # 96 x 80
+    listener = Listener(tmp_path, limits={"max_pixels": 96 * 80})
+    try:
+        before = rejected_count("too-large")
+        with structlog.testing.capture_logs() as events:
+            results = listener.modality().send([declaring(source, 60000, 60000),
+                                                declaring(source, 96, 81), source])
+        print([(r.status, r.error_comment) for r in results])
+        assert [r.status for r in results] == [0xC000, 0xC000, 0x0000]
+        assert results[0].error_comment == "too-large: 60000 x 60000 x 1 frame(s) > max_pixels 7680"
+        assert results[1].error_comment == "too-large: 96 x 81 x 1 frame(s) > max_pixels 7680"
+        refused = [e for e in events if e["event"] == "instance_refused"]
+        assert [e["reason"].split(":")[0] for e in refused] == ["too-large", "too-large"]
+        assert rejected_count("too-large") == before + 2
+        assert [job.sop_instance_uid for job in listener.store.all_jobs()] == \
+            [str(source.SOPInstanceUID)]
+    finally:
+        listener.close()
+
+
+def test_frames_count_against_max_pixels_and_the_issue_14_bomb_is_refused_unread(tmp_path):
+    """Rows x Columns x Number of Frames is what the limit bounds; a deflated film declaring
+    1 GB of pixels (issue 14's bomb) is refused on its header, before the rest is inflated."""
+    listener = Listener(tmp_path)  # max_pixels 50 000 000
+    try:
+        frames = synthetic_radiograph(seed=7, rows=2000, columns=2000)
+        frames.NumberOfFrames = 13  # 52 M pixels
+        bomb = deflate_bomb(synthetic_radiograph(seed=8), tmp_path / "bomb.dcm",
+                            inflated_bytes=1024 ** 3)
+        [by_frames] = listener.modality().send([frames])
+        started = time.perf_counter()
+        by_pixels = listener.modality().send_file_as_is(bomb)
+        seconds = time.perf_counter() - started
+        print(by_frames, by_pixels, f"{seconds:.2f} s")
+        assert by_frames.status == by_pixels.status == 0xC000
+        assert by_frames.error_comment == \
+            "too-large: 2000 x 2000 x 13 frame(s) > max_pixels 50000000"
+        assert by_pixels.error_comment == \
+            "too-large: 23170 x 23170 x 1 frame(s) > max_pixels 50000000"
+        assert listener.store.all_jobs() == []
+    finally:
+        listener.close()
 
 def test_a_dataset_past_the_limit_is_cut_off_while_it_arrives(tmp_path):
     listener = Listener(tmp_path, limits={"max_dataset_bytes": LIMIT})

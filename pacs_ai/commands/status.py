@@ -6,8 +6,9 @@ Reads the job queue in the spool of the config (the service may be running meanw
 status: 0 when nothing needs an admin; 1 when something does (failed jobs within [status]
 failed_jobs_within_seconds, a destination failing for longer than [status]
 destination_failing_seconds, the spool unwritable or below [storage] min_free_bytes, a listener
-that no calling AE title may use yet), listed
-under "needs admin"; 2 when the status cannot be read (a bad config, no queue yet).
+that no calling AE title may use yet), listed under "needs admin"; 2 when the status cannot be
+read (a bad config, no queue yet). Failed jobs an admin dismissed (`pacs-ai dismiss`) are listed
+as such and call for no one.
 """
 
 from __future__ import annotations
@@ -36,14 +37,20 @@ def _time(timestamp: float | None) -> str | None:
 
 
 def collect(store: Any, limit: int) -> dict[str, Any]:
-    from pacs_ai.jobs import DeliveryObject
+    from pacs_ai.jobs import DeliveryObject, reason_code, retry_can_fix
 
     def job_entry(job: Any) -> dict[str, Any]:
-        return {"sop_instance_uid": job.sop_instance_uid, "stage": job.stage,
+        return {"job": job.id, "sop_instance_uid": job.sop_instance_uid, "stage": job.stage,
                 "reason": job.reason, "at": _time(job.updated_at), "route": job.route}
+
+    def failure_entry(job: Any) -> dict[str, Any]:
+        return {**job_entry(job),
+                "retry_can_fix": retry_can_fix(job.stage, reason_code(job.reason)),
+                "dismissed_at": _time(job.dismissed_at)}
 
     return {
         "jobs": store.job_counts(),
+        "dismissed": store.dismissed_count(),  # of the failed jobs
         "backlog": store.backlog(),
         # reports per destination; heat-map images apart, so the counts stay one per film
         "deliveries": store.delivery_counts(DeliveryObject.REPORT),
@@ -54,7 +61,7 @@ def collect(store: Any, limit: int) -> dict[str, Any]:
         "retrying": [{"report_uid": uid, "destination": name, "attempts": attempts,
                       "next_attempt_at": _time(next_at), "last_error": error}
                      for uid, name, attempts, next_at, error in store.retrying_deliveries(limit)],
-        "failures": [job_entry(job) for job in store.latest_failures(limit)],
+        "failures": [failure_entry(job) for job in store.latest_failures(limit)],
         "skipped": [job_entry(job) for job in store.latest_skips(limit)],
     }
 
@@ -116,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"spool:    {report['spool']} ({_bytes(report['spool_free_bytes'])} free, floor "
           f"{_bytes(report['min_free_bytes'])}"
           f"{'' if report['spool_writable'] else ', NOT WRITABLE'})")
-    print("jobs:     " + " | ".join(f"{state} {count}" for state, count in report["jobs"].items()))
+    print("jobs:     " + " | ".join(f"{state} {count}" for state, count in report["jobs"].items())
+          + (f" ({report['dismissed']} dismissed)" if report["dismissed"] else ""))
     print(f"backlog:  {report['backlog']} (waiting for classification or delivery)")
     print(_ages_line(report["classified_ages"], report["unknown_age"]))
     if report["routes"]:
@@ -159,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
             for entry in report[key]:
                 stage = f" [{entry['stage']}]" if entry["stage"] else ""
                 stage += f" route {entry['route']}" if entry["route"] else ""
-                print(f"  {entry['at']}  {entry['sop_instance_uid']}{stage}  {entry['reason']}")
+                seen = (f"  (dismissed {entry['dismissed_at']})"
+                        if entry.get("dismissed_at") else "")
+                print(f"  {entry['at']}  {entry['sop_instance_uid']}{stage}  {entry['reason']}"
+                      f"{seen}")
     if report["needs_admin"]:
         print("needs admin:")
         for reason in report["needs_admin"]:
