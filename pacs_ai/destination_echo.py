@@ -3,7 +3,8 @@
 A PACS that is down shows in the delivery health only once a report waits for it; an echo every
 few minutes shows it at once, also at night when no film arrives. Each destination with an
 interval gets a thread that echoes at start-up and then every interval, over its own
-association (the destination's AE titles, timeout and TLS, as its reports).
+association (the destination's AE titles, timeout and TLS, as its reports). An echo answered
+makes the deliveries that wait because the destination could not be reached due at once.
 
 The latest result per destination is written to `<spool>/destination-echo.json`, so
 `pacs-ai status` (another process) shows it as /healthz does; metrics
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -67,13 +68,17 @@ def load_results(spool_root: Path) -> dict[str, dict[str, Any]]:
 
 
 class DestinationEcho(threading.Thread):
-    def __init__(self, destination: Destination, results: EchoResults, stop: threading.Event):
+    def __init__(self, destination: Destination, results: EchoResults, stop: threading.Event,
+                 on_answered: Callable[[], Any] | None = None):
         super().__init__(name=f"echo-{destination.name}", daemon=True)
         from pacs_ai.cstore_transport import CStoreTransport
 
         self.destination = destination
         self.results = results
         self.stop_event = stop
+        # after each echo answered: the service makes the destination's deliveries that wait
+        # because it could not be reached due now (pacs_ai.sender.release_waiting)
+        self.on_answered = on_answered
         self.transport = CStoreTransport(destination)
         self.last: EchoResult | None = None
 
@@ -112,4 +117,6 @@ class DestinationEcho(threading.Thread):
             log.info("echo_recovered", destination=name, where=self.destination.where,
                      failed_seconds=round(now - (previous.failing_since or now), 1))
         self.results.update(name, result)
+        if ok and self.on_answered is not None:
+            self.on_answered()
         return result

@@ -499,6 +499,26 @@ class JobStore:
                           f"'{DeliveryState.PENDING}'", (destination,))
         return rows[0][0]
 
+    def release_waiting(self, destination: str, waiting_on: Callable[[str | None], bool],
+                        now: float | None = None) -> int:
+        """Make the destination's pending deliveries that wait out a backoff after an error
+        `waiting_on(last_error)` accepts due now (the destination was just seen working);
+        returns how many, and wakes the senders when any."""
+        def body(db: sqlite3.Connection) -> int:
+            at = time.time() if now is None else now
+            rows = db.execute("SELECT job_id, object, last_error FROM deliveries "
+                              f"WHERE destination = ? AND state = '{DeliveryState.PENDING}' "
+                              "AND next_attempt_at > ?", (destination, at)).fetchall()
+            chosen = [(job_id, object) for job_id, object, error in rows if waiting_on(error)]
+            db.executemany("UPDATE deliveries SET next_attempt_at = ? WHERE job_id = ? AND "
+                           "destination = ? AND object = ?",
+                           [(at, job_id, destination, object) for job_id, object in chosen])
+            return len(chosen)
+        released = self._write(body)
+        if released:
+            self._work_added()
+        return released
+
     def delivery_succeeded(self, job_id: int, destination: str,
                            object: str = DeliveryObject.REPORT) -> Job | None:
         """Record a delivery; returns the job when this completed all of its deliveries."""

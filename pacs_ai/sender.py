@@ -9,6 +9,11 @@ or STOW-RS (pacs_ai.stow_transport); everything else here is the same for both. 
 attempt (no connection, a refusal) is retried after `RetryPolicy.delay_after(attempts)` until
 `RetryPolicy.exhausted`, or at once given up when the transport says a retry cannot help; then
 the delivery is marked failed with the last error (`pacs-ai retry` requeues it).
+
+A destination seen working again (a report stored, or its C-ECHO answered) makes its deliveries
+that wait out a backoff because it could not be reached due at once (`release_waiting`): with
+the default 900 s maximum delay, a long outage would otherwise hold every waiting report for up
+to 15 minutes after the PACS is back. Deliveries it refused keep their backoff.
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Destination, RetryPolicy
 from pacs_ai.jobs import Delivery, DeliveryObject, Job, JobStore, Stage
 from pacs_ai.spool import Spool
-from pacs_ai.transport import ConnectFailed, StoreResult, Transport
+from pacs_ai.transport import ConnectFailed, StoreResult, Transport, unreachable
 
 log = structlog.get_logger()
 
 BATCH_LIMIT = 50  # reports sent over one connection before it is closed
 IDLE_POLL_SECONDS = 1.0
+
+
+def release_waiting(store: JobStore, destination: str, seen: str) -> int:
+    """The destination works again (`seen`: "delivery" or "c-echo"): its deliveries waiting
+    out a backoff because it could not be reached are due now. Returns how many."""
+    released = store.release_waiting(destination, unreachable)
+    if released:
+        log.info("deliveries_released", destination=destination, deliveries=released,
+                 seen=seen)
+    return released
 
 
 def transport_for(destination: Destination) -> Transport:
@@ -84,21 +99,25 @@ class DestinationSender(threading.Thread):
         except ConnectFailed as error:
             self._attempts_failed(due, str(error))
             return
+        released = False
         try:
             for index, delivery in enumerate(due):
                 if self.stop_event.is_set() or not connection.is_open():
                     if not connection.is_open():
                         self._attempts_failed(due[index:], connection.lost_reason)
                     return  # on stop, the rest stay due and are sent after the restart
-                self._send_one(connection, delivery)
+                if self._send_one(connection, delivery) and not released:
+                    released = True  # once per batch: the rest come in the next one
+                    release_waiting(self.store, self.destination.name, "delivery")
         finally:
             connection.close()
 
-    def _send_one(self, connection, delivery: Delivery) -> None:
+    def _send_one(self, connection, delivery: Delivery) -> bool:
+        """Store one object; record the outcome. True when it was stored."""
         result: StoreResult = connection.store(self.spool.resolve(delivery.report_file))
         if not result.stored:
             self._attempt_failed(delivery, result.detail, permanent=result.permanent)
-            return
+            return False
         finished = self.store.delivery_succeeded(delivery.job_id, self.destination.name,
                                                  delivery.object)
         seconds = time.time() - delivery.received_at
@@ -114,6 +133,7 @@ class DestinationSender(threading.Thread):
         self._audit(delivery, stored=True, detail=result.detail, given_up=False)
         if finished is not None:
             self.on_job_finished(finished)
+        return True
 
     def _attempts_failed(self, deliveries: list[Delivery], error: str) -> None:
         for delivery in deliveries:

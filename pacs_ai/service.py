@@ -11,6 +11,7 @@ signal handling in :func:`serve_until_signalled`.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from pacs_ai.intended_use import format_age_range, log_site_model_info, site_mod
 from pacs_ai.jobs import Job, JobState, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP, log_who_may_store
-from pacs_ai.sender import DestinationSender
+from pacs_ai.sender import DestinationSender, release_waiting
 from pacs_ai.spool import Spool
 from pacs_ai.web import QueuePage
 from pacs_ai.worker import ClassificationWorker
@@ -163,7 +164,9 @@ class Service:
                 sender_wake, self.job_finished, self.audit,
                 include_patient_id=self.config.audit.include_patient_id))
         echo_results = EchoResults(self.spool.root)
-        self.echoes = [DestinationEcho(destination, echo_results, self._threads_stop)
+        self.echoes = [DestinationEcho(destination, echo_results, self._threads_stop,
+                                       functools.partial(release_waiting, self.store,
+                                                         destination.name, "c-echo"))
                        for destination in self.config.destinations
                        if destination.echo_interval_seconds > 0]
         for thread in (*self.workers, *self.senders, *self.echoes):

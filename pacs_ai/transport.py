@@ -26,6 +26,20 @@ class ConnectFailed(Exception):
     """The destination could not be reached; str() is the "code: detail" to record."""
 
 
+# The codes of a failed attempt's "code: detail" that say the destination could not be reached
+# (no connection, no association, no answer), rather than that it answered and refused: a
+# working C-ECHO or delivery to it makes deliveries waiting on such an error due at once.
+UNREACHABLE_CODES = ("connection-failed", "association-rejected", "association-aborted",
+                     "association-lost", "no-answer", "timeout")
+
+
+def unreachable(error: str | None) -> bool:
+    """Whether a delivery's last error says its destination could not be reached (a TLS
+    failure, "tls-...", included: a connection that works again has got past it)."""
+    code = (error or "").split(":", 1)[0]
+    return code in UNREACHABLE_CODES or code.startswith("tls-")
+
+
 class Connection(Protocol):
     def is_open(self) -> bool:
         """False once the connection broke; the rest of the batch then fails with

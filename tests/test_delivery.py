@@ -172,3 +172,73 @@ def test_resending_an_image_whose_report_could_not_be_delivered_delivers_it(tmp_
             assert sum(e["event"] == "instance_classified" for e in events) == 1
             assert any(e["event"] == "redelivery_requested" for e in events)
             assert service.terminate() == 0
+
+
+def waiting_until(config: Path) -> dict[str, float]:
+    """Report UID -> when its next attempt is scheduled (Unix time), of deliveries retrying."""
+    from datetime import datetime
+
+    return {item["report_uid"]: datetime.fromisoformat(item["next_attempt_at"]).timestamp()
+            for item in status(config)["retrying"]}
+
+
+def pacs_back_config(tmp_path: Path, model: Path, orthanc, **destination) -> Path:
+    """A service delivering to `orthanc` with a long backoff: a report that failed once is
+    next tried 600 s later, unless something makes it due sooner."""
+    from testbed.real_peers import orthanc_destination
+
+    return write_service_config(
+        tmp_path, model=model, destinations=[orthanc_destination(orthanc, **destination)],
+        tables={"retry": {"initial_delay_seconds": 600, "max_delay_seconds": 900}})
+
+
+@pytest.mark.real_peer
+def test_a_c_echo_answered_again_makes_the_waiting_reports_due_at_once(tmp_path, tiny_model):
+    """Issue 23 item 6: Orthanc back, the C-ECHO saw it, yet the report waited out its
+    backoff (up to 15 minutes). Now the first C-ECHO it answers makes it due: the report is
+    in Orthanc long before the attempt it was scheduled for."""
+    import time
+
+    from testbed.real_peers import Modality, Orthanc
+
+    orthanc = Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)])  # down
+    config = pacs_back_config(tmp_path, tiny_model, orthanc, echo_interval_seconds=10,
+                              timeout_seconds=5)
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        send_films(service.port, 1)
+        assert wait_until(lambda: waiting_until(config), 60), status(config)
+        [scheduled] = waiting_until(config).values()
+        assert scheduled > time.time() + 500
+        with orthanc:
+            assert wait_until(lambda: orthanc.instance_count() == 1, 60), status(config)
+            assert time.time() < scheduled - 500
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 1, 30)
+            assert service.terminate() == 0
+    released = [e for e in service.events() if e["event"] == "deliveries_released"]
+    assert [(e["seen"], e["deliveries"]) for e in released] == [("c-echo", 1)], released
+
+
+@pytest.mark.real_peer
+def test_a_report_stored_makes_the_reports_waiting_for_that_pacs_due_at_once(tmp_path,
+                                                                             tiny_model):
+    """Issue 23 item 6, without C-ECHO: a film sent while Orthanc is down waits 600 s; once
+    Orthanc is back, the next film's report is stored at once and takes the waiting one
+    with it."""
+    import time
+
+    from testbed.real_peers import Modality, Orthanc
+
+    orthanc = Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)])  # down
+    config = pacs_back_config(tmp_path, tiny_model, orthanc, timeout_seconds=5)
+    with ServiceProcess(config, tmp_path / "serve.log") as service:
+        send_films(service.port, 1, seed=0)
+        assert wait_until(lambda: waiting_until(config), 60), status(config)
+        [scheduled] = waiting_until(config).values()
+        with orthanc:
+            send_films(service.port, 1, seed=1)
+            assert wait_until(lambda: orthanc.instance_count() == 2, 60), status(config)
+            assert time.time() < scheduled - 500
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 2, 30)
+            assert service.terminate() == 0
+    released = [e for e in service.events() if e["event"] == "deliveries_released"]
+    assert [(e["seen"], e["deliveries"]) for e in released] == [("delivery", 1)], released

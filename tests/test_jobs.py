@@ -116,6 +116,38 @@ def test_backoff_schedule_failure_and_retry(store, spool):
     assert store.job_counts()["delivering"] == 1
 
 
+def test_a_destination_seen_working_releases_only_deliveries_it_could_not_be_reached_for(
+        store, spool):
+    """Issue 23 item 6: deliveries waiting out a backoff because the PACS could not be reached
+    are due at once when it is seen working; one it refused keeps its backoff, and another
+    destination's are left alone."""
+    from pacs_ai.transport import unreachable
+
+    errors = {"1.1": "connection-failed: PACS@pacs:104", "1.2": "association-lost",
+              "1.3": "tls-certificate: unknown CA (PACS@pacs:104)",
+              "1.4": "refused: status 0xA700 (out of resources)"}
+    later = time.time() + 600
+    wake = threading.Event()
+    store.notify_on_work(wake)
+    for index, (uid, error) in enumerate(errors.items()):
+        admit(store, spool, uid)
+        [job] = store.claim(1)
+        store.mark_reported(job.id, probability=0.5, finding="pneumonia",
+                            report_uid=f"2.25.{index}", report_file=f"outbox/{index}.dcm",
+                            classify_ms=1.0, destinations=["pacs", "other"])
+        store.delivery_failed(job.id, "pacs", error, retry_at=later)
+        store.delivery_failed(job.id, "other", "connection-failed: OTHER@other:104",
+                              retry_at=later)
+    wake.clear()
+    assert store.release_waiting("pacs", unreachable) == 3
+    assert wake.is_set()  # the senders look at once
+    due = store.due_deliveries("pacs", time.time(), 10)
+    assert sorted(d.sop_instance_uid for d in due) == ["1.1", "1.2", "1.3"]
+    assert store.next_attempt_at("pacs") <= time.time()
+    assert store.due_deliveries("other", time.time(), 10) == []
+    assert store.release_waiting("pacs", unreachable) == 0  # nothing left waiting for it
+
+
 def test_failed_classification_is_requeued_as_pending(store, spool):
     admit(store, spool, "1.1")
     admit(store, spool, "1.2")
