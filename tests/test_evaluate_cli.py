@@ -474,3 +474,56 @@ def test_the_admin_guide_walkthrough_runs_as_written(models, tmp_path):
             counts["per_class"]["pneumonia"]["films"]) == tuple(map(int, shown.groups()))
     assert re.search(rf"^classified +{counts['classified']} ", section, flags=re.M)
     assert counts["skipped_by_reason"] == {"not-frontal": 1} and "not-frontal 1" in section
+
+
+# A model probability as `pacs-ai evaluate` prints it (the proposed threshold): six decimals.
+PROBABILITY_AS_PRINTED = re.compile(r"\b0\.\d{6}\b")
+
+
+def guide_evaluate_section() -> str:
+    guide = (REPO_ROOT / "deploy" / "README.md").read_text()
+    return guide.split("## Validate on your own films before go-live", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_guide_sample_output_is_a_real_run_with_the_shipped_model(tmp_path):
+    """Issue 23 item 8: the guide's sample output of `pacs-ai evaluate` showed model 1.2.0 and
+    another proposed threshold than a run gives. The guide's sample-film commands, run as
+    written with the shipped model (what install.sh puts in /opt/pacs-ai/models), print the
+    guide's block line for line: the model's name, version and threshold as the shipped file
+    states them, counts and figures as printed; only a model probability (the proposed
+    threshold, six decimals) may differ by 1e-4, as another CPU's float kernels round
+    differently. A new shipped model fails this until the guide shows its run (the failure
+    prints it)."""
+    from pacs_ai.model import PneumoniaModel, default_model_path
+
+    section = guide_evaluate_section()
+    commands = [line.strip() for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+                for line in block.splitlines() if line.strip()]
+    shown = section.split("with the shipped model", 1)[1].split("```text\n", 1)[1]
+    shown = shown.split("```", 1)[0].splitlines()
+    installed_model = "/opt/pacs-ai/models/pacs-ai-pneumonia.pt"
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(f'[model]\npath = "{default_model_path()}"\n')
+    environment = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
+    for command in commands:
+        command = command.replace("sudo pacs-ai ", f"{sys.executable} -m pacs_ai ").replace(
+            "/etc/pacs-ai/pacs-ai.toml", str(config))
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                timeout=300, cwd=REPO_ROOT, env=environment)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    printed = (result.stdout.replace(str(default_model_path()), installed_model)
+               .replace(str(tmp_path), "/home/admin").splitlines())
+    again = "the guide's sample differs from this run; the run printed:\n" + "\n".join(printed)
+
+    info = PneumoniaModel.load(default_model_path()).info
+    assert f"model:      {info.name} {info.version} ({installed_model})" in shown, again
+    assert any(line.startswith(f"threshold:  {info.threshold:.4f} (model file)")
+               for line in shown), again
+    assert len(shown) == len(printed), again
+    for guide_line, run_line in zip(shown, printed):
+        assert PROBABILITY_AS_PRINTED.sub("P", guide_line) == \
+            PROBABILITY_AS_PRINTED.sub("P", run_line), again
+        for in_guide, in_run in zip(PROBABILITY_AS_PRINTED.findall(guide_line),
+                                    PROBABILITY_AS_PRINTED.findall(run_line)):
+            assert float(in_guide) == pytest.approx(float(in_run), abs=1e-4), again
