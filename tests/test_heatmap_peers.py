@@ -165,3 +165,38 @@ def check_rendered_colour(path: Path, region, source, folder: Path) -> None:
     share = (inside & film_colour).sum() / inside.sum()
     print(f"region pixels coloured in Orthanc's copy: {share:.2%}")
     assert share >= 0.95
+
+
+def test_show_heatmaps_says_why_the_default_outbox_has_none_and_renders_them_from_the_pacs(
+        orthanc, tmp_path):
+    """Issue 23 item 8: with the default keep_reports = false, scripts/show-heatmaps.sh found
+    nothing in the spool's outbox and exited 0. It now exits 1 and says why; given the heat-map
+    image taken from the PACS, as its message suggests, it renders it."""
+    require_tool("dcmj2pnm")
+    film = renamed_copy(PNEUMONIA_SAMPLE, tmp_path / "film.dcm")
+    study = str(pydicom.dcmread(film, stop_before_pixels=True).StudyInstanceUID)
+    folder = tmp_path / "service"
+    folder.mkdir()
+    config = write_service_config(
+        folder, model=default_model_path(), destinations=[orthanc_destination(orthanc)],
+        tables={"workers": {"torch_threads": 1}, "model": OPEN_MODEL,
+                "storage": {"keep_reports": False}})  # the default, as installed
+    with ServiceProcess(config, folder / "serve.log") as service:
+        sent = storescu(service.port, [film], called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")
+        assert sent.acknowledged == [str(film)], sent.output
+        assert wait_until(lambda: [j.state for j in spool_jobs(folder / "spool").values()]
+                          == ["done"], TIMEOUT_S), service.log_path.read_text()[-3000:]
+    script = REPO_ROOT / "scripts" / "show-heatmaps.sh"
+    outbox = subprocess.run(["bash", str(script), str(folder / "spool" / "outbox"),
+                             str(tmp_path / "png")], capture_output=True, text=True)
+    assert outbox.returncode == 1, outbox.stdout + outbox.stderr
+    assert "keep_reports = true" in outbox.stderr and outbox.stdout == ""
+
+    [image_uid] = study_objects(orthanc, study)["sc"]
+    from_pacs = tmp_path / "from-pacs"
+    from_pacs.mkdir()
+    fetch(orthanc, image_uid, from_pacs)
+    rendered = subprocess.run(["bash", str(script), str(from_pacs), str(tmp_path / "png")],
+                              capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    assert rendered.stdout.split() == [str(tmp_path / "png" / f"{image_uid}.png")]
