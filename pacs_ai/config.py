@@ -11,12 +11,13 @@ Relative paths in a config file are resolved against the file's folder; the buil
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from pacs_ai.dicom_constants import DEFAULT_SR_KIND, FILM_SOP_CLASSES, SOP_CLASS_KEYWORDS, SR_KINDS
 from pacs_ai.errors import UserError
@@ -165,6 +166,11 @@ class ListenerTLSConfig(TLSFiles):
 
 
 DESTINATION_KINDS = ("dimse", "dicomweb")
+# The keys a [[destinations]] block of each kind takes (parse_destinations reads them).
+DIMSE_DESTINATION_KEYS = ("kind", "name", "ae_title", "host", "port", "calling_ae_title",
+                          "timeout_seconds", "echo_interval_seconds", "tls")
+DICOMWEB_DESTINATION_KEYS = ("kind", "name", "url", "auth", "username", "password_file",
+                             "token_file", "ca_file", "timeout_seconds")
 DICOMWEB_AUTH = ("none", "basic", "bearer")
 
 
@@ -469,9 +475,24 @@ class _Table:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - set(self.known))
         if unknown:
-            raise ConfigError(
-                f"{self.name}: unknown key {unknown[0]!r}; the keys of {self.name} are: "
-                f"{', '.join(dict.fromkeys(self.known))} (see deploy/pacs-ai.toml)")
+            raise unknown_key(self.name, unknown[0], self.known)
+
+    def check_keys(self, accepted: Iterable[str], listed: Iterable[str]) -> None:
+        """Refuse a key outside `accepted` before any other check, so a misspelt key is named
+        as such, not as the required key it was meant to be; the message lists `listed`."""
+        unknown = sorted(set(self.data) - set(accepted))
+        if unknown:
+            raise unknown_key(self.name, unknown[0], listed)
+
+
+def unknown_key(where: str, key: str, known: Iterable[str]) -> ConfigError:
+    """The error for a key `where` does not take, with the closest known key if one is close
+    (`ae_tile`: did you mean 'ae_title'?)."""
+    known = list(dict.fromkeys(known))
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}; the keys of {where} are: "
+                       f"{', '.join(known)} (see deploy/pacs-ai.toml)")
 
 
 def _check_range(table: _Table, key: str, value: float, minimum: float | None,
@@ -580,8 +601,10 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     which `default_config` uses too)."""
     unknown = sorted(set(data) - set(TOP_LEVEL_TABLES))
     if unknown:
-        raise ConfigError(f"unknown table or key {unknown[0]!r} at the top level; the tables are "
-                          f"{', '.join(f'[{name}]' for name in TOP_LEVEL_TABLES)}")
+        close = difflib.get_close_matches(unknown[0], TOP_LEVEL_TABLES, n=1)
+        hint = f" (did you mean [{close[0]}]?)" if close else ""
+        raise ConfigError(f"unknown table or key {unknown[0]!r} at the top level{hint}; the "
+                          f"tables are {', '.join(f'[{name}]' for name in TOP_LEVEL_TABLES)}")
 
     def read(name: str, reader: Callable[..., T], *args: Any) -> T:
         t = _Table(data.get(name, {}), f"[{name}]")
@@ -813,10 +836,7 @@ def parse_filter_policy(data: Any) -> FilterPolicy:
     t = _Table(data, "[filters]")
     fields = {f.name: f for f in dataclasses.fields(FilterPolicy)
               if f.name in FilterPolicy.field_names()}  # not the model's intended age
-    unknown = sorted(set(t.data) - set(fields))
-    if unknown:
-        raise ConfigError(f"[filters]: unknown key {unknown[0]!r}; the keys of [filters] are: "
-                          f"{', '.join(fields)} (see deploy/pacs-ai.toml)")
+    t.check_keys(fields, fields)
     values: dict[str, Any] = {}
     for name, value in t.data.items():
         values[name] = _coerce_like_default(name, value, fields[name])
@@ -864,7 +884,11 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
     destinations: list[Destination] = []
     for index, item in enumerate(data, start=1):
         t = _Table(item, f"[[destinations]] #{index}")
-        if t.string("kind", "dimse", choices=DESTINATION_KINDS) == "dicomweb":
+        kind = t.string("kind", "dimse", choices=DESTINATION_KINDS)
+        # a misspelt key first: `ae_tile` is named, not reported as ae_title missing
+        t.check_keys(DIMSE_DESTINATION_KEYS + DICOMWEB_DESTINATION_KEYS,
+                     DICOMWEB_DESTINATION_KEYS if kind == "dicomweb" else DIMSE_DESTINATION_KEYS)
+        if kind == "dicomweb":
             destinations.append(_parse_dicomweb_destination(t, base_dir))
             continue
         ae_title = t.string("ae_title", "", check=check_ae_title)

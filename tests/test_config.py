@@ -105,6 +105,40 @@ def test_connections_per_address_default_to_max_associations(tmp_path):
                         base_dir=tmp_path).limits.max_connections_per_address == 5
 
 
+@pytest.mark.parametrize("text, first_words", [
+    # issue 23 item 8: the misspelt key of a destination, not "ae_title: is required"
+    ('[[destinations]]\nae_tile = "PACS"\nhost = "pacs"\nport = 104\n',
+     "[[destinations]] #1: unknown key 'ae_tile' (did you mean 'ae_title'?); the keys of "
+     "[[destinations]] #1 are: kind, name, ae_title, host, port"),
+    ('[[destinations]]\nkind = "dicomweb"\nulr = "https://pacs/dicom-web"\n',
+     "[[destinations]] #1: unknown key 'ulr' (did you mean 'url'?); the keys of "
+     "[[destinations]] #1 are: kind, name, url"),
+    ("[listener]\nae_tilte = \"AI\"\n", "[listener]: unknown key 'ae_tilte' (did you mean "
+                                         "'ae_title'?)"),
+    ("[filters]\nmodality = [\"CR\"]\n", "[filters]: unknown key 'modality' (did you mean "
+                                        "'modalities'?)"),
+    ("[lisener]\nport = 104\n", "unknown table or key 'lisener' at the top level (did you mean "
+                                "[listener]?)"),
+    ("[listener]\nfoo = 1\n", "[listener]: unknown key 'foo'; the keys of [listener] are: "),
+])
+def test_an_unknown_key_is_named_first_with_the_key_it_is_close_to(tmp_path, text, first_words):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert str(caught.value).split(": ", 1)[1].startswith(first_words), str(caught.value)
+
+
+def test_serve_names_a_misspelt_destination_key(tmp_path):
+    """The admin's typo of issue 23 item 8, through `pacs-ai serve` as run."""
+    from testbed.dicom_peers import pacs_ai_cli
+
+    config = write(tmp_path, '[[destinations]]\nname = "main-pacs"\nae_tile = "PACS"\n'
+                             'host = "pacs.example.org"\nport = 104\n')
+    result = pacs_ai_cli("serve", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "unknown key 'ae_tile' (did you mean 'ae_title'?)" in result.stderr
+    assert "is required" not in result.stderr
+
+
 @pytest.mark.parametrize("text, named", [
     ("[listener]\nport = \"11112\"\n", "[listener] port"),
     ("[listener]\nport = 70000\n", "[listener] port"),
