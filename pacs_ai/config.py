@@ -25,6 +25,8 @@ from pacs_ai.filters import FilterPolicy
 from pacs_ai.intended_use import UNKNOWN_AGE_CHOICES, UNKNOWN_AGE_CLASSIFY
 from pacs_ai.model import MAX_AGE_YEARS
 from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+from pacs_ai.site_threshold import (ANY_MODEL_KEY, SHA256_HEX, SHA256_KEY, VERSION_KEY,
+                                    SiteThreshold)
 
 T = TypeVar("T")
 
@@ -119,12 +121,22 @@ class ModelConfig:
     path: Path | None = None  # None: the shipped model (pacs_ai.model.default_model_path)
     # The site's settings over the model file's own; None: the file's (pacs_ai.intended_use).
     threshold: float | None = None
+    # The model file the threshold was chosen for (pacs_ai.site_threshold): start-up refuses
+    # it for another file unless threshold_for_any_model
+    threshold_model_version: str | None = None
+    threshold_model_sha256: str | None = None
+    threshold_for_any_model: bool = False
     min_age_years: float | None = None
     max_age_years: float | None = None
     ood_threshold: float | None = None  # abstain above this out-of-distribution score
     # A film whose header gives no usable age: "classify" (the out-of-distribution gate alone
     # decides) or "skip" (pacs_ai.filters). Not the model file's: a site choice, default classify.
     unknown_age: str = UNKNOWN_AGE_CLASSIFY
+
+    @property
+    def site_threshold(self) -> SiteThreshold:
+        return SiteThreshold("[model]", self.threshold, self.threshold_model_version,
+                             self.threshold_model_sha256, self.threshold_for_any_model)
 
 
 AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.capacity)
@@ -399,6 +411,17 @@ class _Table:
         if check is not None and (problem := check(value)) is not None:
             raise self.fail(key, problem)
         return value.lower() if choices else value
+
+    def optional_string(self, key: str, *,
+                        check: Callable[[str], str | None] | None = None) -> str | None:
+        """A non-empty string (stripped), or None when the key is absent."""
+        present, _ = self._raw(key)
+        if not present:
+            return None
+        value = self.string(key, "", check=check).strip()
+        if not value:
+            raise self.fail(key, "is empty; give a value or remove the key")
+        return value
 
     def integer(self, key: str, default: int, *, minimum: int | None = None,
                 maximum: int | None = None) -> int:
@@ -705,7 +728,7 @@ def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
     # (pacs_ai.intended_use)
     model = ModelConfig(
         path=t.path("path", ModelConfig.path, base_dir, must_exist=True),
-        threshold=t.optional_number("threshold", minimum=0.0, maximum=1.0),
+        **_read_threshold(t),
         min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         ood_threshold=t.optional_number("ood_threshold", minimum=1e-9, maximum=1e9),
@@ -717,6 +740,43 @@ def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
         raise t.fail("min_age_years", f"{model.min_age_years:g} is above max_age_years "
                                       f"{model.max_age_years:g}")
     return model
+
+
+def _read_threshold(t: _Table) -> dict[str, Any]:
+    """threshold and the keys that bind it to a model file (pacs_ai.site_threshold), checked
+    for consistency here; whether they name the loaded file is checked once it is loaded."""
+    values = {
+        "threshold": t.optional_number("threshold", minimum=0.0, maximum=1.0),
+        "threshold_model_version": t.optional_string(VERSION_KEY),
+        "threshold_model_sha256": t.optional_string(SHA256_KEY, check=_check_sha256),
+        "threshold_for_any_model": t.boolean(ANY_MODEL_KEY, False),
+    }
+    if values["threshold_model_sha256"] is not None:
+        values["threshold_model_sha256"] = values["threshold_model_sha256"].lower()
+    bound = (values["threshold_model_version"] is not None,
+             values["threshold_model_sha256"] is not None)
+    if any(bound) and values["threshold"] is None:
+        key = VERSION_KEY if bound[0] else SHA256_KEY
+        raise t.fail(key, "is set but threshold is not: it says which model file a threshold "
+                          "was chosen for; remove it, or add the threshold")
+    if bound[0] != bound[1]:
+        missing = SHA256_KEY if bound[0] else VERSION_KEY
+        raise t.fail(missing, f"missing: {VERSION_KEY} and {SHA256_KEY} go together (the "
+                              "lines `pacs-ai evaluate` proposes set both)")
+    if values["threshold_for_any_model"] and any(bound):
+        raise t.fail(ANY_MODEL_KEY, f"true, yet {SHA256_KEY} binds the threshold to one model "
+                                    "file; keep one of them")
+    if values["threshold_for_any_model"] and values["threshold"] is None:
+        raise t.fail(ANY_MODEL_KEY, "is set but threshold is not; remove it, or add the "
+                                    "threshold")
+    return values
+
+
+def _check_sha256(value: str) -> str | None:
+    if SHA256_HEX.match(value.strip().lower()) is None:
+        return ("expected the model file's SHA-256 as 64 hexadecimal digits (the line "
+                "`pacs-ai evaluate` proposes, or `sha256sum FILE`)")
+    return None
 
 
 def _read_workers(t: _Table) -> WorkersConfig:

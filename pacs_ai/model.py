@@ -21,6 +21,8 @@ without ``saliency``, keep working without maps.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import sys
@@ -182,10 +184,13 @@ def _intended_use(intended_use: Any) -> tuple[tuple[float, float] | None, tuple[
 class PneumoniaModel:
     """A loaded, validated TorchScript model: batches of model input in, probabilities out."""
 
-    def __init__(self, module: Any, info: ModelInfo, path: Path):
+    def __init__(self, module: Any, info: ModelInfo, path: Path, sha256: str | None = None):
         self.module = module
         self.info = info
         self.path = path
+        # SHA-256 of the bytes loaded: which file this is, exactly (a site threshold names it,
+        # pacs_ai.site_threshold; the shadow's results carry it)
+        self.sha256 = sha256
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> "PneumoniaModel":
@@ -196,9 +201,15 @@ class PneumoniaModel:
             raise ModelContractError(f"model file not found: {model_path}")
         extra_files = {METADATA_FILE: ""}
         try:
+            # read once: the digest is of the very bytes loaded, even if the file is replaced
+            data = model_path.read_bytes()
+        except OSError as error:
+            raise ModelContractError(f"cannot read model file {model_path}: "
+                                     f"{error.strerror}") from None
+        try:
             with warnings.catch_warnings():  # TorchScript is our contract; keep the logs clean
                 warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(model_path), map_location="cpu",
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu",
                                         _extra_files=extra_files)
         except Exception as error:  # torch raises RuntimeError/ValueError/zip errors alike
             raise ModelContractError(
@@ -220,7 +231,8 @@ class PneumoniaModel:
             raise ModelContractError(f"{model_path}: metadata has 'saliency' but the model has "
                                      "no saliency method")
         module.eval()
-        model = cls(module, info, model_path)
+        model = cls(module, info, model_path, hashlib.sha256(data).hexdigest())
+        del data
         model._check_runs()
         return model
 

@@ -31,6 +31,7 @@ from pacs_ai.jobs import Job, JobState, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP, log_who_may_store
 from pacs_ai.sender import DestinationSender, release_waiting
+from pacs_ai.site_threshold import apply_threshold_binding
 from pacs_ai.spool import Spool
 from pacs_ai.web import QueuePage
 from pacs_ai.worker import ClassificationWorker
@@ -137,6 +138,7 @@ class Service:
         assert self.model is not None
         settings = self.config.model
         own = self.model.info
+        apply_threshold_binding(settings.site_threshold, self.model)
         self.model.info = site_model_info(own, threshold=settings.threshold,
                                           min_age_years=settings.min_age_years,
                                           max_age_years=settings.max_age_years,

@@ -189,6 +189,8 @@ def test_the_figures_agree_with_the_per_film_results(folder_run):
 
 @pytest.mark.parametrize("floor", [None, "0.8", "0.5"])
 def test_the_proposed_threshold_keeps_the_floor_on_the_results(site, models, tmp_path, floor):
+    from pacs_ai.site_threshold import file_sha256
+
     arguments = ["--sensitivity-floor", floor] if floor else []
     result = evaluate(str(site["folder"]), "--model", str(models["tiny"]),
                       "--out", str(tmp_path / "out"), *arguments)
@@ -199,21 +201,30 @@ def test_the_proposed_threshold_keeps_the_floor_on_the_results(site, models, tmp
     proposal = summary["proposed_threshold"]
     assert proposal["floor"] == wanted
     # the config lines printed are the proposal, and what they set keeps the floor
-    printed = re.search(r"\[model\]\n\s*threshold = ([0-9.]+)", result.stdout)
+    printed = re.search(r"\[model\]\n\s*threshold = ([0-9.]+)\n\s*threshold_model_version = "
+                        r'"([^"]+)"\n\s*threshold_model_sha256 = "([0-9a-f]{64})"', result.stdout)
     assert printed, result.stdout
     threshold = float(printed.group(1))
     assert threshold == proposal["threshold"]
-    assert proposal["config"] == f"[model]\nthreshold = {printed.group(1)}"
+    # bound to the file evaluated (pacs_ai.site_threshold)
+    assert printed.group(2) == summary["model"]["version"] == "0.0.0-test"
+    assert printed.group(3) == file_sha256(models["tiny"]) == summary["model"]["sha256"]
+    assert proposal["config"] == "\n".join(line.strip() for line in
+                                           printed.group(0).splitlines())
     sensitivity, specificity = sensitivity_specificity(rows, threshold)
     assert sensitivity >= wanted
     assert proposal["sensitivity"] == pytest.approx(sensitivity)
     assert proposal["specificity"] == pytest.approx(specificity)
-    # and it is the highest such: at the next pneumonia probability above it, fewer are found
+    # no threshold at a pneumonia film's probability that keeps the floor is more specific,
+    # and the next one below it clears fewer normal films (else it would keep more pneumonias
+    # for the same specificity)
     pneumonia = sorted({float(r["probability"]) for r in rows
                         if r["status"] == "ok" and r["label"] == "pneumonia"})
-    higher = [p for p in pneumonia if p > threshold + 2e-6]
-    if higher:
-        assert sensitivity_specificity(rows, higher[0])[0] < wanted
+    at_films = [sensitivity_specificity(rows, p) for p in pneumonia]
+    assert max(spec for sens, spec in at_films if sens >= wanted) == specificity
+    lower = [p for p in pneumonia if p < threshold - 2e-6]
+    if lower:
+        assert sensitivity_specificity(rows, lower[-1])[1] < specificity
 
 
 def test_the_text_summary_and_the_report(folder_run):
@@ -323,6 +334,8 @@ def test_a_model_with_an_ood_score_that_never_abstains(site, models, tmp_path):
 def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_path):
     import pydicom
 
+    from pacs_ai.site_threshold import file_sha256
+
     folder = tmp_path / "films"
     for label, entry in (("NORMAL", next(e for e in OK_SAMPLES if e["class"] == "NORMAL")),
                          ("PNEUMONIA", next(e for e in OK_SAMPLES if e["class"] == "PNEUMONIA"))):
@@ -341,7 +354,9 @@ def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_
     assert summary["model"]["threshold_source"] == "model file"
     # the site's [model] settings: its threshold is the one evaluated, its age range applies
     config = tmp_path / "pacs-ai.toml"
-    config.write_text("[model]\nthreshold = 0.3\nmax_age_years = 60\n")
+    config.write_text("[model]\nthreshold = 0.3\nmax_age_years = 60\n"
+                      'threshold_model_version = "0.0.0-test"\n'
+                      f'threshold_model_sha256 = "{file_sha256(models["children"])}"\n')
     result = evaluate(str(folder), "--model", str(models["children"]), "--config", str(config),
                       "--out", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
@@ -356,6 +371,18 @@ def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_
     assert fp + tp == called
     assert all(r["finding"] == ("pneumonia" if float(r["probability"]) >= 0.3 else "normal")
                for r in rows)
+    # a threshold chosen for another model file is not evaluated (the service would refuse
+    # it): the file's own is, and a note says why
+    config.write_text('[model]\nthreshold = 0.3\nthreshold_model_version = "9.9.9"\n'
+                      f'threshold_model_sha256 = "{"0" * 64}"\n')
+    result = evaluate(str(folder), "--model", str(models["children"]), "--config", str(config),
+                      "--out", str(tmp_path / "other"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "other" / "summary.json").read_text())
+    assert summary["threshold"] == 0.5 and summary["model"]["threshold_source"] == "model file"
+    [note] = summary["notes"]
+    assert "[model] threshold in" in note and "chosen for model version 9.9.9" in note
+    assert "note:" in result.stdout and "9.9.9" in result.stdout
     # [model] unknown_age = "skip": the picture, which has no age, is skipped as in the service
     config.write_text('[model]\nunknown_age = "skip"\n')
     result = evaluate(str(folder), "--model", str(models["children"]), "--config", str(config),

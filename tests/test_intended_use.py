@@ -489,6 +489,7 @@ def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path
     is sent for it; the child's report carries the site's threshold (0, so pneumonia, where the
     model's own 1.0 would say normal) and the age range in its Algorithm Parameters."""
     from pacs_ai.report import report_summary
+    from pacs_ai.site_threshold import file_sha256
     from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
                                      pacs_ai_cli, wait_until, write_service_config)
 
@@ -496,7 +497,9 @@ def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path
     with RecordingPacs() as pacs:
         config = write_service_config(
             tmp_path, model=pediatric_model, destinations=[pacs.destination()],
-            tables={"model": {"threshold": 0.0}, "workers": {"processes": 0}})
+            tables={"model": {"threshold": 0.0, "threshold_model_version": "0.0.0-test",
+                              "threshold_model_sha256": file_sha256(pediatric_model)},
+                    "workers": {"processes": 0}})
         with ServiceProcess(config, tmp_path / "serve.log") as service:
             results = SimulatedModality(service.port).send(
                 [films["adult"], films["child"], films["unknown"]])

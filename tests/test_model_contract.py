@@ -109,14 +109,18 @@ def test_model_command_prints_the_card(tmp_path):
 def test_model_command_shows_the_model_the_config_uses(tmp_path):
     """Issue 14: `pacs-ai model` without --model showed the shipped model, not the one the
     service loads; with --config it reads [model] path and states the site's settings."""
+    from pacs_ai.site_threshold import file_sha256
+
     site_model = export_untrained_tiny_model(tmp_path / "site.pt", threshold=0.3)
     config = tmp_path / "pacs-ai.toml"
     config.write_text(f'[model]\npath = "{site_model}"\nthreshold = 0.42\nmax_age_years = 17\n'
-                      'unknown_age = "skip"\n')
+                      'unknown_age = "skip"\nthreshold_model_version = "0.0.0-test"\n'
+                      f'threshold_model_sha256 = "{file_sha256(site_model)}"\n')
     result = subprocess.run([sys.executable, "-m", "pacs_ai", "model", "--config", str(config)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"file:       {site_model} ([model] path in {config})" in result.stdout
+    assert f"sha256:     {file_sha256(site_model)}" in result.stdout
     assert "0.3000" in result.stdout  # the file's own threshold, then the site's
     assert (f"site:       threshold 0.4200, ages 0-17 years, films without an age skipped "
             f"([model] in {config}") in result.stdout

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.logs import configure_logging
     from pacs_ai.model import PneumoniaModel
     from pacs_ai import site_evaluation as evaluation
+    from pacs_ai.site_threshold import binding_problem, threshold_lines
 
     floor = args.sensitivity_floor
     if not 0.0 < floor <= 1.0:
@@ -68,7 +69,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     model = PneumoniaModel.load(args.model if args.model is not None else config.model.path)
     own = model.info
-    model.info = site_model_info(own, threshold=config.model.threshold,
+    # a [model] threshold chosen for another file (or for none said) is not applied, as the
+    # service would refuse it: the file's own threshold is evaluated, and a note says why
+    unbound = binding_problem(config.model.site_threshold, own, model.sha256)
+    site_threshold = config.model.threshold if unbound is None else None
+    if unbound is not None:
+        labelled.notes.append(f"[model] threshold in {config.source} not used, the model "
+                              f"file's own is: {unbound}")
+    model.info = site_model_info(own, threshold=site_threshold,
                                  min_age_years=config.model.min_age_years,
                                  max_age_years=config.model.max_age_years,
                                  ood_threshold=config.model.ood_threshold)
@@ -83,16 +91,17 @@ def run(args: argparse.Namespace) -> int:
         "folder": str(args.folder), "labels_source": labelled.source,
         "notes": labelled.notes,
         "model": {"name": own.name, "version": own.version, "file": str(model.path),
-                  "model_threshold": own.threshold,
+                  "sha256": model.sha256, "model_threshold": own.threshold,
                   "threshold_source": (f"[model] threshold in {config.source}"
-                                       if config.model.threshold is not None else "model file"),
+                                       if site_threshold is not None else "model file"),
                   "intended_age": (f"{format_age_range(model.info.intended_age_years)} years"
                                    if model.info.intended_age_years else "not stated"),
                   "ood_threshold": own.ood_threshold},
         "config": str(config.source) if config.source else None,
     }
-    summary = evaluation.summarise(rows, threshold=model.info.threshold, floor=floor,
-                                   context=context)
+    summary = evaluation.summarise(
+        rows, threshold=model.info.threshold, floor=floor, context=context,
+        config_lines=lambda threshold: threshold_lines("model", threshold, own, model.sha256))
     out = Path(args.out) if args.out else Path(f"evaluation-{datetime.date.today().isoformat()}")
     evaluation.write_outputs(out, rows, summary)
     if args.json:

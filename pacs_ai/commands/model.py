@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = metadata.get("validation_metrics", {})
     print(f"model:      {model.info.label}")
     print(f"file:       {model.path}{_file_source(args, config)}")
+    print(f"sha256:     {model.sha256}")
     print(f"threshold:  {model.info.threshold:.4f} ({metadata.get('threshold_rule', 'rule not recorded')})")
     print(f"created:    {metadata.get('created', '?')}  commit {metadata.get('git_commit', '?')}")
     print(f"intended:   {_intended_use(model.info)}")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
     if config is not None:
-        print(f"site:       {_site_settings(config, model.info)}")
+        print(f"site:       {_site_settings(config, model.info, model.sha256)}")
     return 0
 
 
@@ -67,12 +68,15 @@ def _file_source(args: argparse.Namespace, config) -> str:
     return f" (the shipped model: no [model] path in {config.source or 'the built-in config'})"
 
 
-def _site_settings(config, own) -> str:
+def _site_settings(config, own, sha256: str) -> str:
     """What the config's [model] puts in force over the file's own values, as the service
-    would (an impossible combination stops here as it stops the service)."""
+    would (an impossible combination, or a threshold chosen for another model file, stops here
+    as it stops the service)."""
     from pacs_ai.intended_use import UNKNOWN_AGE_CLASSIFY, format_age_range, site_model_info
+    from pacs_ai.site_threshold import check_binding
 
     settings = config.model
+    check_binding(settings.site_threshold, own, sha256)
     effective = site_model_info(own, threshold=settings.threshold,
                                 min_age_years=settings.min_age_years,
                                 max_age_years=settings.max_age_years,
