@@ -12,9 +12,9 @@ failed deliveries, served by the [metrics] HTTP server (pacs_ai.metrics) beside 
 Retrying needs the token in [web] token_file; without a token_file the page is read-only. A
 POST without the token or with another one is answered 403 and logged (web_retry_refused).
 
-What is shown never names the patient: no names, IDs or birth dates are recorded with a job;
-UIDs are shortened (the full ones are in `pacs-ai status` on the host), and the Accession
-Number only with [web] show_accession_number = true.
+What is shown never names the patient: no names, IDs or birth dates are recorded with a job,
+and the Accession Number only with [web] show_accession_number = true. UIDs are shown whole
+(wrapped on the page; a click selects one whole), so a film can be looked up in the PACS.
 """
 
 from __future__ import annotations
@@ -58,13 +58,6 @@ SECURITY_HEADERS = (
 )
 
 
-def short_uid(uid: str | None) -> str | None:
-    """A UID shortened to its first and last 8 characters, enough to tell films apart."""
-    if not uid or len(uid) <= 20:
-        return uid
-    return f"{uid[:8]}...{uid[-8:]}"
-
-
 def read_token(config: Config) -> str | None:
     path = config.web.token_file
     if path is None:
@@ -101,9 +94,9 @@ class QueuePage:
             "received_at": _iso(job.received_at),
             "calling_ae_title": job.calling_ae_title,
             "modality": job.modality,
-            "sop_instance_uid": short_uid(job.sop_instance_uid),
-            "study_instance_uid": short_uid(job.study_instance_uid),
-            "report_uid": short_uid(job.report_uid),
+            "sop_instance_uid": job.sop_instance_uid,
+            "study_instance_uid": job.study_instance_uid,
+            "report_uid": job.report_uid,
             "state": job.state,
             "stage": job.stage,
             "finding": job.finding,
@@ -220,6 +213,8 @@ th { background: #f0f0f0; }
 .done, .ok { color: #176317; } .failed, .failing { color: #a00; font-weight: bold; }
 .pending, .retrying, .delivering, .classifying { color: #8a5a00; }
 .skipped, .unknown, .dismissed { color: #555; } .note { color: #555; } code { font-size: 12px; }
+/* UIDs whole, to look a film up in the PACS: wrapped anywhere to fit, one click selects all */
+.uid { word-break: break-all; user-select: all; } td.film { min-width: 17em; }
 """
 
 
@@ -263,7 +258,9 @@ def render(snapshot: dict[str, Any], config: Config) -> str:
             f"<tr id=job-{film['job']}><td>{_e(film['received_at'])}</td>"
             f"<td>{_e(film['calling_ae_title'])}</td><td>{_e(film['modality'])}</td>"
             + (f"<td>{_e(film.get('accession_number'))}</td>" if show_accession else "")
-            + f"<td><code>{_e(film['sop_instance_uid'])}</code></td>"
+            + f"<td class=film><code class=uid>{_e(film['sop_instance_uid'])}</code>"
+            f"<br><span class=note>study <code class=uid>"
+            f"{_e(film['study_instance_uid'])}</code></span></td>"
             f"<td class={_e(film['state'])}>{_e(film['state'])}"
             f"{' (' + _e(film['stage']) + ')' if film['stage'] else ''}"
             f"{_dismissed(film)}</td>"
@@ -305,7 +302,7 @@ JSON: <a href=/api/queue>/api/queue</a></p>
 <form method=post action=/queue/retry>
 {token_field}
 <table id=films><tr><th>Received (UTC)</th><th>Calling AE</th><th>Modality</th>
-{'<th>Accession</th>' if show_accession else ''}<th>Film (SOP Instance UID)</th><th>State</th>
+{'<th>Accession</th>' if show_accession else ''}<th>Film (SOP Instance UID, study)</th><th>State</th>
 <th>Finding or reason</th><th>Route</th><th>Deliveries (attempts)</th><th>Model</th><th></th></tr>
 {''.join(rows) or '<tr><td colspan=11>no films yet</td></tr>'}</table>
 </form>

@@ -5,6 +5,7 @@ test_web_browser.py."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -13,7 +14,7 @@ import pytest
 from pacs_ai import metrics
 from pacs_ai.config import Config, ConfigError, Destination, WebConfig, parse_config
 from pacs_ai.jobs import JobStore, NewInstance
-from pacs_ai.web import QueuePage, short_uid
+from pacs_ai.web import QueuePage
 
 TOKEN = "0123456789abcdef-queue-token"
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -101,9 +102,12 @@ def test_the_json_shows_films_counts_and_destinations_without_patient_data(serve
     assert (films[ids["done"]]["age_known"], failed["age_known"]) == (True, False)
     assert films[ids["skipped"]]["age_known"] is None
     assert films[ids["done"]]["deliveries"]["pacs"]["state"] == "done"
-    assert films[ids["done"]]["sop_instance_uid"] == short_uid(SOURCE_UID) == \
-        "1.2.826....23456789"
-    assert SOURCE_UID not in body  # UIDs shortened
+    # issue 23 item 8: whole UIDs, so a film can be looked up in the PACS (they were cut to
+    # "1.2.826....23456789")
+    assert films[ids["done"]]["sop_instance_uid"] == SOURCE_UID
+    assert failed["sop_instance_uid"] == SOURCE_UID + "1"
+    assert failed["study_instance_uid"] == "1.2.3"
+    assert failed["report_uid"] == f"2.25.{ids['failed']}99999999999999999"
     assert "ACC-" not in body and "accession_number" not in failed  # off by default
     assert queue["destinations"]["pacs"]["kind"] == "dimse"
     request = urllib.request.Request(url + "/queue", headers={"Accept": "application/json"})
@@ -122,7 +126,11 @@ def test_the_page_is_html_that_reloads_itself(served):
     assert f"value={ids['done']}>" not in page  # retry only for failed deliveries
     assert "http-400: Dataset refused by policy" in page
     assert "normal (0.12), no age" in page and "pneumonia (0.91)<" in page
-    assert SOURCE_UID not in page and "ACC-" not in page
+    assert "ACC-" not in page
+    row = re.search(rf"<tr id=job-{ids['failed']}>.*?</tr>", page, flags=re.S).group(0)
+    assert f"<code class=uid>{SOURCE_UID}1</code>" in row  # whole, wrapped by the style
+    assert "study <code class=uid>1.2.3</code>" in row
+    assert ".uid { word-break: break-all; user-select: all; }" in page
 
 
 def test_retry_needs_the_token(served):

@@ -40,11 +40,27 @@ def browser():
         driver.quit()
 
 
+def old_page_gone(element):
+    """A wait condition: `element`'s page has been replaced by the next one."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.expected_conditions import staleness_of
+
+    stale = staleness_of(element)
+
+    def gone(driver) -> bool:
+        try:
+            return stale(driver)
+        except WebDriverException as error:
+            if "does not belong to the document" in str(error):
+                return True
+            raise
+    return gone
+
+
 def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(tmp_path,
                                                                                browser,
                                                                                tiny_model):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     token_file = tmp_path / "web-token"
@@ -84,11 +100,27 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
             assert "retrying" in archive_row or "failing" in archive_row, archive_row
             source = browser.page_source
             assert "<meta http-equiv=\"refresh\" content=\"600\">" in source  # reloads itself
-            for film in films:  # no patient name or ID, no full UID, no accession number
-                for value in (str(film.PatientName), film.PatientID, str(film.SOPInstanceUID),
-                              film.AccessionNumber, "Synthetic"):
+            for film in films:  # no patient name or ID, no accession number
+                for value in (str(film.PatientName), film.PatientID, film.AccessionNumber,
+                              "Synthetic"):
                     assert value not in source, value
+            # Issue 23 item 8: each film's UIDs whole, to look it up in the PACS; in a narrow
+            # window one wraps over lines in its cell, and a click selects it whole for
+            # copying (no script).
+            browser.set_window_size(900, 1000)
+            shown = {code.get_attribute("textContent") for code in
+                     browser.find_elements(By.CSS_SELECTOR, "#films code.uid")}
+            for film in films:
+                assert {str(film.SOPInstanceUID), str(film.StudyInstanceUID)} <= shown, shown
+            uid = browser.find_element(By.CSS_SELECTOR, f"#{rows[0].get_attribute('id')} code.uid")
+            # over one line: a line is about 1.2 font sizes high
+            assert uid.size["height"] > 1.8 * browser.execute_script(
+                "return parseFloat(getComputedStyle(arguments[0]).fontSize)", uid), uid.size
+            uid.click()
+            assert browser.execute_script("return window.getSelection().toString()") == \
+                uid.get_attribute("textContent")
             browser.save_screenshot(str(tmp_path / "queue-failed.png"))
+            browser.set_window_size(1600, 1000)
 
             archive.start()  # the archive is back: a retry can now succeed
             try:
@@ -103,8 +135,9 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
                     button = browser.find_element(By.CSS_SELECTOR,
                                                   f"button[name=job][value='{first}']")
                     button.click()
-                    # the answer is a new page: wait until the old one is gone
-                    WebDriverWait(browser, 30).until(staleness_of(button))
+                    # the answer is a new page: wait until the old one is gone (Chromium may
+                    # say so as "does not belong to the document" instead of a stale element)
+                    WebDriverWait(browser, 30).until(old_page_gone(button))
                     WebDriverWait(browser, 30).until(
                         lambda driver: driver.execute_script("return document.readyState")
                         == "complete")
