@@ -8,6 +8,8 @@ Optional (model files from `python -m training ensemble`): a method ``forward_wi
 the same [N] output and [N] out-of-distribution scores from one pass, with ``ood.threshold`` in
 the metadata. A film scoring above it is one the model abstains on (``abstain_reason``): it is
 unlike the films the model was trained on, so no finding is sent. Files without it keep working.
+From 1.3.0 that score is a gate's (metadata ``ood.score`` "gate": a trained network's probability
+that the film is no young child's frontal chest film, training/gate.py); the contract is the same.
 
 Contract version 2 (``format`` "pacs-ai-model/2", from model 1.2.1): everything of version 1,
 plus an optional method ``saliency`` ([N, 1, 200, 200] -> [N, G, G] saliency maps over the input,
@@ -330,6 +332,11 @@ class PneumoniaModel:
             return None
         if ood_score <= self.info.ood_threshold:
             return None
+        if self.info.metadata.get("ood", {}).get("score") == "gate":
+            # a probability that the film is no young child's frontal chest film
+            return (f"out-of-distribution: gate score {ood_score:.3f} above "
+                    f"{self.info.ood_threshold:.3f}; not recognised as a young child's frontal "
+                    "chest film, the model's intended use")
         return (f"out-of-distribution: score {ood_score:.2f} above {self.info.ood_threshold:.2f}; "
                 "the film is unlike those the model was trained on")
 
