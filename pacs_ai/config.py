@@ -284,6 +284,28 @@ class WebConfig:
     refresh_seconds: int = 15  # the page reloads itself this often (0: never)
 
 
+# [drift] defaults: the model card's validation split, 585 pneumonia of 787 films (prevalence
+# 0.74), +-0.15, where a day of 50 films at that rate spreads about +-0.06 (binomial); and its
+# abstention, 1.5 % of the validation films, well below 10 %. A site sets its own rates.
+DEFAULT_EXPECTED_POSITIVE_RATE = (0.59, 0.89)
+DEFAULT_MAX_ABSTENTION_RATE = 0.10
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """What a model's results should look like at this site (pacs_ai.drift): the queue page's
+    chart and the /metrics gauges the Prometheus alerts compare against
+    (deploy/prometheus/)."""
+
+    # Share of the films a model classifies that it finds pneumonia in: [low, high].
+    expected_positive_rate: tuple[float, float] = DEFAULT_EXPECTED_POSITIVE_RATE
+    # Share of the films a model assesses that it abstains on (out-of-distribution).
+    max_abstention_rate: float = DEFAULT_MAX_ABSTENTION_RATE
+    # A day (the chart) or window (the alerts) with fewer films assessed is shown, not judged.
+    min_films: int = 20
+    days: int = 28  # the days the queue page's chart covers, today included
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
@@ -333,6 +355,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     routing: "RoutingConfig" = field(default_factory=lambda: RoutingConfig())
     web: WebConfig = field(default_factory=WebConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
@@ -460,6 +483,23 @@ class _Table:
         """A number in [minimum, maximum], or None when the key is absent."""
         present, _ = self._raw(key)
         return self.number(key, math.nan, minimum=minimum, maximum=maximum) if present else None
+
+    def number_range(self, key: str, default: tuple[float, float], *, minimum: float,
+                     maximum: float, example: str) -> tuple[float, float]:
+        """[low, high]: two numbers with minimum <= low <= high <= maximum."""
+        present, value = self._raw(key)
+        if not present:
+            return default
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in value)):
+            raise self.fail(key, f"expected [low, high], two numbers without quotes such as "
+                                 f"{example}, got {_describe(value)}")
+        low, high = float(value[0]), float(value[1])
+        if not minimum <= low <= high <= maximum:
+            raise self.fail(key, f"[{low:g}, {high:g}]: expected {minimum:g} <= low <= high <= "
+                                 f"{maximum:g}")
+        return low, high
 
     def boolean(self, key: str, default: bool) -> bool:
         present, value = self._raw(key)
@@ -614,7 +654,7 @@ def _check_host(value: str) -> str | None:
 
 TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
                     "destinations", "retry", "log", "metrics", "tls", "status", "audit",
-                    "routes", "routing", "web")
+                    "routes", "routing", "web", "drift")
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -652,10 +692,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     audit = read("audit", _read_audit, base_dir)
     routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
     web = read("web", _read_web, base_dir)
+    drift = read("drift", _read_drift)
     return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
                   log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
-                  web=web, source=source)
+                  web=web, drift=drift, source=source)
 
 
 def _read_listener(t: _Table) -> ListenerConfig:
@@ -885,6 +926,18 @@ def _read_web(t: _Table, base_dir: Path) -> WebConfig:
         recent_films=t.integer("recent_films", d.recent_films, minimum=1, maximum=1000),
         refresh_seconds=t.integer("refresh_seconds", d.refresh_seconds, minimum=0,
                                   maximum=3600))
+
+
+def _read_drift(t: _Table) -> DriftConfig:
+    d = DriftConfig
+    return DriftConfig(
+        expected_positive_rate=t.number_range("expected_positive_rate",
+                                              d.expected_positive_rate, minimum=0.0, maximum=1.0,
+                                              example="[0.1, 0.3]"),
+        max_abstention_rate=t.number("max_abstention_rate", d.max_abstention_rate, minimum=0.0,
+                                     maximum=1.0),
+        min_films=t.integer("min_films", d.min_films, minimum=1, maximum=1_000_000),
+        days=t.integer("days", d.days, minimum=1, maximum=366))
 
 
 def parse_filter_policy(data: Any) -> FilterPolicy:

@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     accession_number TEXT,             -- shown on the queue page only when [web] allows it
     route TEXT,                        -- the [[routes]] name taken, or 'default'
     model TEXT,                        -- name and version of the model that classified it
+                                       -- (or abstained on it)
     dismissed_at REAL,                 -- a failed job an admin dismissed (pacs-ai dismiss)
     age_known INTEGER                  -- a reported film's header gave a usable patient age:
                                        -- 1 or 0; NULL: not reported, or before pacs-ai kept it
@@ -429,19 +430,22 @@ class JobStore:
             self._work_added()
         return requeued
 
-    def mark_skipped(self, job_id: int, reason: str) -> bool:
-        return self._finish(job_id, JobState.SKIPPED, None, reason)
+    def mark_skipped(self, job_id: int, reason: str, model: str | None = None) -> bool:
+        """`model`: the model that decided, where one did (it abstained)."""
+        return self._finish(job_id, JobState.SKIPPED, None, reason, model)
 
     def mark_failed(self, job_id: int, stage: Stage, reason: str) -> bool:
         return self._finish(job_id, JobState.FAILED, stage, reason)
 
-    def _finish(self, job_id: int, state: JobState, stage: Stage | None, reason: str) -> bool:
+    def _finish(self, job_id: int, state: JobState, stage: Stage | None, reason: str,
+                model: str | None = None) -> bool:
         """Settle a claimed job. False (and no change) when it is no longer `classifying`: a
         batch that breaks after reporting some of its jobs must not mark those failed."""
         return self._write(lambda db: db.execute(
-            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ? "
+            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ?, "
+            "model = ? "
             f"WHERE id = ? AND state = '{JobState.CLASSIFYING}'",
-            (state, stage, reason, time.time(), job_id)).rowcount) == 1
+            (state, stage, reason, time.time(), model, job_id)).rowcount) == 1
 
     def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
                       report_file: str, classify_ms: float, destinations: Iterable[str],

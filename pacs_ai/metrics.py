@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
@@ -29,6 +29,10 @@ from prometheus_client import disable_created_metrics, generate_latest
 from pacs_ai.errors import UserError
 from pacs_ai import jobs
 from pacs_ai.jobs import Stage
+
+if TYPE_CHECKING:
+    from pacs_ai.config import DriftConfig
+    from pacs_ai.model import ModelInfo
 
 log = structlog.get_logger()
 
@@ -54,6 +58,8 @@ REPORTED = Counter(
 FAILED = Counter(
     "pacs_ai_failed", f"Jobs that failed, by pipeline stage ({', '.join(Stage)}).",
     ["stage"], registry=REGISTRY)
+for _stage in Stage:  # at 0 from the start, so increase() counts the first failure
+    FAILED.labels(stage=_stage)
 REJECTED = Counter(
     "pacs_ai_rejected", "Associations or C-STOREs refused, by reason.",
     ["reason"], registry=REGISTRY)
@@ -61,11 +67,38 @@ AUDIT_RECORDS_LOST = Counter(
     "pacs_ai_audit_records_lost", "Audit records that could not be written to the audit log "
     "(disk full, file unwritable, writer stalled); the first loss is logged (audit_write_failed).",
     registry=REGISTRY)
-# Inference on CPU takes tens of milliseconds to seconds; delivery waits on retries, so minutes.
+# What the drift alerts watch (deploy/prometheus/): each model's results, by its role. "live"
+# is the model whose reports go out; "shadow" a candidate run beside it whose results are only
+# recorded ([shadow]). Count them with count_assessment, never by hand, so both roles agree.
+ROLE_LIVE = "live"
+ROLE_SHADOW = "shadow"
+RESULT_ABSTAINED = "abstained"  # the model's out-of-distribution score above its threshold
+MODEL_RESULT_VALUES = ("pneumonia", "normal", RESULT_ABSTAINED)  # its findings (model.finding)
+MODEL_RESULTS = Counter(
+    "pacs_ai_model_results", "Films a model assessed, by model name, version, role (live: its "
+    "reports go out; shadow: recorded only) and result: its finding (pneumonia, normal) or "
+    "abstained (out-of-distribution score above the threshold: no finding).",
+    ["name", "version", "role", "result"], registry=REGISTRY)
+# Bounds for both kinds of score a model file may give: a gate's probability in (0, 1) with a
+# threshold near 0.3-0.6 (fine steps up to 1), and the older Mahalanobis distance per feature,
+# ~0.9 on training-like films with a threshold near 2 (the buckets from 0.5 up that this
+# histogram always had, so queries on them keep working). By model: the scales do not mix.
+OOD_SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+                     1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 20.0, 50.0)
 OOD_SCORE = Histogram(
-    "pacs_ai_ood_score", "Out-of-distribution score of each film the model assessed (models "
-    "with an abstention threshold only; above the threshold it abstains).",
-    buckets=(0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0), registry=REGISTRY)
+    "pacs_ai_ood_score", "Out-of-distribution (gate) score of each film a model assessed, by "
+    "model name, version and role (models with an abstention threshold only; above the "
+    "threshold the model abstains).",
+    ["name", "version", "role"], buckets=OOD_SCORE_BUCKETS, registry=REGISTRY)
+# What arrives, to see the population change (pacs_ai.arrivals keeps each label's values to a
+# bounded set: no free text, nothing about the patient).
+ARRIVALS = Counter(
+    "pacs_ai_arrivals", "Films newly received and acknowledged (a re-sent copy is not counted), "
+    "by manufacturer (a known vendor, 'other' or 'none'), modality, photometric interpretation, "
+    "transfer syntax and pixel spacing band in mm.",
+    ["manufacturer", "modality", "photometric_interpretation", "transfer_syntax",
+     "pixel_spacing_mm"], registry=REGISTRY)
+# Inference on CPU takes tens of milliseconds to seconds; delivery waits on retries, so minutes.
 CLASSIFY_SECONDS = Histogram(
     "pacs_ai_classify_seconds", "Time to decode, preprocess and classify one instance.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
@@ -106,15 +139,64 @@ DESTINATION_ECHO_TIMESTAMP = Gauge(
     "pacs_ai_destination_echo_timestamp_seconds", "When the latest C-ECHO to a destination ran "
     "(Unix time); across replicas: max.", ["destination"], registry=REGISTRY)
 MODEL_INFO = Gauge(
-    "pacs_ai_model_info", "The model in use: always 1, its name and version as labels; across "
-    "replicas: sum by (name, version), the replicas running each.",
-    ["name", "version"], registry=REGISTRY)
+    "pacs_ai_model_info", "The models in use: always 1, their name, version and role (live, "
+    "shadow) as labels; across replicas: sum by (name, version, role), the replicas running "
+    "each.", ["name", "version", "role"], registry=REGISTRY)
+MODEL_THRESHOLD = Gauge(
+    "pacs_ai_model_threshold", "The thresholds a model works with (the site's where [model] "
+    "sets them): kind=finding, pneumonia at or above it; kind=abstention, the out-of-"
+    "distribution score above which it abstains; across replicas: max.",
+    ["name", "version", "role", "kind"], registry=REGISTRY)
+# The band the site expects ([drift]), so the alert rules need no copy of it.
+DRIFT_EXPECTED_POSITIVE_RATE = Gauge(
+    "pacs_ai_drift_expected_positive_rate", "[drift] expected_positive_rate: the share of "
+    "classified films found pneumonia that the site expects, bound=low and bound=high; across "
+    "replicas: max (the same config).", ["bound"], registry=REGISTRY)
+DRIFT_MAX_ABSTENTION_RATE = Gauge(
+    "pacs_ai_drift_max_abstention_rate", "[drift] max_abstention_rate: the largest share of "
+    "assessed films a model should abstain on; across replicas: max.", registry=REGISTRY)
+DRIFT_MIN_FILMS = Gauge(
+    "pacs_ai_drift_min_films", "[drift] min_films: fewer films assessed in a window are too few "
+    "to judge a rate by; across replicas: max.", registry=REGISTRY)
 WORKERS = Gauge(
     "pacs_ai_workers", "Classification worker threads (kind=threads) and their helper processes "
     "for decoding and reports (kind=helper_processes) this replica runs; across replicas: sum.",
     ["kind"], registry=REGISTRY)
 
 HealthCallback = Callable[[], dict[str, Any]]
+
+
+def count_assessment(info: ModelInfo, role: str, result: str,
+                     ood_score: float | None = None) -> None:
+    """One film a model assessed: its result (its finding, or RESULT_ABSTAINED) and its
+    out-of-distribution score where it has one."""
+    labels = {"name": info.name, "version": info.version, "role": role}
+    MODEL_RESULTS.labels(result=result, **labels).inc()
+    if ood_score is not None:
+        OOD_SCORE.labels(**labels).observe(ood_score)
+
+
+def set_models(models: Iterable[tuple[ModelInfo, str]]) -> None:
+    """pacs_ai_model_info and pacs_ai_model_threshold for the models in use, (info, role) each
+    (models no longer in use disappear), and their pacs_ai_model_results_total at 0."""
+    MODEL_INFO.clear()
+    MODEL_THRESHOLD.clear()
+    for info, role in models:
+        labels = {"name": info.name, "version": info.version, "role": role}
+        for result in MODEL_RESULT_VALUES:  # at 0: increase() counts
+            MODEL_RESULTS.labels(result=result, **labels)  # the first film of each
+        MODEL_INFO.labels(**labels).set(1)
+        MODEL_THRESHOLD.labels(kind="finding", **labels).set(info.threshold)
+        if info.ood_threshold is not None:
+            MODEL_THRESHOLD.labels(kind="abstention", **labels).set(info.ood_threshold)
+
+
+def set_drift_band(drift: DriftConfig) -> None:
+    low, high = drift.expected_positive_rate
+    DRIFT_EXPECTED_POSITIVE_RATE.labels(bound="low").set(low)
+    DRIFT_EXPECTED_POSITIVE_RATE.labels(bound="high").set(high)
+    DRIFT_MAX_ABSTENTION_RATE.set(drift.max_abstention_rate)
+    DRIFT_MIN_FILMS.set(drift.min_films)
 
 
 def reason_code(reason: str) -> str:

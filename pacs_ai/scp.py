@@ -45,6 +45,7 @@ from pynetdicom.utils import make_target
 
 from pacs_ai import audit, metrics
 from pacs_ai.addresses import address_in, parse_networks
+from pacs_ai.arrivals import arrival_labels
 from pacs_ai.audit import AuditTrail
 from pacs_ai.config import Config, LimitsConfig, ListenerTLSConfig
 from pacs_ai.errors import UserError
@@ -581,6 +582,9 @@ class StorageSCP:
         outcome = result.outcome
         if outcome.status == SUCCESS:
             metrics.RECEIVED.inc()
+            if not result.duplicate and "header" in received:  # what arrives: drift watch
+                metrics.ARRIVALS.labels(**arrival_labels(
+                    received["header"], str(event.context.transfer_syntax))).inc()
             log.info("instance_received", study_instance_uid=result.instance.study_instance_uid,
                      duplicate=result.duplicate, **fields)
         else:

@@ -280,9 +280,8 @@ class Service:
             metrics.LAST_DELIVERY_TIMESTAMP.labels(destination=name).set(
                 state.last_success_at or 0)
         if self.model is not None:
-            metrics.MODEL_INFO.clear()
-            metrics.MODEL_INFO.labels(name=self.model.info.name,
-                                      version=self.model.info.version).set(1)
+            metrics.set_models([(self.model.info, metrics.ROLE_LIVE)])
+        metrics.set_drift_band(self.config.drift)
         metrics.WORKERS.labels(kind="threads").set(len(self.workers))
         metrics.WORKERS.labels(kind="helper_processes").set(
             sum(work.processes for work in self.image_work))

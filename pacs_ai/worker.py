@@ -216,15 +216,16 @@ class ClassificationWorker(threading.Thread):
                            f"model-failed: {type(error).__name__}: {error}")
             return
         inference_share = (time.perf_counter() - started) / len(ready)
+        self._count_assessments(probabilities, ood_scores)
         if ood_scores is not None:
             # abstain on films unlike the training films: skipped with the score, no report
             kept = []
             for item, probability, score, grid in zip(ready, probabilities, ood_scores, maps):
-                metrics.OOD_SCORE.observe(float(score))
                 reason = self.model.abstain_reason(float(score))
                 if reason:
-                    self._skip(item.job, reason, ood_score=round(float(score), 3),
-                               age_known=item.age_known)
+                    # the model kept with the job: the queue page's abstention rate per model
+                    self._skip(item.job, reason, model=self.model.info.label,
+                               ood_score=round(float(score), 3), age_known=item.age_known)
                 else:
                     kept.append((item, float(probability), grid))
             if not kept:
@@ -242,6 +243,17 @@ class ClassificationWorker(threading.Thread):
         reports = rendering.results()
         for item, probability, report in zip(ready, probabilities, reports):
             self._report(item, probability, report, item.prepare_seconds + inference_share)
+
+    def _count_assessments(self, probabilities: Sequence[float],
+                           ood_scores: Sequence[float] | None) -> None:
+        """Each film the model assessed, in pacs_ai_model_results_total (its finding, or
+        abstained) and pacs_ai_ood_score: what the drift alerts watch."""
+        info = self.model.info
+        for index, probability in enumerate(probabilities):
+            score = None if ood_scores is None else float(ood_scores[index])
+            result = (metrics.RESULT_ABSTAINED if self.model.abstain_reason(score)
+                      else self.model.finding(float(probability)))
+            metrics.count_assessment(info, metrics.ROLE_LIVE, result, score)
 
     def _assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
         """(probabilities, out-of-distribution scores or None, a map grid or None per film).
@@ -271,11 +283,12 @@ class ClassificationWorker(threading.Thread):
             images.append(image)
         return kept, images
 
-    def _skip(self, job: Job, reason: str, **fields: object) -> None:
-        self.store.mark_skipped(job.id, reason)
+    def _skip(self, job: Job, reason: str, model: str | None = None, **fields: object) -> None:
+        """`model`: the model that decided (an abstention), kept with the job."""
+        self.store.mark_skipped(job.id, reason, model=model)
         metrics.SKIPPED.labels(reason=metrics.reason_code(reason)).inc()
         log.info("instance_skipped", sop_instance_uid=job.sop_instance_uid, reason=reason,
-                 **fields)
+                 **({"model": model} if model else {}), **fields)
         self.on_job_finished(self._reload(job))
 
     def _report(self, item: _Ready, probability: float, report: RenderedReport,

@@ -88,7 +88,7 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
     assert config.listener.port == 11112
     # Every key the parser knows appears in the example (commented out or set).
     for section in ("listener", "limits", "storage", "model", "workers", "report", "retry",
-                    "log", "metrics", "status"):
+                    "log", "metrics", "status", "drift"):
         for field in dataclasses.fields(getattr(config, section)):
             assert f"{field.name} =" in text, f"[{section}] {field.name} is not documented"
     for name in FilterPolicy.field_names():
@@ -171,6 +171,13 @@ def test_serve_names_a_misspelt_destination_key(tmp_path):
     ("[tls]\ncert_file = \"cert.pem\"\n", "[tls] cert_file"),
     ("[filters]\nno_such_filter = true\n", "'no_such_filter'"),
     ("[filters]\nmodalities = \"CR\"\n", "[filters] modalities"),
+    ("[drift]\nexpected_positive_rate = 0.2\n", "[drift] expected_positive_rate"),
+    ("[drift]\nexpected_positive_rate = [0.4, 0.2]\n", "[drift] expected_positive_rate"),
+    ("[drift]\nexpected_positive_rate = [0.1, 1.5]\n", "[drift] expected_positive_rate"),
+    ("[drift]\nexpected_positive_rate = [\"0.1\", 0.3]\n", "[drift] expected_positive_rate"),
+    ("[drift]\nmax_abstention_rate = 2\n", "[drift] max_abstention_rate"),
+    ("[drift]\nmin_films = 0\n", "[drift] min_films"),
+    ("[drift]\ndays = 0\n", "[drift] days"),
     ("[listener\nport = 1\n", "not valid TOML"),
     ("listener = 5\n", "[listener] must be a table"),
 ])

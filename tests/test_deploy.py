@@ -535,9 +535,15 @@ def label_values_in_code() -> dict[str, set[str]]:
                if isinstance(function, ast.FunctionDef) and function.name == "finding"
                for constant in ast.walk(function) if isinstance(constant, ast.Constant)
                and isinstance(constant.value, str) and constant.value.isalpha()}
+    from pacs_ai import arrivals, metrics
+
     return {"pacs_ai_rejected_total{reason}": rejected, "pacs_ai_skipped_total{reason}": skipped,
             "pacs_ai_failed_total{stage}": failed,
-            "pacs_ai_classified_total{finding}": finding}
+            "pacs_ai_classified_total{finding}": finding,
+            "pacs_ai_model_results_total{result}": finding | {metrics.RESULT_ABSTAINED},
+            "pacs_ai_model_results_total{role}": {metrics.ROLE_LIVE, metrics.ROLE_SHADOW},
+            "pacs_ai_arrivals_total{manufacturer}": {name for name, _ in arrivals.MANUFACTURERS}
+            | {arrivals.NONE, arrivals.OTHER, arrivals.INVALID}}
 
 
 def test_the_guide_lists_each_metric_label_value_the_code_sets():

@@ -69,7 +69,8 @@ def test_a_working_service_is_live_and_ready_and_status_exits_0(tmp_path, tiny_m
         assert samples[("pacs_ai_ready", ())] == 1
         assert samples[("pacs_ai_spool_free_bytes", ())] > 0
         info = service.model.info
-        assert samples[("pacs_ai_model_info", (("name", info.name), ("version", info.version)))] == 1
+        assert samples[("pacs_ai_model_info", (("name", info.name), ("role", "live"),
+                                               ("version", info.version)))] == 1
         code, report, _text = status(config)
         assert code == 0 and report["needs_admin"] == []
     finally:
