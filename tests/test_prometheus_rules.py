@@ -103,9 +103,10 @@ def test_the_positive_rate_alert_fires_on_what_a_running_service_exports(tmp_pat
     """A service whose threshold makes every film pneumonia, at a site expecting 10-30 %:
     its /metrics before and after six films, fed to promtool as an hour of scrapes, fire
     PacsAiPositiveRateOutsideBand for that model, and no other drift or arrival alert."""
-    model = export_untrained_tiny_ensemble(tmp_path / "ens.pt", ood_threshold=1e9)
+    model = export_untrained_tiny_ensemble(tmp_path / "ens.pt", ood_threshold=1e9,
+                                           threshold=0.0)
     config = write_service_config(tmp_path, model=model, tables={
-        "model": {"threshold": 0.0}, "metrics": {"enabled": True, "port": 0},
+        "metrics": {"enabled": True, "port": 0},
         "drift": {"expected_positive_rate": [0.1, 0.3], "min_films": 5}})
     service = Service(load_config(config)).start()
     try:
