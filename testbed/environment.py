@@ -17,6 +17,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PACS_AI_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 SAMPLE_DICOMS = REPO_ROOT / "sample_dicoms"
+# PYTHONPATH for a service run under tests/fault_hooks: the hooks import pacs_ai at start-up,
+# before the service's folder is on the path, so this tree comes next (else an editable install
+# of another checkout would be the service tested)
+FAULT_HOOKS_PYTHONPATH = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_hooks"),
+                                          str(REPO_ROOT)])
 
 
 def in_ci() -> bool:

@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.uids import report_uid
-from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
+from testbed.environment import FAULT_HOOKS_PYTHONPATH, SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import (
     RecordingPacs,
     ServiceProcess,
@@ -255,7 +255,7 @@ def test_spool_full_answers_out_of_resources_and_resumes_when_space_returns(tmp_
         mode = "tmpfs" if resize else "injected ENOSPC"
         env = None
         if resize is None:
-            env = {"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
+            env = {"PYTHONPATH": FAULT_HOOKS_PYTHONPATH,
                    "PACS_AI_FAULT_ENOSPC_FLAG": str(flag)}
         config = write_service_config(
             tmp_path, model=tiny_model,
@@ -652,7 +652,7 @@ def test_a_crashing_decoder_fails_only_its_image_and_the_helper_comes_back(tmp_p
     marker = f"CRASH-THE-DECODER-{generate_uid()}"
     images = [synthetic_radiograph(seed=2000 + i, rows=256, columns=256) for i in range(4)]
     images[1].ImageComments = marker
-    env = {"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
+    env = {"PYTHONPATH": FAULT_HOOKS_PYTHONPATH,
            "PACS_AI_FAULT_CRASH_MARKER": marker}
     with RecordingPacs() as pacs:
         config = write_service_config(tmp_path, model=tiny_model,
@@ -710,7 +710,7 @@ def test_a_helper_that_cannot_start_stops_start_up_with_a_message(tmp_path, tiny
 
     config = write_service_config(tmp_path, model=tiny_model)
     result = pacs_ai_cli("serve", "--config", str(config),
-                         env={"PYTHONPATH": str(REPO_ROOT / "tests" / "fault_hooks"),
+                         env={"PYTHONPATH": FAULT_HOOKS_PYTHONPATH,
                               "PACS_AI_FAULT_HELPER_BROKEN": "1"})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "image helper process did not start" in result.stderr

@@ -7,7 +7,6 @@ even to a service that has forgotten it, gives the same two instances, not new o
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pacs_ai.model import PneumoniaModel, default_model_path
 from pacs_ai.intended_use import site_model_info
 from pacs_ai.report import report_summary, site_settings_part
 from pacs_ai.uids import heatmap_uid, report_uid
-from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
+from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 from testbed.real_peers import (Modality, Orthanc, orthanc_destination, renamed_copy, spool_jobs,
@@ -86,10 +85,7 @@ def test_kill_9_between_the_two_deliveries_loses_neither_and_a_resend_duplicates
     config = service_config(tmp_path / "service", orthanc)
     flag = tmp_path / "kill-between-deliveries"
     flag.touch()
-    # the hooks import pacs_ai at start-up, before the service's folder is on the path: this
-    # tree comes next, so the service is this tree's even where an editable install is another's
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests" / "fault_hooks"),
-                                          str(REPO_ROOT)]),
+    env = {"PYTHONPATH": FAULT_HOOKS_PYTHONPATH,
            "PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES": str(flag)}
     with ServiceProcess(config, tmp_path / "serve-1.log", env=env) as service:
         sent = storescu(service.port, [film], called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")

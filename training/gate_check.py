@@ -19,7 +19,6 @@ Nothing here reads a test split.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
