@@ -102,6 +102,8 @@ CREATE TABLE IF NOT EXISTS jobs (
                                        -- 1 or 0; NULL: not reported, or before pacs-ai kept it
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+-- the daily rates (daily_results): the classified films of a window read from the index alone
+CREATE INDEX IF NOT EXISTS jobs_by_received ON jobs (received_at, finding, model);
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id INTEGER NOT NULL REFERENCES jobs (id),
     destination TEXT NOT NULL,
@@ -225,6 +227,10 @@ IMAGE_FAILURE_CODES = frozenset({
     "no-pixel-data", "bad-pixel-header", "too-large", "multi-frame", "colour", "not-monochrome",
     "unsupported-bit-depth", "unsupported-transfer-syntax", "truncated-pixel-data",
     "decode-failed", "decode-crashed"})
+
+
+# The reason code of a film the model abstained on (model.abstain_reason's "code: detail").
+ABSTAINED_REASON_CODE = "out-of-distribution"
 
 
 def reason_code(reason: str | None) -> str:
@@ -778,6 +784,27 @@ class JobStore:
             f"FROM jobs WHERE state = '{JobState.FAILED}' AND dismissed_at IS NULL AND "
             "updated_at >= ? GROUP BY 1, 2", (since,))
         return {(stage, code or ""): count for stage, code, count in rows}
+
+    def daily_results(self, since: float) -> list[tuple[int, str | None, str, int, int, int]]:
+        """What the models made of the films received at or after `since` (epoch seconds), per
+        UTC day (days since 1970-01-01, by when the film was received) and model:
+        (day, model, role, classified, of those found pneumonia, abstained), ordered by day and
+        model. `model` is the job's name and version (None: an abstention recorded before
+        pacs-ai kept it). The live model's results are its jobs' (role 'live'); a shadow
+        model's would be added here with its own role (pacs_ai.drift reads any role)."""
+        results: dict[tuple[int, str | None], list[int]] = {}
+        for day, model, classified, positive in self._read(
+                "SELECT CAST(received_at / 86400 AS INTEGER) AS day, model, COUNT(*), "
+                "TOTAL(finding = 'pneumonia') FROM jobs WHERE received_at >= ? AND finding IS "
+                "NOT NULL GROUP BY day, model", (since,)):
+            results[(day, model)] = [int(classified), int(positive), 0]
+        for day, model, abstained in self._read(  # few: by the state index
+                "SELECT CAST(received_at / 86400 AS INTEGER) AS day, model, COUNT(*) FROM jobs "
+                f"WHERE state = '{JobState.SKIPPED}' AND received_at >= ? AND reason LIKE "
+                f"'{ABSTAINED_REASON_CODE}:%' GROUP BY day, model", (since,)):
+            results.setdefault((day, model), [0, 0, 0])[2] = abstained
+        return [(day, model, "live", *counts) for (day, model), counts in
+                sorted(results.items(), key=lambda item: (item[0][0], item[0][1] or ""))]
 
     def dismissed_count(self) -> int:
         """Failed jobs an admin dismissed."""

@@ -1,5 +1,7 @@
-"""The queue page: recent films, counts per state, destinations' health, and a retry button for
-failed deliveries, served by the [metrics] HTTP server (pacs_ai.metrics) beside /metrics.
+"""The queue page: counts per state, each model's daily rates against the band the site expects
+(pacs_ai.drift, drawn by pacs_ai.drift_chart), destinations' health, recent films, and a retry
+button for failed deliveries, served by the [metrics] HTTP server (pacs_ai.metrics) beside
+/metrics.
 
     GET  /queue            HTML, rendered here with the standard library (html.escape); it
                            reloads itself every [web] refresh_seconds (meta refresh, no script)
@@ -19,6 +21,7 @@ and the Accession Number only with [web] show_accession_number = true. UIDs are 
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import html
 import json
@@ -30,7 +33,7 @@ from urllib.parse import parse_qs
 import structlog
 
 import pacs_ai
-from pacs_ai import health
+from pacs_ai import drift, drift_chart, health
 from pacs_ai.config import Config
 from pacs_ai.errors import UserError
 from pacs_ai.jobs import Job, JobState, JobStore, Stage
@@ -116,6 +119,13 @@ class QueuePage:
         return entry
 
     def snapshot(self) -> dict[str, Any]:
+        return self._content()[0]
+
+    def _content(self) -> tuple[dict[str, Any], list[drift.ModelDays]]:
+        """The snapshot (what /api/queue answers) and each model's days for the page's
+        charts."""
+        now = time.time()
+        models = drift.model_days(self.store, self.config.drift, now)
         jobs = self.store.recent_jobs(self.config.web.recent_films)
         deliveries = self.store.deliveries_of(job.id for job in jobs)
         destinations = health.destinations_state(self.store, self.config)
@@ -123,15 +133,17 @@ class QueuePage:
         for name, state in destinations.items():  # health: health.destination_health's
             state["kind"], state["where"] = kinds.get(name, (None, None))
         return {
-            "generated_at": _iso(time.time()),
+            "generated_at": _iso(now),
             "version": pacs_ai.__version__,
             "model": self.model_label,
             "jobs": self.store.job_counts(),
             "backlog": self.store.backlog(),
             "destinations": destinations,
+            # each model's daily positive and abstention rates against [drift]'s band
+            "drift": drift.as_json(models, self.config.drift, now),
             "films": [self.film(job, deliveries.get(job.id, {})) for job in jobs],
             "retry_enabled": self.token is not None,
-        }
+        }, models
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -140,8 +152,9 @@ class QueuePage:
         if path == "/api/queue" or (path in ("/queue", "/queue/") and wants_json):
             return _json(200, self.snapshot())
         if path in ("/queue", "/queue/"):
+            snapshot, models = self._content()
             return Answer(200, "text/html; charset=utf-8",
-                          render(self.snapshot(), self.config).encode(), SECURITY_HEADERS)
+                          render(snapshot, self.config, models).encode(), SECURITY_HEADERS)
         return None
 
     def post(self, path: str, body: bytes, authorization: str | None,
@@ -212,6 +225,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th { background: #f0f0f0; }
 .done, .ok { color: #176317; } .failed, .failing { color: #a00; font-weight: bold; }
 .pending, .retrying, .delivering, .classifying { color: #8a5a00; }
+figure.drift { margin: 0.5em 0 1em; } figure.drift svg { display: block; }
 .skipped, .unknown, .dismissed { color: #555; } .note { color: #555; } code { font-size: 12px; }
 /* UIDs whole, to look a film up in the PACS: wrapped anywhere to fit, one click selects all */
 .uid { word-break: break-all; user-select: all; } td.film { min-width: 17em; }
@@ -246,7 +260,41 @@ def _deliveries(film: dict[str, Any]) -> str:
     return "<br>".join(parts) or "-"
 
 
-def render(snapshot: dict[str, Any], config: Config) -> str:
+def _drift_section(snapshot: dict[str, Any], config: Config,
+                   models: list[drift.ModelDays]) -> str:
+    """A chart per model (pacs_ai.drift_chart), its caption saying how many judged days were
+    outside the band, and what the marks mean."""
+    settings = config.drift
+    low, high = settings.expected_positive_rate
+    first = datetime.date.fromisoformat(snapshot["drift"]["from"])
+    last = datetime.date.fromisoformat(snapshot["drift"]["to"])
+    figures = []
+    for index, (model, entry) in enumerate(zip(models, snapshot["drift"]["models"])):
+        judged = sum(day["judged"] for day in entry["days"])
+        outside = entry["days_out_of_band"]
+        verdict = (f"<span class=failing>{outside} of {judged} judged days outside the "
+                   "band</span>" if outside else f"{judged} judged days, none outside the band")
+        figures.append(
+            f"<figure id=drift-{index} class=drift><figcaption><b>{_e(model.model)}</b> "
+            f"({_e(model.role)}): {len(entry['days'])} days with films; {verdict}"
+            f"</figcaption>{drift_chart.chart(model, settings, first, last)}</figure>")
+    legend = (f"<p class=note id=drift-legend>Per UTC day of the last {settings.days} days: "
+              f"<span style=\"color:{drift_chart.POSITIVE}\">&#9679;</span> share of the "
+              "classified films found pneumonia, against the band the site expects (green, "
+              f"[drift] expected_positive_rate {low:.0%}-{high:.0%}); "
+              f"<span style=\"color:{drift_chart.ABSTENTION}\">&#9632;</span> share of the "
+              "assessed films the model abstained on, against its limit (dashed, "
+              f"max_abstention_rate {settings.max_abstention_rate:.0%}). Red: outside; "
+              f"hollow: fewer than {settings.min_films} films, not judged. Point at a mark for "
+              "its counts.</p>")
+    if not figures:
+        return (f"<p class=note id=drift-legend>No film assessed in the last {settings.days} "
+                "days.</p>")
+    return legend + "".join(figures)
+
+
+def render(snapshot: dict[str, Any], config: Config,
+           models: list[drift.ModelDays] | None = None) -> str:
     refresh = config.web.refresh_seconds
     show_accession = config.web.show_accession_number
     retry = snapshot["retry_enabled"]
@@ -294,6 +342,8 @@ def render(snapshot: dict[str, Any], config: Config) -> str:
 JSON: <a href=/api/queue>/api/queue</a></p>
 <h2>Jobs</h2>
 <p id=counts>{counts} &mdash; backlog {snapshot['backlog']}</p>
+<h2>Model drift</h2>
+<div id=drift>{_drift_section(snapshot, config, models or [])}</div>
 <h2>Destinations</h2>
 <table id=destinations><tr><th>Name</th><th>Kind</th><th>Where</th><th>Health</th>
 <th>Last success</th><th>Waiting</th><th>Last error</th></tr>

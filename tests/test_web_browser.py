@@ -96,6 +96,16 @@ def test_the_queue_page_in_chromium_shows_the_films_and_retries_with_the_token(t
                 assert ("pneumonia (" in text) or ("normal (" in text), text
             counts = browser.find_element(By.ID, "counts").text
             assert "failed 3" in counts and "done 0" in counts, counts
+            # issue 24 item 4: today's rates in the model's drift chart, an inline SVG; three
+            # films are too few to judge (hollow), the tooltip gives the counts
+            figure = browser.find_element(By.ID, "drift-0")
+            assert "tiny-test-model" in figure.text and "(live)" in figure.text, figure.text
+            chart = figure.find_element(By.CSS_SELECTOR, "svg.drift-chart")
+            assert chart.is_displayed() and chart.size["width"] > 300, chart.size
+            [point] = chart.find_elements(By.CSS_SELECTOR, "circle.positive")
+            assert "few" in point.get_attribute("class").split()
+            assert " of 3 classified found pneumonia" in point.find_element(
+                By.TAG_NAME, "title").get_attribute("textContent")
             archive_row = browser.find_element(By.ID, "destination-archive").text
             assert "retrying" in archive_row or "failing" in archive_row, archive_row
             source = browser.page_source
