@@ -157,6 +157,11 @@ class ReportConfig:
     # pneumonia, when the model gives saliency maps; for normal findings too when asked
     heatmap: bool = True
     heatmap_for_normal: bool = False
+    # The priority an HL7 or FHIR destination's result carries when the finding is pneumonia,
+    # for the RIS worklist to sort on: "S" (stat), "A" (ASAP), or "none". HL7 table 0485 and
+    # FHIR's v3-ActPriority share both codes. A normal finding carries none (never "routine":
+    # that could lower the priority of an order a clinician marked urgent).
+    pneumonia_priority: str = "A"
 
 
 @dataclass(frozen=True)
@@ -177,25 +182,59 @@ class ListenerTLSConfig(TLSFiles):
         return self.cert_file is not None
 
 
-DESTINATION_KINDS = ("dimse", "dicomweb")
+PNEUMONIA_PRIORITIES = ("s", "a", "none")
+DESTINATION_KINDS = ("dimse", "dicomweb", "hl7")
 # The keys a [[destinations]] block of each kind takes (parse_destinations reads them).
 DIMSE_DESTINATION_KEYS = ("kind", "name", "ae_title", "host", "port", "calling_ae_title",
                           "timeout_seconds", "echo_interval_seconds", "tls")
 DICOMWEB_DESTINATION_KEYS = ("kind", "name", "url", "auth", "username", "password_file",
                              "token_file", "ca_file", "timeout_seconds")
+HL7_DESTINATION_KEYS = ("kind", "name", "host", "port", "tls", "timeout_seconds",
+                        "sending_facility", "receiving_application", "receiving_facility",
+                        "processing_id")
+FHIR_DESTINATION_KEYS = DICOMWEB_DESTINATION_KEYS + ("patient_id_system",)
+DESTINATION_KEYS = {"dimse": DIMSE_DESTINATION_KEYS, "dicomweb": DICOMWEB_DESTINATION_KEYS,
+                    "hl7": HL7_DESTINATION_KEYS, "fhir": FHIR_DESTINATION_KEYS}
 DICOMWEB_AUTH = ("none", "basic", "bearer")
+HL7_PROCESSING_IDS = ("p", "t", "d")  # MSH-11: production, training, debugging
 
 
 @dataclass(frozen=True)
-class DicomWebTarget:
-    """Where and how a kind = "dicomweb" destination takes reports by STOW-RS."""
+class HttpTarget:
+    """Where and how an HTTP destination (DICOMweb, FHIR) takes reports."""
 
-    url: str  # the DICOMweb root; reports are POSTed to {url}/studies
+    url: str  # the root: DICOMweb reports are POSTed to {url}/studies, FHIR bundles to {url}
     auth: str = "none"  # none, basic (username + password_file) or bearer (token_file)
     username: str | None = None
     password_file: Path | None = None
     token_file: Path | None = None
     ca_file: Path | None = None  # None: the system CAs (https only)
+
+
+@dataclass(frozen=True)
+class DicomWebTarget(HttpTarget):
+    """A kind = "dicomweb" destination: STOW-RS (pacs_ai.stow_transport)."""
+
+
+@dataclass(frozen=True)
+class FhirTarget(HttpTarget):
+    """A kind = "fhir" destination: a DiagnosticReport and its Observation (pacs_ai.fhir_report)
+    in one transaction Bundle POSTed to the FHIR base URL (pacs_ai.fhir_transport)."""
+
+    # The system of the patient identifiers the EHR knows (its MRN system URI); None: the
+    # patient is named by the Patient ID's value alone.
+    patient_id_system: str | None = None
+
+
+@dataclass(frozen=True)
+class Hl7Target:
+    """A kind = "hl7" destination: ORU^R01 over MLLP (pacs_ai.hl7_message, hl7_transport); the
+    MSH fields a RIS interface routes on. Host, port, TLS and timeout are the Destination's."""
+
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    processing_id: str = "P"  # MSH-11: P production, T training, D debugging
 
 
 @dataclass(frozen=True)
@@ -210,16 +249,34 @@ class Destination:
     # A C-ECHO every this many seconds, its result in status, /healthz and metrics; 0: none.
     echo_interval_seconds: float = 0.0
     dicomweb: DicomWebTarget | None = None  # set for kind = "dicomweb": STOW-RS, not C-STORE
+    hl7: Hl7Target | None = None  # set for kind = "hl7": ORU^R01 over MLLP to host:port
+    fhir: FhirTarget | None = None  # set for kind = "fhir": a transaction Bundle to its url
 
     @property
     def kind(self) -> str:
-        return "dicomweb" if self.dicomweb is not None else "dimse"
+        if self.dicomweb is not None:
+            return "dicomweb"
+        if self.hl7 is not None:
+            return "hl7"
+        return "fhir" if self.fhir is not None else "dimse"
+
+    @property
+    def takes_images(self) -> bool:
+        """A DICOM destination: it stores the SR and the heat-map image. HL7 and FHIR
+        destinations get a result message made from the SR, and no image."""
+        return self.hl7 is None and self.fhir is None
+
+    @property
+    def http(self) -> HttpTarget | None:
+        return self.dicomweb or self.fhir
 
     @property
     def where(self) -> str:
         """The peer in words, for logs and status."""
-        if self.dicomweb is not None:
-            return self.dicomweb.url
+        if self.http is not None:
+            return self.http.url
+        if self.hl7 is not None:
+            return f"mllp://{self.host}:{self.port}"
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
@@ -832,9 +889,11 @@ def _read_workers(t: _Table) -> WorkersConfig:
 
 def _read_report(t: _Table) -> ReportConfig:
     d = ReportConfig
+    priority = t.string("pneumonia_priority", d.pneumonia_priority, choices=PNEUMONIA_PRIORITIES)
     return ReportConfig(sr_kind=t.string("sr_kind", d.sr_kind, choices=tuple(SR_KINDS)),
                         heatmap=t.boolean("heatmap", d.heatmap),
-                        heatmap_for_normal=t.boolean("heatmap_for_normal", d.heatmap_for_normal))
+                        heatmap_for_normal=t.boolean("heatmap_for_normal", d.heatmap_for_normal),
+                        pneumonia_priority=priority if priority == "none" else priority.upper())
 
 
 def _read_retry(t: _Table) -> RetryPolicy:
@@ -999,10 +1058,12 @@ def parse_destinations(data: Any, base_dir: Path, listener_ae_title: str) -> tup
         t = _Table(item, f"[[destinations]] #{index}")
         kind = t.string("kind", "dimse", choices=DESTINATION_KINDS)
         # a misspelt key first: `ae_tile` is named, not reported as ae_title missing
-        t.check_keys(DIMSE_DESTINATION_KEYS + DICOMWEB_DESTINATION_KEYS,
-                     DICOMWEB_DESTINATION_KEYS if kind == "dicomweb" else DIMSE_DESTINATION_KEYS)
-        if kind == "dicomweb":
-            destinations.append(_parse_dicomweb_destination(t, base_dir))
+        t.check_keys(sum(DESTINATION_KEYS.values(), ()), DESTINATION_KEYS[kind])
+        if kind in ("dicomweb", "fhir"):
+            destinations.append(_parse_http_destination(t, base_dir, kind))
+            continue
+        if kind == "hl7":
+            destinations.append(_parse_hl7_destination(t, base_dir))
             continue
         ae_title = t.string("ae_title", "", check=check_ae_title)
         host = t.string("host", "", check=_check_host)
@@ -1093,12 +1154,15 @@ def parse_routing(routes: Any, routing: Any, destinations: tuple[Destination, ..
     return RoutingConfig(routes=tuple(parsed), default=default)
 
 
-def _parse_dicomweb_destination(t: _Table, base_dir: Path) -> Destination:
-    """A kind = "dicomweb" [[destinations]] block: url, auth and its files, ca_file."""
+def _parse_http_destination(t: _Table, base_dir: Path, kind: str) -> Destination:
+    """A kind = "dicomweb" or "fhir" [[destinations]] block: url, auth and its files, ca_file
+    (and for FHIR the patient identifier system)."""
+    example = ("https://pacs.example.org/dicom-web" if kind == "dicomweb"
+               else "https://ehr.example.org/fhir/r4")
+    what = "the DICOMweb root" if kind == "dicomweb" else "the FHIR base URL"
     url = t.string("url", "", check=_check_http_url)
     if not url:
-        raise t.fail("url", 'is required for kind = "dicomweb": the DICOMweb root, e.g. '
-                            '"https://pacs.example.org/dicom-web"')
+        raise t.fail("url", f'is required for kind = "{kind}": {what}, e.g. "{example}"')
     auth = t.string("auth", "none", choices=DICOMWEB_AUTH)
     username = t.string("username", "") or None
     password_file = t.path("password_file", None, base_dir, must_exist=True)
@@ -1117,15 +1181,65 @@ def _parse_dicomweb_destination(t: _Table, base_dir: Path) -> Destination:
         raise t.fail("ca_file", "is only used with an https:// url")
     for key in ("ae_title", "host", "port", "tls", "calling_ae_title", "echo_interval_seconds"):
         if key in t.data:
-            raise t.fail(key, 'is for C-STORE destinations; a kind = "dicomweb" destination '
+            raise t.fail(key, f'is for C-STORE destinations; a kind = "{kind}" destination '
                               "takes url (and auth, ca_file)")
     name = t.string("name", url, check=_check_name)
     timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
+    target = dict(url=url.rstrip("/"), auth=auth, username=username,
+                  password_file=password_file, token_file=token_file, ca_file=ca_file)
+    if kind == "fhir":
+        system = t.optional_string("patient_id_system", check=_check_uri)
+        t.finish()
+        return Destination(name=name, ae_title="", host="", port=0, timeout_seconds=timeout,
+                           fhir=FhirTarget(**target, patient_id_system=system))
     t.finish()
     return Destination(name=name, ae_title="", host="", port=0, timeout_seconds=timeout,
-                       dicomweb=DicomWebTarget(url=url.rstrip("/"), auth=auth, username=username,
-                                               password_file=password_file,
-                                               token_file=token_file, ca_file=ca_file))
+                       dicomweb=DicomWebTarget(**target))
+
+
+def _parse_hl7_destination(t: _Table, base_dir: Path) -> Destination:
+    """A kind = "hl7" [[destinations]] block: the RIS's MLLP host and port, TLS, the MSH
+    application and facility names its interface expects."""
+    for key in ("ae_title", "calling_ae_title", "echo_interval_seconds", "url"):
+        if key in t.data:
+            raise t.fail(key, 'is not used by a kind = "hl7" destination; it takes host, port '
+                              "(and tls, receiving_application, receiving_facility, "
+                              "sending_facility, processing_id)")
+    host = t.string("host", "", check=_check_host)
+    port = t.integer("port", 0, minimum=1, maximum=65535)
+    for key, value in (("host", host), ("port", port)):
+        if not value:
+            raise t.fail(key, 'is required: a kind = "hl7" destination needs the host and port '
+                              "the RIS takes HL7 messages on (MLLP)")
+    name = t.string("name", f"hl7@{host}:{port}", check=_check_name)
+    timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
+    tls = _parse_destination_tls(t, base_dir)
+    target = Hl7Target(
+        sending_facility=t.string("sending_facility", "", check=_check_hl7_name),
+        receiving_application=t.string("receiving_application", "", check=_check_hl7_name),
+        receiving_facility=t.string("receiving_facility", "", check=_check_hl7_name),
+        processing_id=t.string("processing_id", "p", choices=HL7_PROCESSING_IDS).upper())
+    t.finish()
+    return Destination(name=name, ae_title="", host=host, port=port, timeout_seconds=timeout,
+                       tls=tls, hl7=target)
+
+
+def _check_hl7_name(value: str) -> str | None:
+    """An MSH application or facility name (HD namespace ID: IS, at most 20 characters)."""
+    if len(value) > 20:
+        return f"at most 20 characters (HL7 HD namespace ID), got {len(value)}"
+    if any(character in value for character in "|^~\\&") or not value.isprintable():
+        return "must not contain the HL7 delimiters | ^ ~ \\ & or control characters"
+    return None
+
+
+def _check_uri(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    if not urlsplit(value).scheme or any(character.isspace() for character in value):
+        return ('expected a URI without spaces, e.g. "urn:oid:1.2.3.4" or '
+                '"https://hospital.example.org/mrn"')
+    return None
 
 
 def _check_http_url(value: str) -> str | None:
@@ -1135,7 +1249,7 @@ def _check_http_url(value: str) -> str | None:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return 'expected an http:// or https:// URL, e.g. "https://pacs.example.org/dicom-web"'
     if parts.query or parts.fragment:
-        return "the DICOMweb root takes no ?query or #fragment"
+        return "the URL takes no ?query or #fragment (the DICOMweb root or FHIR base)"
     return None
 
 

@@ -458,13 +458,17 @@ class JobStore:
                       route: str | None = None, model: str | None = None,
                       heatmap_uid: str | None = None,
                       heatmap_file: str | None = None,
-                      age_known: bool | None = None) -> JobState:
+                      age_known: bool | None = None,
+                      image_destinations: Iterable[str] | None = None) -> JobState:
         """The report (and its heat-map image, when `heatmap_file` is given) is in the outbox:
-        queue one delivery per destination and object (those of `route`). `age_known`: whether
-        the film's header gave a usable patient age (counted by `age_counts`).
+        queue one delivery per destination and object (those of `route`); the image goes to
+        those of `image_destinations` (None: all) among them, the DICOM ones (an HL7 or FHIR
+        destination gets a result message made from the report, no image). `age_known`:
+        whether the film's header gave a usable patient age (counted by `age_counts`).
         Returns the new state: 'delivering', or 'done' when there is no destination."""
         names = list(destinations)
         state = JobState.DELIVERING if names else JobState.DONE
+        takes_images = set(names if image_destinations is None else image_destinations)
 
         def body(db: sqlite3.Connection) -> JobState:
             now = time.time()
@@ -482,7 +486,7 @@ class JobStore:
                                f"VALUES (?, ?, '{DeliveryState.PENDING}', ?, "
                                f"'{DeliveryObject.HEATMAP}', ?, ?)",
                                [(job_id, name, now, heatmap_uid, heatmap_file)
-                                for name in names])
+                                for name in names if name in takes_images])
             return state
         result = self._write(body)
         if names:

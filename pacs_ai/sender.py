@@ -4,8 +4,9 @@ Each destination has its own thread, so a PACS that is down or slow delays only 
 deliveries, never receiving, classifying or the other destinations. The schedule
 (attempts, next attempt time) lives in the job queue, so backoff continues across restarts.
 
-The wire is the destination's transport (pacs_ai.transport): C-STORE (pacs_ai.cstore_transport)
-or STOW-RS (pacs_ai.stow_transport); everything else here is the same for both. A failed
+The wire is the destination's transport (pacs_ai.transport): C-STORE (pacs_ai.cstore_transport),
+STOW-RS (pacs_ai.stow_transport), an HL7 ORU^R01 over MLLP (pacs_ai.hl7_transport) or a FHIR
+DiagnosticReport (pacs_ai.fhir_transport); everything else here is the same for all. A failed
 attempt (no connection, a refusal) is retried after `RetryPolicy.delay_after(attempts)` until
 `RetryPolicy.exhausted`, or at once given up when the transport says a retry cannot help; then
 the delivery is marked failed with the last error (`pacs-ai retry` requeues it).
@@ -26,7 +27,7 @@ import structlog
 
 from pacs_ai import audit, metrics
 from pacs_ai.audit import AuditTrail
-from pacs_ai.config import Destination, RetryPolicy
+from pacs_ai.config import Destination, ReportConfig, RetryPolicy
 from pacs_ai.jobs import Delivery, DeliveryObject, Job, JobStore, Stage
 from pacs_ai.spool import Spool
 from pacs_ai.transport import ConnectFailed, StoreResult, Transport, unreachable
@@ -47,11 +48,17 @@ def release_waiting(store: JobStore, destination: str, seen: str) -> int:
     return released
 
 
-def transport_for(destination: Destination) -> Transport:
+def transport_for(destination: Destination, report: ReportConfig | None = None) -> Transport:
+    """The destination's transport; `report` ([report]) gives the result messages of HL7 and
+    FHIR destinations their pneumonia priority."""
     if destination.dicomweb is not None:
         from pacs_ai.stow_transport import StowTransport
 
         return StowTransport(destination)
+    if destination.hl7 is not None:
+        from pacs_ai.hl7_transport import Hl7Transport
+
+        return Hl7Transport(destination, report)
     from pacs_ai.cstore_transport import CStoreTransport
 
     return CStoreTransport(destination)
@@ -61,7 +68,8 @@ class DestinationSender(threading.Thread):
     def __init__(self, destination: Destination, spool: Spool, store: JobStore,
                  policy: RetryPolicy, stop: threading.Event, wake: threading.Event,
                  on_job_finished: Callable[[Job], None],
-                 audit_trail: AuditTrail | None = None, include_patient_id: bool = False):
+                 audit_trail: AuditTrail | None = None, include_patient_id: bool = False,
+                 report: ReportConfig | None = None):
         super().__init__(name=f"sender-{destination.name}", daemon=True)
         self.destination = destination
         self.spool = spool
@@ -70,7 +78,7 @@ class DestinationSender(threading.Thread):
         self.stop_event = stop
         self.wake = wake
         self.on_job_finished = on_job_finished
-        self.transport = transport_for(destination)
+        self.transport = transport_for(destination, report)
         self.audit = audit_trail or AuditTrail.disabled()
         self.include_patient_id = include_patient_id  # [audit] include_patient_id
 
@@ -190,11 +198,11 @@ class DestinationSender(threading.Thread):
 
 
 def destination_address(destination: Destination) -> str:
-    """The host a destination's reports go to (of its URL for DICOMweb)."""
-    if destination.dicomweb is not None:
+    """The host a destination's reports go to (of its URL for DICOMweb and FHIR)."""
+    if destination.http is not None:
         from urllib.parse import urlsplit
 
-        return urlsplit(destination.dicomweb.url).hostname or destination.dicomweb.url
+        return urlsplit(destination.http.url).hostname or destination.http.url
     return destination.host
 
 

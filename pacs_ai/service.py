@@ -164,7 +164,8 @@ class Service:
             self.senders.append(DestinationSender(
                 destination, self.spool, self.store, self.config.retry, self._threads_stop,
                 sender_wake, self.job_finished, self.audit,
-                include_patient_id=self.config.audit.include_patient_id))
+                include_patient_id=self.config.audit.include_patient_id,
+                report=self.config.report))
         echo_results = EchoResults(self.spool.root)
         self.echoes = [DestinationEcho(destination, echo_results, self._threads_stop,
                                        functools.partial(release_waiting, self.store,

@@ -19,8 +19,6 @@ service's [retry] backoff, as for C-STORE. What an answer means:
 
 from __future__ import annotations
 
-import json
-import ssl
 from pathlib import Path
 
 import pydicom
@@ -28,62 +26,9 @@ import requests
 from pydicom.errors import InvalidDicomError
 
 from pacs_ai.config import Destination
-from pacs_ai.cstore_transport import tls_failure_reason
-from pacs_ai.errors import UserError
+from pacs_ai.http_client import (RETRIED_CLIENT_ERRORS, connection_error, destination_session,
+                                 server_message)
 from pacs_ai.transport import StoreResult
-
-RETRIED_CLIENT_ERRORS = frozenset({401, 403, 404, 408, 429})
-MESSAGE_CHARS = 300  # of the server's answer kept in last_error
-
-
-def read_secret(path: Path, key: str, destination: str) -> str:
-    """A password or token file's content without its trailing newline (read at start-up)."""
-    try:
-        secret = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"[[destinations]] {destination!r} {key}: cannot read {path}: "
-                        f"{getattr(error, 'strerror', None) or error}") from None
-    if not secret:
-        raise UserError(f"[[destinations]] {destination!r} {key}: {path} is empty")
-    return secret
-
-
-def server_message(response: requests.Response) -> str:
-    """What the server said about a refusal, short and on one line."""
-    text = response.text or ""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):  # Orthanc and most servers: {"Message": ..., "Details": ...}
-        parts = [str(body[key]) for key in ("Message", "message", "Details", "error", "detail")
-                 if body.get(key)]
-        if parts:
-            text = "; ".join(dict.fromkeys(parts))
-    text = " ".join(text.split()) or response.reason or "(no message)"
-    return text[:MESSAGE_CHARS] + ("..." if len(text) > MESSAGE_CHARS else "")
-
-
-def _tls_failure(error: BaseException) -> str | None:
-    """The TLS failure (see cstore_transport.tls_failure_reason) inside a requests error."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLError):
-            return tls_failure_reason(current, in_handshake=True)
-        for arg in getattr(current, "args", ()):
-            if isinstance(arg, BaseException):
-                inner = _tls_failure(arg)
-                if inner:
-                    return inner
-            reason = getattr(arg, "reason", None)
-            if isinstance(reason, BaseException):
-                inner = _tls_failure(reason)
-                if inner:
-                    return inner
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _failed_in(answer: pydicom.Dataset, sop_instance_uid: str) -> str | None:
@@ -95,19 +40,6 @@ def _failed_in(answer: pydicom.Dataset, sop_instance_uid: str) -> str | None:
     return None
 
 
-class _Session(requests.Session):
-    """A session whose ca_file wins: plain requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE
-    in the environment replace a session's `verify` (psf/requests#3829)."""
-
-    ca_file: str | None = None
-
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):
-        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        if self.ca_file is not None:
-            settings["verify"] = self.ca_file
-        return settings
-
-
 class StowTransport:
     def __init__(self, destination: Destination):
         from dicomweb_client.api import DICOMwebClient
@@ -115,18 +47,7 @@ class StowTransport:
         target = destination.dicomweb
         assert target is not None
         self.destination = destination
-        session = _Session()
-        if target.auth == "basic":
-            assert target.username is not None and target.password_file is not None
-            session.auth = (target.username,
-                            read_secret(target.password_file, "password_file", destination.name))
-        elif target.auth == "bearer":
-            assert target.token_file is not None
-            token = read_secret(target.token_file, "token_file", destination.name)
-            session.headers["Authorization"] = f"Bearer {token}"
-        if target.ca_file is not None:
-            session.ca_file = session.verify = str(target.ca_file)  # type: ignore[assignment]
-        session.headers["User-Agent"] = "pacs-ai"
+        session = destination_session(target, destination.name)
         self.last_status: int | None = None  # of the last answer, for the log
         session.hooks["response"].append(self._remember_status)
         self.client = DICOMwebClient(url=target.url, session=session,
@@ -163,13 +84,8 @@ class StowConnection:
             message = server_message(response) if response is not None else str(error)
             permanent = 400 <= code < 500 and code not in RETRIED_CLIENT_ERRORS
             return StoreResult(False, f"http-{code}: {message} ({self.url})", permanent=permanent)
-        except requests.Timeout as error:
-            self.lost_reason = f"timeout: {self.url}: {type(error).__name__}"
-            return StoreResult(False, self.lost_reason)
-        except requests.ConnectionError as error:
-            tls = _tls_failure(error)
-            self.lost_reason = (f"{tls} ({self.url})" if tls
-                                else f"connection-failed: {self.url}: {_first_line(error)}")
+        except (requests.Timeout, requests.ConnectionError) as error:
+            self.lost_reason = connection_error(error, self.url)
             return StoreResult(False, self.lost_reason)
         except requests.RequestException as error:
             return StoreResult(False, f"send-failed: {type(error).__name__}: {error}")
@@ -183,10 +99,3 @@ class StowConnection:
     def close(self) -> None:
         pass  # the session stays open for the next batch (keep-alive)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error)
-    # urllib3 nests "HTTPConnectionPool(...): Max retries exceeded ... (Caused by ...)"
-    if "Caused by" in text:
-        text = text.split("Caused by", 1)[1].strip(" ()")
-    return text.splitlines()[0][:MESSAGE_CHARS] if text else type(error).__name__

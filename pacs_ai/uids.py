@@ -82,3 +82,21 @@ def heatmap_series_uid(study_instance_uid: str, model_name: str, model_version: 
 def device_observer_uid(model_name: str, model_version: str) -> str:
     """Device Observer UID naming the algorithm (one per model version) as the observer."""
     return deterministic_uid("device-observer", model_name, model_version)
+
+
+def message_control_id(report_uid: str) -> str:
+    """MSH-10 of the HL7 result message about one report: 20 characters (HL7 v2.5.1's limit)
+    derived from the report's UID, so a message sent again (its ACK lost, the service killed
+    before it recorded the ACK) carries the control ID the RIS has seen, and is known to it as
+    the same message. 80 bits of a name-based UUID: no two reports meet by chance."""
+    if not isinstance(report_uid, str) or not report_uid:
+        raise ValueError(f"a report UID is needed, got {report_uid!r}")
+    name = _PART_SEPARATOR.join(("hl7-message-control-id", report_uid))
+    return uuid.uuid5(PACS_AI_UID_NAMESPACE, name).hex[:20].upper()
+
+
+def result_resource_uuid(kind: str, uid: str) -> str:
+    """A FHIR transaction entry's fullUrl (urn:uuid:...) for the resource made from `uid`: the
+    same on every re-send."""
+    name = _PART_SEPARATOR.join(("fhir-entry", kind, uid))
+    return f"urn:uuid:{uuid.uuid5(PACS_AI_UID_NAMESPACE, name)}"

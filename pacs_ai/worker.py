@@ -318,7 +318,8 @@ class ClassificationWorker(threading.Thread):
             report_file=self.spool.relative(report_path), classify_ms=seconds * 1000,
             destinations=route.destinations, route=route.name, model=self.model.info.label,
             heatmap_uid=report.heatmap_uid if heatmap_file else None, heatmap_file=heatmap_file,
-            age_known=item.age_known)
+            age_known=item.age_known,
+            image_destinations=[d.name for d in self.config.destinations if d.takes_images])
         metrics.CLASSIFIED.labels(finding=finding).inc()
         if item.age_known is False:
             metrics.CLASSIFIED_WITHOUT_AGE.inc()

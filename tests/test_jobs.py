@@ -511,3 +511,20 @@ def test_a_queue_from_before_dismissals_gets_the_column(spool):
             "real"
     finally:
         store.close()
+
+
+def test_the_heat_map_image_goes_only_to_the_destinations_that_take_images(store, spool):
+    """An HL7 or FHIR destination gets a result message made from the report, not the image:
+    its only delivery is the report's, and the job is done once the report is delivered."""
+    admit(store, spool, "1.1")
+    [job] = store.claim(10)
+    store.mark_reported(job.id, probability=0.9, finding="pneumonia", report_uid="2.25.1",
+                        report_file="outbox/2.25.1.dcm", classify_ms=12.0,
+                        destinations=["pacs", "ris"], heatmap_uid="2.25.2",
+                        heatmap_file="outbox/2.25.2.dcm", image_destinations=["pacs"])
+    assert store.delivery_counts(DeliveryObject.HEATMAP) == {
+        "pacs": {"pending": 1, "done": 0, "failed": 0}}
+    assert [d.object for d in store.due_deliveries("ris", time.time(), 10)] == ["report"]
+    assert store.delivery_succeeded(job.id, "ris") is None  # the PACS's two still open
+    store.delivery_succeeded(job.id, "pacs", DeliveryObject.HEATMAP)
+    assert store.delivery_succeeded(job.id, "pacs").state == "done"
