@@ -183,7 +183,7 @@ class ListenerTLSConfig(TLSFiles):
 
 
 PNEUMONIA_PRIORITIES = ("s", "a", "none")
-DESTINATION_KINDS = ("dimse", "dicomweb", "hl7")
+DESTINATION_KINDS = ("dimse", "dicomweb", "hl7", "fhir")
 # The keys a [[destinations]] block of each kind takes (parse_destinations reads them).
 DIMSE_DESTINATION_KEYS = ("kind", "name", "ae_title", "host", "port", "calling_ae_title",
                           "timeout_seconds", "echo_interval_seconds", "tls")

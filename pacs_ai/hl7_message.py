@@ -85,12 +85,15 @@ def hl7_datetime(value: dt.datetime | dt.date) -> str:
 
 def build_oru(facts: ReportFacts, target: Hl7Target, priority: str | None) -> Message:
     """The ORU^R01 for one report. `priority` ("S", "A", or None) is sent only with a finding
-    of pneumonia. MessageNotBuilt for a film without an Accession Number: the RIS has no order
-    to file the result under."""
+    of pneumonia. MessageNotBuilt for a film without an Accession Number (the RIS has no order
+    to file the result under) or without a Patient ID."""
     if not facts.accession_number:
         raise MessageNotBuilt(
             "no-accession-number: the film's header has no Accession Number, so the RIS has no "
             "order to file the result under (the report still goes to the other destinations)")
+    if not facts.patient_id:
+        raise MessageNotBuilt("no-patient-id: the film's header has no Patient ID, so the RIS "
+                              "cannot tell whose result it is")
     priority = priority if facts.pneumonia and priority in PRIORITIES else None
     created = hl7_datetime(facts.created)
     message = Message("ORU_R01", version=HL7_VERSION, validation_level=_LEVEL)

@@ -59,6 +59,10 @@ def transport_for(destination: Destination, report: ReportConfig | None = None) 
         from pacs_ai.hl7_transport import Hl7Transport
 
         return Hl7Transport(destination, report)
+    if destination.fhir is not None:
+        from pacs_ai.fhir_transport import FhirTransport
+
+        return FhirTransport(destination, report)
     from pacs_ai.cstore_transport import CStoreTransport
 
     return CStoreTransport(destination)

@@ -146,6 +146,12 @@ def test_a_film_without_an_accession_number_gets_no_message(tmp_path):
         build_oru(facts, TARGET, "A")
 
 
+def test_a_film_without_a_patient_id_gets_no_message(tmp_path):
+    facts = read_report_facts(report_path(tmp_path, film(9, PatientID=""), 0.6))
+    with pytest.raises(MessageNotBuilt, match="^no-patient-id: "):
+        build_oru(facts, TARGET, "A")
+
+
 def test_a_film_s_own_procedure_code_is_the_order_s_procedure(tmp_path):
     source = film(7)
     item = pydicom.Dataset()
