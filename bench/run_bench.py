@@ -170,6 +170,7 @@ class RunResult:
     # process, storescu excluded) or the service's (main + helpers, start-up excluded)
     cpu_ms_per_film: float | None = None
     workers: dict[str, Any] | None = None  # the service's workers_sized event: what it chose
+    shadow: dict[str, int] | None = None  # [shadow] runs: its results by status (assessed, busy)
     cpu_seconds: dict[str, float] | None = None  # this process / reaped children, during the run
     notes: list[str] = field(default_factory=list)
 
@@ -303,6 +304,12 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
                 acknowledged, seconds = send(service.port, "pacs-ai", paths, associations, work,
                                              timeout_s)
                 all_reported = pacs.wait_for(acknowledged, timeout=report_timeout_s)
+            shadow_done_after = None
+            if "shadow" in tables:  # its CPU counts once it has assessed every film
+                queue = work / "spool" / "jobs.sqlite"
+                wait_until(lambda: sum(shadow_statuses(queue).values()) >= acknowledged,
+                           report_timeout_s)
+                shadow_done_after = round(time.time() - started_wall, 3)
             figures = service_figures(service.process.pid)
             events = service.events()
     received_at = {event["sop_instance_uid"]: event_time(event) for event in events
@@ -320,7 +327,9 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
     run_cpu = figures["cpu_seconds_during_run_main"] + figures["cpu_seconds_during_run_helpers"]
     figures["cpu_seconds_during_run"] = round(run_cpu, 2)
     sized = next((event for event in events if event.get("event") == "workers_sized"), None)
-    result = RunResult("pacs-ai paced" if paced else "pacs-ai", associations, len(paths), acknowledged, round(seconds, 3),
+    shadowed = "shadow" in tables
+    name = ("pacs-ai paced" if paced else "pacs-ai") + ("+shadow" if shadowed else "")
+    result = RunResult(name, associations, len(paths), acknowledged, round(seconds, 3),
                        round(acknowledged / seconds, 2), reported=reported,
                        seconds_to_last_report=round(last_report, 3),
                        images_per_second_reported=round(reported / last_report, 2)
@@ -338,7 +347,29 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
                             f"{report_timeout_s} s")
     if pacs.other_objects:
         result.notes.append(f"{pacs.other_objects} other objects (heat maps) besides the reports")
+    if shadowed:
+        result.shadow = shadow_statuses(work / "spool" / "jobs.sqlite")
+        result.notes.append(f"the shadow finished {shadow_done_after} s after the first film "
+                            "was sent; CPU counted until then")
+        if result.shadow.get("assessed", 0) < acknowledged:
+            result.notes.append(f"the shadow assessed {result.shadow.get('assessed', 0)} of "
+                                f"{acknowledged} films: {result.shadow}")
     return result
+
+
+def shadow_statuses(queue: Path) -> dict[str, int]:
+    """The [shadow] model's results in a service's queue, counted by status (read-only: the
+    service may be running)."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{queue}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(connection.execute(
+            "SELECT status, COUNT(*) FROM shadow_results GROUP BY status").fetchall())
+    except sqlite3.OperationalError:  # no such table yet
+        return {}
+    finally:
+        connection.close()
 
 
 # --- micro-figures --------------------------------------------------------------------------------
@@ -365,11 +396,12 @@ def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def model_times(batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+def model_times(batch_sizes: list[int], repeats: int,
+                path: Path = MODEL_PATH) -> list[dict[str, Any]]:
     """Milliseconds per image of PneumoniaModel.predict at each batch size (median of runs)."""
     from pacs_ai.model import PneumoniaModel
 
-    model = PneumoniaModel.load(MODEL_PATH)
+    model = PneumoniaModel.load(path)
     rng = np.random.default_rng(0)
     rows = []
     for size in batch_sizes:
@@ -387,8 +419,9 @@ def model_times(batch_sizes: list[int], repeats: int) -> list[dict[str, Any]]:
 
 # --- output -----------------------------------------------------------------------------------------
 
-def print_table(results: list[RunResult], decode: list[dict], model: list[dict]) -> None:
-    print("\nreceiver     assoc  sent  acked  recv img/s  reported  rep img/s  "
+def print_table(results: list[RunResult], decode: list[dict], model: list[dict],
+                shadow_model: list[dict] | None = None) -> None:
+    print("\nreceiver             assoc  sent  acked  recv img/s  reported  rep img/s  "
           "latency med/p95/max (s)  peak RSS MB  CPU ms/film  workers x helpers")
     for r in results:
         latency = ("/".join(str(r.latency_seconds.get(k, "-")) for k in ("median", "p95", "max"))
@@ -396,7 +429,7 @@ def print_table(results: list[RunResult], decode: list[dict], model: list[dict])
         workers = (f"{r.workers['count']} x {r.workers['processes']} "
                    f"({r.workers['limited_by']}, {r.workers['cpus']} CPUs)"
                    if r.workers else "-")
-        print(f"{r.receiver:<12} {r.associations:>5} {r.sent:>5} {r.acknowledged:>6} "
+        print(f"{r.receiver:<20} {r.associations:>5} {r.sent:>5} {r.acknowledged:>6} "
               f"{r.images_per_second_received:>11} {r.reported if r.reported is not None else '-':>9} "
               f"{r.images_per_second_reported if r.images_per_second_reported is not None else '-':>10}  "
               f"{latency:<24} {r.service_peak_rss_mb or '-':>11}  "
@@ -409,6 +442,26 @@ def print_table(results: list[RunResult], decode: list[dict], model: list[dict])
     print("\nmodel (PneumoniaModel.predict), ms per image")
     for row in model:
         print(f"  batch {row['batch_size']:>3}: {row['milliseconds_per_image']}")
+    if shadow_model:
+        print("\nshadow model (PneumoniaModel.predict, as its thread runs it), ms per image")
+        for row in shadow_model:
+            print(f"  batch {row['batch_size']:>3}: {row['milliseconds_per_image']}")
+    shadow_costs = [(plain, shadowed) for shadowed in results if shadowed.shadow is not None
+                    for plain in results
+                    if plain.receiver + "+shadow" == shadowed.receiver
+                    and plain.associations == shadowed.associations]
+    if shadow_costs:
+        print("\nwhat the shadow costs per film (with shadow minus without, same set)")
+        for plain, shadowed in shadow_costs:
+            cpu = (f"{shadowed.cpu_ms_per_film - plain.cpu_ms_per_film:+.1f} ms CPU"
+                   if shadowed.cpu_ms_per_film is not None and plain.cpu_ms_per_film is not None
+                   else "-")
+            latency = "-"
+            if plain.latency_seconds and shadowed.latency_seconds:
+                added = shadowed.latency_seconds["median"] - plain.latency_seconds["median"]
+                latency = f"{added:+.3f} s median latency"
+            print(f"  {plain.receiver:<14} at {plain.associations} association(s): {cpu}, "
+                  f"{latency}; shadow results {shadowed.shadow}")
 
 
 def machine() -> dict[str, Any]:
@@ -458,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="TABLE.KEY=VALUE",
                         help="override a pacs-ai config value, e.g. --set workers.count=2 "
                              "(repeatable; VALUE is read as JSON, else as a string)")
+    parser.add_argument("--shadow", type=Path, default=None, metavar="MODEL",
+                        help="also run each pacs-ai run with [shadow] model = MODEL, to show "
+                             "what a shadow model costs per film")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     try:
@@ -483,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     report_timeout = args.report_timeout or 60 + 5 * len(paths)
 
     results: list[RunResult] = []
+    # each pacs-ai run as configured, and again with the shadow when one is given
+    service_variants = [settings]
+    if args.shadow is not None:
+        service_variants.append({**settings, "shadow": {"model": str(args.shadow.resolve())}})
 
     def record(label: str, run: Callable[[Path], RunResult]) -> None:
         """One run in a fresh folder, with the CPU it cost this process and its children."""
@@ -508,19 +568,26 @@ def main(argv: list[str] | None = None) -> int:
                 record(label, lambda work: run_pynetdicom(paths, associations, work,
                                                           send_timeout))
             else:
-                record(label, lambda work: run_pacs_ai(paths, associations, work, send_timeout,
-                                                       report_timeout, settings))
+                for run_settings in service_variants:
+                    record(label + (" with a shadow" if "shadow" in run_settings else ""),
+                           lambda work: run_pacs_ai(paths, associations, work, send_timeout,
+                                                    report_timeout, run_settings))
     if args.paced and "pacs-ai" in receivers:
         paced_files = synthetic_files(args.paced)
-        record(f"pacs-ai paced, {args.paced} images one at a time",
-               lambda work: run_pacs_ai(paced_files, 1, work, send_timeout, report_timeout,
-                                        settings, paced=True))
+        for run_settings in service_variants:
+            record(f"pacs-ai paced, {args.paced} images one at a time"
+                   + (" with a shadow" if "shadow" in run_settings else ""),
+                   lambda work: run_pacs_ai(paced_files, 1, work, send_timeout,
+                                            report_timeout, run_settings, paced=True))
 
     decode = decode_times(samples + synthetic[:1], args.repeats)
     from pacs_ai.config import WorkersConfig
 
-    model = model_times(sorted({1, 8, WorkersConfig().batch_size}), max(args.repeats, 3))
-    print_table(results, decode, model)
+    batch_sizes = sorted({1, 8, WorkersConfig().batch_size})
+    model = model_times(batch_sizes, max(args.repeats, 3))
+    shadow_model = (model_times(batch_sizes, max(args.repeats, 3), args.shadow)
+                    if args.shadow is not None else None)
+    print_table(results, decode, model, shadow_model)
 
     if args.json is not None:
         args.json.write_text(json.dumps({
@@ -530,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(), "files": len(paths), "synthetic_images": len(synthetic),
             "sample_images": len(samples), "megabytes": round(megabytes, 1),
             "runs": [asdict(result) for result in results],
-            "decode_preprocess": decode, "model": model}, indent=2))
+            "decode_preprocess": decode, "model": model,
+            "shadow_model": None if args.shadow is None else {
+                "file": str(args.shadow), "milliseconds_per_image": shadow_model}}, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

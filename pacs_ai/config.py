@@ -139,6 +139,25 @@ class ModelConfig:
                              self.threshold_model_sha256, self.threshold_for_any_model)
 
 
+@dataclass(frozen=True)
+class ShadowConfig:
+    """[shadow]: a candidate model run on every film the live model assesses, its results
+    kept in the job store only (pacs_ai.shadow); never reported."""
+
+    model: Path | None = None  # None: no shadow
+    # over the shadow file's own values, bound to it as [model]'s are (pacs_ai.site_threshold)
+    threshold: float | None = None
+    threshold_model_version: str | None = None
+    threshold_model_sha256: str | None = None
+    threshold_for_any_model: bool = False
+    ood_threshold: float | None = None
+
+    @property
+    def site_threshold(self) -> SiteThreshold:
+        return SiteThreshold("[shadow]", self.threshold, self.threshold_model_version,
+                             self.threshold_model_sha256, self.threshold_for_any_model)
+
+
 AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.capacity)
 
 
@@ -400,6 +419,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     filters: FilterPolicy = field(default_factory=FilterPolicy)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -709,8 +729,8 @@ def _check_host(value: str) -> str | None:
     return None
 
 
-TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "workers", "filters", "report",
-                    "destinations", "retry", "log", "metrics", "tls", "status", "audit",
+TOP_LEVEL_TABLES = ("listener", "limits", "storage", "model", "shadow", "workers", "filters",
+                    "report", "destinations", "retry", "log", "metrics", "tls", "status", "audit",
                     "routes", "routing", "web", "drift")
 
 
@@ -737,6 +757,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     limits = read("limits", _read_limits)
     storage = read("storage", _read_storage, base_dir)
     model = read("model", _read_model, base_dir)
+    shadow = read("shadow", _read_shadow, base_dir)
     workers = read("workers", _read_workers)
     filters = parse_filter_policy(data.get("filters", {}))
     report = read("report", _read_report)
@@ -750,7 +771,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
     routing = parse_routing(data.get("routes", []), data.get("routing", {}), destinations)
     web = read("web", _read_web, base_dir)
     drift = read("drift", _read_drift)
-    return Config(listener=listener, limits=limits, storage=storage, model=model, workers=workers,
+    return Config(listener=listener, limits=limits, storage=storage, model=model, shadow=shadow,
+                  workers=workers,
                   filters=filters, report=report, destinations=destinations, retry=retry,
                   log=log, metrics=metrics, tls=tls, status=status, audit=audit, routing=routing,
                   web=web, drift=drift, source=source)
@@ -838,6 +860,19 @@ def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
         raise t.fail("min_age_years", f"{model.min_age_years:g} is above max_age_years "
                                       f"{model.max_age_years:g}")
     return model
+
+
+def _read_shadow(t: _Table, base_dir: Path) -> ShadowConfig:
+    shadow = ShadowConfig(model=t.path("model", None, base_dir, must_exist=True),
+                          **_read_threshold(t),
+                          ood_threshold=t.optional_number("ood_threshold", minimum=1e-9,
+                                                          maximum=1e9))
+    if shadow.model is None and t.data:
+        t.finish()  # a misspelt key is named as such first
+        key = next(iter(t.data))
+        raise t.fail(key, 'is set but model is not: [shadow] model = "PATH" names the '
+                          "candidate model file to run in shadow; add it, or remove the table")
+    return shadow
 
 
 def _read_threshold(t: _Table) -> dict[str, Any]:

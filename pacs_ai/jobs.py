@@ -120,6 +120,33 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (destination, state, delivered_at);
+-- [shadow]: one row per film the live model assessed and shadow model (pacs_ai.shadow), with
+-- both models' assessment of the same model input; never reported. A film assessed again
+-- (a retry, a restart mid-batch) replaces its row.
+CREATE TABLE IF NOT EXISTS shadow_results (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    model_name TEXT NOT NULL,          -- the shadow model
+    model_version TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    threshold REAL NOT NULL,           -- its threshold in force
+    status TEXT NOT NULL,              -- 'assessed', or why not: 'busy', 'model-failed', 'stopped'
+    probability REAL,                  -- the shadow's, even when it abstains
+    ood_score REAL,                    -- NULL: a model without an out-of-distribution score
+    abstained INTEGER,                 -- 1: score above its ood threshold (no finding)
+    finding TEXT,                      -- 'pneumonia' or 'normal'; NULL when abstained
+    live_model_name TEXT NOT NULL,     -- the live model, and what it made of the same input
+    live_model_version TEXT NOT NULL,
+    live_model_sha256 TEXT NOT NULL,
+    live_threshold REAL NOT NULL,
+    live_probability REAL NOT NULL,
+    live_ood_score REAL,
+    live_abstained INTEGER NOT NULL,
+    live_finding TEXT,
+    reason TEXT,                       -- why not assessed
+    assessed_at REAL NOT NULL,
+    PRIMARY KEY (job_id, model_sha256)
+);
+CREATE INDEX IF NOT EXISTS shadow_results_by_time ON shadow_results (assessed_at);
 """
 
 
@@ -160,6 +187,82 @@ class Job:
 ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
                      "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
                      "age_known": "INTEGER", "dismissed_at": "REAL"}
+
+
+class ShadowStatus(StrEnum):
+    """shadow_results.status: whether the shadow assessed the film, or why not."""
+
+    ASSESSED = "assessed"
+    BUSY = "busy"  # its queue was full: the shadow is slower than the films arrive
+    MODEL_FAILED = "model-failed"
+    STOPPED = "stopped"  # the service stopped before the shadow got to it
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One model's assessment of one film's model input."""
+
+    probability: float | None
+    ood_score: float | None
+    abstained: bool | None
+    finding: str | None  # None when it abstained (or did not assess)
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    """A row of shadow_results, with the film's job facts compare needs."""
+
+    job_id: int
+    model_name: str
+    model_version: str
+    model_sha256: str
+    threshold: float
+    status: str
+    shadow: Assessment
+    live_model_name: str
+    live_model_version: str
+    live_model_sha256: str
+    live_threshold: float
+    live: Assessment
+    reason: str | None
+    assessed_at: float
+    sop_instance_uid: str | None = None  # from the job, when read back
+    accession_number: str | None = None
+    received_at: float | None = None
+
+
+_SHADOW_COLUMNS = ("job_id, model_name, model_version, model_sha256, threshold, status, "
+                   "probability, ood_score, abstained, finding, live_model_name, "
+                   "live_model_version, live_model_sha256, live_threshold, live_probability, "
+                   "live_ood_score, live_abstained, live_finding, reason, assessed_at")
+
+
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(bool(value))
+
+
+def _shadow_row(result: ShadowResult) -> tuple:
+    s, live = result.shadow, result.live
+    return (result.job_id, result.model_name, result.model_version, result.model_sha256,
+            result.threshold, str(result.status), s.probability, s.ood_score, _flag(s.abstained),
+            s.finding, result.live_model_name, result.live_model_version,
+            result.live_model_sha256, result.live_threshold, live.probability, live.ood_score,
+            _flag(live.abstained), live.finding, result.reason, result.assessed_at)
+
+
+def _shadow_result(row: tuple) -> ShadowResult:
+    (job_id, name, version, sha256, threshold, status, probability, ood, abstained, finding,
+     live_name, live_version, live_sha256, live_threshold, live_probability, live_ood,
+     live_abstained, live_finding, reason, assessed_at, uid, accession, received_at) = row
+
+    def flag(value: int | None) -> bool | None:
+        return None if value is None else bool(value)
+    return ShadowResult(
+        job_id, name, version, sha256, threshold, status,
+        Assessment(probability, ood, flag(abstained), finding), live_name, live_version,
+        live_sha256, live_threshold,
+        Assessment(live_probability, live_ood, flag(live_abstained), live_finding), reason,
+        assessed_at, uid, accession, received_at)
 
 
 @dataclass(frozen=True)
@@ -294,7 +397,10 @@ class JobStore:
         self._work_listeners: list[threading.Event] = []
 
     @classmethod
-    def open(cls, path: str | Path, *, create: bool = True) -> "JobStore":
+    def open(cls, path: str | Path, *, create: bool = True, durable: bool = True) -> "JobStore":
+        """`durable` False: this connection's commits are not fsynced (SQLite's synchronous
+        NORMAL in WAL mode: a power cut may lose its latest ones, never corrupt the queue); for
+        what may be lost, the shadow model's results (pacs_ai.shadow), never jobs."""
         path = Path(path)
         if not create and not path.is_file():
             raise UserError(f"no job queue at {path}: the service has not run with this spool "
@@ -304,7 +410,7 @@ class JobStore:
                                          check_same_thread=False)
             connection.execute("PRAGMA busy_timeout = 30000")
             connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             connection.execute("PRAGMA foreign_keys = ON")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -716,6 +822,28 @@ class JobStore:
                            [(now, job.id) for job in jobs])
             return jobs, unknown
         return self._write(body)
+
+    # --- shadow model (pacs_ai.shadow) -------------------------------------------------------
+
+    def record_shadow_results(self, results: Iterable[ShadowResult]) -> int:
+        """Write (or replace) shadow results in one transaction; returns how many."""
+        rows = [_shadow_row(result) for result in results]
+        if not rows:
+            return 0
+        self._write(lambda db: db.executemany(
+            f"INSERT OR REPLACE INTO shadow_results ({_SHADOW_COLUMNS}) "
+            f"VALUES ({', '.join('?' * 20)})", rows))
+        return len(rows)
+
+    def shadow_results(self, received_since: float | None = None) -> list[ShadowResult]:
+        """Shadow results with their film's SOP Instance UID, accession number and receipt
+        time, oldest film first; only films received at or after `received_since`."""
+        columns = ", ".join(f"s.{c.strip()}" for c in _SHADOW_COLUMNS.split(","))
+        rows = self._read(
+            f"SELECT {columns}, j.sop_instance_uid, j.accession_number, j.received_at "
+            "FROM shadow_results s JOIN jobs j ON j.id = s.job_id WHERE j.received_at >= ? "
+            "ORDER BY j.received_at, s.job_id", (received_since or 0.0,))
+        return [_shadow_result(row) for row in rows]
 
     def job_counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}

@@ -103,6 +103,14 @@ CLASSIFY_SECONDS = Histogram(
     "pacs_ai_classify_seconds", "Time to decode, preprocess and classify one instance.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY)
+SHADOW_SECONDS = Histogram(
+    "pacs_ai_shadow_seconds", "Time the [shadow] model took per film it assessed (in its own "
+    "thread, after the live model's reports were written).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=REGISTRY)
+SHADOW_NOT_ASSESSED = Counter(
+    "pacs_ai_shadow_not_assessed", "Films the live model assessed that the [shadow] model did "
+    "not, by reason (busy: its queue was full; model-failed; stopped: the service stopped "
+    "first; not-recorded: its results could not be written).", ["reason"], registry=REGISTRY)
 RECEIVE_TO_DELIVERY_SECONDS = Histogram(
     "pacs_ai_receive_to_delivery_seconds",
     "Time from acknowledging an instance to delivering its report to a destination.",

@@ -31,6 +31,7 @@ from pacs_ai.jobs import Job, JobState, JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP, log_who_may_store
 from pacs_ai.sender import DestinationSender, release_waiting
+from pacs_ai.shadow import ShadowRunner, load_shadow_model, log_shadow_model
 from pacs_ai.site_threshold import apply_threshold_binding
 from pacs_ai.spool import Spool
 from pacs_ai.web import QueuePage
@@ -52,6 +53,7 @@ class Service:
         self.workers: list[ClassificationWorker] = []
         self.image_work: list[ImageWork] = []  # one helper pool per worker
         self.senders: list[DestinationSender] = []
+        self.shadow: ShadowRunner | None = None  # [shadow]: the candidate model's thread
         self.echoes: list[DestinationEcho] = []  # [[destinations]] echo_interval_seconds
         self.metrics_server: Any = None
         self.audit = AuditTrail.disabled()
@@ -80,6 +82,13 @@ class Service:
             abandoned = self.store.abandon_unknown_destinations(d.name for d in config.destinations)
             self.model = PneumoniaModel.load(config.model_path())
             self._apply_site_model_settings()
+            shadow_model = load_shadow_model(config)  # [shadow]: a candidate, never reported
+            if shadow_model is not None:
+                log_shadow_model(shadow_model, config.shadow)
+                # a connection of its own: its writes neither take the live pipeline's lock
+                # nor wait for an fsync (its results are not acknowledged data)
+                self.shadow = ShadowRunner(shadow_model, self.model,
+                                           JobStore.open(self.spool.db_path, durable=False))
             if config.workers.torch_threads:
                 import torch
                 torch.set_num_threads(config.workers.torch_threads)
@@ -102,6 +111,7 @@ class Service:
                  host=config.listener.host, port=self.port, tls=config.tls.enabled,
                  spool_dir=str(self.spool.root), model=self.model.info.label,
                  model_path=str(self.model.path), threshold=self.model.info.threshold,
+                 shadow_model=self.shadow.model.info.label if self.shadow else None,
                  intended_age_years=(format_age_range(self.model.info.intended_age_years)
                                      if self.model.info.intended_age_years else None),
                  unknown_age=config.model.unknown_age,
@@ -157,7 +167,8 @@ class Service:
             self.image_work.append(image_work)
             self.workers.append(ClassificationWorker(
                 f"worker-{index + 1}", self.config, self.spool, self.store, self.model,
-                self._threads_stop, worker_wake, self.job_finished, image_work))
+                self._threads_stop, worker_wake, self.job_finished, image_work,
+                shadow=self.shadow))
         for destination in self.config.destinations:
             sender_wake = threading.Event()
             self.store.notify_on_work(sender_wake)
@@ -172,7 +183,8 @@ class Service:
                                                          destination.name, "c-echo"))
                        for destination in self.config.destinations
                        if destination.echo_interval_seconds > 0]
-        for thread in (*self.workers, *self.senders, *self.echoes):
+        for thread in (*self.workers, *self.senders, *self.echoes,
+                       *filter(None, [self.shadow])):
             thread.start()
         if self.config.storage.keep_failed_days > 0:
             self._purge_thread = threading.Thread(target=self._purge_periodically, name="purge",
@@ -245,6 +257,13 @@ class Service:
                    *filter(None, [self._purge_thread])]
         for thread in threads:
             thread.join(timeout=THREAD_JOIN_SECONDS)
+        if self.shadow is not None:  # after the workers, which hand it their last batches
+            self.shadow.finish()
+            if self.shadow.ident is not None:
+                self.shadow.join(timeout=THREAD_JOIN_SECONDS)
+            if not self.shadow.is_alive():
+                self.shadow.store.close()
+            threads.append(self.shadow)
         still_running = [t.name for t in threads if t.is_alive()]
         for image_work in self.image_work:
             image_work.close()
@@ -281,7 +300,9 @@ class Service:
             metrics.LAST_DELIVERY_TIMESTAMP.labels(destination=name).set(
                 state.last_success_at or 0)
         if self.model is not None:
-            metrics.set_models([(self.model.info, metrics.ROLE_LIVE)])
+            metrics.set_models([(self.model.info, metrics.ROLE_LIVE)]
+                               + ([(self.shadow.model.info, metrics.ROLE_SHADOW)]
+                                  if self.shadow is not None else []))
         metrics.set_drift_band(self.config.drift)
         metrics.WORKERS.labels(kind="threads").set(len(self.workers))
         metrics.WORKERS.labels(kind="helper_processes").set(

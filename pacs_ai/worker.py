@@ -19,6 +19,7 @@ the batch's unfinished jobs back to pending once the queue can be written again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sqlite3
 import threading
@@ -36,6 +37,7 @@ from pacs_ai.helper_processes import ImageWork, ImageWorkStopped, PendingWork, R
 from pacs_ai.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.routing import RouteFacts, choose_route
+from pacs_ai.shadow import ShadowBatch, ShadowRunner, assessments
 from pacs_ai.spool import Spool
 
 log = structlog.get_logger()
@@ -77,9 +79,13 @@ class _Ready:
 class ClassificationWorker(threading.Thread):
     def __init__(self, name: str, config: Config, spool: Spool, store: JobStore,
                  model: PneumoniaModel, stop: threading.Event, wake: threading.Event,
-                 on_job_finished: Callable[[Job], None], image_work: ImageWork):
+                 on_job_finished: Callable[[Job], None], image_work: ImageWork,
+                 shadow: ShadowRunner | None = None):
         super().__init__(name=name, daemon=True)
         self.config = config
+        self.shadow = shadow  # [shadow]: gets each assessed batch after its reports
+        # while this worker processes a batch the shadow waits (pacs_ai.shadow.LiveActivity)
+        self.activity = shadow.activity if shadow is not None else None
         self.image_work = image_work
         self.spool = spool
         self.store = store
@@ -117,7 +123,8 @@ class ClassificationWorker(threading.Thread):
                 self.wake.wait(IDLE_POLL_SECONDS)
                 continue
             try:
-                self._process_or_fail(batch)
+                with self.activity.busy() if self.activity else contextlib.nullcontext():
+                    self._process_or_fail(batch)
             except ImageWorkStopped:
                 return  # stopping: the batch stays `classifying`, start-up requeues it
             except Exception as error:
@@ -207,9 +214,9 @@ class ClassificationWorker(threading.Thread):
         if not ready:
             return
         started = time.perf_counter()
+        model_input = np.stack([r.model_input for r in ready])
         try:
-            probabilities, ood_scores, maps = self._assess(
-                np.stack([r.model_input for r in ready]))
+            probabilities, ood_scores, maps = self._assess(model_input)
         except Exception as error:
             for item in ready:
                 self._fail(item.job, Stage.CLASSIFY,
@@ -217,6 +224,16 @@ class ClassificationWorker(threading.Thread):
             return
         inference_share = (time.perf_counter() - started) / len(ready)
         self._count_assessments(probabilities, ood_scores)
+        self._settle(ready, probabilities, ood_scores, maps, inference_share)
+        if self.shadow is not None:  # after the live reports, and without waiting for it
+            self.shadow.submit(ShadowBatch(
+                [r.job.id for r in ready], model_input,
+                assessments(self.model, probabilities, ood_scores)))
+
+    def _settle(self, ready: list[_Ready], probabilities: Sequence[float],
+                ood_scores: Sequence[float] | None, maps: Sequence,
+                inference_share: float) -> None:
+        """The live model's outcome for each film: abstained (skipped), or reported."""
         if ood_scores is not None:
             # abstain on films unlike the training films: skipped with the score, no report
             kept = []

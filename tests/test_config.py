@@ -87,14 +87,14 @@ def test_shipped_example_config_is_valid_and_documents_every_key(tmp_path, monke
     config = parse_config(data, base_dir=tmp_path)
     assert config.listener.port == 11112
     # Every key the parser knows appears in the example (commented out or set).
-    for section in ("listener", "limits", "storage", "model", "workers", "report", "retry",
-                    "log", "metrics", "status", "drift"):
+    for section in ("listener", "limits", "storage", "model", "shadow", "workers", "report",
+                    "retry", "log", "metrics", "status", "drift"):
         for field in dataclasses.fields(getattr(config, section)):
             assert f"{field.name} =" in text, f"[{section}] {field.name} is not documented"
     for name in FilterPolicy.field_names():
         assert f"{name} =" in text, f"[filters] {name} is not documented"
     for key in ("cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title",
-                "timeout_seconds", "[model]", "path ="):
+                "timeout_seconds", "[model]", "path =", "# [shadow]"):
         assert key in text
 
 

@@ -422,13 +422,18 @@ def guide_blocks(language: str) -> list[str]:
 def test_every_config_snippet_in_the_guide_is_accepted_by_the_listener(tmp_path):
     snippets = guide_blocks("toml")
     assert len(snippets) >= 4
-    # The snippets name files in /etc/pacs-ai; the config checks that they exist.
-    etc = tmp_path / "etc-pacs-ai"
-    etc.mkdir()
+    # The snippets name files in /etc/pacs-ai and model files in /opt/pacs-ai/models; the
+    # config checks that they exist.
+    folders = {"/etc/pacs-ai/": tmp_path / "etc-pacs-ai",
+               "/opt/pacs-ai/models/": tmp_path / "opt-pacs-ai-models"}
+    for folder in folders.values():
+        folder.mkdir()
     for snippet in snippets:
-        for name in re.findall(r"/etc/pacs-ai/([\w.-]+)", snippet):
-            (etc / name).write_text("placeholder\n")
-        parse_config(tomllib.loads(snippet.replace("/etc/pacs-ai/", f"{etc}/")), base_dir=tmp_path)
+        for installed, folder in folders.items():
+            for name in re.findall(rf"{re.escape(installed)}([\w.-]+)", snippet):
+                (folder / name).write_text("placeholder\n")
+            snippet = snippet.replace(installed, f"{folder}/")
+        parse_config(tomllib.loads(snippet), base_dir=tmp_path)
 
 
 def test_the_guide_lists_exactly_the_metrics_the_service_exports():

@@ -45,7 +45,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
     if config is not None:
         print(f"site:       {_site_settings(config, model.info, model.sha256)}")
+        if config.shadow.model is not None:
+            print(f"shadow:     {_shadow(config)}")
     return 0
+
+
+def _shadow(config) -> str:
+    """The [shadow] model as the service would load it (a threshold chosen for another file
+    stops here as it stops the service)."""
+    from pacs_ai.shadow import load_shadow_model
+
+    shadow = load_shadow_model(config)
+    own = shadow.info.metadata["threshold"]
+    threshold = (f"threshold {shadow.info.threshold:.4f}"
+                 + (" ([shadow] threshold)" if config.shadow.threshold is not None
+                    else " (its own)"))
+    return (f"{shadow.info.label} ({shadow.path}, sha256 {shadow.sha256}), {threshold}; "
+            f"its file's threshold {own:.4f}; assesses every film, reports none")
 
 
 def _saliency(info) -> str:

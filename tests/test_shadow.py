@@ -1,0 +1,408 @@
+"""Shadow mode (issue 24 item 1): a candidate model assesses the films the live model assesses,
+on the same model input, and only the job store hears of it.
+
+In-process: the worker over a real spool and queue with real model files (an ensemble with an
+out-of-distribution score live; a contract-1 file, without gate or map, and a gated ensemble
+as shadows). Real peers: DCMTK storescu -> `pacs-ai serve` with a [shadow] model -> Orthanc,
+one report per film at Orthanc, none from the shadow, and the shadow's results in the queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_ai import metrics
+from pacs_ai.config import ConfigError, WorkersConfig, default_config, load_config
+from pacs_ai.errors import UserError
+from pacs_ai.film_input import prepare
+from pacs_ai.filters import FilterPolicy
+from pacs_ai.helper_processes import ImageWork
+from pacs_ai.jobs import Assessment, JobState, ShadowStatus
+from pacs_ai.model import PneumoniaModel, default_model_path
+from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+from pacs_ai.shadow import ShadowBatch, ShadowRunner, load_shadow_model
+from pacs_ai.site_threshold import file_sha256
+from pacs_ai.worker import ClassificationWorker
+from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
+from testbed.environment import SAMPLE_DICOMS
+from tests.test_heatmap import torch_module_copy
+from tests.test_worker import received_backlog
+
+pytestmark = pytest.mark.timeout(600)
+
+OLD_VERSION = "0.0.1-contract-1"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """live: a tiny ensemble with an out-of-distribution score; old: the tiny model written as
+    a contract-1 file (format pacs-ai-model/1, no gate, no map) under its own version; gated:
+    an ensemble that abstains on every film."""
+    from training.ensemble import export_untrained_tiny_ensemble
+    from training.export import export_model
+
+    folder = tmp_path_factory.mktemp("shadow-models")
+    tiny = PneumoniaModel.load(tiny_model)
+    metadata = dict(tiny.info.metadata, format="pacs-ai-model/1", version=OLD_VERSION)
+    return {"live": export_untrained_tiny_ensemble(folder / "live.pt", ood_threshold=1e9),
+            "old": export_model(torch_module_copy(tiny), folder / "old.pt", metadata),
+            "gated": export_untrained_tiny_ensemble(folder / "gated.pt", ood_threshold=1e-9)}
+
+
+def worker_with_shadow(spool, store, live: PneumoniaModel, shadow: ShadowRunner,
+                       stop: threading.Event) -> ClassificationWorker:
+    config = dataclasses.replace(default_config(spool.root.parent),
+                                 workers=WorkersConfig(processes=0, batch_size=3))
+    return ClassificationWorker("worker-test", config, spool, store, live, stop,
+                                threading.Event(), lambda job: None, ImageWork(0),
+                                shadow=shadow)
+
+
+def run_backlog(tmp_path, live: PneumoniaModel, shadow_model: PneumoniaModel, films: int = 6):
+    """Films received, then a worker with a shadow until every job is settled and every film
+    has its shadow row; returns the store."""
+    spool, store = received_backlog(tmp_path, films)
+    stop = threading.Event()
+    shadow = ShadowRunner(shadow_model, live, store)
+    worker = worker_with_shadow(spool, store, live, shadow, stop)
+    shadow.start()
+    worker.start()
+    try:
+        settled = wait_until(lambda: store.job_counts()["pending"] == 0
+                             and store.job_counts()["classifying"] == 0, 120)
+        assert settled, store.job_counts()
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        shadow.finish()
+        shadow.join(timeout=30)
+    assert not worker.is_alive() and not shadow.is_alive()
+    return spool, store
+
+
+def test_the_shadow_assesses_what_the_live_model_assesses_and_reports_nothing(tmp_path, models):
+    live = PneumoniaModel.load(models["live"])
+    # the live model abstains on about half of these films: its threshold at their median score
+    spool, store = received_backlog(tmp_path / "probe", 6)
+    inputs = np.stack([prepare(spool.resolve(job.image_file), FilterPolicy(),
+                               DEFAULT_MAX_PIXELS).model_input for job in store.all_jobs()])
+    store.close()
+    scores = live.assess(inputs)[1]
+    live.info = dataclasses.replace(live.info, ood_threshold=float(np.median(scores)))
+    old = PneumoniaModel.load(models["old"])
+    assert old.info.metadata["format"] == "pacs-ai-model/1" and not old.has_saliency
+
+    def counted(result: str) -> float:
+        return metrics.REGISTRY.get_sample_value("pacs_ai_model_results_total", {
+            "name": "tiny-test-model", "version": OLD_VERSION, "role": "shadow",
+            "result": result}) or 0.0
+    before = {result: counted(result) for result in ("pneumonia", "normal", "abstained")}
+
+    spool, store = run_backlog(tmp_path, live, old)
+    jobs = {job.id: job for job in store.all_jobs()}
+    results = {result.job_id: result for result in store.shadow_results()}
+    assert set(results) == set(jobs)  # every film the live model assessed, once
+    reported = [job for job in jobs.values() if job.state == JobState.DONE]
+    abstained = [job for job in jobs.values() if job.state == JobState.SKIPPED]
+    assert reported and abstained, [job.state for job in jobs.values()]
+    # only the live model's reports are in the outbox
+    assert len(list(spool.outbox.iterdir())) == len(reported)
+    assert all(job.model == live.info.label for job in reported)
+    for job_id, result in results.items():
+        job = jobs[job_id]
+        assert result.status == ShadowStatus.ASSESSED and result.reason is None
+        assert (result.model_name, result.model_version) == ("tiny-test-model", OLD_VERSION)
+        assert result.model_sha256 == file_sha256(models["old"])
+        assert result.live_model_sha256 == file_sha256(models["live"])
+        assert result.live_threshold == live.info.threshold
+        # the live side is what the live model did with the film
+        if job.state == JobState.DONE:
+            assert result.live.probability == job.probability
+            assert (result.live.abstained, result.live.finding) == (False, job.finding)
+        else:
+            assert job.reason.startswith("out-of-distribution")
+            assert result.live.abstained is True and result.live.finding is None
+            assert result.live.ood_score > live.info.ood_threshold
+        # a contract-1 shadow has no gate: it never abstains and has no score
+        assert result.shadow.abstained is False and result.shadow.ood_score is None
+        assert result.shadow.finding == ("pneumonia" if result.shadow.probability
+                                         >= old.info.threshold else "normal")
+        assert result.sop_instance_uid == job.sop_instance_uid
+        assert result.received_at == job.received_at
+    # counted for the drift watch under its own role
+    for outcome in ("pneumonia", "normal"):
+        assert counted(outcome) - before[outcome] == sum(
+            r.shadow.finding == outcome for r in results.values())
+    assert counted("abstained") == before["abstained"]
+    # on the same model input as the live model's: the shadow's probabilities are what the old
+    # file gives for the films' model input computed here
+    fresh = PneumoniaModel.load(models["old"]).predict(inputs)
+    by_uid = {result.sop_instance_uid: result.shadow.probability for result in results.values()}
+    ordered = [by_uid[job.sop_instance_uid] for job in sorted(jobs.values(), key=lambda j: j.id)]
+    assert np.allclose(ordered, fresh, rtol=1e-5, atol=1e-7)
+    store.close()
+
+
+def test_a_gated_shadow_abstains_on_its_own(tmp_path, models):
+    live = PneumoniaModel.load(models["live"])
+    gated = PneumoniaModel.load(models["gated"])
+    spool, store = run_backlog(tmp_path, live, gated, films=3)
+    results = store.shadow_results()
+    assert len(results) == 3
+    assert store.job_counts()["done"] == 3  # the live model reported all three
+    for result in results:
+        assert result.live.abstained is False and result.live.finding is not None
+        assert result.shadow.abstained is True and result.shadow.finding is None
+        assert result.shadow.ood_score > gated.info.ood_threshold
+        assert 0.0 <= result.shadow.probability <= 1.0  # kept for the comparison
+    store.close()
+
+
+def test_a_busy_shadow_drops_films_and_says_so(tmp_path, models):
+    """More films than its queue holds: the worker does not wait; the films the shadow misses
+    are recorded as busy, and those it took are assessed."""
+    spool, store = received_backlog(tmp_path, 3)
+    live = PneumoniaModel.load(models["live"])
+    runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store, queue_films=2)
+    job_ids = [job.id for job in store.all_jobs()]
+    film = np.random.default_rng(0).random((1, 1, 200, 200), dtype=np.float32)
+    seen = Assessment(0.25, None, False, "normal")
+    runner.submit(ShadowBatch(job_ids[:2], np.concatenate([film, film]), [seen, seen]))
+    runner.submit(ShadowBatch(job_ids[2:], film, [seen]))  # the queue is full: not taken
+    runner.start()
+    runner.finish()
+    runner.join(timeout=30)
+    statuses = {result.job_id: result for result in store.shadow_results()}
+    assert [statuses[i].status for i in job_ids] == ["assessed", "assessed", "busy"]
+    busy = statuses[job_ids[2]]
+    assert busy.shadow == Assessment(None, None, None, None) and "queue was full" in busy.reason
+    assert busy.live == seen  # what the live model did is kept all the same
+    store.close()
+
+
+def test_a_film_assessed_again_replaces_its_row(tmp_path, models):
+    spool, store = received_backlog(tmp_path, 1)
+    live = PneumoniaModel.load(models["live"])
+    film = np.random.default_rng(1).random((1, 1, 200, 200), dtype=np.float32)
+    [job] = store.all_jobs()
+    for probability in (0.2, 0.7):
+        runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store)
+        runner.submit(ShadowBatch([job.id], film, [Assessment(probability, None, False,
+                                                              live.finding(probability))]))
+        runner.start()
+        runner.finish()
+        runner.join(timeout=30)
+    [result] = store.shadow_results()
+    assert result.live.probability == 0.7
+    store.close()
+
+
+# --- the config ------------------------------------------------------------------------------
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pacs-ai.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shadow_config_and_its_bound_threshold(tmp_path, models):
+    old = PneumoniaModel.load(models["old"])
+    config = load_config(write(tmp_path, f'[shadow]\nmodel = "{models["old"]}"\nthreshold = 0.2\n'
+                                         f'threshold_model_version = "{OLD_VERSION}"\n'
+                                         f'threshold_model_sha256 = "{old.sha256}"\n'))
+    shadow = load_shadow_model(config)
+    assert shadow.info.threshold == 0.2 and shadow.info.version == OLD_VERSION
+    assert load_shadow_model(load_config(write(tmp_path, "[model]\n"))) is None
+    # a shadow threshold chosen for another file stops start-up like [model]'s
+    live = PneumoniaModel.load(models["live"])
+    config = load_config(write(tmp_path, f'[shadow]\nmodel = "{models["old"]}"\nthreshold = 0.2\n'
+                                         'threshold_model_version = "0.0.0-test"\n'
+                                         f'threshold_model_sha256 = "{live.sha256}"\n'))
+    with pytest.raises(UserError) as error:
+        load_shadow_model(config)
+    assert str(error.value).startswith("[shadow] threshold 0.2 was chosen for model version "
+                                       "0.0.0-test")
+    assert f"the model file is tiny-test-model {OLD_VERSION}" in str(error.value)
+
+
+def test_the_model_command_shows_the_shadow_and_checks_its_threshold(tmp_path, models):
+    old = PneumoniaModel.load(models["old"])
+    config = write(tmp_path, f'[model]\npath = "{models["live"]}"\n[shadow]\nmodel = '
+                             f'"{models["old"]}"\nthreshold = 0.2\n'
+                             f'threshold_model_version = "{OLD_VERSION}"\n'
+                             f'threshold_model_sha256 = "{old.sha256}"\n')
+    result = pacs_ai_cli("model", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("shadow:")]
+    assert f"tiny-test-model {OLD_VERSION} ({models['old']}, sha256 {old.sha256})" in line
+    assert "threshold 0.2000 ([shadow] threshold)" in line
+    # the same lines under a shadow of another file: refused as the service would
+    config.write_text(config.read_text().replace(str(models["old"]), str(models["gated"])))
+    refused = pacs_ai_cli("model", "--config", str(config))
+    assert refused.returncode == 2 and "[shadow] threshold 0.2 was chosen for" in refused.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[shadow]\nthreshold = 0.3\nthreshold_for_any_model = true\n",
+     "[shadow] threshold: is set but model is not"),
+    ('[shadow]\nmodel = "missing.pt"\n', "[shadow] model: file not found"),
+    ("[shadow]\nmodle = 1\n", "[shadow]: unknown key 'modle'"),
+])
+def test_bad_shadow_tables_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert message in str(error.value)
+
+
+# --- real peers: storescu -> pacs-ai serve (with a shadow) -> Orthanc ----------------------------
+
+MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())["files"]
+OK_SAMPLES = [entry for entry in MANIFEST if entry["expected_status"] == "ok"]
+
+
+def shadow_rows(spool_dir: Path) -> list[dict]:
+    """shadow_results through a read-only connection while the service runs."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{spool_dir / 'jobs.sqlite'}?mode=ro", uri=True,
+                                 timeout=30)
+    connection.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in connection.execute(
+            "SELECT s.*, j.sop_instance_uid, j.probability AS job_probability, "
+            "j.finding AS job_finding, j.state AS job_state FROM shadow_results s "
+            "JOIN jobs j ON j.id = s.job_id")]
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        connection.close()
+
+
+@pytest.mark.real_peer
+@pytest.mark.slow
+def test_storescu_to_pacs_ai_with_a_shadow_to_orthanc(tmp_path, models):
+    """The shipped model live, the contract-1 file in shadow: every sample film gets exactly one
+    report at Orthanc, made by the live model; the shadow's results are in the queue, one per
+    film, and nowhere else."""
+    from pacs_ai.report import report_summary
+    from testbed.real_peers import (Modality, Orthanc, orthanc_destination, propose_as_stored,
+                                    renamed_copy, storescu)
+
+    shipped = PneumoniaModel.load(default_model_path())
+    folder = tmp_path / "films"
+    folder.mkdir()
+    films = [renamed_copy(SAMPLE_DICOMS / entry["file"], folder / f"{index:02d}.dcm")
+             for index, entry in enumerate(OK_SAMPLES)]
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in films]
+    with Orthanc(tmp_path / "orthanc", modalities=[Modality("PACS_AI", 104)]) as orthanc:
+        config = write_service_config(
+            tmp_path, model=shipped.path, destinations=[orthanc_destination(orthanc)],
+            tables={"shadow": {"model": str(models["old"])},
+                    "workers": {"torch_threads": 1}, "log": {"level": "info"}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            options = propose_as_stored(films, tmp_path / "as-stored.cfg")
+            run = storescu(service.port, films, called_ae="PACS_AI", calling_ae="XRAY_ROOM_1",
+                           extra=options)
+            assert [status for _, status in run.responses] == ["Success"] * len(films), \
+                run.output
+            spool = tmp_path / "spool"
+            assert wait_until(lambda: len([row for row in shadow_rows(spool)]) == len(films)
+                              and all(row["job_state"] == "done" for row in shadow_rows(spool)),
+                              300), service.log_path.read_text()[-3000:]
+
+            def reports() -> list[pydicom.Dataset]:
+                found = []
+                for source in sources:
+                    for uid in orthanc.study_sop_instance_uids(str(source.StudyInstanceUID),
+                                                               modality="SR"):
+                        found.append(pydicom.dcmread(io.BytesIO(
+                            orthanc.instance_file(orthanc.find_instance(uid)))))
+                return found
+
+            assert wait_until(lambda: len(reports()) >= len(films), 120)
+            rows = shadow_rows(spool)
+            stored = reports()
+            assert service.terminate() == 0
+        events = service.events()
+
+    # exactly one report per film, the live model's
+    summaries = [report_summary(report) for report in stored]
+    assert sorted(s["source_sop_instance_uid"] for s in summaries) == \
+        sorted(str(source.SOPInstanceUID) for source in sources)
+    assert {(s["algorithm_name"], s["algorithm_version"]) for s in summaries} == \
+        {(shipped.info.name, shipped.info.version)}
+    # the shadow's results: one per film, assessed, beside the live model's
+    assert sorted(row["sop_instance_uid"] for row in rows) == \
+        sorted(str(source.SOPInstanceUID) for source in sources)
+    for row in rows:
+        assert row["status"] == "assessed"
+        assert (row["model_version"], row["model_sha256"]) == (OLD_VERSION,
+                                                               file_sha256(models["old"]))
+        assert (row["live_model_version"], row["live_model_sha256"]) == (
+            shipped.info.version, shipped.sha256)
+        assert row["live_probability"] == row["job_probability"]
+        assert row["live_finding"] == row["job_finding"]
+    by_name = {}
+    for event in events:
+        by_name.setdefault(event["event"], []).append(event)
+    [loaded] = by_name["shadow_model"]
+    assert loaded["model"] == f"tiny-test-model {OLD_VERSION}"
+    assert loaded["format"] == "pacs-ai-model/1"
+    assert by_name["service_started"][0]["shadow_model"] == f"tiny-test-model {OLD_VERSION}"
+    # nothing was made or sent for the shadow
+    assert all(event["model"] == shipped.info.label for event in by_name["instance_classified"])
+    assert len(by_name["instance_classified"]) == len(films)
+    assert "shadow_model_failed" not in by_name
+
+
+def test_the_shadow_thread_runs_at_the_lowest_cpu_priority(tmp_path, models):
+    """On a busy machine the shadow yields to the live pipeline (its torch threads inherit
+    the thread's nice value on Linux)."""
+    spool, store = received_backlog(tmp_path, 1)
+    live = PneumoniaModel.load(models["live"])
+    runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store)
+
+    def nice(task: int) -> int:
+        stat = Path(f"/proc/self/task/{task}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+    ours = nice(threading.get_native_id())
+    runner.start()
+    try:
+        assert wait_until(lambda: nice(runner.native_id) == 19, 10), nice(runner.native_id)
+        assert nice(threading.get_native_id()) == ours  # the rest of the process is as it was
+    finally:
+        runner.finish()
+        runner.join(timeout=30)
+        store.close()
+
+
+def test_the_shadow_waits_while_a_worker_processes_a_batch(tmp_path, models):
+    """Under a burst the live reports go first: a batch handed over while a worker is busy is
+    assessed only once the workers are idle."""
+    from pacs_ai.shadow import LiveActivity
+
+    spool, store = received_backlog(tmp_path, 1)
+    [job] = store.all_jobs()
+    activity = LiveActivity()
+    live = PneumoniaModel.load(models["live"])
+    runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store, activity=activity)
+    film = np.random.default_rng(2).random((1, 1, 200, 200), dtype=np.float32)
+    runner.start()
+    try:
+        with activity.busy():  # a worker mid-batch
+            runner.submit(ShadowBatch([job.id], film, [Assessment(0.3, None, False, "normal")]))
+            assert not wait_until(lambda: store.shadow_results(), 2.0)
+        assert wait_until(lambda: store.shadow_results(), 10.0)
+    finally:
+        runner.finish()
+        runner.join(timeout=30)
+    [result] = store.shadow_results()
+    assert result.status == "assessed"
+    store.close()
