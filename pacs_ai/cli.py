@@ -18,6 +18,7 @@ COMMANDS = {
     "dismiss": "pacs_ai.commands.dismiss",
     "model": "pacs_ai.commands.model",
     "evaluate": "pacs_ai.commands.evaluate",
+    "compare": "pacs_ai.commands.compare",
 }
 
 

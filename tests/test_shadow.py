@@ -361,6 +361,32 @@ def test_storescu_to_pacs_ai_with_a_shadow_to_orthanc(tmp_path, models):
     assert len(by_name["instance_classified"]) == len(films)
     assert "shadow_model_failed" not in by_name
 
+    # `pacs-ai compare` on what the shadow recorded, with the films' labels as `pacs-ai
+    # evaluate` takes them (path,label; matched by the SOP Instance UIDs in the files)
+    labels_csv = folder / "labels.csv"
+    labels_csv.write_text("path,label\n" + "".join(
+        f"{path.name},{entry['class'].lower()}\n" for path, entry in zip(films, OK_SAMPLES)))
+    result = pacs_ai_cli("compare", "--config", str(config), "--labels", str(labels_csv),
+                         "--json", "--out", str(tmp_path / "compared"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["films"] == len(films) and summary["not_assessed"] == {}
+    assert (summary["live"]["version"], summary["shadow"]["version"]) == (shipped.info.version,
+                                                                          OLD_VERSION)
+    same = sum(row["live_finding"] == row["finding"] for row in rows)  # neither abstains here
+    assert summary["agreement"] == pytest.approx(same / len(rows))
+    assert summary["flips"]["pneumonia_to_normal"] == sum(
+        row["live_finding"] == "pneumonia" and row["finding"] == "normal" for row in rows)
+    label_of = {str(source.SOPInstanceUID): entry["class"].lower()
+                for source, entry in zip(sources, OK_SAMPLES)}
+    labelled = summary["labels"]
+    assert labelled["films"] == len(films)
+    for side, finding in (("live", "live_finding"), ("shadow", "finding")):
+        pneumonia = [row for row in rows if label_of[row["sop_instance_uid"]] == "pneumonia"]
+        found = sum(row[finding] == "pneumonia" for row in pneumonia)
+        assert labelled[side]["reported"]["sensitivity"] == pytest.approx(found / len(pneumonia))
+    assert (tmp_path / "compared" / "scatter.svg").read_text().count("<circle") >= len(films)
+
 
 def test_the_shadow_thread_runs_at_the_lowest_cpu_priority(tmp_path, models):
     """On a busy machine the shadow yields to the live pipeline (its torch threads inherit
