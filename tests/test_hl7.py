@@ -194,6 +194,19 @@ def test_an_hl7_destination_and_the_priority_are_read(tmp_path):
     assert parse_config({}, base_dir=tmp_path).report.pneumonia_priority == "A"
 
 
+def test_routes_send_results_to_a_ris_like_to_any_destination(tmp_path):
+    from pacs_ai.routing import RouteFacts, choose_route
+
+    config = parse_config({
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104},
+                         {"kind": "hl7", "name": "ris", "host": "ris", "port": 2575}],
+        "routes": [{"name": "er", "calling_ae_title": "ER_CR", "destinations": ["pacs", "ris"]}],
+        "routing": {"default": ["pacs"]}}, base_dir=tmp_path)
+    er = choose_route(config, RouteFacts("ER_CR", None, None, None))
+    ward = choose_route(config, RouteFacts("WARD_DX", None, None, None))
+    assert er.destinations == ("pacs", "ris") and ward.destinations == ("pacs",)
+
+
 @pytest.mark.parametrize("data,message", [
     ({"destinations": [{"kind": "hl7", "host": "ris"}]},
      '[[destinations]] #1 port: is required: a kind = "hl7" destination needs'),
