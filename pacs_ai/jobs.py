@@ -102,8 +102,6 @@ CREATE TABLE IF NOT EXISTS jobs (
                                        -- 1 or 0; NULL: not reported, or before pacs-ai kept it
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
--- the daily rates (daily_results): the classified films of a window read from the index alone
-CREATE INDEX IF NOT EXISTS jobs_by_received ON jobs (received_at, finding, model);
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id INTEGER NOT NULL REFERENCES jobs (id),
     destination TEXT NOT NULL,
@@ -187,6 +185,12 @@ class Job:
 ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
                      "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
                      "age_known": "INTEGER", "dismissed_at": "REAL"}
+# Indexes on columns an older queue gets only from ADDED_JOB_COLUMNS: created after them (in
+# SCHEMA they would stop an older queue from opening: "no such column").
+INDEXES_ON_ADDED_COLUMNS = """
+-- the daily rates (daily_results): the classified films of a window read from the index alone
+CREATE INDEX IF NOT EXISTS jobs_by_received ON jobs (received_at, finding, model);
+"""
 
 
 class ShadowStatus(StrEnum):
@@ -422,6 +426,7 @@ class JobStore:
             for column, kind in ADDED_JOB_COLUMNS.items():
                 if column not in present:
                     connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            connection.executescript(INDEXES_ON_ADDED_COLUMNS)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise UserError(f"cannot open the job queue {path}: {error}") from None
