@@ -442,8 +442,10 @@ def command_gate_check(args: argparse.Namespace) -> int:
                   "adults": log_amplitude_profile(adults_all.pictures[train_index])}
     table = check_sets(score, children, adults, styles, args.samples, args.originals)
     if args.runs:
-        threshold = threshold_for({name: row["scores"] for name, row in table.items()
-                                   if name.startswith("children ") and row["side"] == "in"})
+        from training.shifts import CONDITIONS
+
+        threshold = threshold_for({c.name: table[f"children {c.name}"]["scores"]
+                                   for c in CONDITIONS})
     else:
         threshold = model.info.ood_threshold
     rows = summarise(table, threshold)

@@ -310,7 +310,8 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
         name=name, version=version, threshold=threshold, threshold_rule=SHIFT_THRESHOLD_RULE,
         output="logit",
         architecture=f"ensemble of {len(runs)} x {configs[0]['description']}; mean logit",
-        training={"members": [{"config": c["name"], "seed": c["seed"], "epochs": c["epochs"]}
+        training={"members": [{"config": c["name"], "seed": c["seed"], "epochs": c["epochs"],
+                               **({"finetune": c["finetune"]} if "finetune" in c else {})}
                               for c in configs],
                   "config": configs[0]["name"],
                   "split": "validation carved from train/ by patient and duplicate groups "

@@ -109,8 +109,8 @@ def build_gated_model(classifier_path: Path, gate_runs: List[Path], version: str
                "adults_unshifted": float((adult_scores > threshold).mean())}}
     metadata = dict(source.info.metadata)
     previous = {"version": metadata["version"], "created": metadata.get("created"),
-                "change": "the gate (a trained network) replaces the out-of-distribution score; "
-                          "the classifier's weights, threshold and saliency unchanged"}
+                "change": "the gate (training/gate.py) replaces this classifier file's "
+                          "out-of-distribution score; its weights, threshold and saliency kept"}
     metadata.update(version=version, ood=ood, derived_from=previous, git_commit=git_commit())
     network = GatedModel(classifier, gates)
     export_model(network, output, metadata)
