@@ -156,3 +156,17 @@ def test_smoke_gate_behind_a_classifier_keeps_its_outputs_and_abstains_by_the_ga
     assert "young child's frontal chest film" in gated.abstain_reason(1.0)
     written = json.loads(output.with_suffix(".split.json").read_text())
     assert written["validation"] == split["validation"] and written["gate_adults"]["validation"]
+
+
+def test_an_ood_threshold_set_for_a_distance_score_is_refused_for_a_gate():
+    """1.2.x's score was a distance (threshold about 2); a gate's is a probability, so a site's
+    [model] ood_threshold kept from then would let every film through."""
+    from pacs_ai.errors import UserError
+    from pacs_ai.intended_use import site_model_info
+    from pacs_ai.model import default_model_path
+
+    shipped = PneumoniaModel.load(default_model_path())
+    assert shipped.info.metadata["ood"]["score"] == "gate"
+    with pytest.raises(UserError, match=r"ood_threshold 2.05 is outside \(0, 1\)"):
+        site_model_info(shipped.info, ood_threshold=2.05)
+    assert site_model_info(shipped.info, ood_threshold=0.5).ood_threshold == 0.5

@@ -1,4 +1,4 @@
-"""Saliency maps: the model contract (version 2), the shipped 1.2.1 file against 1.2.0's outputs,
+"""Saliency maps: the model contract (version 2), the shipped 1.3.0 file against its recorded outputs,
 the region's geometry on the film, the SR's TID 1410 region and the heat-map Secondary Capture
 (dciodvfy, dsrdump, dcmj2pnm), and a worker that sends both to a recording PACS.
 """
@@ -29,7 +29,7 @@ from testbed.environment import SAMPLE_DICOMS, require_tool
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 from tests.test_report import MODEL, make_source
 
-REFERENCE = Path(__file__).with_name("model_1.2.0_outputs.json")
+REFERENCE = Path(__file__).with_name("model_1.3.0_outputs.json")
 PNEUMONIA_SAMPLE = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_mono1.dcm"
 # an AP film with the side marker "R" and the projection marker "A-P" at its top left, where the
 # heat-map image's words once covered them
@@ -74,21 +74,26 @@ def tiny_with_maps(tmp_path_factory) -> PneumoniaModel:
 RECORDED_ELSEWHERE = {"rtol": 1e-4, "atol": 1e-6}
 
 
-def test_the_shipped_model_gives_maps_and_1_2_0s_outputs(shipped):
-    """1.2.1 is 1.2.0's weights and metadata plus the saliency method: the same numbers, up to
-    the rounding another CPU's kernels give."""
+def test_the_shipped_model_gives_maps_and_its_recorded_outputs(shipped):
+    """1.3.0 gives the probabilities and gate scores recorded when it was exported, up to the
+    rounding another CPU's kernels give; its classifier is a fine-tuned ensemble behind a gate."""
     reference = json.loads(REFERENCE.read_text())
     names, inputs = reference_inputs()
     assert names == reference["inputs"]
     probabilities, ood = shipped.assess(inputs)
     np.testing.assert_allclose(probabilities, reference["probabilities"], **RECORDED_ELSEWHERE)
     np.testing.assert_allclose(ood, reference["ood_scores"], **RECORDED_ELSEWHERE)
-    assert shipped.info.version == "1.2.1" and shipped.has_saliency
+    assert shipped.info.version == "1.3.0" and shipped.has_saliency
     assert shipped.info.saliency_grid == (12, 12)
     metadata = shipped.info.metadata
     assert metadata["format"] == "pacs-ai-model/2"
-    assert metadata["derived_from"]["version"] == "1.2.0"
-    assert metadata["threshold"] == 0.43705397844314575
+    assert metadata["ood"]["score"] == "gate" and len(metadata["ood"]["members"]) == 2
+    assert metadata["derived_from"]["version"] == "1.3.0-classifier"
+    assert all(member["finetune"]["from"].startswith("pacs-ai-pneumonia 1.2.1 member ")
+               for member in metadata["training"]["members"])
+    # the sample chest films pass the gate; the random pictures do not
+    assert all(score <= shipped.info.ood_threshold for score in ood[:-4])
+    assert all(score > shipped.info.ood_threshold for score in ood[-4:])
     # the service's one pass with maps gives the same numbers as assess in this run, bit for
     # bit (both computed here), and the same maps
     together, ood_together, maps_together = shipped.assess_with_saliency(inputs)

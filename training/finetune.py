@@ -51,8 +51,12 @@ def members_of(model_path: Path) -> tuple[list[nn.Sequential], dict]:
     metadata = model.info.metadata
     members = [build_network(CONFIGS[member["config"]])
                for member in metadata["training"]["members"]]
+    state = model.module.state_dict()
+    if any(key.startswith("classifier.") for key in state):  # a gated file: its classifier's
+        state = {key.removeprefix("classifier."): value for key, value in state.items()
+                 if key.startswith("classifier.")}
     # the ensemble holds the members' own layers: loading it loads them
-    EnsembleNetwork(members).load_state_dict(model.module.state_dict())
+    EnsembleNetwork(members).load_state_dict(state)
     return [member.eval() for member in members], metadata
 
 
