@@ -284,7 +284,7 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
         "storage": {"keep_source_images": False, "keep_reports": False},
         # every film takes the full path to a report: the synthetic films are neither chest
         # films (the model would abstain) nor, by their dates, children (age check)
-        "model": {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1e9}}
+        "model": {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}}
     for table, values in (settings or {}).items():
         tables.setdefault(table, {}).update(values)
     with TimedPacs() as pacs:

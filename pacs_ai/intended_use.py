@@ -220,12 +220,12 @@ def site_model_info(info: ModelInfo, *, threshold: float | None = None,
         if info.ood_threshold is None:
             raise UserError("[model] ood_threshold is set, but the model file has no "
                             "out-of-distribution score to compare it with: remove the key")
-        if info.metadata.get("ood", {}).get("score") == "gate" and not 0 < ood_threshold < 1:
-            # a gate's score is a probability: a value set for an older model's distance score
-            # (about 2) would let every film through
-            raise UserError(f"[model] ood_threshold {ood_threshold:g} is outside (0, 1), the range "
+        if info.metadata.get("ood", {}).get("score") == "gate" and not 0 < ood_threshold <= 1:
+            # a gate's score is a probability (1: never abstain); a value set for an older
+            # model's distance score (about 2) would let every film through unnoticed
+            raise UserError(f"[model] ood_threshold {ood_threshold:g} is outside (0, 1], the range "
                             f"of {info.label}'s gate score; it was set for another model's "
-                            "score: remove it, or choose one with pacs-ai evaluate")
+                            "score: remove it, or set 1 to never abstain")
         effective = dataclasses.replace(effective, ood_threshold=float(ood_threshold))
     if threshold is not None:
         effective = dataclasses.replace(effective, threshold=float(threshold))

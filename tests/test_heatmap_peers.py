@@ -34,7 +34,7 @@ PNEUMONIA_SAMPLE = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_mono1.dcm"
 TIMEOUT_S = 120
 # every film is classified: the synthetic UIDs of the copies carry the samples' ages, and the
 # check here is the heat map, not the intended-use filters
-OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1e9}
+OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 TIMEOUT_S = 120
 # every film is classified (the copies' synthetic UIDs carry the samples' ages); as in
 # test_heatmap_peers
-OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1e9}
+OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}
 
 
 def status(config: Path) -> dict:
