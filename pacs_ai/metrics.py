@@ -79,12 +79,13 @@ MODEL_RESULTS = Counter(
     "reports go out; shadow: recorded only) and result: its finding (pneumonia, normal) or "
     "abstained (out-of-distribution score above the threshold: no finding).",
     ["name", "version", "role", "result"], registry=REGISTRY)
-# Bounds for both kinds of score a model file may give: a gate's probability in (0, 1) with a
-# threshold near 0.3-0.6 (fine steps up to 1), and the older Mahalanobis distance per feature,
+# Bounds for both kinds of score a model file may give: a gate's probability in (0, 1) (1.3.0's
+# threshold is 0.0107 and its children's films score near 0, so fine steps at the bottom show
+# a drift towards the threshold; and up to 1), and the older Mahalanobis distance per feature,
 # ~0.9 on training-like films with a threshold near 2 (the buckets from 0.5 up that this
 # histogram always had, so queries on them keep working). By model: the scales do not mix.
-OOD_SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
-                     1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 20.0, 50.0)
+OOD_SCORE_BUCKETS = (0.0001, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+                     0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0, 20.0, 50.0)
 OOD_SCORE = Histogram(
     "pacs_ai_ood_score", "Out-of-distribution (gate) score of each film a model assessed, by "
     "model name, version and role (models with an abstention threshold only; above the "
