@@ -11,7 +11,8 @@ Sets, each through the model-file contract:
   file: the chest films must pass, the synthetic CT slice must not;
 - the 40 full-resolution originals of training films (in distribution, another resolution);
 - synthetic non-radiographs: noise, gradients, checkerboards, blank pages with text.
-No adult or other-body-part radiographs are available to the project: the card says so.
+The gate's fuller check, with the adult validation films and restyled films, is
+training.gate_check (`python -m training gate-check`).
 """
 
 from __future__ import annotations
