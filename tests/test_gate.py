@@ -5,9 +5,6 @@ the classifier's outputs and abstains by the gate's score."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from PIL import Image
 
 from pacs_ai.model import PneumoniaModel
-from testbed.environment import REPO_ROOT
+from tests.test_robust_training import run_training
 from tests.test_training import generated_layout
 from training.data import ImageSet, patient_of
 from training.gate import (MADE_UP_KINDS, GateData, GateRecipe, adult_split, gate_batch,
@@ -102,14 +99,6 @@ def adult_layout(root: Path, per_class: int = 12) -> Path:
             Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(
                 folder / f"{label * 100 + i // 2:08d}_{i % 2:03d}.jpeg")
     return root
-
-
-def run_training(*arguments: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "training", *arguments], capture_output=True,
-                            text=True, timeout=600, cwd=REPO_ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.mark.slow
