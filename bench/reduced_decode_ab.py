@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 
 import pacs_ai.film_input as film_input  # noqa: E402
-from pacs_ai.filters import FilterPolicy  # noqa: E402
+from pacs_ai.config import FilterPolicy  # noqa: E402
 
 SAMPLES = REPO_ROOT / "sample_dicoms"
 BENCH_FILM = REPO_ROOT / "runs" / "bench-cache" / "dx_2500x2048_0000.dcm"

@@ -376,9 +376,8 @@ def shadow_statuses(queue: Path) -> dict[str, int]:
 
 def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
     """Median seconds of pacs_ai.film_input.prepare (read, decode, preprocess) per file."""
+    from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
     from pacs_ai.film_input import prepare
-    from pacs_ai.filters import FilterPolicy
-    from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
     rows = []
     for path in paths:

@@ -14,19 +14,17 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import os
+import re
+import sys
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from pacs_ai.dicom_constants import DEFAULT_SR_KIND, FILM_SOP_CLASSES, SOP_CLASS_KEYWORDS, SR_KINDS
 from pacs_ai.errors import UserError
-from pacs_ai.filters import FilterPolicy
-from pacs_ai.intended_use import UNKNOWN_AGE_CHOICES, UNKNOWN_AGE_CLASSIFY
-from pacs_ai.model import MAX_AGE_YEARS
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS
-from pacs_ai.site_threshold import (ANY_MODEL_KEY, SHA256_HEX, SHA256_KEY, VERSION_KEY,
-                                    SiteThreshold)
 
 T = TypeVar("T")
 
@@ -36,6 +34,33 @@ LOG_PRIORITY_PREFIXES = ("auto", "on", "off")
 DEFAULT_PORT = 11112
 DEFAULT_AE_TITLE = "PACS_AI"
 DEFAULT_METRICS_PORT = 9108
+
+# --- Defaults the stages share, kept here so the config needs none of them ---------------------
+# A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
+# (float64 intermediate: 400 MB). [limits] max_pixels; pacs_ai.pixels' guard.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_AGE_YEARS = 150  # an upper bound for age ranges; older stated ages are not believed
+# [model] unknown_age: what to do with a film whose header gives no usable age
+UNKNOWN_AGE_CLASSIFY = "classify"  # the default: the out-of-distribution gate alone decides
+UNKNOWN_AGE_SKIP = "skip"  # recorded as skipped, reason `unknown-age`, no report
+UNKNOWN_AGE_CHOICES = (UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP)
+SHIPPED_MODEL_FILENAME = "pacs-ai-pneumonia.pt"
+
+
+def default_model_path() -> Path:
+    """[model] path's default, the shipped model: $PACS_AI_MODEL, the source checkout, or the
+    installed copy."""
+    override = os.environ.get("PACS_AI_MODEL")
+    if override:
+        return Path(override)
+    candidates = [
+        Path(__file__).resolve().parent.parent / "deploy" / "models" / SHIPPED_MODEL_FILENAME,
+        Path(sys.prefix) / "share" / "pacs-ai" / "models" / SHIPPED_MODEL_FILENAME,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return candidates[0]
 
 
 class ConfigError(UserError):
@@ -116,9 +141,28 @@ class StorageConfig:
     keep_failed_days: float = 7.0
 
 
+# A threshold's binding to the model file it was chosen for (pacs_ai.site_threshold checks it):
+# key names, as the config file and the lines `pacs-ai evaluate` proposes spell them
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+VERSION_KEY = "threshold_model_version"
+SHA256_KEY = "threshold_model_sha256"
+ANY_MODEL_KEY = "threshold_for_any_model"
+
+
+@dataclass(frozen=True)
+class SiteThreshold:
+    """What a config table says about its threshold (all None: the model file's own)."""
+
+    table: str  # "[model]" or "[shadow]", for messages
+    value: float | None = None
+    model_version: str | None = None  # the version it was chosen for (read by people)
+    model_sha256: str | None = None  # the file it was chosen for (what is checked)
+    for_any_model: bool = False  # the admin keeps it whatever the file
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    path: Path | None = None  # None: the shipped model (pacs_ai.model.default_model_path)
+    path: Path | None = None  # None: the shipped model (default_model_path)
     # The site's settings over the model file's own; None: the file's (pacs_ai.intended_use).
     threshold: float | None = None
     # The model file the threshold was chosen for (pacs_ai.site_threshold): start-up refuses
@@ -167,6 +211,85 @@ class WorkersConfig:
     processes: int | str = AUTO  # helpers per worker for decoding and SRs; 0: in the worker thread
     batch_size: int = 4  # peak memory of a model call: +25 MB at 4, +90 MB at 16; ms/image alike
     torch_threads: int = 0  # 0: torch's default
+
+
+def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"filter {name} must be a list of strings, not {value!r}")
+    items = tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"filter {name} must be a list of strings, not {value!r}")
+    return tuple(item.strip().upper() for item in items)
+
+
+@dataclass(frozen=True)
+class FilterPolicy:
+    """[filters]: what to classify (pacs_ai.filters applies it). Every field but the last two
+    is a TOML-friendly type, so a config table maps straight onto it:
+    ``FilterPolicy(**config["filters"])``. Lists are accepted and stored as tuples; text values
+    are compared case-insensitively. An empty tuple means "no restriction". The last two, `intended_age_years` and `unknown_age`, come from the model and
+    [model], not from [filters]: see :meth:`with_intended_age`."""
+
+    # SOP Class UIDs to classify: CR Image, DX For Presentation, DX For Processing.
+    sop_class_uids: tuple[str, ...] = FILM_SOP_CLASSES
+    # Modality (0008,0060) values to classify.
+    modalities: tuple[str, ...] = ("CR", "DX")
+    # Body Part Examined (0018,0015) values meaning chest. "CHEST" is the DICOM term;
+    # "THORAX" is what several vendors write.
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
+    # SNOMED CT Code Values in Anatomic Region Sequence (0008,2218) meaning chest:
+    # 816094009 "Chest" (current CID 4031) and 51185008 "Thoracic structure" (its older code).
+    anatomic_region_codes: tuple[str, ...] = ("816094009", "51185008")
+    # Classify an image that has neither Body Part Examined nor Anatomic Region Sequence.
+    # Off by default: the model is not applied on a guess.
+    allow_missing_body_part: bool = False
+    # View Position (0018,5101) values of a frontal film.
+    view_positions: tuple[str, ...] = ("PA", "AP")
+    # Code Values in View Code Sequence (0054,0220) of a frontal film: SNOMED CT 272479007
+    # postero-anterior and 399348003 antero-posterior, and their SNOMED RT forms R-10214, R-10206.
+    view_codes: tuple[str, ...] = ("272479007", "399348003", "R-10214", "R-10206")
+    # Classify an image that has neither View Position nor View Code Sequence (several CR
+    # readers leave both empty). Off by default, as for the body part.
+    allow_missing_view_position: bool = False
+    # The effective age range of the model in use, [min, max] years (min <= age < max + 1), or
+    # None: no age check. Not a [filters] key: start-up sets it from the model file and
+    # [model] min_age_years/max_age_years (pacs_ai.intended_use.site_model_info).
+    intended_age_years: tuple[float, float] | None = field(default=None,
+                                                            metadata={"config": False})
+    # A film without a usable age: "classify" (the out-of-distribution gate alone decides) or
+    # "skip" (reason unknown-age), with or without an age range. Not a [filters] key either:
+    # [model] unknown_age.
+    unknown_age: str = field(default=UNKNOWN_AGE_CLASSIFY, metadata={"config": False})
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not item.metadata.get("config", True):
+                continue
+            if item.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"filter {item.name} must be true or false, not {value!r}")
+            else:
+                object.__setattr__(self, item.name, _text_tuple(item.name, value))
+        if self.intended_age_years is not None:
+            low, high = (float(v) for v in self.intended_age_years)
+            object.__setattr__(self, "intended_age_years", (low, high))
+        if self.unknown_age not in UNKNOWN_AGE_CHOICES:
+            raise ValueError(f"unknown_age must be one of {', '.join(UNKNOWN_AGE_CHOICES)}, "
+                             f"not {self.unknown_age!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The [filters] keys."""
+        return tuple(item.name for item in dataclasses.fields(cls)
+                     if item.metadata.get("config", True))
+
+    def with_intended_age(self, age_years: tuple[float, float] | None,
+                          unknown_age: str | None = None) -> "FilterPolicy":
+        """This policy with the model's effective age range (ModelInfo.intended_age_years) and,
+        when given, [model] unknown_age (else the policy's own)."""
+        return dataclasses.replace(self, intended_age_years=age_years,
+                                   unknown_age=unknown_age or self.unknown_age)
 
 
 @dataclass(frozen=True)
@@ -436,8 +559,6 @@ class Config:
     source: Path | None = None  # the file it was read from
 
     def model_path(self) -> Path:
-        from pacs_ai.model import default_model_path
-
         return self.model.path if self.model.path is not None else default_model_path()
 
 

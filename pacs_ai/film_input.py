@@ -21,8 +21,9 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pacs_ai.filters import FilterPolicy, screen, screen_without_age
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS, DisplayPicture, PixelDataError, display_picture
+from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
+from pacs_ai.filters import screen, screen_without_age
+from pacs_ai.pixels import DisplayPicture, PixelDataError, display_picture
 from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 
 REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")

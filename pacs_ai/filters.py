@@ -15,95 +15,15 @@ start-up sets them from the model file and [model] min_age_years/max_age_years/u
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, FILM_SOP_CLASSES, MONOCHROME
-from pacs_ai.intended_use import (UNKNOWN_AGE_CHOICES, UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP,
-                                  in_range, outside_reason, patient_age, unknown_age_reason)
-
-
-def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError(f"filter {name} must be a list of strings, not {value!r}")
-    items = tuple(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ValueError(f"filter {name} must be a list of strings, not {value!r}")
-    return tuple(item.strip().upper() for item in items)
-
-
-@dataclass(frozen=True)
-class FilterPolicy:
-    """What to classify. Every field but the last is a TOML-friendly type, so a config table
-    maps straight onto it: ``FilterPolicy(**config["filters"])``. Lists are accepted and stored
-    as tuples; text values are compared case-insensitively. An empty tuple means "no
-    restriction". The last two, `intended_age_years` and `unknown_age`, come from the model and
-    [model], not from [filters]: see :meth:`with_intended_age`."""
-
-    # SOP Class UIDs to classify: CR Image, DX For Presentation, DX For Processing.
-    sop_class_uids: tuple[str, ...] = FILM_SOP_CLASSES
-    # Modality (0008,0060) values to classify.
-    modalities: tuple[str, ...] = ("CR", "DX")
-    # Body Part Examined (0018,0015) values meaning chest. "CHEST" is the DICOM term;
-    # "THORAX" is what several vendors write.
-    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
-    # SNOMED CT Code Values in Anatomic Region Sequence (0008,2218) meaning chest:
-    # 816094009 "Chest" (current CID 4031) and 51185008 "Thoracic structure" (its older code).
-    anatomic_region_codes: tuple[str, ...] = ("816094009", "51185008")
-    # Classify an image that has neither Body Part Examined nor Anatomic Region Sequence.
-    # Off by default: the model is not applied on a guess.
-    allow_missing_body_part: bool = False
-    # View Position (0018,5101) values of a frontal film.
-    view_positions: tuple[str, ...] = ("PA", "AP")
-    # Code Values in View Code Sequence (0054,0220) of a frontal film: SNOMED CT 272479007
-    # postero-anterior and 399348003 antero-posterior, and their SNOMED RT forms R-10214, R-10206.
-    view_codes: tuple[str, ...] = ("272479007", "399348003", "R-10214", "R-10206")
-    # Classify an image that has neither View Position nor View Code Sequence (several CR
-    # readers leave both empty). Off by default, as for the body part.
-    allow_missing_view_position: bool = False
-    # The effective age range of the model in use, [min, max] years (min <= age < max + 1), or
-    # None: no age check. Not a [filters] key: start-up sets it from the model file and
-    # [model] min_age_years/max_age_years (pacs_ai.intended_use.site_model_info).
-    intended_age_years: tuple[float, float] | None = field(default=None,
-                                                            metadata={"config": False})
-    # A film without a usable age: "classify" (the out-of-distribution gate alone decides) or
-    # "skip" (reason unknown-age), with or without an age range. Not a [filters] key either:
-    # [model] unknown_age.
-    unknown_age: str = field(default=UNKNOWN_AGE_CLASSIFY, metadata={"config": False})
-
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not item.metadata.get("config", True):
-                continue
-            if item.type in ("bool", bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"filter {item.name} must be true or false, not {value!r}")
-            else:
-                object.__setattr__(self, item.name, _text_tuple(item.name, value))
-        if self.intended_age_years is not None:
-            low, high = (float(v) for v in self.intended_age_years)
-            object.__setattr__(self, "intended_age_years", (low, high))
-        if self.unknown_age not in UNKNOWN_AGE_CHOICES:
-            raise ValueError(f"unknown_age must be one of {', '.join(UNKNOWN_AGE_CHOICES)}, "
-                             f"not {self.unknown_age!r}")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        """The [filters] keys."""
-        return tuple(item.name for item in fields(cls) if item.metadata.get("config", True))
-
-    def with_intended_age(self, age_years: tuple[float, float] | None,
-                          unknown_age: str | None = None) -> "FilterPolicy":
-        """This policy with the model's effective age range (ModelInfo.intended_age_years) and,
-        when given, [model] unknown_age (else the policy's own)."""
-        return dataclasses.replace(self, intended_age_years=age_years,
-                                   unknown_age=unknown_age or self.unknown_age)
+from pacs_ai.config import FilterPolicy, UNKNOWN_AGE_SKIP
+from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
+from pacs_ai.intended_use import in_range, outside_reason, patient_age, unknown_age_reason
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,9 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from pacs_ai.film_input import Prepared, prepare
+from pacs_ai.config import FilterPolicy
 from pacs_ai.errors import UserError
-from pacs_ai.filters import FilterPolicy
+from pacs_ai.film_input import Prepared, prepare
 from pacs_ai.model import ModelInfo
 
 log = structlog.get_logger()

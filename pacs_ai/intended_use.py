@@ -13,7 +13,7 @@ any age is classified by default, so the model's out-of-distribution gate alone 
 age (the job queue's age_known, `pacs-ai status`, a metric, the per-film log line).
 
 The check itself is the `outside-intended-age` filter in :mod:`pacs_ai.filters`; start-up puts
-the effective range into the filter policy (:meth:`pacs_ai.filters.FilterPolicy.with_intended_age`).
+the effective range into the filter policy (:meth:`pacs_ai.config.FilterPolicy.with_intended_age`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any
 import structlog
 from pydicom.dataset import Dataset
 
+from pacs_ai.config import MAX_AGE_YEARS, UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP
 from pacs_ai.errors import UserError
-from pacs_ai.model import MAX_AGE_YEARS, ModelInfo
+from pacs_ai.model import ModelInfo
 
 log = structlog.get_logger()
 
@@ -42,10 +43,6 @@ UNIT_NAMES = {"D": ("day", "days"), "W": ("week", "weeks"), "M": ("month", "mont
 UNIT_YEARS = {"D": 1 / DAYS_PER_YEAR, "W": 7 / DAYS_PER_YEAR, "M": 1 / 12, "Y": 1.0}
 # Reference dates for an age from the birth date, in order of preference.
 REFERENCE_DATES = ("StudyDate", "AcquisitionDate", "ContentDate")
-# [model] unknown_age: what to do with a film whose header gives no usable age
-UNKNOWN_AGE_CLASSIFY = "classify"  # the default: the out-of-distribution gate alone decides
-UNKNOWN_AGE_SKIP = "skip"  # recorded as skipped, reason `unknown-age`, no report
-UNKNOWN_AGE_CHOICES = (UNKNOWN_AGE_CLASSIFY, UNKNOWN_AGE_SKIP)
 
 
 @dataclass(frozen=True)

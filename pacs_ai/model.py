@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from pacs_ai.config import MAX_AGE_YEARS, default_model_path
 from pacs_ai.errors import UserError
 from pacs_ai.preprocessing import MODEL_INPUT_SIZE, PREPROCESSING_ID
 
@@ -42,7 +42,6 @@ METADATA_FILE = "pacs_ai.json"
 FORMAT_ID = "pacs-ai-model/2"  # what `python -m training` writes
 SUPPORTED_FORMATS = ("pacs-ai-model/1", FORMAT_ID)  # 1: no saliency method
 MAX_SALIENCY_GRID = 64  # a map is a small grid over the input, never a full-resolution copy
-SHIPPED_MODEL_FILENAME = "pacs-ai-pneumonia.pt"
 EXPECTED_INPUT_SHAPE = [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
 REQUIRED_KEYS = ("format", "name", "version", "classes", "positive_class", "input", "output",
                  "threshold")
@@ -74,21 +73,6 @@ class ModelInfo:
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
-
-
-def default_model_path() -> Path:
-    """The shipped model: $PACS_AI_MODEL, the source checkout, or the installed copy."""
-    override = os.environ.get("PACS_AI_MODEL")
-    if override:
-        return Path(override)
-    candidates = [
-        Path(__file__).resolve().parent.parent / "deploy" / "models" / SHIPPED_MODEL_FILENAME,
-        Path(sys.prefix) / "share" / "pacs-ai" / "models" / SHIPPED_MODEL_FILENAME,
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    return candidates[0]
 
 
 def validate_metadata(metadata: Any) -> ModelInfo:
@@ -152,9 +136,6 @@ def _ood_threshold(metadata: dict[str, Any]) -> float | None:
         raise ModelContractError(f"model metadata 'ood.threshold' must be a positive number, "
                                  f"got {threshold!r}")
     return float(threshold)
-
-
-MAX_AGE_YEARS = 150  # an upper bound for age ranges; older stated ages are not believed
 
 
 def _intended_use(intended_use: Any) -> tuple[tuple[float, float] | None, tuple[str, ...] | None]:

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
 from pacs_ai.film_input import Prepared, prepare
-from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
 BATCH_SIZE = 32
 # Files a folder walk passes over: documentation and listings next to images (a README.md,

@@ -28,12 +28,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from pacs_ai.config import DEFAULT_MAX_PIXELS
 from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
 from pacs_ai.pixels_reduced import SmallDecode, box_reduce, decode_small
-
-# A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
-# (float64 intermediate: 400 MB).
-DEFAULT_MAX_PIXELS = 50_000_000
 
 # Robust window when the file has neither VOI LUT nor window: clip the outer 0.5 % each side,
 # as viewers' "auto window" does, so a few hot or dead pixels do not set the contrast.

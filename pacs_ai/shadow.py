@@ -27,11 +27,11 @@ import numpy as np
 import structlog
 
 from pacs_ai import metrics
-from pacs_ai.config import Config, ShadowConfig
+from pacs_ai.config import ANY_MODEL_KEY, Config, ShadowConfig
 from pacs_ai.intended_use import format_age_range, site_model_info
 from pacs_ai.jobs import Assessment, JobStore, ShadowResult, ShadowStatus
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.site_threshold import ANY_MODEL_KEY, check_binding
+from pacs_ai.site_threshold import check_binding
 
 log = structlog.get_logger()
 

@@ -22,36 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass
 
 import structlog
 
+from pacs_ai.config import ANY_MODEL_KEY, SHA256_KEY, SiteThreshold, VERSION_KEY
 from pacs_ai.errors import UserError
 from pacs_ai.model import ModelInfo, PneumoniaModel
 
 log = structlog.get_logger()
 
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-# key names, as the config file and the proposed lines spell them
-VERSION_KEY = "threshold_model_version"
-SHA256_KEY = "threshold_model_sha256"
-ANY_MODEL_KEY = "threshold_for_any_model"
-
 
 class ThresholdForAnotherModel(UserError):
     """A site threshold set for another model file (or for none said): start-up stops."""
-
-
-@dataclass(frozen=True)
-class SiteThreshold:
-    """What a config table says about its threshold (all None: the model file's own)."""
-
-    table: str  # "[model]" or "[shadow]", for messages
-    value: float | None = None
-    model_version: str | None = None  # the version it was chosen for (read by people)
-    model_sha256: str | None = None  # the file it was chosen for (what is checked)
-    for_any_model: bool = False  # the admin keeps it whatever the file
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -54,8 +54,8 @@ def test_the_ensemble_averages_its_members_logits_and_scripts_with_its_ood_metho
 
 def test_films_far_from_the_fitted_ones_score_higher(tmp_path):
     """Fitted on one chest film's rank-equalised variants, a checkerboard scores far higher."""
+    from pacs_ai.config import FilterPolicy
     from pacs_ai.film_input import DEFAULT_MAX_PIXELS, prepare
-    from pacs_ai.filters import FilterPolicy
     from pacs_ai.preprocessing import to_model_input
 
     film = prepare(CHEST_FILM, FilterPolicy(), DEFAULT_MAX_PIXELS).model_input[0]

@@ -90,9 +90,8 @@ def test_max_pixels_option_refuses_large_images(tiny_model):
 
 
 def test_prepare_says_how_long_the_file_took(tmp_path):
+    from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
     from pacs_ai.film_input import prepare
-    from pacs_ai.filters import FilterPolicy
-    from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 
     prepared = prepare(SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm", FilterPolicy(),
                        DEFAULT_MAX_PIXELS)

@@ -261,7 +261,7 @@ def test_the_guide_shadow_walkthrough_runs_as_written(tmp_path, tiny_model):
     in, `pacs-ai` a wrapper for this tree's. The counts it prints are the guide's."""
     import re
 
-    from pacs_ai.model import default_model_path
+    from pacs_ai.config import default_model_path
     from testbed.dicom_peers import free_port
     from testbed.environment import require_tool
 

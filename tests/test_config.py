@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.config import (BoundAETitle, ConfigError, RetryPolicy, default_config, load_config,
-                            parse_config)
-from pacs_ai.filters import FilterPolicy
+from pacs_ai.config import (BoundAETitle, ConfigError, FilterPolicy, RetryPolicy, default_config,
+                            load_config, parse_config)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO_ROOT / "deploy" / "pacs-ai.toml"

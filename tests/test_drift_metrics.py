@@ -17,11 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, JPEG2000Lossless, RLELossless
 
 from pacs_ai import arrivals, metrics
-from pacs_ai.config import DriftConfig, parse_config
+from pacs_ai.config import DEFAULT_MAX_PIXELS, DriftConfig, FilterPolicy, parse_config
 from pacs_ai.film_input import prepare
-from pacs_ai.filters import FilterPolicy
 from pacs_ai.model import PneumoniaModel
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 from testbed.dicom_peers import synthetic_radiograph, wait_until
 from testbed.listener import Listener
 from tests.test_worker import received_backlog, worker_for

@@ -522,7 +522,8 @@ def test_the_guide_sample_output_is_a_real_run_with_the_shipped_model(tmp_path):
     threshold, six decimals) may differ by 1e-4, as another CPU's float kernels round
     differently. A new shipped model fails this until the guide shows its run (the failure
     prints it)."""
-    from pacs_ai.model import PneumoniaModel, default_model_path
+    from pacs_ai.config import default_model_path
+    from pacs_ai.model import PneumoniaModel
 
     section = guide_evaluate_section()
     commands = [line.strip() for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)

@@ -9,9 +9,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from pacs_ai.config import FilterPolicy
 from pacs_ai.dicom_constants import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                      DX_FOR_PROCESSING_STORAGE)
-from pacs_ai.filters import FilterPolicy, skip_reason
+from pacs_ai.filters import skip_reason
 
 # Lower-case or padded code strings are invalid DICOM that real devices send anyway.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR CS")

@@ -150,9 +150,9 @@ def test_smoke_gate_behind_a_classifier_keeps_its_outputs_and_abstains_by_the_ga
 def test_an_ood_threshold_set_for_a_distance_score_is_refused_for_a_gate():
     """1.2.x's score was a distance (threshold about 2); a gate's is a probability, so a site's
     [model] ood_threshold kept from then would let every film through."""
+    from pacs_ai.config import default_model_path
     from pacs_ai.errors import UserError
     from pacs_ai.intended_use import site_model_info
-    from pacs_ai.model import default_model_path
 
     shipped = PneumoniaModel.load(default_model_path())
     assert shipped.info.metadata["ood"]["score"] == "gate"

@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from pacs_ai import heatmap
+from pacs_ai.config import default_model_path
 from pacs_ai.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
                                    picture_size, probability_label)
 from pacs_ai.helper_processes import render_report
-from pacs_ai.model import ModelContractError, PneumoniaModel, default_model_path
+from pacs_ai.model import ModelContractError, PneumoniaModel
 from pacs_ai.pixels import display_array, display_picture
 from pacs_ai.preprocessing import to_model_input
 from pacs_ai.report import build_report, report_summary, source_header

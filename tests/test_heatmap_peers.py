@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from pacs_ai import heatmap
+from pacs_ai.config import default_model_path
 from pacs_ai.heatmap_image import picture_size
-from pacs_ai.model import PneumoniaModel, default_model_path
 from pacs_ai.intended_use import site_model_info
+from pacs_ai.model import PneumoniaModel
 from pacs_ai.report import report_summary, site_settings_part
 from pacs_ai.uids import heatmap_uid, report_uid
 from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_ai.filters import FilterPolicy
+from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
 from pacs_ai.helper_processes import ImageWork
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS
 from testbed.dicom_peers import synthetic_radiograph
 
 FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"

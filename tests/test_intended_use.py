@@ -16,12 +16,12 @@ import pytest
 import structlog
 from pydicom.dataset import Dataset
 
-from pacs_ai.config import ConfigError, load_config, parse_config
+from pacs_ai.config import ConfigError, FilterPolicy, load_config, parse_config
 from pacs_ai.dicom_constants import CR_IMAGE_STORAGE
 from pacs_ai.errors import UserError
-from pacs_ai.filters import FilterPolicy, Screening, screen, skip_reason
-from pacs_ai.intended_use import (age_between, format_age_range, log_site_model_info,
-                                  patient_age, site_model_info)
+from pacs_ai.filters import Screening, screen, skip_reason
+from pacs_ai.intended_use import (age_between, format_age_range, log_site_model_info, patient_age,
+                                  site_model_info)
 from pacs_ai.model import ModelContractError, ModelInfo, validate_metadata
 from training.export import build_metadata
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_ai.model import default_model_path
+from pacs_ai.config import default_model_path
 from pacs_ai.report import report_summary
 from pacs_ai.uids import message_control_id
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config

@@ -19,14 +19,13 @@ import pydicom
 import pytest
 
 from pacs_ai import metrics
-from pacs_ai.config import ConfigError, WorkersConfig, default_config, load_config
+from pacs_ai.config import (ConfigError, DEFAULT_MAX_PIXELS, FilterPolicy, WorkersConfig,
+                            default_config, default_model_path, load_config)
 from pacs_ai.errors import UserError
 from pacs_ai.film_input import prepare
-from pacs_ai.filters import FilterPolicy
 from pacs_ai.helper_processes import ImageWork
 from pacs_ai.jobs import Assessment, JobState, ShadowStatus
-from pacs_ai.model import PneumoniaModel, default_model_path
-from pacs_ai.pixels import DEFAULT_MAX_PIXELS
+from pacs_ai.model import PneumoniaModel
 from pacs_ai.shadow import ShadowBatch, ShadowRunner, load_shadow_model
 from pacs_ai.site_threshold import file_sha256
 from pacs_ai.worker import ClassificationWorker

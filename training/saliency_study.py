@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pacs_ai import heatmap
-from pacs_ai.model import PneumoniaModel, default_model_path
+from pacs_ai.config import default_model_path
+from pacs_ai.model import PneumoniaModel
 from pacs_ai.preprocessing import to_model_input
 from training.cli import DEFAULT_DATA
 from training.ensemble import EnsembleNetwork

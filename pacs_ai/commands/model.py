@@ -88,7 +88,8 @@ def _site_settings(config, own, sha256: str) -> str:
     """What the config's [model] puts in force over the file's own values, as the service
     would (an impossible combination, or a threshold chosen for another model file, stops here
     as it stops the service)."""
-    from pacs_ai.intended_use import UNKNOWN_AGE_CLASSIFY, format_age_range, site_model_info
+    from pacs_ai.config import UNKNOWN_AGE_CLASSIFY
+    from pacs_ai.intended_use import format_age_range, site_model_info
     from pacs_ai.site_threshold import check_binding
 
     settings = config.model
