@@ -315,8 +315,8 @@ class PneumoniaModel:
             return None
         if self.info.metadata.get("ood", {}).get("score") == "gate":
             # a probability that the film is no young child's frontal chest film
-            return (f"out-of-distribution: gate score {ood_score:.3f} above "
-                    f"{self.info.ood_threshold:.3f}; not recognised as a young child's frontal "
+            return (f"out-of-distribution: gate score {ood_score:.4f} above "
+                    f"{self.info.ood_threshold:.4f}; not recognised as a young child's frontal "
                     "chest film, the model's intended use")
         return (f"out-of-distribution: score {ood_score:.2f} above {self.info.ood_threshold:.2f}; "
                 "the film is unlike those the model was trained on")

@@ -141,7 +141,7 @@ def test_smoke_gate_behind_a_classifier_keeps_its_outputs_and_abstains_by_the_ga
     # abstention follows the gate's score and the stored threshold
     for score in scores:
         assert (gated.abstain_reason(float(score)) is None) == (score <= gated.info.ood_threshold)
-    assert gated.abstain_reason(1.0).startswith("out-of-distribution: gate score 1.000 above ")
+    assert gated.abstain_reason(1.0).startswith("out-of-distribution: gate score 1.0000 above ")
     assert "young child's frontal chest film" in gated.abstain_reason(1.0)
     written = json.loads(output.with_suffix(".split.json").read_text())
     assert written["validation"] == split["validation"] and written["gate_adults"]["validation"]
