@@ -213,17 +213,19 @@ def code_lines(path: Path) -> tuple[int, list[str]]:
     return len(lines), [lines[n - 1].strip() for n in sorted(code)]
 
 
-def import_seconds(statement: str, pythonpath: str, runs: int) -> float:
-    """Median wall time of `statement` in a fresh interpreter (the import and what it needs)."""
-    program = (f"import time; t = time.perf_counter(); {statement}; "
-               "print(time.perf_counter() - t)")
-    times = []
+def import_seconds(statements: dict[str, tuple[str, str]], runs: int) -> dict[str, float]:
+    """Median wall time of each statement in a fresh interpreter (the import and what it needs),
+    the statements interleaved run by run so a busy machine slows them alike."""
+    times: dict[str, list[float]] = {what: [] for what in statements}
     for _ in range(runs):
-        result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                                env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin"},
-                                check=True)
-        times.append(float(result.stdout))
-    return statistics.median(times)
+        for what, (statement, pythonpath) in statements.items():
+            program = (f"import time; t = time.perf_counter(); {statement}; "
+                       "print(time.perf_counter() - t)")
+            result = subprocess.run([sys.executable, "-c", program], capture_output=True,
+                                    text=True, env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin"},
+                                    check=True)
+            times[what].append(float(result.stdout))
+    return {what: statistics.median(values) for what, values in times.items()}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -302,16 +304,14 @@ def main() -> None:
     with_pydantic = f"{args.pydantic.resolve()}:{REPO / 'bench'}:{root}"
     parse = ("; from pathlib import Path; m.parse_config({'listener': {'port': 4242}}, "
              "base_dir=Path('.'))")
-    figures = {
-        "import pacs_ai.config": import_seconds("import pacs_ai.config", root, args.runs),
-        "import the pydantic trial": import_seconds("import config_pydantic_trial",
-                                                    with_pydantic, args.runs),
-        "import pacs_ai.config, parse once": import_seconds(
-            "import pacs_ai.config as m" + parse, root, args.runs),
-        "import the trial, parse once": import_seconds(
-            "import config_pydantic_trial as m" + parse, with_pydantic, args.runs),
-        "import pydantic alone": import_seconds("import pydantic", with_pydantic, args.runs),
-    }
+    figures = import_seconds({
+        "import pacs_ai.config": ("import pacs_ai.config", root),
+        "import the pydantic trial": ("import config_pydantic_trial", with_pydantic),
+        "import pacs_ai.config, parse once": ("import pacs_ai.config as m" + parse, root),
+        "import the trial, parse once": ("import config_pydantic_trial as m" + parse,
+                                         with_pydantic),
+        "import pydantic alone": ("import pydantic", with_pydantic),
+    }, args.runs)
     print(f"\n| fresh interpreter, median of {args.runs} | ms |\n|---|---|")
     for what, seconds in figures.items():
         print(f"| {what} | {seconds * 1000:.1f} |")

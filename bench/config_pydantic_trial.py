@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import math
 import os
 import re
 import sys
@@ -32,7 +31,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Discriminator, Field,
                       PlainValidator, Strict, StrictBool, StrictInt, StrictStr, Tag, TypeAdapter,
@@ -41,8 +40,6 @@ from pydantic_core import PydanticCustomError
 
 from pacs_ai.dicom_constants import DEFAULT_SR_KIND, FILM_SOP_CLASSES, SOP_CLASS_KEYWORDS, SR_KINDS
 from pacs_ai.errors import UserError
-
-T = TypeVar("T")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -170,22 +167,6 @@ def _check_http_url(value: str) -> str | None:
     if parts.query or parts.fragment:
         return "the URL takes no ?query or #fragment (the DICOMweb root or FHIR base)"
     return None
-
-
-def _parse_destination_tls(t: _Table, base_dir: Path) -> TLSFiles | None:
-    present, value = t._raw("tls")
-    if not present or value is False:
-        return None
-    if value is True:
-        return TLSFiles()
-    sub = _Table(value, f"{t.name} tls")
-    files = TLSFiles(cert_file=sub.path("cert_file", None, base_dir, must_exist=True),
-                     key_file=sub.path("key_file", None, base_dir, must_exist=True),
-                     ca_file=sub.path("ca_file", None, base_dir, must_exist=True))
-    if (files.cert_file is None) != (files.key_file is None):
-        raise sub.fail("cert_file", "cert_file and key_file go together (client certificate)")
-    sub.finish()
-    return files
 
 
 def _check_name(value: str) -> str | None:
