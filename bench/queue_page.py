@@ -24,7 +24,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pacs_ai import metrics  # noqa: E402
+from pacs_ai import http_server  # noqa: E402
 from pacs_ai.config import Config, Destination  # noqa: E402
 from pacs_ai.jobs import JobStore  # noqa: E402
 from pacs_ai.web import QueuePage  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
             fill(path, count, args.days)
             store = JobStore.open(path)
             page = QueuePage(config, store, "pacs-ai-pneumonia 1.2.0")
-            server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+            server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True},
                                                   web=page)
             try:
                 def fetch(url: str) -> bytes:

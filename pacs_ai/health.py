@@ -11,8 +11,10 @@ metrics.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -44,6 +46,53 @@ def spool_state(spool: Spool, min_free_bytes: int) -> dict[str, Any]:
                         f"min_free_bytes {min_free_bytes}; new images are refused (0xA700)")
     return {"path": str(spool.root), "free_bytes": free, "min_free_bytes": min_free_bytes,
             "writable": write_problem is None, "problems": problems}
+
+
+def readiness(*, listening: bool, draining: bool, model: str | None, spool: Spool,
+              min_free_bytes: int) -> dict[str, Any]:
+    """/readyz: whether a film sent now would be taken. "ok" false names each problem."""
+    spool_report = spool_state(spool, min_free_bytes)
+    problems = []
+    if draining:
+        problems.append("draining: the service is stopping")
+    elif not listening:
+        problems.append("listener-down: not accepting associations")
+    if model is None:
+        problems.append("model-not-loaded")
+    problems.extend(spool_report.pop("problems"))
+    return {"ok": not problems, "problems": problems, "listening": listening,
+            "draining": draining, "model": model, "spool": spool_report}
+
+
+def liveness(*, listening: bool, draining: bool, workers: Sequence[threading.Thread],
+             senders: Sequence[threading.Thread], store: JobStore | None, config: Config,
+             ready: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """/healthz: the process works (listener, workers and senders running; while it drains
+    on the way out they stop on purpose, and it stays ok). Readiness (`ready`, called once),
+    delivery health per destination and what needs an admin are detail: they do not make it
+    fail."""
+    workers_alive = sum(t.is_alive() for t in workers)
+    senders_alive = sum(t.is_alive() for t in senders)
+    counts = store.job_counts() if store is not None else {}
+    report: dict[str, Any] = {
+        "ok": draining or bool(listening and workers_alive == len(workers)
+                               and senders_alive == len(senders)),
+        "listening": listening, "draining": draining,
+        "workers_alive": workers_alive, "senders_alive": senders_alive, "jobs": counts}
+    if store is None:
+        return report
+    ready_report = ready()
+    destinations = destinations_state(store, config)
+    pending = [s["oldest_pending_seconds"] for s in destinations.values()
+               if s["oldest_pending_seconds"] is not None]
+    report.update(
+        ready=ready_report["ok"], not_ready=ready_report["problems"],
+        model=ready_report["model"], spool=ready_report["spool"], destinations=destinations,
+        oldest_pending_delivery_seconds=max(pending) if pending else None,
+        needs_admin=needs_admin(
+            config, store, destinations,
+            {"problems": [p for p in ready_report["problems"] if p.startswith("spool-")]}))
+    return report
 
 
 def destinations_state(store: JobStore, config: Config, now: float | None = None

@@ -1002,6 +1002,3 @@ class JobStore:
                 result[job_id][name] = {"state": state, "attempts": attempts,
                                         "last_error": error}
         return result
-
-    def all_jobs(self) -> list[Job]:
-        return [Job(*row) for row in self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id")]

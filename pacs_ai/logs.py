@@ -42,7 +42,6 @@ def silence_library_value_logs() -> None:
 
 # structlog level (add_log_level: log.exception() is "error") -> syslog priority (RFC 5424).
 SYSLOG_PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-PRIORITY_PREFIX_CHOICES = ("auto", "on", "off")
 
 
 def stderr_is_the_journal() -> bool:

@@ -26,12 +26,14 @@ from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults
 from pacs_ai.helper_processes import ImageWork
+from pacs_ai.http_server import start_http_server
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
-from pacs_ai.jobs import Job, JobState, JobStore
+from pacs_ai.jobs import JobStore
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.scp import StorageSCP, log_who_may_store
 from pacs_ai.sender import DestinationSender, release_waiting
 from pacs_ai.shadow import ShadowRunner, load_shadow_model, log_shadow_model
+from pacs_ai.retention import FileRetention
 from pacs_ai.site_threshold import apply_threshold_binding
 from pacs_ai.spool import Spool
 from pacs_ai.web import QueuePage
@@ -40,7 +42,6 @@ from pacs_ai.worker import ClassificationWorker
 log = structlog.get_logger()
 
 THREAD_JOIN_SECONDS = 30.0
-PURGE_INTERVAL_SECONDS = 3600.0  # how often files past [storage] keep_failed_days are purged
 
 
 class Service:
@@ -48,6 +49,7 @@ class Service:
         self.config = config
         self.spool = Spool(config.storage.spool_dir)
         self.store: JobStore | None = None
+        self.files: FileRetention | None = None  # what the spool keeps of finished jobs
         self.model: PneumoniaModel | None = None
         self.scp: StorageSCP | None = None
         self.workers: list[ClassificationWorker] = []
@@ -55,7 +57,7 @@ class Service:
         self.senders: list[DestinationSender] = []
         self.shadow: ShadowRunner | None = None  # [shadow]: the candidate model's thread
         self.echoes: list[DestinationEcho] = []  # [[destinations]] echo_interval_seconds
-        self.metrics_server: Any = None
+        self.http_server: Any = None
         self.audit = AuditTrail.disabled()
         self._threads_stop = threading.Event()
         self._purge_thread: threading.Thread | None = None
@@ -78,6 +80,7 @@ class Service:
             self.spool.prepare()
             self.spool.lock()
             self.store = JobStore.open(self.spool.db_path)
+            self.files = FileRetention(self.spool, self.store, config.storage)
             resumed = self.store.reset_interrupted()
             abandoned = self.store.abandon_unknown_destinations(d.name for d in config.destinations)
             self.model = PneumoniaModel.load(config.model_path())
@@ -95,7 +98,7 @@ class Service:
             if config.metrics.enabled:
                 queue_page = (QueuePage(config, self.store, self.model.info.label)
                               if config.web.enabled else None)
-                self.metrics_server = metrics.start_metrics_server(
+                self.http_server = start_http_server(
                     config.metrics.host, config.metrics.port, self.health, self.readiness,
                     self.refresh_gauges, web=queue_page)
             self._start_audit()
@@ -156,7 +159,7 @@ class Service:
         log_site_model_info(own, self.model.info, settings.unknown_age)
 
     def _start_threads(self) -> None:
-        assert self.store is not None and self.model is not None
+        assert self.store is not None and self.model is not None and self.files is not None
         worker_wake = threading.Event()
         self.store.notify_on_work(worker_wake)
         for index in range(self.config.workers.count):
@@ -167,14 +170,14 @@ class Service:
             self.image_work.append(image_work)
             self.workers.append(ClassificationWorker(
                 f"worker-{index + 1}", self.config, self.spool, self.store, self.model,
-                self._threads_stop, worker_wake, self.job_finished, image_work,
+                self._threads_stop, worker_wake, self.files.job_finished, image_work,
                 shadow=self.shadow))
         for destination in self.config.destinations:
             sender_wake = threading.Event()
             self.store.notify_on_work(sender_wake)
             self.senders.append(DestinationSender(
                 destination, self.spool, self.store, self.config.retry, self._threads_stop,
-                sender_wake, self.job_finished, self.audit,
+                sender_wake, self.files.job_finished, self.audit,
                 include_patient_id=self.config.audit.include_patient_id,
                 report=self.config.report))
         echo_results = EchoResults(self.spool.root)
@@ -187,59 +190,10 @@ class Service:
                        *filter(None, [self.shadow])):
             thread.start()
         if self.config.storage.keep_failed_days > 0:
-            self._purge_thread = threading.Thread(target=self._purge_periodically, name="purge",
+            self._purge_thread = threading.Thread(target=self.files.purge_periodically,
+                                                  args=(self._threads_stop,), name="purge",
                                                   daemon=True)
             self._purge_thread.start()
-
-    def _purge_periodically(self) -> None:
-        while not self._threads_stop.is_set():
-            try:
-                self.purge_expired_files()
-            except Exception as error:  # a locked database, a file system error: next time
-                log.exception("purge_failed", error=str(error))
-            self._threads_stop.wait(PURGE_INTERVAL_SECONDS)
-
-    def purge_expired_files(self, now: float | None = None) -> int:
-        """Delete the image and report files of jobs that failed or were skipped more than
-        [storage] keep_failed_days ago (a hostile or broken file is not kept for ever); their
-        rows stay. Returns the number of jobs purged."""
-        days = self.config.storage.keep_failed_days
-        if self.store is None or days <= 0:
-            return 0
-        purged = self.store.purge_files((time.time() if now is None else now) - days * 86400)
-        if not purged:
-            return 0
-        freed = 0
-        for job in purged:
-            for relative in job.files:
-                path = self.spool.resolve(relative)
-                try:
-                    freed += path.stat().st_size
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-        states = {state: sum(1 for job in purged if job.state == state)
-                  for state in (JobState.FAILED, JobState.SKIPPED)}
-        log.info("failed_files_purged", jobs=len(purged), failed=states[JobState.FAILED],
-                 skipped=states[JobState.SKIPPED], bytes=freed, keep_failed_days=days,
-                 sop_instance_uids=[job.sop_instance_uid for job in purged[:20]])
-        return len(purged)
-
-    def job_finished(self, job: Job) -> None:
-        """A job reached done or skipped (or failed): drop the files not asked to be kept.
-        Failed jobs keep everything so `pacs-ai retry` can run them again.
-
-        Workers and senders call this once they are done with the job's files, not the job
-        store at the state change: the sender's audit record of a delivery reads the report
-        (study, SOP class, patient) after the queue has recorded it, and the store does not
-        know the spool."""
-        storage = self.config.storage
-        if job.state in (JobState.DONE, JobState.SKIPPED) and not storage.keep_source_images:
-            self.spool.remove(job.image_file)
-        if job.state == JobState.DONE and not storage.keep_reports:
-            self.spool.remove(job.report_file)
-            for heatmap_file in self.store.heatmap_files(job.id):  # its heat-map image
-                self.spool.remove(heatmap_file)
 
     def stop(self) -> None:
         """Graceful stop, in order: stop accepting and let running associations finish (up to
@@ -267,8 +221,8 @@ class Service:
         still_running = [t.name for t in threads if t.is_alive()]
         for image_work in self.image_work:
             image_work.close()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
+        if self.http_server is not None:
+            self.http_server.shutdown()
         self._stopped = True
         if self._started:
             self.audit.record(audit.application_activity(
@@ -308,50 +262,22 @@ class Service:
         metrics.WORKERS.labels(kind="helper_processes").set(
             sum(work.processes for work in self.image_work))
 
+    @property
+    def listening(self) -> bool:
+        return self.scp is not None and self.scp.running
+
     def readiness(self) -> dict[str, Any]:
-        """/readyz: whether a film sent now would be taken. "ok" false names each problem."""
-        listening = self.scp is not None and self.scp.running
-        spool = health.spool_state(self.spool, self.config.storage.min_free_bytes)
-        problems = []
-        if self._draining:
-            problems.append("draining: the service is stopping")
-        elif not listening:
-            problems.append("listener-down: not accepting associations")
-        if self.model is None:
-            problems.append("model-not-loaded")
-        problems.extend(spool.pop("problems"))
-        return {"ok": not problems, "problems": problems, "listening": listening,
-                "draining": self._draining,
-                "model": self.model.info.label if self.model is not None else None,
-                "spool": spool}
+        """/readyz (pacs_ai.health.readiness)."""
+        return health.readiness(
+            listening=self.listening, draining=self._draining,
+            model=self.model.info.label if self.model is not None else None,
+            spool=self.spool, min_free_bytes=self.config.storage.min_free_bytes)
 
     def health(self) -> dict[str, Any]:
-        """/healthz: the process works (listener, workers and senders running; while it drains
-        on the way out they stop on purpose, and it stays ok). Readiness, delivery health per
-        destination and what needs an admin are detail: they do not make it fail."""
-        listening = self.scp is not None and self.scp.running
-        workers_alive = sum(t.is_alive() for t in self.workers)
-        senders_alive = sum(t.is_alive() for t in self.senders)
-        counts = self.store.job_counts() if self.store is not None else {}
-        report: dict[str, Any] = {
-            "ok": self._draining or bool(listening and workers_alive == len(self.workers)
-                                         and senders_alive == len(self.senders)),
-            "listening": listening, "draining": self._draining,
-            "workers_alive": workers_alive, "senders_alive": senders_alive, "jobs": counts}
-        if self.store is None:
-            return report
-        ready = self.readiness()
-        destinations = health.destinations_state(self.store, self.config)
-        pending = [s["oldest_pending_seconds"] for s in destinations.values()
-                   if s["oldest_pending_seconds"] is not None]
-        report.update(
-            ready=ready["ok"], not_ready=ready["problems"], model=ready["model"],
-            spool=ready["spool"], destinations=destinations,
-            oldest_pending_delivery_seconds=max(pending) if pending else None,
-            needs_admin=health.needs_admin(
-                self.config, self.store, destinations,
-                {"problems": [p for p in ready["problems"] if p.startswith("spool-")]}))
-        return report
+        """/healthz (pacs_ai.health.liveness)."""
+        return health.liveness(listening=self.listening, draining=self._draining,
+                               workers=self.workers, senders=self.senders, store=self.store,
+                               config=self.config, ready=self.readiness)
 
 
 def serve_until_signalled(config: Config) -> int:

@@ -40,8 +40,6 @@ from pacs_ai.jobs import Job, JobState, JobStore, Stage
 
 log = structlog.get_logger()
 
-MAX_FORM_BYTES = 4096
-
 
 @dataclass(frozen=True)
 class Answer:

@@ -19,7 +19,7 @@ from testbed.environment import SHARED_DATA, in_ci, skip_or_fail
 def tiny_model(tmp_path_factory) -> Path:
     """The untrained tiny model exported once per session through the real model contract
     (training.export): for every test that needs a model file but not trained answers."""
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
 
     return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
 

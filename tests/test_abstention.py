@@ -15,8 +15,9 @@ from testbed.dicom_peers import wait_until
 from tests.test_classify_cli import classify
 from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
 from testbed.environment import SAMPLE_DICOMS
-from training.ensemble import (EnsembleNetwork, export_untrained_tiny_ensemble, fit_gaussians,
-                               fit_ood)
+from testbed.job_queue import all_jobs
+from testbed.tiny_models import export_untrained_tiny_ensemble
+from training.ensemble import EnsembleNetwork, fit_gaussians, fit_ood
 from training.models import pacs_cnn
 
 CHEST_FILM = SAMPLE_DICOMS / "cr_normal_pa_12bit.dcm"
@@ -98,7 +99,7 @@ def test_the_service_skips_films_the_model_abstains_on_and_sends_no_report(backl
     finally:
         stop.set()
         worker.join(timeout=10)
-    jobs = store.all_jobs()
+    jobs = all_jobs(store)
     assert all(job.reason.startswith("out-of-distribution: score ") for job in jobs)
     assert all(job.report_uid is None for job in jobs)
     assert list(spool.outbox.iterdir()) == []
@@ -110,7 +111,7 @@ def test_the_site_can_move_the_abstention_threshold_and_start_up_says_so(tmp_pat
     from pacs_ai.config import parse_config
     from pacs_ai.errors import UserError
     from pacs_ai.intended_use import log_site_model_info, site_model_info
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
 
     model = PneumoniaModel.load(export_untrained_tiny_ensemble(tmp_path / "ens.pt",
                                                                ood_threshold=2.0))

@@ -19,6 +19,7 @@ from pacs_ai.audit import AuditTrail
 from pacs_ai.config import ConfigError, parse_config
 from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
                                  wait_until)
+from testbed.job_queue import all_jobs
 from testbed.listener import Listener
 
 
@@ -382,7 +383,7 @@ def test_a_full_audit_disk_never_costs_a_modality_its_answer(audited):
         assert [r.status for r in results] == [0x0000] * 3, results
         # association start, three transfers in, association end
         assert wait_until(lambda: lost_count() - before >= 5, 10), lost_count() - before
-    assert len(listener.store.all_jobs()) == 3
+    assert len(all_jobs(listener.store)) == 3
     assert [e["event"] for e in logs if e["event"].startswith("audit_")] == ["audit_write_failed"]
 
 

@@ -109,7 +109,7 @@ def test_stdout_holds_only_json_lines_when_the_service_logs(tmp_path):
     dataset.PatientAge = "54"  # no unit: malformed
     film = tmp_path / "malformed_age.dcm"
     dataset.save_as(film)
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
 
     children = export_untrained_tiny_model(tmp_path / "children.pt",
                                            intended_use={"age_years": [1, 5]})

@@ -179,7 +179,7 @@ def pacs_ai(*arguments: str) -> subprocess.CompletedProcess:
 def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     """The tiny model live and a tiny ensemble in shadow over five films in a real queue; the
     command's JSON and files agree with the rows the queue holds."""
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
 
     from pacs_ai.model import PneumoniaModel
     from pacs_ai.shadow import ShadowRunner

@@ -21,9 +21,10 @@ from pacs_ai.config import DEFAULT_MAX_PIXELS, DriftConfig, FilterPolicy, parse_
 from pacs_ai.film_input import prepare
 from pacs_ai.model import PneumoniaModel
 from testbed.dicom_peers import synthetic_radiograph, wait_until
+from testbed.job_queue import all_jobs
 from testbed.listener import Listener
+from testbed.tiny_models import export_untrained_tiny_ensemble
 from tests.test_worker import received_backlog, worker_for
-from training.ensemble import export_untrained_tiny_ensemble
 
 
 def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -50,7 +51,7 @@ def test_the_worker_counts_each_films_result_and_score_per_model_and_role(tmp_pa
     path = export_untrained_tiny_ensemble(tmp_path / "ens.pt", ood_threshold=1.0)
     model = PneumoniaModel.load(path)
     inputs = np.stack([prepare(spool.resolve(job.image_file), FilterPolicy(),
-                               DEFAULT_MAX_PIXELS).model_input for job in store.all_jobs()])
+                               DEFAULT_MAX_PIXELS).model_input for job in all_jobs(store)])
     _, scores = model.assess(inputs)
     ordered = np.sort(scores)
     model.info = dataclasses.replace(model.info, ood_threshold=float(ordered[2] + ordered[3]) / 2)
@@ -66,7 +67,7 @@ def test_the_worker_counts_each_films_result_and_score_per_model_and_role(tmp_pa
         stop.set()
         worker.join(timeout=10)
     after = samples()
-    jobs = store.all_jobs()
+    jobs = all_jobs(store)
     abstained = [job for job in jobs if (job.reason or "").startswith("out-of-distribution:")]
     found = {finding: sum(job.finding == finding for job in jobs)
              for finding in ("pneumonia", "normal")}

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from pacs_ai import metrics
+from pacs_ai import http_server
 from pacs_ai.config import Config, DriftConfig
 from pacs_ai.jobs import ABSTAINED_REASON_CODE, JobStore, NewInstance
 from pacs_ai.model import PneumoniaModel
@@ -84,7 +84,7 @@ def site(tmp_path):
     films.add(40, "pneumonia", count=5)  # before the window
     films.date_them()
     config = Config(drift=BAND)
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True},
                                           web=QueuePage(config, store, LIVE))
     try:
         yield server.url, today
@@ -221,7 +221,7 @@ def test_a_queue_without_assessed_films_says_so(tmp_path):
 
 def test_the_abstention_reason_code_is_the_models(tmp_path):
     """The daily rates find abstentions by this code: it must be what the model writes."""
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
 
     model = PneumoniaModel.load(export_untrained_tiny_ensemble(tmp_path / "e.pt",
                                                                ood_threshold=1.0))

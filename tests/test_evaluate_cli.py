@@ -67,8 +67,7 @@ def sensitivity_specificity(rows: list[dict[str, str]], threshold: float) -> tup
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from training.ensemble import export_untrained_tiny_ensemble
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_ensemble, export_untrained_tiny_model
 
     folder = tmp_path_factory.mktemp("models")
     return {

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from pacs_ai.model import PneumoniaModel
+from testbed.tiny_models import export_untrained_tiny_ensemble
 from tests.test_robust_training import run_training
 from tests.test_training import generated_layout
-from training.ensemble import export_untrained_tiny_ensemble
 from training.finetune import consistency_loss, members_of
 
 

@@ -103,7 +103,7 @@ def adult_layout(root: Path, per_class: int = 12) -> Path:
 
 @pytest.mark.slow
 def test_smoke_gate_behind_a_classifier_keeps_its_outputs_and_abstains_by_the_gate(tmp_path):
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
     from training.gate import gate_scores, load_gate_member
 
     children = generated_layout(tmp_path / "chest_xray")

@@ -23,10 +23,11 @@ from pacs_ai.config import load_config
 from pacs_ai.service import Service
 from testbed.dicom_peers import (RecordingPacs, SimulatedModality, free_port, pacs_ai_cli,
                                  synthetic_radiograph, wait_until, write_service_config)
+from testbed.job_queue import all_jobs
 
 
 def get(service: Service, path: str) -> tuple[int, dict | str]:
-    url = f"http://127.0.0.1:{service.metrics_server.port}{path}"
+    url = f"http://127.0.0.1:{service.http_server.port}{path}"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             status, body = response.status, response.read().decode()
@@ -320,7 +321,7 @@ def test_a_film_too_large_to_decode_is_refused_and_status_stays_green(tmp_path, 
         print(run.output)
         assert run.responses == [(str(film), "Error: CannotUnderstand")]
         assert scrape(service)[too_large] - before == 1
-        assert service.store.all_jobs() == []
+        assert all_jobs(service.store) == []
         time.sleep(1.5)  # a worker would have failed an acknowledged one by now
         code, report, _text = status(config)
         assert code == 0 and report["needs_admin"] == [] and report["jobs"]["failed"] == 0

@@ -27,6 +27,7 @@ from pacs_ai.preprocessing import to_model_input
 from pacs_ai.report import build_report, report_summary, source_header
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
 from testbed.environment import SAMPLE_DICOMS, require_tool
+from testbed.job_queue import all_jobs
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 from tests.test_report import MODEL, make_source
 
@@ -60,7 +61,7 @@ def shipped() -> PneumoniaModel:
 
 @pytest.fixture(scope="module")
 def tiny_with_maps(tmp_path_factory) -> PneumoniaModel:
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     return PneumoniaModel.load(export_untrained_tiny_ensemble(path, ood_threshold=1e9,
@@ -107,7 +108,8 @@ def test_the_shipped_model_gives_maps_and_its_recorded_outputs(shipped):
 
 
 def test_a_version_1_file_keeps_working_without_maps(tmp_path):
-    from training.export import export_model, export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
+    from training.export import export_model
 
     path = export_untrained_tiny_model(tmp_path / "tiny.pt")
     model = PneumoniaModel.load(path)
@@ -157,7 +159,8 @@ def test_saliency_metadata_needs_the_method_and_contract_2(tmp_path):
 
 
 def test_re_export_with_saliency_keeps_outputs_and_metadata(tmp_path):
-    from training.ensemble import export_untrained_tiny_ensemble, with_saliency
+    from testbed.tiny_models import export_untrained_tiny_ensemble
+    from training.ensemble import with_saliency
 
     source = export_untrained_tiny_ensemble(tmp_path / "old.pt", ood_threshold=5.0)
     assert not PneumoniaModel.load(source).has_saliency
@@ -502,7 +505,7 @@ def test_a_pneumonia_film_is_sent_with_its_heat_map_to_every_destination(
         destinations = [Destination(name=f"pacs-{i}", ae_title=pacs.ae_title, host="127.0.0.1",
                                     port=pacs.port) for i, pacs in enumerate((first, second))]
         run_worker(spool, store, tiny_with_maps, destinations, **settings)
-        jobs = store.all_jobs()
+        jobs = all_jobs(store)
         assert [job.state for job in jobs] == ["delivering"] * 3
         due = [d for name in ("pacs-0", "pacs-1")
                for d in store.due_deliveries(name, 1e12, 100)]
@@ -538,8 +541,8 @@ def test_a_pneumonia_film_is_sent_with_its_heat_map_to_every_destination(
 
 
 def test_heat_maps_for_normal_findings_only_when_asked(tmp_path):
-    from training.ensemble import export_untrained_tiny_ensemble
     from pacs_ai.config import Destination
+    from testbed.tiny_models import export_untrained_tiny_ensemble
 
     model = PneumoniaModel.load(export_untrained_tiny_ensemble(
         tmp_path / "normal.pt", ood_threshold=1e9, threshold=1.0, saliency=True))
@@ -566,7 +569,7 @@ def default_retry():
 def wait_until_done(store) -> bool:
     from testbed.dicom_peers import wait_until
 
-    return wait_until(lambda: store.job_counts()["done"] == len(store.all_jobs()), 30)
+    return wait_until(lambda: store.job_counts()["done"] == len(all_jobs(store)), 30)
 
 
 def test_a_queue_from_before_heat_maps_is_upgraded_with_its_deliveries(tmp_path):
@@ -653,14 +656,14 @@ def test_a_pacs_that_refuses_secondary_capture_still_gets_every_report(tmp_path,
         retrying = store.retrying_deliveries()
         assert sorted(name for _, name, *_ in retrying) == ["sr-only (heatmap)"] * 2
         heatmap_uids = {heatmap_uid(job.sop_instance_uid, tiny_with_maps.info.name,
-                                    tiny_with_maps.info.version) for job in store.all_jobs()}
+                                    tiny_with_maps.info.version) for job in all_jobs(store)}
         assert {uid for uid, *_ in retrying} == heatmap_uids
         sr_classes = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33")
         assert len(stored) == 2 and all(str(ds.SOPClassUID) in sr_classes for ds in stored)
         # the second attempt gives up: the job fails at stage deliver, naming the image
         sender.send(store.due_deliveries("sr-only", 1e12, 10))
-        assert wait_until(lambda: all(job.state == "failed" for job in store.all_jobs()), 10)
-        for job in store.all_jobs():
+        assert wait_until(lambda: all(job.state == "failed" for job in all_jobs(store)), 10)
+        for job in all_jobs(store):
             assert job.stage == "deliver"
             assert job.reason.startswith("delivery to sr-only (heatmap) failed: send-failed"), \
                 job.reason

@@ -436,7 +436,7 @@ def test_the_report_with_an_age_range_passes_dciodvfy_and_dsrdump(tmp_path):
 def pediatric_model(tmp_path_factory) -> Path:
     """The tiny test model stating ages 1-5, with threshold 1.0: every finding is normal unless
     the config lowers the threshold."""
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
 
     return export_untrained_tiny_model(tmp_path_factory.mktemp("model") / "pediatric.pt",
                                        threshold=1.0, intended_use=INTENDED_USE)
@@ -566,7 +566,7 @@ def test_a_report_made_at_the_sites_settings_gets_its_own_uid(tmp_path):
     from pacs_ai.model import PneumoniaModel
     from pacs_ai.report import build_report
     from pacs_ai.uids import report_uid
-    from training.export import export_untrained_tiny_model
+    from testbed.tiny_models import export_untrained_tiny_model
 
     model = PneumoniaModel.load(export_untrained_tiny_model(
         tmp_path / "children.pt", intended_use={"age_years": [1, 5]})).info

@@ -13,6 +13,7 @@ from pacs_ai.errors import UserError
 from pacs_ai.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
                           accepts_resend, retry_can_fix)
 from pacs_ai.spool import Spool, SpoolFullError, uid_filename
+from testbed.job_queue import all_jobs
 
 
 def instance(uid: str) -> NewInstance:
@@ -64,7 +65,7 @@ def test_concurrent_admissions_of_one_instance_make_one_job(store, spool):
     for thread in threads:
         thread.join(timeout=30)
     assert sorted(results) == [False] * 7 + [True]
-    assert len(store.all_jobs()) == 1
+    assert len(all_jobs(store)) == 1
 
 
 def test_job_life_to_done_with_two_destinations(store, spool):

@@ -24,14 +24,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from pacs_ai.pixels import display_array
-from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst,
-                                 corrupt_pixel_data, declaring, deflate_bomb, raw_connection,
-                                 read_pdu, silent_connections, undecodable, write_raw_part10)
-from testbed.dicom_peers import (port_open, CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
+from testbed.dicom_peers import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                  DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
-                                 SimulatedModality, free_port,
-                                 synthetic_radiograph, wait_until)
+                                 SimulatedModality, free_port, port_open, synthetic_radiograph,
+                                 wait_until)
+from testbed.job_queue import all_jobs
 from testbed.listener import Listener
+from tests.hostile_input import (associate_rq, closed_by_peer, connect_burst, corrupt_pixel_data,
+                                 declaring, deflate_bomb, raw_connection, read_pdu,
+                                 silent_connections, undecodable, write_raw_part10)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -106,7 +107,7 @@ def test_calling_ae_titles_outside_the_allow_list_are_rejected(tmp_path):
         assert refused.status is None
         [stored] = listener.modality(calling_ae_title="CR_ROOM_1").send([synthetic_radiograph()])
         assert stored.status == 0x0000
-        assert len(listener.store.all_jobs()) == 1
+        assert len(all_jobs(listener.store)) == 1
     finally:
         listener.close()
 
@@ -200,7 +201,7 @@ def test_an_association_offering_only_unaccepted_sop_classes_is_counted(listener
                         extra=only_ct)
         assert wait_until(lambda: any(e["event"] == "association_rejected" for e in events), 5)
     assert "No presentation context" in sent.output or "No Acceptable" in sent.output, sent.output
-    assert listener.store.all_jobs() == []
+    assert all_jobs(listener.store) == []
     [refused] = [e for e in events if e["event"] == "association_rejected"]
     assert refused["reason"] == "no-acceptable-presentation-context"
     assert refused["calling_ae_title"] == "CT_ROOM"
@@ -220,7 +221,7 @@ def test_peers_outside_the_allowed_addresses_are_disconnected(tmp_path):
     listener = Listener(tmp_path, listener={"allowed_peer_addresses": ["10.0.0.0/8"]})
     try:
         assert not listener.modality().association_accepted()
-        assert listener.store.all_jobs() == []
+        assert all_jobs(listener.store) == []
     finally:
         listener.close()
     listener = Listener(tmp_path / "second", listener={"allowed_peer_addresses": ["127.0.0.1"]})
@@ -240,7 +241,7 @@ def test_below_the_disk_floor_answers_out_of_resources_and_writes_nothing(tmp_pa
         [result] = listener.modality().send([synthetic_radiograph()])
         assert result.status == 0xA700
         assert "disk-full" in result.error_comment
-        assert listener.store.all_jobs() == []
+        assert all_jobs(listener.store) == []
         assert list(listener.spool.images.iterdir()) == []
         assert list(listener.spool.incoming.iterdir()) == []
     finally:
@@ -255,7 +256,7 @@ def test_unparseable_dataset_is_refused_as_cannot_understand(listener, tmp_path)
                                dataset_bytes=b"this is not a deflate stream" * 10)
     result = listener.modality().send_file_as_is(corrupt)
     assert result.status is not None and 0xC000 <= result.status <= 0xCFFF
-    assert listener.store.all_jobs() == []
+    assert all_jobs(listener.store) == []
     assert list(listener.spool.images.iterdir()) == []
 
 
@@ -270,7 +271,7 @@ def test_dataset_not_matching_the_request_is_refused(listener, tmp_path):
                                   dataset_bytes=inner.getvalue())
     result = listener.modality().send_file_as_is(mismatched)
     assert result.status == 0xC001
-    assert listener.store.all_jobs() == []
+    assert all_jobs(listener.store) == []
 
 
 def test_association_limit_rejects_extra_peers(tmp_path):
@@ -382,7 +383,7 @@ def test_a_deflated_dataset_inflating_past_the_limit_is_refused(tmp_path):
         assert result.status == 0xA700 and result.error_comment.startswith("dataset-too-large")
         fine = synthetic_radiograph(seed=2, transfer_syntax=DeflatedExplicitVRLittleEndian)
         assert listener.modality().send([fine])[0].status == 0x0000
-        assert [job.sop_instance_uid for job in listener.store.all_jobs()] == [fine.SOPInstanceUID]
+        assert [job.sop_instance_uid for job in all_jobs(listener.store)] == [fine.SOPInstanceUID]
     finally:
         listener.close()
 
@@ -414,7 +415,7 @@ def test_a_deflated_header_is_held_no_further_than_the_head_limit(tmp_path):
         assert result.error_comment == (f"dataset-too-large: more than {HEAD_LIMIT_BYTES} "
                                         "bytes before Pixel Data")
         assert peak < 2 * HEAD_LIMIT_BYTES
-        assert listener.store.all_jobs() == []
+        assert all_jobs(listener.store) == []
     finally:
         listener.close()
 
@@ -441,7 +442,7 @@ def test_a_film_declaring_more_than_max_pixels_is_refused_whatever_the_syntax(tm
         refused = [e for e in events if e["event"] == "instance_refused"]
         assert [e["reason"].split(":")[0] for e in refused] == ["too-large", "too-large"]
         assert rejected_count("too-large") == before + 2
-        assert [job.sop_instance_uid for job in listener.store.all_jobs()] == \
+        assert [job.sop_instance_uid for job in all_jobs(listener.store)] == \
             [str(source.SOPInstanceUID)]
     finally:
         listener.close()
@@ -466,7 +467,7 @@ def test_frames_count_against_max_pixels_and_the_issue_14_bomb_is_refused_unread
             "too-large: 2000 x 2000 x 13 frame(s) > max_pixels 50000000"
         assert by_pixels.error_comment == \
             "too-large: 23170 x 23170 x 1 frame(s) > max_pixels 50000000"
-        assert listener.store.all_jobs() == []
+        assert all_jobs(listener.store) == []
     finally:
         listener.close()
 
@@ -481,7 +482,7 @@ def test_a_dataset_past_the_limit_is_cut_off_while_it_arrives(tmp_path):
         assert aborted["reason"] == "dataset-too-large"
         assert LIMIT < aborted["bytes_received"] <= LIMIT + 1024 * 1024  # one PDU past at most
         assert aborted["sop_instance_uid"] == large.SOPInstanceUID
-        assert listener.store.all_jobs() == []
+        assert all_jobs(listener.store) == []
         assert listener.modality().send([synthetic_radiograph(seed=3)])[0].status == 0x0000
     finally:
         listener.close()
@@ -517,7 +518,7 @@ def test_corrupt_pixel_data_is_refused_not_acknowledged(listener, tmp_path, case
     code = result.error_comment.split(":")[0]
     expected = "no-pixel-data" if case == "element-length-0xfffffff0" else "truncated-pixel-data"
     assert code == expected, result.error_comment
-    assert listener.store.all_jobs() == []
+    assert all_jobs(listener.store) == []
     assert list(listener.spool.images.iterdir()) == []
 
 
@@ -527,11 +528,11 @@ def test_stop_lets_a_running_association_finish(listener):
     results = []
     sender = threading.Thread(target=lambda: results.extend(listener.modality().send(datasets)))
     sender.start()
-    assert wait_until(lambda: len(listener.store.all_jobs()) >= 1, 15)
+    assert wait_until(lambda: len(all_jobs(listener.store)) >= 1, 15)
     listener.scp.stop(10)
     sender.join(timeout=30)
     acknowledged = {r.sop_instance_uid for r in results if r.acknowledged}
-    recorded = {job.sop_instance_uid for job in listener.store.all_jobs()}
+    recorded = {job.sop_instance_uid for job in all_jobs(listener.store)}
     assert acknowledged <= recorded  # nothing acknowledged is missing
     assert not port_open(listener.port)
 
@@ -553,9 +554,9 @@ def sample_manifest() -> list[dict]:
 def split_model(tmp_path_factory) -> Path:
     """The tiny test model, with its threshold set between the samples' probabilities so that
     both findings occur (an untrained model's outputs sit close together)."""
-    from pacs_ai.offline_classification import classify_files
     from pacs_ai.model import PneumoniaModel
-    from training.export import export_untrained_tiny_model
+    from pacs_ai.offline_classification import classify_files
+    from testbed.tiny_models import export_untrained_tiny_model
 
     folder = tmp_path_factory.mktemp("model")
     probe = PneumoniaModel.load(export_untrained_tiny_model(folder / "probe.pt"))
@@ -709,7 +710,7 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
         assert [r.status for r in results] == [0, 0, 0]
         store = service.store
         assert wait_until(lambda: store.backlog() == 0, 60)
-        states = {job.sop_instance_uid: job for job in store.all_jobs()}
+        states = {job.sop_instance_uid: job for job in all_jobs(store)}
         assert states[film.SOPInstanceUID].state == "done"
         assert states[lateral.SOPInstanceUID].state == "skipped"
         failed = states[broken.SOPInstanceUID]
@@ -719,7 +720,7 @@ def test_finished_jobs_drop_their_files_unless_kept_and_failed_ones_keep_them(tm
         assert list(service.spool.outbox.iterdir()) == []  # no destination: nothing to keep
 
         import urllib.request
-        base = f"http://127.0.0.1:{service.metrics_server.port}"
+        base = f"http://127.0.0.1:{service.http_server.port}"
         health = json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=10).read())
         assert health["ok"] and health["listening"] and health["workers_alive"] == 1
         service.refresh_gauges()
@@ -756,7 +757,7 @@ def test_failed_and_skipped_files_are_purged_after_keep_failed_days(tmp_path, ti
         store = service.store
         assert wait_until(lambda: store.backlog() == 0, 60)
         files = {job.sop_instance_uid: service.spool.resolve(job.image_file)
-                 for job in store.all_jobs()}
+                 for job in all_jobs(store)}
         assert all(path.exists() for path in files.values())
         # two of them settled three days ago
         with sqlite3.connect(service.spool.db_path) as db:
@@ -764,17 +765,17 @@ def test_failed_and_skipped_files_are_purged_after_keep_failed_days(tmp_path, ti
                            "WHERE sop_instance_uid = ?",
                            [(old_lateral.SOPInstanceUID,), (old_broken.SOPInstanceUID,)])
         with structlog.testing.capture_logs() as events:
-            assert service.purge_expired_files() == 2
+            assert service.files.purge_expired() == 2
         [purged] = [e for e in events if e["event"] == "failed_files_purged"]
         assert purged["failed"] == 1 and purged["skipped"] == 1 and purged["bytes"] > 0
         assert purged["keep_failed_days"] == 2
         assert not files[old_lateral.SOPInstanceUID].exists()
         assert not files[old_broken.SOPInstanceUID].exists()
         assert files[lateral.SOPInstanceUID].exists() and files[broken.SOPInstanceUID].exists()
-        jobs = {job.sop_instance_uid: job for job in store.all_jobs()}
+        jobs = {job.sop_instance_uid: job for job in all_jobs(store)}
         assert jobs[old_broken.SOPInstanceUID].state == "failed"  # the record stays
         assert jobs[old_broken.SOPInstanceUID].reason
-        assert service.purge_expired_files() == 0  # once only
+        assert service.files.purge_expired() == 0  # once only
         # `pacs-ai retry` leaves the purged one alone (its image is gone) ...
         assert store.requeue_failed() == (1, 0)
         # ... and a re-send of its image runs it again

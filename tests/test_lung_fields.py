@@ -72,7 +72,7 @@ def test_a_centre_outside_the_fields_is_named_by_where_it_lies():
 
 
 def test_explain_with_lungs_reports_the_figures_and_draws_the_fields(tmp_path):
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
     from training.explain import run_explain
 
     model = export_untrained_tiny_ensemble(tmp_path / "tiny.pt", ood_threshold=1e9,

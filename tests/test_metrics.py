@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacs_ai import metrics
+from pacs_ai import http_server, metrics
 from pacs_ai.errors import UserError
 
 
@@ -23,7 +23,7 @@ def http_get(url: str) -> tuple[int, str, bytes]:
         return error.code, error.headers["Content-Type"], error.read()
 
 
-def scrape(server: metrics.MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(server: http_server.HttpServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Sample name and labels -> value, parsed with prometheus-client's own text parser."""
     status, content_type, body = http_get(server.url + "/metrics")
     assert status == 200
@@ -37,7 +37,7 @@ def scrape(server: metrics.MetricsServer) -> dict[tuple[str, tuple[tuple[str, st
 
 @pytest.fixture
 def healthy_server():
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True, "backlog": 0})
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True, "backlog": 0})
     yield server
     server.shutdown()
 
@@ -102,7 +102,7 @@ def test_healthz_is_200_with_the_callback_json(healthy_server):
 
 
 def test_healthz_is_503_when_not_ok():
-    server = metrics.start_metrics_server(
+    server = http_server.start_http_server(
         "127.0.0.1", 0, lambda: {"ok": False, "problems": ["spool below free-space floor"]})
     try:
         status, _type, body = http_get(server.url + "/healthz")
@@ -116,7 +116,7 @@ def test_a_raising_health_callback_gives_503_and_the_server_keeps_serving():
     def broken_health() -> dict:
         raise RuntimeError("database is locked")
 
-    server = metrics.start_metrics_server("127.0.0.1", 0, broken_health)
+    server = http_server.start_http_server("127.0.0.1", 0, broken_health)
     try:
         status, _type, body = http_get(server.url + "/healthz")
         assert status == 503
@@ -135,7 +135,7 @@ def test_readyz_answers_its_own_callback_and_metrics_are_refreshed_first():
         refreshed.append(True)
         metrics.SPOOL_FREE_BYTES.set(12345)
 
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True},
                                           lambda: ready, refresh)
     try:
         assert http_get(server.url + "/healthz")[0] == 200
@@ -155,7 +155,7 @@ def test_a_failing_refresh_still_serves_the_metrics():
     def refresh() -> None:
         raise RuntimeError("queue locked")
 
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True}, refresh=refresh)
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True}, refresh=refresh)
     try:
         assert "pacs_ai_received_total" in {name for name, _labels in scrape(server)}
         assert http_get(server.url + "/readyz")[0] == 200  # without its own callback: /healthz's
@@ -168,8 +168,8 @@ def test_unknown_path_is_404(healthy_server):
 
 
 def test_two_servers_in_one_process_and_shutdown_frees_the_port():
-    first = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True})
-    second = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": False})
+    first = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True})
+    second = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": False})
     try:
         assert first.port != second.port
         assert http_get(first.url + "/healthz")[0] == 200
@@ -187,4 +187,4 @@ def test_port_in_use_is_a_user_error_naming_the_fix():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(UserError, match=r"\[metrics\] port"):
-            metrics.start_metrics_server("127.0.0.1", port, lambda: {"ok": True})
+            http_server.start_http_server("127.0.0.1", port, lambda: {"ok": True})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pacs_ai.model import METADATA_FILE, ModelContractError, PneumoniaModel
-from training.export import build_metadata, export_untrained_tiny_model
+from testbed.tiny_models import export_untrained_tiny_model
+from training.export import build_metadata
 
 
 class TinyNet(torch.nn.Module):

@@ -19,8 +19,8 @@ from pacs_ai.service import Service
 from testbed.dicom_peers import (SimulatedModality, synthetic_radiograph, wait_until,
                                  write_service_config)
 from testbed.environment import REPO_ROOT, skip_or_fail
+from testbed.tiny_models import export_untrained_tiny_ensemble
 from tests.test_health import get
-from training.ensemble import export_untrained_tiny_ensemble
 
 RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 RULES = RULES_DIR / "pacs-ai.rules.yml"

@@ -31,6 +31,7 @@ from pacs_ai.site_threshold import file_sha256
 from pacs_ai.worker import ClassificationWorker
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
 from testbed.environment import SAMPLE_DICOMS
+from testbed.job_queue import all_jobs
 from tests.test_heatmap import torch_module_copy
 from tests.test_worker import received_backlog
 
@@ -44,7 +45,7 @@ def models(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """live: a tiny ensemble with an out-of-distribution score; old: the tiny model written as
     a contract-1 file (format pacs-ai-model/1, no gate, no map) under its own version; gated:
     an ensemble that abstains on every film."""
-    from training.ensemble import export_untrained_tiny_ensemble
+    from testbed.tiny_models import export_untrained_tiny_ensemble
     from training.export import export_model
 
     folder = tmp_path_factory.mktemp("shadow-models")
@@ -91,7 +92,7 @@ def test_the_shadow_assesses_what_the_live_model_assesses_and_reports_nothing(tm
     # the live model abstains on about half of these films: its threshold at their median score
     spool, store = received_backlog(tmp_path / "probe", 6)
     inputs = np.stack([prepare(spool.resolve(job.image_file), FilterPolicy(),
-                               DEFAULT_MAX_PIXELS).model_input for job in store.all_jobs()])
+                               DEFAULT_MAX_PIXELS).model_input for job in all_jobs(store)])
     store.close()
     scores = live.assess(inputs)[1]
     live.info = dataclasses.replace(live.info, ood_threshold=float(np.median(scores)))
@@ -105,7 +106,7 @@ def test_the_shadow_assesses_what_the_live_model_assesses_and_reports_nothing(tm
     before = {result: counted(result) for result in ("pneumonia", "normal", "abstained")}
 
     spool, store = run_backlog(tmp_path, live, old)
-    jobs = {job.id: job for job in store.all_jobs()}
+    jobs = {job.id: job for job in all_jobs(store)}
     results = {result.job_id: result for result in store.shadow_results()}
     assert set(results) == set(jobs)  # every film the live model assessed, once
     reported = [job for job in jobs.values() if job.state == JobState.DONE]
@@ -170,7 +171,7 @@ def test_a_busy_shadow_drops_films_and_says_so(tmp_path, models):
     spool, store = received_backlog(tmp_path, 3)
     live = PneumoniaModel.load(models["live"])
     runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store, queue_films=2)
-    job_ids = [job.id for job in store.all_jobs()]
+    job_ids = [job.id for job in all_jobs(store)]
     film = np.random.default_rng(0).random((1, 1, 200, 200), dtype=np.float32)
     seen = Assessment(0.25, None, False, "normal")
     runner.submit(ShadowBatch(job_ids[:2], np.concatenate([film, film]), [seen, seen]))
@@ -190,7 +191,7 @@ def test_a_film_assessed_again_replaces_its_row(tmp_path, models):
     spool, store = received_backlog(tmp_path, 1)
     live = PneumoniaModel.load(models["live"])
     film = np.random.default_rng(1).random((1, 1, 200, 200), dtype=np.float32)
-    [job] = store.all_jobs()
+    [job] = all_jobs(store)
     for probability in (0.2, 0.7):
         runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store)
         runner.submit(ShadowBatch([job.id], film, [Assessment(probability, None, False,
@@ -414,7 +415,7 @@ def test_the_shadow_waits_while_a_worker_processes_a_batch(tmp_path, models):
     from pacs_ai.shadow import LiveActivity
 
     spool, store = received_backlog(tmp_path, 1)
-    [job] = store.all_jobs()
+    [job] = all_jobs(store)
     activity = LiveActivity()
     live = PneumoniaModel.load(models["live"])
     runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store, activity=activity)

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from pacs_ai import metrics
+from pacs_ai import http_server
 from pacs_ai.config import Config, ConfigError, Destination, WebConfig, parse_config
 from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.web import QueuePage
@@ -52,7 +52,7 @@ def served(tmp_path):
     ids = fill(store)
     config = Config(destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
                     web=WebConfig(token_file=tmp_path / "token"))
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True},
                                           web=QueuePage(config, store, "tiny 0.0.0-test"))
     try:
         yield server.url, store, ids
@@ -157,7 +157,7 @@ def test_without_a_token_file_the_page_is_read_only(tmp_path):
     store = JobStore.open(tmp_path / "jobs.sqlite")
     ids = fill(store)
     config = Config(web=WebConfig(show_accession_number=True, refresh_seconds=0))
-    server = metrics.start_metrics_server("127.0.0.1", 0, lambda: {"ok": True},
+    server = http_server.start_http_server("127.0.0.1", 0, lambda: {"ok": True},
                                           web=QueuePage(config, store))
     try:
         _, page, _ = get(server.url + "/queue")

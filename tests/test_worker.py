@@ -17,6 +17,7 @@ from pacs_ai.model import PneumoniaModel
 from pacs_ai.spool import Spool
 from pacs_ai.worker import ClassificationWorker
 from testbed.dicom_peers import synthetic_radiograph, wait_until
+from testbed.job_queue import all_jobs
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, loaded_tiny_m
     assert counts["classifying"] == 0 and counts["pending"] == 0
     assert len(list(spool.outbox.iterdir())) == 5
     # each image's own decode + model time, measured where it ran
-    assert all(job.classify_ms and job.classify_ms > 0 for job in store.all_jobs())
+    assert all(job.classify_ms and job.classify_ms > 0 for job in all_jobs(store))
 
 
 def test_a_batch_claimed_ahead_goes_back_to_pending_when_the_worker_stops(backlog,

@@ -330,33 +330,6 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
     return {"threshold": threshold, **summary, "ood": ood}
 
 
-def export_untrained_tiny_ensemble(path: Path, *, ood_threshold: float, members: int = 2,
-                                   fit_inputs: np.ndarray | None = None,
-                                   threshold: float = 0.5, saliency: bool = False) -> Path:
-    """Tiny random members as an ensemble file with an OOD score, for tests of the plumbing:
-    fitted on `fit_inputs` [N, 200, 200] (default: 16 random pictures), abstaining above
-    `ood_threshold`; with `saliency`, a contract-2 file that gives maps. Its findings, scores
-    and maps mean nothing."""
-    from training.export import build_metadata, export_model
-    from training.models import pacs_cnn
-
-    torch.manual_seed(0)
-    ensemble = EnsembleNetwork([pacs_cnn(widths=(4, 8, 8), downsample=2).eval()  # smoke-robust
-                                for _ in range(members)])
-    if fit_inputs is None:
-        fit_inputs = np.random.default_rng(0).random((16, 200, 200), dtype=np.float32)
-    fit_ood(ensemble, fit_inputs, np.arange(len(fit_inputs)) % 2)
-    metadata = build_metadata(name="tiny-test-ensemble", version="0.0.0-test",
-                              threshold=threshold, threshold_rule="fixed (untrained test model)",
-                              ood={"method": OOD_METHOD, "threshold": ood_threshold},
-                              training={"members": [{"config": "smoke-robust", "seed": 0,
-                                                     "epochs": 0}] * members})
-    if saliency:
-        grid = list(ensemble.saliency(torch.zeros(1, 1, 200, 200)).shape[1:])
-        metadata["saliency"] = {"method": SALIENCY_METHOD, "grid": grid}
-    return export_model(ensemble, path, metadata)
-
-
 def with_saliency(source: Path, output: Path, version: str) -> dict[str, Any]:
     """Re-export an ensemble model file with the `saliency` method (contract version 2): the
     same weights and fitted buffers (loaded from the file itself, not from the runs) and the

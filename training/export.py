@@ -62,21 +62,3 @@ def export_model(network: torch.nn.Module, path: str | Path, metadata: dict[str,
                    _extra_files={METADATA_FILE: json.dumps(metadata, indent=2, sort_keys=True)})
     PneumoniaModel.load(path)
     return path
-
-
-def export_untrained_tiny_model(path: str | Path, *, threshold: float = 0.5,
-                                intended_use: dict[str, Any] | None = None) -> Path:
-    """A tiny randomly initialised CNN, exported through the real contract.
-
-    For tests of the service plumbing only: its findings mean nothing. `intended_use` is
-    stored as the metadata key of that name, e.g. {"age_years": [1, 5], "views": ["PA", "AP"]}.
-    """
-    torch.manual_seed(0)
-    network = torch.nn.Sequential(
-        torch.nn.AvgPool2d(8), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1),
-        torch.nn.Flatten(0))
-    extra = {"intended_use": intended_use} if intended_use is not None else {}
-    metadata = build_metadata(name="tiny-test-model", version="0.0.0-test", threshold=threshold,
-                              threshold_rule="fixed 0.5 (untrained test model)", **extra)
-    return export_model(network, path, metadata)
