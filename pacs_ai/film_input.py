@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,11 +35,18 @@ class SkipImage(Exception):
     """The file is a valid image the model was not made for; str(error) is the reason."""
 
 
+class PrepareStatus(StrEnum):
+    """What preparing a film came to (a StrEnum: `pacs-ai classify` prints the string)."""
+    OK = "ok"  # model_input is set
+    SKIPPED = "skipped"  # a valid image the model was not made for; the reason says why
+    ERROR = "error"  # unreadable or broken; the reason says "<code>: <detail>"
+
+
 @dataclass
 class Prepared:
     path: Path
     model_input: np.ndarray | None = None
-    status: str = "ok"
+    status: PrepareStatus = PrepareStatus.OK
     reason: str | None = None
     seconds: float = 0.0  # reading, decoding and preprocessing this file took
     # The header gave a usable patient age (False for a PNG/JPEG; None: not looked at, the
@@ -142,13 +150,15 @@ def _prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
         return Prepared(path, model_input=_model_input(image.picture),
                         age_known=image.age_known)
     except SkipImage as skip:
-        return Prepared(path, status="skipped", reason=str(skip))
+        return Prepared(path, status=PrepareStatus.SKIPPED, reason=str(skip))
     except ValueError as error:  # PixelDataError is one; ours all read "<code>: <detail>"
         reason = str(error) if REASON_PATTERN.match(str(error)) else f"decode-failed: {error}"
-        return Prepared(path, status="error", reason=reason)
+        return Prepared(path, status=PrepareStatus.ERROR, reason=reason)
     except OSError as error:
-        return Prepared(path, status="error", reason=f"unreadable: {error}")
+        return Prepared(path, status=PrepareStatus.ERROR, reason=f"unreadable: {error}")
     except MemoryError:
-        return Prepared(path, status="error", reason="too-large: out of memory while reading")
+        return Prepared(path, status=PrepareStatus.ERROR,
+                        reason="too-large: out of memory while reading")
     except Exception as error:  # a decoder bug must not end a run over hundreds of files
-        return Prepared(path, status="error", reason=f"decode-failed: {type(error).__name__}: {error}")
+        return Prepared(path, status=PrepareStatus.ERROR,
+                        reason=f"decode-failed: {type(error).__name__}: {error}")

@@ -48,7 +48,7 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 
-class ImageWorkStopped(Exception):
+class HelperPoolStopped(Exception):
     """The helper died while the service was stopping: the batch stays in `classifying` and
     start-up puts it back to pending (never failed for a routine stop)."""
 
@@ -180,7 +180,7 @@ def _single_threaded_children() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-class ImageWork:
+class HelperPool:
     """Runs prepare_image / render_report for batches, in helper processes or in-thread.
     Used by one worker thread (not thread-safe)."""
 
@@ -250,7 +250,7 @@ class ImageWork:
         """Replace the broken pool, once per crash: calls of an earlier batch that were in the
         same pool see the same broken pool later and must not restart the new one."""
         if self._is_stopping():
-            raise ImageWorkStopped("helper process ended during shutdown")
+            raise HelperPoolStopped("helper process ended during shutdown")
         if generation != self._generation:
             return
         log.error("image_helper_crashed", processes=self.processes)
@@ -281,7 +281,7 @@ class PendingWork(Generic[T]):
     in the calling thread.
     """
 
-    def __init__(self, work: ImageWork, calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
+    def __init__(self, work: HelperPool, calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
                  crashed: list[T]):
         self._work = work
         self._calls = calls

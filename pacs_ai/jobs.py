@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_ai.errors import UserError
+from pacs_ai.finding import Finding
 
 
 # The job vocabulary. The values are what the queue stores and what `pacs-ai status`, the queue
@@ -156,11 +157,11 @@ class Job:
     study_instance_uid: str | None
     calling_ae_title: str | None
     image_file: str
-    state: str
-    stage: str | None
+    state: JobState
+    stage: Stage | None
     reason: str | None
     probability: float | None
-    finding: str | None
+    finding: Finding | None
     report_uid: str | None
     report_file: str | None
     classify_ms: float | None
@@ -176,7 +177,13 @@ class Job:
     dismissed_at: float | None = None
 
     def __post_init__(self) -> None:
-        if self.age_known is not None:  # SQLite gives back 1 or 0
+        # read back from SQLite as plain strings and 1 or 0: the vocabulary's own types
+        object.__setattr__(self, "state", JobState(self.state))
+        if self.stage is not None:
+            object.__setattr__(self, "stage", Stage(self.stage))
+        if self.finding is not None:
+            object.__setattr__(self, "finding", Finding(self.finding))
+        if self.age_known is not None:
             object.__setattr__(self, "age_known", bool(self.age_known))
 
 
@@ -209,7 +216,11 @@ class Assessment:
     probability: float | None
     ood_score: float | None
     abstained: bool | None
-    finding: str | None  # None when it abstained (or did not assess)
+    finding: Finding | None  # None when it abstained (or did not assess)
+
+    def __post_init__(self) -> None:
+        if self.finding is not None:  # a plain string when read back
+            object.__setattr__(self, "finding", Finding(self.finding))
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,7 @@ class ShadowResult:
     model_version: str
     model_sha256: str
     threshold: float
-    status: str
+    status: ShadowStatus
     shadow: Assessment
     live_model_name: str
     live_model_version: str
@@ -262,7 +273,7 @@ def _shadow_result(row: tuple) -> ShadowResult:
     def flag(value: int | None) -> bool | None:
         return None if value is None else bool(value)
     return ShadowResult(
-        job_id, name, version, sha256, threshold, status,
+        job_id, name, version, sha256, threshold, ShadowStatus(status),
         Assessment(probability, ood, flag(abstained), finding), live_name, live_version,
         live_sha256, live_threshold,
         Assessment(live_probability, live_ood, flag(live_abstained), live_finding), reason,

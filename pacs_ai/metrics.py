@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import disable_created_metrics
 
 from pacs_ai import jobs
+from pacs_ai.finding import Finding
 from pacs_ai.jobs import Stage
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ AUDIT_RECORDS_LOST = Counter(
 ROLE_LIVE = "live"
 ROLE_SHADOW = "shadow"
 RESULT_ABSTAINED = "abstained"  # the model's out-of-distribution score above its threshold
-MODEL_RESULT_VALUES = ("pneumonia", "normal", RESULT_ABSTAINED)  # its findings (model.finding)
+MODEL_RESULT_VALUES = (*Finding, RESULT_ABSTAINED)  # its findings (model.finding), or none
 MODEL_RESULTS = Counter(
     "pacs_ai_model_results", "Films a model assessed, by model name, version, role (live: its "
     "reports go out; shadow: recorded only) and result: its finding (pneumonia, normal) or "

@@ -36,6 +36,7 @@ import numpy as np
 
 from pacs_ai.config import MAX_AGE_YEARS, default_model_path
 from pacs_ai.errors import UserError
+from pacs_ai.finding import Finding
 from pacs_ai.preprocessing import MODEL_INPUT_SIZE, PREPROCESSING_ID
 
 METADATA_FILE = "pacs_ai.json"
@@ -321,6 +322,6 @@ class PneumoniaModel:
         return (f"out-of-distribution: score {ood_score:.2f} above {self.info.ood_threshold:.2f}; "
                 "the film is unlike those the model was trained on")
 
-    def finding(self, probability: float) -> str:
-        """'pneumonia' at or above the stored threshold, else 'normal'."""
-        return "pneumonia" if probability >= self.info.threshold else "normal"
+    def finding(self, probability: float) -> Finding:
+        """Pneumonia at or above the threshold in force, else normal."""
+        return Finding.at(probability, self.info.threshold)

@@ -20,10 +20,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import DA, TM
 
+from pacs_ai.finding import Finding
 from pacs_ai.report import report_summary
-
-PNEUMONIA = "pneumonia"
-NORMAL = "normal"
 
 
 class ReportUnreadable(ValueError):
@@ -65,7 +63,7 @@ class ReportFacts:
     study_instance_uid: str
     source_sop_instance_uid: str  # the film's
     tracking_uid: str  # the finding's Tracking Unique Identifier in the SR
-    finding: str  # "pneumonia" or "normal"
+    finding: Finding
     probability: float
     model_name: str
     model_version: str
@@ -85,7 +83,7 @@ class ReportFacts:
 
     @property
     def pneumonia(self) -> bool:
-        return self.finding == PNEUMONIA
+        return self.finding == Finding.PNEUMONIA
 
     def identifying_values(self) -> list[str]:
         """The patient's identifiers and names, longest first (what `redact` removes)."""
@@ -125,7 +123,7 @@ def report_facts(sr: pydicom.Dataset) -> ReportFacts:
         study_instance_uid=summary["study_instance_uid"],
         source_sop_instance_uid=summary["source_sop_instance_uid"],
         tracking_uid=summary["tracking_uid"],
-        finding=summary["finding"],
+        finding=Finding(summary["finding"]),
         probability=float(summary["probability"]),
         model_name=summary["algorithm_name"],
         model_version=summary["algorithm_version"],

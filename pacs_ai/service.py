@@ -25,7 +25,7 @@ from pacs_ai.audit import AuditTrail
 from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
 from pacs_ai.destination_echo import DestinationEcho, EchoResults
-from pacs_ai.helper_processes import ImageWork
+from pacs_ai.helper_processes import HelperPool
 from pacs_ai.http_server import start_http_server
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
 from pacs_ai.jobs import JobStore
@@ -53,7 +53,7 @@ class Service:
         self.model: PneumoniaModel | None = None
         self.scp: StorageSCP | None = None
         self.workers: list[ClassificationWorker] = []
-        self.image_work: list[ImageWork] = []  # one helper pool per worker
+        self.helper_pools: list[HelperPool] = []  # one helper pool per worker
         self.senders: list[DestinationSender] = []
         self.shadow: ShadowRunner | None = None  # [shadow]: the candidate model's thread
         self.echoes: list[DestinationEcho] = []  # [[destinations]] echo_interval_seconds
@@ -163,14 +163,14 @@ class Service:
         worker_wake = threading.Event()
         self.store.notify_on_work(worker_wake)
         for index in range(self.config.workers.count):
-            image_work = ImageWork(self.config.workers.processes, log_level=self.config.log.level,
-                                   log_format=self.config.log.format,
-                                   priority_prefix=self.config.log.priority_prefix,
-                                   is_stopping=self._threads_stop.is_set)
-            self.image_work.append(image_work)
+            helper_pool = HelperPool(self.config.workers.processes, log_level=self.config.log.level,
+                                     log_format=self.config.log.format,
+                                     priority_prefix=self.config.log.priority_prefix,
+                                     is_stopping=self._threads_stop.is_set)
+            self.helper_pools.append(helper_pool)
             self.workers.append(ClassificationWorker(
                 f"worker-{index + 1}", self.config, self.spool, self.store, self.model,
-                self._threads_stop, worker_wake, self.files.job_finished, image_work,
+                self._threads_stop, worker_wake, self.files.job_finished, helper_pool,
                 shadow=self.shadow))
         for destination in self.config.destinations:
             sender_wake = threading.Event()
@@ -219,8 +219,8 @@ class Service:
                 self.shadow.store.close()
             threads.append(self.shadow)
         still_running = [t.name for t in threads if t.is_alive()]
-        for image_work in self.image_work:
-            image_work.close()
+        for helper_pool in self.helper_pools:
+            helper_pool.close()
         if self.http_server is not None:
             self.http_server.shutdown()
         self._stopped = True
@@ -260,7 +260,7 @@ class Service:
         metrics.set_drift_band(self.config.drift)
         metrics.WORKERS.labels(kind="threads").set(len(self.workers))
         metrics.WORKERS.labels(kind="helper_processes").set(
-            sum(work.processes for work in self.image_work))
+            sum(work.processes for work in self.helper_pools))
 
     @property
     def listening(self) -> bool:

@@ -32,8 +32,9 @@ import structlog
 
 from pacs_ai import metrics
 from pacs_ai.config import Config
-from pacs_ai.film_input import Prepared
-from pacs_ai.helper_processes import ImageWork, ImageWorkStopped, PendingWork, RenderedReport
+from pacs_ai.film_input import Prepared, PrepareStatus
+from pacs_ai.finding import Finding
+from pacs_ai.helper_processes import HelperPool, HelperPoolStopped, PendingWork, RenderedReport
 from pacs_ai.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.routing import RouteFacts, choose_route
@@ -79,14 +80,14 @@ class _Ready:
 class ClassificationWorker(threading.Thread):
     def __init__(self, name: str, config: Config, spool: Spool, store: JobStore,
                  model: PneumoniaModel, stop: threading.Event, wake: threading.Event,
-                 on_job_finished: Callable[[Job], None], image_work: ImageWork,
+                 on_job_finished: Callable[[Job], None], helper_pool: HelperPool,
                  shadow: ShadowRunner | None = None):
         super().__init__(name=name, daemon=True)
         self.config = config
         self.shadow = shadow  # [shadow]: gets each assessed batch after its reports
         # while this worker processes a batch the shadow waits (pacs_ai.shadow.LiveActivity)
         self.activity = shadow.activity if shadow is not None else None
-        self.image_work = image_work
+        self.helper_pool = helper_pool
         self.spool = spool
         self.store = store
         self.model = model
@@ -125,7 +126,7 @@ class ClassificationWorker(threading.Thread):
             try:
                 with self.activity.busy() if self.activity else contextlib.nullcontext():
                     self._process_or_fail(batch)
-            except ImageWorkStopped:
+            except HelperPoolStopped:
                 return  # stopping: the batch stays `classifying`, start-up requeues it
             except Exception as error:
                 if not is_temporary_storage_error(error):  # a bug must not kill the worker
@@ -141,7 +142,7 @@ class ClassificationWorker(threading.Thread):
         if not jobs:
             return None
         try:
-            prepared = self.image_work.start_prepare(
+            prepared = self.helper_pool.start_prepare(
                 [self.spool.resolve(job.image_file) for job in jobs], self.filters,
                 self.config.limits.max_pixels)
         except Exception as error:  # settled with the batch, like any error while processing
@@ -174,7 +175,7 @@ class ClassificationWorker(threading.Thread):
         try:
             self._process_batch(batch)
         except Exception as error:
-            if is_temporary_storage_error(error) or isinstance(error, ImageWorkStopped):
+            if is_temporary_storage_error(error) or isinstance(error, HelperPoolStopped):
                 raise
             log.exception("batch_failed", worker=self.name, error=str(error))
             for job in jobs:
@@ -204,7 +205,7 @@ class ClassificationWorker(threading.Thread):
         prepared = batch.prepared.results()
         ready: list[_Ready] = []
         for job, item in zip(jobs, prepared):
-            if item.status == "skipped":
+            if item.status == PrepareStatus.SKIPPED:
                 self._skip(job, item.reason or "skipped")
             elif item.model_input is None:
                 self._fail(job, Stage.CLASSIFY, item.reason or "error")
@@ -252,7 +253,7 @@ class ClassificationWorker(threading.Thread):
         else:
             probabilities = [float(p) for p in probabilities]
         maps, heatmap_images = self._maps_wanted(probabilities, maps)
-        rendering = self.image_work.start_render(
+        rendering = self.helper_pool.start_render(
             [(self.spool.resolve(r.job.image_file), p, grid, image)
              for r, p, grid, image in zip(ready, probabilities, maps, heatmap_images)],
             self.model.info, self.config.report.sr_kind)
@@ -294,7 +295,7 @@ class ClassificationWorker(threading.Thread):
         report = self.config.report
         kept, images = [], []
         for probability, grid in zip(probabilities, maps):
-            pneumonia = self.model.finding(probability) == "pneumonia"
+            pneumonia = self.model.finding(probability) == Finding.PNEUMONIA
             image = grid is not None and report.heatmap and (pneumonia or report.heatmap_for_normal)
             kept.append(grid if pneumonia or image else None)
             images.append(image)

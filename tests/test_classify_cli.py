@@ -89,15 +89,18 @@ def test_max_pixels_option_refuses_large_images(tiny_model):
     assert results[0]["status"] == "error" and results[0]["reason"].startswith("too-large: ")
 
 
-def test_prepare_says_how_long_the_file_took(tmp_path):
+def test_prepare_says_how_long_the_file_took_and_what_it_came_to(tmp_path):
     from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
-    from pacs_ai.film_input import prepare
+    from pacs_ai.film_input import PrepareStatus, prepare
 
     prepared = prepare(SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm", FilterPolicy(),
                        DEFAULT_MAX_PIXELS)
-    assert prepared.status == "ok" and 0 < prepared.seconds < 60
+    assert prepared.status is PrepareStatus.OK and 0 < prepared.seconds < 60
     missing = prepare(tmp_path / "none.dcm", FilterPolicy(), DEFAULT_MAX_PIXELS)
-    assert missing.status == "error" and missing.seconds > 0
+    assert missing.status is PrepareStatus.ERROR and missing.seconds > 0
+    lateral = prepare(SAMPLE_DICOMS / "skip_dx_chest_lateral.dcm", FilterPolicy(), DEFAULT_MAX_PIXELS)
+    assert lateral.status is PrepareStatus.SKIPPED and lateral.reason.startswith("not-frontal")
+    assert [*PrepareStatus] == ["ok", "skipped", "error"]  # what `pacs-ai classify` prints
 
 
 def test_stdout_holds_only_json_lines_when_the_service_logs(tmp_path):

@@ -469,7 +469,7 @@ def run_worker(spool, store, model, destinations, **report_settings) -> None:
     import dataclasses
 
     from pacs_ai.config import ReportConfig, WorkersConfig, default_config
-    from pacs_ai.helper_processes import ImageWork
+    from pacs_ai.helper_processes import HelperPool
     from pacs_ai.worker import ClassificationWorker
     from testbed.dicom_peers import wait_until
 
@@ -479,7 +479,7 @@ def run_worker(spool, store, model, destinations, **report_settings) -> None:
                                  destinations=destinations)
     stop = threading.Event()
     worker = ClassificationWorker("worker-test", config, spool, store, model, stop,
-                                  threading.Event(), lambda job: None, ImageWork(0))
+                                  threading.Event(), lambda job: None, HelperPool(0))
     worker.start()
     try:
         assert wait_until(lambda: store.job_counts()["pending"] == 0

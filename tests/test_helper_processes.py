@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
-from pacs_ai.helper_processes import ImageWork
+from pacs_ai.helper_processes import HelperPool
 from testbed.dicom_peers import synthetic_radiograph
 
 FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"
@@ -19,12 +19,12 @@ FAULT_HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 
 @pytest.fixture
 def crashing_work(monkeypatch, tmp_path):
-    """ImageWork whose helper dies on any image containing the returned marker."""
+    """HelperPool whose helper dies on any image containing the returned marker."""
     marker = f"CRASH-THE-DECODER-{generate_uid()}"
     monkeypatch.setenv("PACS_AI_FAULT_CRASH_MARKER", marker)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(FAULT_HOOKS), os.environ.get("PYTHONPATH", "")]))
-    work = ImageWork(1)
+    work = HelperPool(1)
     yield work, marker
     work.close()
 
@@ -41,7 +41,7 @@ def films(folder: Path, names: list[str], marker: str) -> list[Path]:
     return paths
 
 
-def prepare(work: ImageWork, paths: list[Path]):
+def prepare(work: HelperPool, paths: list[Path]):
     return work.start_prepare(paths, FilterPolicy(), DEFAULT_MAX_PIXELS)
 
 
@@ -78,7 +78,7 @@ def test_every_helper_is_started_single_threaded_before_the_first_image():
     burst; each inherits single-threaded native libraries, and the service's own environment is
     left as it was."""
     before = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    work = ImageWork(3)
+    work = HelperPool(3)
     try:
         assert len(multiprocessing.active_children()) >= 3
         pids = {work._submit(os.getpid, ())[0].result(timeout=30) for _ in range(12)}

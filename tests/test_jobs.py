@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pacs_ai.errors import UserError
+from pacs_ai.finding import Finding
 from pacs_ai.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
                           accepts_resend, retry_can_fix)
 from pacs_ai.spool import Spool, SpoolFullError, uid_filename
@@ -272,6 +273,11 @@ def test_reported_jobs_keep_whether_their_film_had_an_age(store, spool):
     store.mark_skipped(jobs["1.3"].id, "unknown-age: no usable patient age in the header")
     store.mark_failed(jobs["1.4"].id, Stage.CLASSIFY, "decode-failed: broken")
     assert store.age_counts() == {"known": 1, "unknown": 1, "not_recorded": 0}
+    # read back as the vocabulary's own types, not the plain strings SQLite holds (issue 25)
+    reported, failed = store.find("1.1"), store.find("1.4")
+    assert type(reported.state) is JobState and type(reported.finding) is Finding
+    assert reported.finding is Finding.PNEUMONIA and store.find("1.2").finding is Finding.NORMAL
+    assert type(failed.stage) is Stage and failed.stage is Stage.CLASSIFY
     assert (store.find("1.1").age_known, store.find("1.2").age_known) == (True, False)
     assert store.find("1.3").age_known is None
 

@@ -23,7 +23,7 @@ from pacs_ai.config import (ConfigError, DEFAULT_MAX_PIXELS, FilterPolicy, Worke
                             default_config, default_model_path, load_config)
 from pacs_ai.errors import UserError
 from pacs_ai.film_input import prepare
-from pacs_ai.helper_processes import ImageWork
+from pacs_ai.helper_processes import HelperPool
 from pacs_ai.jobs import Assessment, JobState, ShadowStatus
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.shadow import ShadowBatch, ShadowRunner, load_shadow_model
@@ -61,7 +61,7 @@ def worker_with_shadow(spool, store, live: PneumoniaModel, shadow: ShadowRunner,
     config = dataclasses.replace(default_config(spool.root.parent),
                                  workers=WorkersConfig(processes=0, batch_size=3))
     return ClassificationWorker("worker-test", config, spool, store, live, stop,
-                                threading.Event(), lambda job: None, ImageWork(0),
+                                threading.Event(), lambda job: None, HelperPool(0),
                                 shadow=shadow)
 
 

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pacs_ai.config import WorkersConfig, default_config
-from pacs_ai.helper_processes import ImageWork
+from pacs_ai.helper_processes import HelperPool
 from pacs_ai.jobs import JobStore, NewInstance
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.spool import Spool
@@ -61,7 +61,7 @@ def worker_for(spool: Spool, store: JobStore, model: PneumoniaModel,
     config = dataclasses.replace(default_config(spool.root.parent),
                                  workers=WorkersConfig(processes=0, batch_size=2))
     return ClassificationWorker("worker-test", config, spool, store, model, stop,
-                                threading.Event(), lambda job: None, ImageWork(0))
+                                threading.Event(), lambda job: None, HelperPool(0))
 
 
 def test_a_backlog_is_classified_in_batches_claimed_ahead(backlog, loaded_tiny_model):
