@@ -8,23 +8,31 @@ function on files, so the two cannot differ. PNG and JPEG files are read too, fo
 commands; the listener only ever stores DICOM. Each prepared file says whether its header gave
 a usable patient age (`Prepared.age_known`; a PNG or JPEG has none), so films classified
 without one can be counted.
+
+A DICOM film is read and decoded here once. What later steps need of it (the report's header,
+the film at the heat-map image's size) is taken from that read and decode by the caller's `keep`
+function and travels with the result (`Prepared.kept`), so the report step need not read the
+file again (`pacs_ai.helper_processes`).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
 from pacs_ai.filters import screen, screen_without_age
-from pacs_ai.pixels import DisplayPicture, PixelDataError, display_picture
+from pacs_ai.pixels import (DisplayPicture, PixelDataError, decode_for_display,
+                            display_from_decoded)
+from pacs_ai.pixels_reduced import SmallDecode
 from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 
 REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")
@@ -52,11 +60,19 @@ class Prepared:
     # The header gave a usable patient age (False for a PNG/JPEG; None: not looked at, the
     # file was skipped by an earlier filter or could not be read).
     age_known: bool | None = None
+    kept: Any = None  # what prepare's `keep` made of the DICOM film's read and decode
+
+
+# What a caller keeps of a DICOM film it prepares, made from the dataset as read and its
+# decoded stored values (pacs_ai.pixels.decode_for_display), while both are in hand.
+Keep = Callable[[Dataset, SmallDecode], Any]
 
 
 class FilmPicture(NamedTuple):
     picture: DisplayPicture
     age_known: bool  # the header gave a usable patient age
+    dataset: Dataset | None = None  # a DICOM film as read
+    decoded: SmallDecode | None = None  # its stored values, decoded for the picture
 
 
 def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
@@ -120,8 +136,9 @@ def dataset_film_picture(dataset: Dataset, policy: FilterPolicy = FilterPolicy()
         raise SkipImage(screening.reason)
     # decoded no larger than the model input needs (2 x 200 per side at least): the same
     # model input within the consistency tests' tolerance for a fraction of the CPU (issue 16)
-    picture = display_picture(dataset, max_pixels=max_pixels, min_size=DECODE_MIN_SIZE)
-    return FilmPicture(picture, age_known=bool(screening.age_known))
+    decoded = decode_for_display(dataset, max_pixels=max_pixels, min_size=DECODE_MIN_SIZE)
+    picture = display_from_decoded(dataset, decoded, DECODE_MIN_SIZE)
+    return FilmPicture(picture, bool(screening.age_known), dataset, decoded)
 
 
 def dataset_display_image(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
@@ -137,18 +154,25 @@ def _model_input(picture: DisplayPicture) -> np.ndarray:
         raise PixelDataError(f"decode-failed: the decoded picture is unusable ({error})") from None
 
 
-def prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
+def prepare(path: Path, policy: FilterPolicy, max_pixels: int,
+            keep: Keep | None = None) -> Prepared:
+    """The film's model input, or why it has none. `keep`: called with a DICOM film's dataset
+    and decoded values once its model input is made; what it returns is `Prepared.kept` (it
+    must not raise, and must not change what it is given)."""
     started = time.perf_counter()
-    prepared = _prepare(path, policy, max_pixels)
+    prepared = _prepare(path, policy, max_pixels, keep)
     prepared.seconds = time.perf_counter() - started
     return prepared
 
 
-def _prepare(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
+def _prepare(path: Path, policy: FilterPolicy, max_pixels: int, keep: Keep | None) -> Prepared:
     try:
         image = read_display_image(path, policy, max_pixels)
-        return Prepared(path, model_input=_model_input(image.picture),
-                        age_known=image.age_known)
+        prepared = Prepared(path, model_input=_model_input(image.picture),
+                            age_known=image.age_known)
+        if keep is not None and image.dataset is not None and image.decoded is not None:
+            prepared.kept = keep(image.dataset, image.decoded)
+        return prepared
     except SkipImage as skip:
         return Prepared(path, status=PrepareStatus.SKIPPED, reason=str(skip))
     except ValueError as error:  # PixelDataError is one; ours all read "<code>: <detail>"

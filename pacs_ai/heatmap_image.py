@@ -12,7 +12,9 @@ the source, a series of its own (one per study and model version) and determinis
 
 The map reaches this module as a small grid (pacs_ai.heatmap); the film is decoded for it no
 larger than the picture needs (pacs_ai.pixels.display_picture), and only the reduced picture is
-held in colour, never a full-resolution float copy of the film or the map.
+held in colour, never a full-resolution float copy of the film or the map. `picture_film` draws
+the film's grey part from a decode made for the model input where the codec would decode no
+finer for the picture (pacs_ai.helper_processes keeps it from the film's one decode).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 import pacs_ai
 from pacs_ai import heatmap
 from pacs_ai.model import ModelInfo
+from pacs_ai.pixels import decodes_alike, display_from_decoded, display_picture
+from pacs_ai.pixels_reduced import SmallDecode
 from pacs_ai.report import instance_number, patient_and_study, site_settings_part
 from pacs_ai.uids import heatmap_series_uid, heatmap_uid
 
@@ -87,16 +91,37 @@ def film_grey(display: np.ndarray, box: tuple[float, float, float, float],
     return np.asarray(resized.point(lambda value: value * 255.0 + 0.5).convert("L"))
 
 
-def render(display: np.ndarray, box: tuple[float, float, float, float], film_rows: int,
-           film_columns: int, grid: np.ndarray, region: np.ndarray | None,
-           caption: str) -> np.ndarray:
-    """RGB uint8 picture: the film (its region `box` of `display`) with its normalised map grid
-    in colour and the reported region (film coordinates, or None) outlined, at the top left;
-    the colour scale in a strip to its right; the words in a band below both. The strip and the
-    band add area: every film pixel outside the map's colour and the outline is the film's own
-    grey, where it would be without them (a marker or label on the film stays visible)."""
+def picture_film(source: Dataset, decoded: SmallDecode | None = None) -> np.ndarray | None:
+    """The film's grey part of the picture (film_grey at picture_size) from a dataset with
+    its Pixel Data. `decoded`: its stored values as decoded for another size (the model
+    input's); used when decoding for the picture would give the same (pixels.decodes_alike),
+    else None is returned and nothing is decoded. Without `decoded` the film is decoded here."""
+    rows, columns = picture_size(int(source.Rows), int(source.Columns))
+    if decoded is None:
+        picture = display_picture(source, min_size=min(rows, columns))
+    elif decodes_alike(source, decoded, min(rows, columns)):
+        picture = display_from_decoded(source, decoded, min(rows, columns))
+    else:
+        return None
+    return film_grey(picture.values, picture.box, rows, columns)
+
+
+def render(display: np.ndarray | None, box: tuple[float, float, float, float] | None,
+           film_rows: int, film_columns: int, grid: np.ndarray, region: np.ndarray | None,
+           caption: str, *, film: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 picture: the film (its region `box` of `display`, or `film` as picture_film
+    drew it) with its normalised map grid in colour and the reported region (film
+    coordinates, or None) outlined, at the top left; the colour scale in a strip to its right;
+    the words in a band below both. The strip and the band add area: every film pixel outside
+    the map's colour and the outline is the film's own grey, where it would be without them (a
+    marker or label on the film stays visible)."""
     rows, columns = picture_size(film_rows, film_columns)
-    film = Image.fromarray(film_grey(display, box, rows, columns), mode="L").convert("RGB")
+    if film is None:
+        film = film_grey(display, box, rows, columns)
+    elif film.shape != (rows, columns) or film.dtype != np.uint8:
+        raise ValueError(f"the film's picture is {film.shape} {film.dtype}, "
+                         f"expected ({rows}, {columns}) uint8")
+    film = Image.fromarray(film, mode="L").convert("RGB")
     strength = heatmap.upsampled(grid, rows, columns)  # corners to corners, like the film
     levels = Image.fromarray(
         np.clip(strength * (_LEVELS - 1) + 0.5, 0, _LEVELS - 1).astype(np.uint8), mode="L")
@@ -234,21 +259,23 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def build_heatmap_image(header: Dataset, display: np.ndarray, grid: np.ndarray,
+def build_heatmap_image(header: Dataset, display: np.ndarray | None, grid: np.ndarray,
                         region: np.ndarray | None, probability: float, model: ModelInfo, *,
                         box: tuple[float, float, float, float] | None = None,
+                        film: np.ndarray | None = None,
                         manufacturer: str = "pacs-ai",
                         series_number: int = DEFAULT_SERIES_NUMBER) -> Dataset:
     """The Secondary Capture for one source film. `header`: the checked source header
     (pacs_ai.report.source_header); `display`: its display array (pacs_ai.pixels, [0, 1]),
-    `box` the film's region in it when it was decoded smaller (display_picture); `grid`: its
-    normalised map; `region`: the reported region in film coordinates or None."""
+    `box` the film's region in it when it was decoded smaller (display_picture), or instead
+    `film`, the film's part of the picture as picture_film drew it; `grid`: its normalised
+    map; `region`: the reported region in film coordinates or None."""
     caption = (f"{model.name} {model.version}: pneumonia probability "
                f"{probability_label(probability)}")
     rows, columns = int(header.Rows), int(header.Columns)
-    if box is None:
+    if film is None and box is None:
         box = (0, 0, display.shape[1], display.shape[0])
-    pixels = render(display, box, rows, columns, grid, region, caption)
+    pixels = render(display, box, rows, columns, grid, region, caption, film=film)
     source_uid = str(header.SOPInstanceUID)
     image = hd.sc.SCImage(
         pixel_array=pixels,

@@ -10,11 +10,18 @@ in flight run again one at a time, so the one image that crashed it is failed wi
 
 Two kinds of work, both plain functions of picklable arguments:
 - `prepare_image`: `pacs_ai.film_input.prepare` (filter -> decode -> the one preprocessing step),
-  exactly as `pacs-ai classify` does it;
-- `render_report`: read the source header, build the SR (with the region its saliency map
+  exactly as `pacs-ai classify` does it; from that one read and decode it keeps what the report
+  needs (`KeptFilm`: the checked source header and, when heat-map images are on, the film drawn
+  at the heat-map image's size from that decode), which travels back with the model input;
+- `render_report`: build the SR from the kept header (with the region its saliency map
   outlines, for a film reported as pneumonia), encode it to bytes; and the heat-map image when
-  asked (decoding the film again: only for those films). The worker writes the bytes durably
-  itself, so the queue and the spool stay in one process.
+  asked, from the kept picture (the file is read again only where the model input's decode
+  cannot serve the picture: a JPEG 2000 or JPEG film large enough that the codec decodes it
+  coarser for the model than for the picture). The worker writes the bytes durably itself, so
+  the queue and the spool stay in one process.
+
+A batch's films go to the helpers for prepare in one message per helper (`run_calls`), not one
+per film; reports go one per message (each brings back megabytes of encoded SR and heat map).
 
 `processes = 0` in [workers] runs the same functions in the worker thread (no helper).
 The model stays in the service process: inference releases the lock and is 6 ms per image.
@@ -37,11 +44,13 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import structlog
+from pydicom.dataset import Dataset
 
 from pacs_ai.config import FilterPolicy
 from pacs_ai.errors import UserError
 from pacs_ai.film_input import Prepared, prepare
 from pacs_ai.model import ModelInfo
+from pacs_ai.pixels_reduced import SmallDecode
 
 log = structlog.get_logger()
 
@@ -66,55 +75,107 @@ class RenderedReport:
     heatmap_error: str | None = None
 
 
-def prepare_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Prepared:
-    return prepare(path, policy, max_pixels)
+@dataclass(frozen=True)
+class KeptFilm:
+    """What the report step needs of a film, kept from its one read in prepare_image."""
+    header: Dataset | None = None  # pacs_ai.report.source_header's checked copy
+    error: str | None = None  # why no report can be made of the film ("report-failed: ...")
+    # the film's grey part of the heat-map picture (heatmap_image.picture_film), drawn from the
+    # model input's decode; None: render_report draws it from the file if a heat map is wanted
+    heatmap_film: Any = None
+
+
+def prepare_image(path: Path, policy: FilterPolicy, max_pixels: int,
+                  keep_for_report: bool = False, heatmap: bool = False) -> Prepared:
+    """`keep_for_report`: keep the film's KeptFilm in `Prepared.kept`; `heatmap`: a heat-map
+    image may be drawn of it (its picture is kept where that saves decoding it again)."""
+    if not keep_for_report:
+        return prepare(path, policy, max_pixels)
+    return prepare(path, policy, max_pixels,
+                   keep=lambda dataset, decoded: keep_for_report_step(dataset, decoded, heatmap))
+
+
+def keep_for_report_step(dataset: Dataset, decoded: SmallDecode, heatmap: bool) -> KeptFilm:
+    """The header (or why there is none) and, when a heat-map image may be drawn of the film,
+    its picture drawn from the model input's decode: reading and decoding a 10 MB film again
+    for its heat map cost 11 ms more than drawing the picture here (about 5 ms, paid for the
+    films that get no heat map too; bench/step_costs.py)."""
+    from pacs_ai.report import source_header
+
+    try:
+        header = source_header(dataset)
+    except Exception as error:  # ReportSourceError, a header pydicom cannot copy
+        return KeptFilm(error=f"report-failed: {error}")
+    if not heatmap:
+        return KeptFilm(header=header)
+    from pacs_ai.heatmap_image import picture_film
+
+    try:
+        film = picture_film(dataset, decoded)  # None where the picture needs its own decode
+    except Exception:  # drawn again from the file, if wanted, where the error is reported
+        film = None
+    return KeptFilm(header=header, heatmap_film=film)
 
 
 def render_report(image_path: Path, probability: float, model: ModelInfo,
-                  sr_kind: str, saliency: Any = None,
-                  heatmap_image: bool = False) -> RenderedReport:
+                  sr_kind: str, saliency: Any = None, heatmap_image: bool = False,
+                  kept: KeptFilm | None = None) -> RenderedReport:
     """The SR for one classified image, encoded; errors come back as values (some highdicom
     exceptions do not survive pickling). `saliency`: the film's normalised map grid
-    (pacs_ai.heatmap) or None; `heatmap_image`: also make the heat-map image from it."""
+    (pacs_ai.heatmap) or None; `heatmap_image`: also make the heat-map image from it.
+    `kept`: what prepare_image kept of the film; without it the file is read here."""
     import pydicom
 
     from pacs_ai.heatmap import region_polygon, to_film
-    from pacs_ai.report import build_report
+    from pacs_ai.report import build_report_from_header, source_header
 
+    source = None
     try:
-        source = pydicom.dcmread(image_path, stop_before_pixels=not heatmap_image)
+        if kept is None:
+            source = pydicom.dcmread(image_path, stop_before_pixels=not heatmap_image)
+            header = source_header(source)
+        elif kept.header is None:
+            return RenderedReport(error=kept.error or "report-failed: no header was kept")
+        else:
+            header = kept.header
         region = None
         if saliency is not None and probability >= model.threshold:
             polygon = region_polygon(saliency)
             if polygon is not None:
-                region = to_film(polygon, saliency.shape, int(source.Rows), int(source.Columns))
-        report = build_report(source, probability, model, sr_kind=sr_kind, region=region)
+                region = to_film(polygon, saliency.shape, int(header.Rows), int(header.Columns))
+        report = build_report_from_header(header, probability, model, sr_kind=sr_kind,
+                                          region=region)
         encoded = io.BytesIO()
         report.save_as(encoded, enforce_file_format=True)
     except Exception as error:  # ReportSourceError, ValueError, highdicom's checks
         return RenderedReport(error=f"report-failed: {error}")
     rendered = RenderedReport(report_uid=str(report.SOPInstanceUID), data=encoded.getvalue())
     if heatmap_image and saliency is not None:
-        return _with_heatmap(rendered, source, saliency, region, probability, model)
+        film = kept.heatmap_film if kept is not None else None
+        return _with_heatmap(rendered, image_path, source, header, film, saliency, region,
+                             probability, model)
     return rendered
 
 
-def _with_heatmap(rendered: RenderedReport, source: Any, saliency: Any, region: Any,
-                  probability: float, model: ModelInfo) -> RenderedReport:
-    """The rendered report with its heat-map image, or with heatmap_error saying why none."""
+def _with_heatmap(rendered: RenderedReport, image_path: Path, source: Dataset | None,
+                  header: Dataset, film: Any, saliency: Any, region: Any, probability: float,
+                  model: ModelInfo) -> RenderedReport:
+    """The rendered report with its heat-map image, or with heatmap_error saying why none.
+    `film`: the picture's film part kept from prepare; else drawn from `source` (read with its
+    pixels) or the file."""
     from dataclasses import replace
 
-    from pacs_ai.heatmap_image import build_heatmap_image, picture_size
-    from pacs_ai.pixels import display_picture
-    from pacs_ai.report import source_header
+    import pydicom
+
+    from pacs_ai.heatmap_image import build_heatmap_image, picture_film
 
     try:
-        # decoded no larger than the picture needs (a whole-factor reduction, at least the
-        # picture's size on each side), never a full-size float copy of a large film
-        film = display_picture(source, min_size=min(picture_size(int(source.Rows),
-                                                                 int(source.Columns))))
-        image = build_heatmap_image(source_header(source), film.values, saliency, region,
-                                    probability, model, box=film.box)
+        if film is None:
+            # decoded no larger than the picture needs (a whole-factor reduction, at least the
+            # picture's size on each side), never a full-size float copy of a large film
+            film = picture_film(source if source is not None else pydicom.dcmread(image_path))
+        image = build_heatmap_image(header, None, saliency, region, probability, model,
+                                    film=film)
         del film
         encoded = io.BytesIO()
         image.save_as(encoded, enforce_file_format=True)
@@ -222,25 +283,32 @@ class HelperPool:
         with _single_threaded_children():
             return [pool.submit(_warm_up) for _ in range(self.processes)]
 
-    def start_prepare(self, paths: Sequence[Path], policy: FilterPolicy,
-                      max_pixels: int) -> PendingWork[Prepared]:
+    def start_prepare(self, paths: Sequence[Path], policy: FilterPolicy, max_pixels: int, *,
+                      keep_for_report: bool = False,
+                      heatmap: bool = False) -> PendingWork[Prepared]:
         """Hand the images to the helper now; `.results()` waits for them. The worker starts
-        its next batch this way while it writes the current one's reports."""
-        calls = [(prepare_image, (path, policy, max_pixels)) for path in paths]
+        its next batch this way while it writes the current one's reports. `keep_for_report`,
+        `heatmap`: as prepare_image's."""
+        calls = [(prepare_image, (path, policy, max_pixels, keep_for_report, heatmap))
+                 for path in paths]
         crashed = [Prepared(path, status="error",
                             reason="decode-crashed: the helper process decoding this image died "
                                    "(a decoder crash); other images are unaffected")
                    for path in paths]
         return PendingWork(self, calls, crashed)
 
-    def start_render(self, items: Sequence[tuple[Path, float, Any, bool]], model: ModelInfo,
-                     sr_kind: str) -> PendingWork[RenderedReport]:
-        """items: (image path, probability, saliency grid or None, make the heat-map image)."""
-        calls = [(render_report, (path, probability, model, sr_kind, saliency, heatmap_image))
-                 for path, probability, saliency, heatmap_image in items]
+    def start_render(self, items: Sequence[tuple[Path, KeptFilm | None, float, Any, bool]],
+                     model: ModelInfo, sr_kind: str) -> PendingWork[RenderedReport]:
+        """items: (image path, what prepare kept of it or None, probability, saliency grid or
+        None, make the heat-map image)."""
+        calls = [(render_report, (path, probability, model, sr_kind, saliency, heatmap_image,
+                                  kept))
+                 for path, kept, probability, saliency, heatmap_image in items]
         crashed = [RenderedReport(error="report-failed: the helper process building this "
                                         "report died")] * len(items)
-        return PendingWork(self, calls, crashed)
+        # one message per report: each brings back an encoded SR and heat-map image (about
+        # 2 MB for a 10 MB film); a batch's together raised the helper's peak memory by 9 MB
+        return PendingWork(self, calls, crashed, together=False)
 
     def _submit(self, function: Callable[..., T], args: tuple[Any, ...]) -> tuple[Future[T], int]:
         assert self._pool is not None
@@ -272,29 +340,44 @@ class HelperPool:
 POOL_GONE = (BrokenProcessPool, CancelledError)
 
 
+def run_calls(calls: list[tuple[Callable[..., T], tuple[Any, ...]]]) -> list[T]:
+    """Several calls in one message to a helper, their results in one message back."""
+    return [function(*args) for function, args in calls]
+
+
+def in_shares(items: list[Any], shares: int) -> list[list[Any]]:
+    """`items` in at most `shares` runs of consecutive items, as even as can be."""
+    size = -(-len(items) // max(1, shares))
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
 class PendingWork(Generic[T]):
     """Calls handed to the helper, whose results are collected later by the same thread.
 
-    When the helper dies, every call in flight fails, its own or not. Those calls are then run
-    again one at a time in the new helper, so a crash names the one image that caused it; the
-    others get their normal results. Without a helper (`processes = 0`) the calls run at once,
-    in the calling thread.
+    `together`: the calls go in one message per helper (a batch of four films to one helper:
+    one message each way instead of four), shared out over the helpers; else one message per
+    call (calls whose results are large, so that a helper holds and pickles one result at a
+    time, not a batch's). When a helper dies, every call in
+    flight fails, its own or not. Those calls are then run again one at a time in the new
+    helper, so a crash names the one image that caused it; the others get their normal results.
+    Without a helper (`processes = 0`) the calls run at once, in the calling thread.
     """
 
     def __init__(self, work: HelperPool, calls: list[tuple[Callable[..., T], tuple[Any, ...]]],
-                 crashed: list[T]):
+                 crashed: list[T], together: bool = True):
         self._work = work
         self._calls = calls
         self._crashed = crashed
         self._done: list[T] | None = None
-        self._futures: list[Future[T]] = []
+        self._futures: list[Future[list[T]]] = []
         self._generation = work._generation  # the pool these calls went to
         if work._pool is None or not calls:
-            self._done = [function(*args) for function, args in calls]
+            self._done = run_calls(calls)
             return
+        self._shares = in_shares(calls, work.processes) if together else [[c] for c in calls]
         try:
-            for function, args in calls:
-                future, self._generation = work._submit(function, args)
+            for share in self._shares:
+                future, self._generation = work._submit(run_calls, (share,))
                 self._futures.append(future)
         except BrokenProcessPool:
             self._futures = []  # results() runs them one at a time
@@ -302,9 +385,9 @@ class PendingWork(Generic[T]):
     def results(self) -> list[T]:
         if self._done is not None:
             return self._done
-        if self._futures and len(self._futures) == len(self._calls):
+        if self._futures and len(self._futures) == len(self._shares):
             try:
-                self._done = [future.result() for future in self._futures]
+                self._done = [result for future in self._futures for result in future.result()]
                 return self._done
             except POOL_GONE:
                 pass

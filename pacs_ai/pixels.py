@@ -30,7 +30,7 @@ from pydicom.uid import UID
 
 from pacs_ai.config import DEFAULT_MAX_PIXELS
 from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
-from pacs_ai.pixels_reduced import SmallDecode, box_reduce, decode_small
+from pacs_ai.pixels_reduced import SmallDecode, box_reduce, decode_small, reduction_factor
 
 # Robust window when the file has neither VOI LUT nor window: clip the outer 0.5 % each side,
 # as viewers' "auto window" does, so a few hot or dead pixels do not set the contrast.
@@ -67,9 +67,35 @@ def display_picture(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     down by whole factors as long as each side keeps at least `min_size` pixels
     (`pacs_ai.pixels_reduced`)."""
     check_pixel_header(ds, max_pixels=max_pixels)
+    return display_from_decoded(ds, _decode(ds, min_size), min_size)
+
+
+def decode_for_display(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       min_size: int | None = None) -> SmallDecode:
+    """The first half of display_picture: the header checked, the stored values decoded (as
+    small as `min_size` allows). display_from_decoded makes pictures of it, at that size or a
+    larger `min_size` where decodes_alike says the codec would not decode finer."""
+    check_pixel_header(ds, max_pixels=max_pixels)
+    return _decode(ds, min_size)
+
+
+def decodes_alike(ds: Dataset, decoded: SmallDecode, min_size: int | None) -> bool:
+    """Whether decoding `ds` for `min_size` would give `decoded` again: the codec reduces by
+    the same factor (a native film is never reduced by its decoder, only averaged after)."""
+    if min_size is None:
+        return decoded.factor == 1
+    try:
+        return reduction_factor(ds, transfer_syntax(ds), min_size) == decoded.factor
+    except Exception:  # an odd header: decode again rather than guess
+        return False
+
+
+def display_from_decoded(ds: Dataset, decoded: SmallDecode,
+                         min_size: int | None = None) -> DisplayPicture:
+    """display_picture's second half, from stored values decode_for_display gave; `decoded`
+    is not changed, so one decode serves pictures of several sizes."""
     # float32 throughout, one working array per step: a 2500x2048 film is 20 MB per float32
     # copy, and every copy counts against the service's memory and time (issue 7)
-    decoded = _decode(ds, min_size)
     stored, down, across = decoded.stored, 1, 1
     # Averaged in boxes before the VOI, as a reduced decode is. A rescale is linear, so the
     # stored values are averaged before it (no full-size float array); a Modality LUT is not,

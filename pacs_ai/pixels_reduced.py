@@ -62,6 +62,18 @@ def decode_small(ds: Dataset, syntax: UID, min_size: int) -> SmallDecode | None:
     return None
 
 
+def reduction_factor(ds: Dataset, syntax: UID, min_size: int) -> int:
+    """The factor decode_small would decode this film smaller by for `min_size` (1: it would
+    not, the full decode), read from the header and the codestream's header alone. A decode
+    that then fails falls back to the full decode, so its factor is 1 whatever this says."""
+    if syntax in JPEG2000_SYNTAXES:
+        header = _jpeg2000_fit(ds, _first_frame(ds))
+        return 2 ** _jpeg2000_level(ds, header, min_size) if header is not None else 1
+    if syntax in JPEG_8BIT_SYNTAXES and _jpeg_fits(ds):
+        return largest_factor(int(ds.Rows), int(ds.Columns), min_size, DCT_SCALES)
+    return 1
+
+
 def box_reduce(values: np.ndarray, min_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Average `values` (stored integers or float) in boxes of whole pixels, each side at least
     `min_size` after (the last box of a row or column averages what is left); returns float32
@@ -105,19 +117,13 @@ def _strided_sums(values: np.ndarray, step: int, axis: int) -> np.ndarray:
 
 def _jpeg2000_small(ds: Dataset, min_size: int) -> SmallDecode | None:
     frame = _first_frame(ds)
-    header = jpeg2000_header(frame)
+    header = _jpeg2000_fit(ds, frame)
     if header is None:
         return None
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
-    if (header.rows, header.columns) != (rows, columns) or header.signed != signed \
-            or header.precision != bits_stored:
-        return None  # pydicom's decoder knows how to correct such files
-    level = largest_factor(rows, columns, min_size,
-                           tuple(2 ** n for n in range(1, header.levels + 1))).bit_length() - 1
+    level = _jpeg2000_level(ds, header, min_size)
     if level == 0:
         return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
     try:
         decoded = decode_jpeg2000_level(frame, level, header, int(ds.BitsAllocated))
     except Exception:  # Pillow's errors on a stream pydicom's decoder may still read
@@ -127,6 +133,26 @@ def _jpeg2000_small(ds: Dataset, min_size: int) -> SmallDecode | None:
     # the low-pass sample i of level n sits on the film's pixel 2**n * i (ISO 15444-1 F.3),
     # not in the middle of a 2**n box: a shift of half a pixel less half a reduced pixel
     return SmallDecode(decoded, 2 ** level, 0.5 - 0.5 / 2 ** level)
+
+
+def _jpeg2000_fit(ds: Dataset, frame: bytes) -> Jpeg2000Header | None:
+    """The codestream's header when it agrees with the dataset's (size, sign, precision), so
+    that a level can be decoded here; None: pydicom's decoder, which corrects such files."""
+    header = jpeg2000_header(frame)
+    if header is None:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    if (header.rows, header.columns) != (int(ds.Rows), int(ds.Columns)) \
+            or header.signed != signed or header.precision != bits_stored:
+        return None
+    return header
+
+
+def _jpeg2000_level(ds: Dataset, header: Jpeg2000Header, min_size: int) -> int:
+    """The coarsest resolution level whose sides keep at least `min_size` pixels (0: full)."""
+    choices = tuple(2 ** n for n in range(1, header.levels + 1))
+    return largest_factor(int(ds.Rows), int(ds.Columns), min_size, choices).bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -195,10 +221,16 @@ def decode_jpeg2000_level(frame: bytes, level: int, header: Jpeg2000Header,
 
 # --- JPEG (8-bit) ---------------------------------------------------------------------------
 
+def _jpeg_fits(ds: Dataset) -> bool:
+    """8 bits allocated and stored, unsigned: else pydicom's decoder, which corrects fewer
+    bits stored and signed values."""
+    return (int(ds.BitsAllocated), int(ds.get("BitsStored", 8)),
+            int(ds.get("PixelRepresentation", 0))) == (8, 8, 0)
+
+
 def _jpeg_small(ds: Dataset, min_size: int) -> SmallDecode | None:
-    if (int(ds.BitsAllocated), int(ds.get("BitsStored", 8)),
-            int(ds.get("PixelRepresentation", 0))) != (8, 8, 0):
-        return None  # pydicom's decoder corrects fewer bits stored and signed values
+    if not _jpeg_fits(ds):
+        return None
     rows, columns = int(ds.Rows), int(ds.Columns)
     scale = largest_factor(rows, columns, min_size, DCT_SCALES)
     if scale == 1:

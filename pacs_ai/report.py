@@ -173,14 +173,39 @@ def build_report(
     Raises :class:`ReportSourceError` for a source that lacks what a report needs, and
     ``ValueError`` for a probability outside [0, 1] or an unknown ``sr_kind``.
     """
-    sr_class_uid = SR_KINDS.get(sr_kind)
-    if sr_class_uid is None:
+    _check_arguments(probability, sr_kind)
+    return build_report_from_header(
+        source_header(source), probability, model, sr_kind=sr_kind, manufacturer=manufacturer,
+        institution_name=institution_name,
+        institutional_department_name=institutional_department_name,
+        series_number=series_number, region=region)
+
+
+def _check_arguments(probability: float, sr_kind: str) -> None:
+    if sr_kind not in SR_KINDS:
         raise ValueError(f"sr_kind {sr_kind!r} is not one of {', '.join(sorted(SR_KINDS))}")
     probability = float(probability)
     if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
         raise ValueError(f"probability {probability!r} is not in [0, 1]")
 
-    header = source_header(source)
+
+def build_report_from_header(
+    header: Dataset,
+    probability: float,
+    model: ModelInfo,
+    *,
+    sr_kind: str = DEFAULT_SR_KIND,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    institution_name: str | None = None,
+    institutional_department_name: str | None = None,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    region: Any = None,
+) -> Dataset:
+    """build_report from the source's checked header (source_header's copy, which the helper
+    keeps from the film's one read); the same report, attribute for attribute."""
+    _check_arguments(probability, sr_kind)
+    sr_class_uid = SR_KINDS[sr_kind]
+    probability = float(probability)
     source_uid = str(header.SOPInstanceUID)
     content = _measurement_report(header, probability, model, manufacturer, region)
 

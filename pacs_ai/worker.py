@@ -4,7 +4,9 @@ A worker uses exactly the steps of `pacs-ai classify` (`pacs_ai.film_input.prepa
 decode pixels -> the one preprocessing function), then the model on a batch, so the service and
 the offline classifier give the same probability for the same file. When a backlog builds, a
 worker claims up to `[workers] batch_size` jobs at once; a lone image is classified alone.
-Decoding and building the SR run in a helper process (`pacs_ai.helper_processes`), the model here.
+Decoding and building the SR run in a helper process (`pacs_ai.helper_processes`), the model here;
+the helper reads each film once, and what the report needs of it comes back with the model input
+(`KeptFilm`) and goes back with the probability.
 Under a backlog the next batch is claimed, and its images handed to the helper, while this
 batch's reports are written; a worker that stops gives that batch back to pending.
 
@@ -34,7 +36,8 @@ from pacs_ai import metrics
 from pacs_ai.config import Config
 from pacs_ai.film_input import Prepared, PrepareStatus
 from pacs_ai.finding import Finding
-from pacs_ai.helper_processes import HelperPool, HelperPoolStopped, PendingWork, RenderedReport
+from pacs_ai.helper_processes import (HelperPool, HelperPoolStopped, KeptFilm, PendingWork,
+                                      RenderedReport)
 from pacs_ai.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.model import PneumoniaModel
 from pacs_ai.routing import RouteFacts, choose_route
@@ -75,6 +78,7 @@ class _Ready:
     model_input: np.ndarray
     prepare_seconds: float
     age_known: bool | None  # the header gave a usable patient age
+    kept: KeptFilm | None  # what the helper kept of the film for its report
 
 
 class ClassificationWorker(threading.Thread):
@@ -98,6 +102,8 @@ class ClassificationWorker(threading.Thread):
         # and what to do with films without an age ([model] unknown_age)
         self.filters = config.filters.with_intended_age(model.info.intended_age_years,
                                                         config.model.unknown_age)
+        # whether a film may get a heat-map image (the helper then keeps what draws it)
+        self.heatmaps = config.report.heatmap and model.has_saliency
         self._storage_backoff = STORAGE_BACKOFF_FIRST_SECONDS
         # The next batch, claimed while this one's reports are written so the helper is not
         # idle meanwhile (measured: 21 % of a burst's worker time was model + writes).
@@ -144,7 +150,7 @@ class ClassificationWorker(threading.Thread):
         try:
             prepared = self.helper_pool.start_prepare(
                 [self.spool.resolve(job.image_file) for job in jobs], self.filters,
-                self.config.limits.max_pixels)
+                self.config.limits.max_pixels, keep_for_report=True, heatmap=self.heatmaps)
         except Exception as error:  # settled with the batch, like any error while processing
             return _Batch(list(jobs), None, error)
         return _Batch(list(jobs), prepared)
@@ -211,7 +217,8 @@ class ClassificationWorker(threading.Thread):
                 self._fail(job, Stage.CLASSIFY, item.reason or "error")
             else:
                 # the image's own decode time, not its wait behind other work in the helper
-                ready.append(_Ready(job, item.model_input, item.seconds, item.age_known))
+                ready.append(_Ready(job, item.model_input, item.seconds, item.age_known,
+                                    item.kept))
         if not ready:
             return
         started = time.perf_counter()
@@ -254,7 +261,7 @@ class ClassificationWorker(threading.Thread):
             probabilities = [float(p) for p in probabilities]
         maps, heatmap_images = self._maps_wanted(probabilities, maps)
         rendering = self.helper_pool.start_render(
-            [(self.spool.resolve(r.job.image_file), p, grid, image)
+            [(self.spool.resolve(r.job.image_file), r.kept, p, grid, image)
              for r, p, grid, image in zip(ready, probabilities, maps, heatmap_images)],
             self.model.info, self.config.report.sr_kind)
         self._claim_next_batch()  # its images queue behind these reports in the helper

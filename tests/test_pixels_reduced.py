@@ -27,7 +27,8 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8
 
 from pacs_ai.film_input import dataset_display_image
 from pacs_ai.pixels import decode_pixels, display_array
-from pacs_ai.pixels_reduced import box_reduce, decode_jpeg2000_level, jpeg2000_header
+from pacs_ai.pixels_reduced import (box_reduce, decode_jpeg2000_level, decode_small,
+                                    jpeg2000_header, reduction_factor)
 from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 from testbed.dicom_peers import synthetic_radiograph
@@ -237,3 +238,39 @@ def test_a_codestream_that_disagrees_with_the_header_is_decoded_by_pydicom():
     ds.BitsStored, ds.HighBit = 12, 11
     picture = dataset_display_image(ds)
     assert picture.values.shape == (450, 500)  # averaged in 2 x 2 boxes after a full decode
+
+
+# --- one decode for the model input and the heat-map picture (issue 25 item 2) ---------------
+
+FACTOR_CASES = [(name, syntax) for name, syntax in CASES
+                if syntax in (JPEG2000Lossless, JPEGBaseline8Bit)]
+
+
+@pytest.mark.parametrize(("name", "syntax"), FACTOR_CASES,
+                         ids=[f"{name}-{pydicom.uid.UID(s).keyword}" for name, s in FACTOR_CASES])
+def test_the_reduction_a_decode_will_make_is_known_from_the_header(name, syntax):
+    """reduction_factor says, without decoding, what decode_small will do for each size: what
+    lets one decode serve the model input and the heat-map picture where they agree."""
+    ds = synthetic_film(name, syntax)
+    for min_size in (DECODE_MIN_SIZE, 600, 900, 1300, 5000):
+        decoded = decode_small(ds, syntax, min_size)
+        assert reduction_factor(ds, syntax, min_size) == (decoded.factor if decoded else 1), \
+            min_size
+
+
+def test_a_picture_from_the_model_inputs_decode_is_the_one_a_decode_of_its_own_gives():
+    """The heat-map picture drawn from the model input's decode is exactly the one drawn from
+    a decode for the picture, where the codec decodes both alike (a sample's level 1); where it
+    would not (a 2500 x 2048 film: level 2 for the model, 1 for the picture), none is drawn
+    from it."""
+    from pacs_ai.heatmap_image import picture_film
+    from pacs_ai.pixels import decode_for_display
+
+    sample = pydicom.dcmread(SAMPLE_DICOMS / JPEG2000_SAMPLES[0]["file"])
+    decoded = decode_for_display(sample, min_size=DECODE_MIN_SIZE)
+    assert decoded.factor == 2
+    assert np.array_equal(picture_film(sample, decoded), picture_film(sample))
+    large = synthetic_film("2500x2048-12bit", JPEG2000Lossless)
+    decoded = decode_for_display(large, min_size=DECODE_MIN_SIZE)
+    assert decoded.factor == 4
+    assert picture_film(large, decoded) is None
