@@ -13,7 +13,8 @@ bench/run_bench.py makes them, and the sample DICOMs the manifest expects to be 
   (pacs_ai.pixels.decode_for_display), once per film, as the helper does;
 - preprocess: the display picture from those values and the one preprocessing function;
 - model: the shipped model's one pass with maps (assess_with_saliency) at batch 4 (the
-  service's batch size), divided by 4; torch's default threads, as shipped;
+  service's batch size), divided by 4; as many torch threads as the service would use here
+  (pacs_ai.capacity.model_threads);
 - report build: the checked header copied from the dataset as read, the SR built from it and
   encoded (source_header, build_report_from_header, save_as), as the helper does;
 - heat-map image: the film's picture drawn from the decode above (read and decoded again only
@@ -48,6 +49,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import structlog  # noqa: E402
+import torch  # noqa: E402
 
 from run_bench import (MODEL_PATH, BareStorageScp, sample_files, synthetic_files)  # noqa: E402
 from pacs_ai.heatmap import normalised  # noqa: E402
@@ -219,6 +221,14 @@ def film_costs(films: list[Path], model: PneumoniaModel, repeats: int,
     return figures
 
 
+def service_torch_threads() -> int:
+    """The model threads `pacs-ai serve` would use on this machine with the shipped defaults."""
+    from pacs_ai.capacity import sized_config
+    from pacs_ai.config import parse_config
+
+    return sized_config(parse_config({}, base_dir=REPO_ROOT)).workers.torch_threads
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic", type=int, default=10)
@@ -230,6 +240,9 @@ def main() -> int:
     sets = {f"2500x2048 DX, {args.synthetic} films": synthetic_files(args.synthetic),
             "samples (21, every syntax)": sample_files(None)}
     model = PneumoniaModel.load(MODEL_PATH)
+    torch_threads = service_torch_threads()
+    torch.set_num_threads(torch_threads)
+    print(f"model threads: {torch_threads}, as the service would choose here", flush=True)
     results: dict[str, dict[str, float]] = {}
     for name, films in sets.items():
         with tempfile.TemporaryDirectory(prefix="step-costs-") as folder:
@@ -252,6 +265,7 @@ def main() -> int:
         print(f"| {step} | {' | '.join(str(results[name][step]) for name in names)} |")
     if args.json is not None:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "results": results,
+                                         "torch_threads": torch_threads,
                                          "load_average": list(__import__("os").getloadavg())},
                                         indent=2))
     return 0

@@ -14,7 +14,9 @@ The rule: one CPU for the main process (the listener, which receives in one Pyth
 model and the senders), one helper process for each further CPU, at most MAX_AUTO_HELPERS, and
 no more than the memory holds after the main process and a film per association in flight.
 The helpers are shared out over workers of at most `batch_size` helpers each, since a worker
-hands one batch at a time to its own helpers. An explicit number in the config always wins.
+hands one batch at a time to its own helpers. The model (in the main process) gets as many
+threads as the CPUs the helpers leave, one at least (`[workers] torch_threads = 0`). An
+explicit number in the config always wins.
 """
 
 from __future__ import annotations
@@ -156,18 +158,32 @@ def _memory_max(path: Path) -> int | None:
         return None
 
 
+def model_threads(workers: WorkersConfig, resources: Resources, helpers: int) -> int:
+    """[workers] torch_threads, 0 derived: the CPUs the helpers leave the main process, one at
+    least. torch's own default, a thread per core, has the model's threads wait for cores the
+    helpers and the listener hold: on the 2-core VM one thread cost 11 ms less CPU per film in
+    a burst than two (mean of four pairs, 0 to 19), latency and throughput no worse
+    (docs/benchmarks.md, "The model's threads")."""
+    if workers.torch_threads:
+        return workers.torch_threads
+    return max(1, math.floor(resources.cpus) - helpers)
+
+
 def sized_config(config: Config, resources: Resources | None = None) -> Config:
     """`config` with integers for [workers] count and processes, logged (`workers_sized`) with
     the figures they came from."""
     resources = resources or available_resources()
     sizing = size_workers(config.workers, resources, config.limits.max_associations)
+    torch_threads = model_threads(config.workers, resources, sizing.helpers)
     log.info("workers_sized", count=sizing.count, processes=sizing.processes,
              helper_processes=sizing.helpers, limited_by=sizing.limited_by,
+             torch_threads=torch_threads, configured_torch_threads=config.workers.torch_threads,
              configured_count=config.workers.count,
              configured_processes=config.workers.processes,
              cpus=round(resources.cpus, 2), affinity_cpus=resources.affinity_cpus,
              cpu_quota=None if resources.cpu_quota is None else round(resources.cpu_quota, 2),
              memory_mb=round(resources.memory_bytes / 2**20),
              memory_source=resources.memory_source)
-    workers = dataclasses.replace(config.workers, count=sizing.count, processes=sizing.processes)
+    workers = dataclasses.replace(config.workers, count=sizing.count, processes=sizing.processes,
+                                  torch_threads=torch_threads)
     return dataclasses.replace(config, workers=workers)

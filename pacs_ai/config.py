@@ -210,7 +210,7 @@ class WorkersConfig:
     count: int | str = AUTO  # an int, or AUTO until the service has sized it
     processes: int | str = AUTO  # helpers per worker for decoding and SRs; 0: in the worker thread
     batch_size: int = 4  # peak memory of a model call: +25 MB at 4, +90 MB at 16; ms/image alike
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: the CPUs the helpers leave, one at least (pacs_ai.capacity)
 
 
 def _text_tuple(name: str, value: Any) -> tuple[str, ...]:

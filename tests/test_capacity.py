@@ -184,6 +184,32 @@ def test_sized_config_logs_the_figures_it_used(tmp_path):
     json.dumps(event)  # a JSON log line
 
 
+@pytest.mark.parametrize("cpus, processes, threads", [
+    (1, "auto", 1),   # one helper: one thread still
+    (2, "auto", 1),   # the development machine: 1 helper, the model keeps one CPU
+    (4, "auto", 1),   # 1 x 3 helpers
+    (8, "auto", 2),   # 2 x 3 helpers
+    (16, "auto", 8),  # 8 helpers (the cap)
+    (2, 0, 2),        # no helper: the model may use both
+])
+def test_the_models_threads_are_the_cpus_the_helpers_leave(tmp_path, cpus, processes, threads):
+    """torch's default (a thread per core) had the model wait for cores the helper and the
+    listener held; [workers] torch_threads = 0 now means what the helpers leave (issue 25)."""
+    config = parse_config({"workers": {"processes": processes}}, base_dir=tmp_path)
+    assert config.workers.torch_threads == 0
+    with structlog.testing.capture_logs() as logs:
+        sized = sized_config(config, resources(cpus, memory_gib=64))
+    assert sized.workers.torch_threads == threads
+    [event] = [e for e in logs if e["event"] == "workers_sized"]
+    assert event["torch_threads"] == threads and event["configured_torch_threads"] == 0
+
+
+def test_a_configured_number_of_model_threads_wins(tmp_path):
+    config = parse_config({"workers": {"torch_threads": 3}}, base_dir=tmp_path)
+    assert sized_config(config, resources(16, memory_gib=64)).workers.torch_threads == 3
+    assert sized_config(config, resources(1, memory_gib=64)).workers.torch_threads == 3
+
+
 @pytest.mark.real_peer
 def test_the_service_sizes_itself_under_taskset(tmp_path):
     """`taskset -c 0` restricts the service to one CPU: its log says what it chose from it."""
