@@ -535,11 +535,9 @@ def label_values_in_code() -> dict[str, set[str]]:
                 for keyword in node.keywords:
                     if keyword.arg == "stage":
                         failed |= stage(keyword.value)
-    finding = {constant.value
-               for function in ast.walk(ast.parse((source / "model.py").read_text()))
-               if isinstance(function, ast.FunctionDef) and function.name == "finding"
-               for constant in ast.walk(function) if isinstance(constant, ast.Constant)
-               and isinstance(constant.value, str) and constant.value.isalpha()}
+    from pacs_ai.finding import Finding
+
+    finding = {str(member) for member in Finding}  # what model.finding returns
     from pacs_ai import arrivals, metrics
 
     return {"pacs_ai_rejected_total{reason}": rejected, "pacs_ai_skipped_total{reason}": skipped,
