@@ -6,7 +6,8 @@ interval gets a thread that echoes at start-up and then every interval, over its
 association (the destination's AE titles, timeout and TLS, as its reports). An echo answered
 makes the deliveries that wait because the destination could not be reached due at once.
 
-The latest result per destination is written to `<spool>/destination-echo.json`, so
+The latest result per destination is written to `<spool>/destination-echo.json`
+(`pacs_ai.echo_results`), so
 `pacs-ai status` (another process) shows it as /healthz does; metrics
 pacs_ai_destination_echo_ok and pacs_ai_destination_echo_timestamp_seconds; a change from ok to
 failed is logged (echo_failed, a warning) and back (echo_recovered). DICOMweb destinations
@@ -15,56 +16,17 @@ have no C-ECHO: the key is refused for them in the config.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
 from pacs_ai import metrics
 from pacs_ai.config import Destination
+from pacs_ai.echo_results import EchoResult, EchoResults
 
 log = structlog.get_logger()
-
-RESULTS_FILE = "destination-echo.json"
-
-
-@dataclass(frozen=True)
-class EchoResult:
-    ok: bool
-    at: float  # Unix time of the echo
-    detail: str  # "0x0000", or why it failed
-    milliseconds: float
-    failing_since: float | None  # the first failed echo since the last ok one
-
-
-class EchoResults:
-    """The latest echo result per destination, in a small JSON file in the spool."""
-
-    def __init__(self, spool_root: Path):
-        self.path = Path(spool_root) / RESULTS_FILE
-        self._lock = threading.Lock()
-
-    def update(self, name: str, result: EchoResult) -> None:
-        with self._lock:
-            results = load_results(self.path.parent)
-            results[name] = asdict(result)
-            staged = self.path.with_suffix(".tmp")
-            staged.write_text(json.dumps(results, indent=1, sort_keys=True))
-            os.replace(staged, self.path)  # readers see the old file or the new one, whole
-
-
-def load_results(spool_root: Path) -> dict[str, dict[str, Any]]:
-    """Destination name -> its latest echo result as written by EchoResults ({} if none)."""
-    try:
-        data = json.loads((Path(spool_root) / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class DestinationEcho(threading.Thread):

@@ -102,7 +102,7 @@ def destinations_state(store: JobStore, config: Config, now: float | None = None
     spool's destination-echo.json; None where echoes are off), and its health in one word with
     the reason (:func:`destination_health`). `pacs-ai status`, /healthz and the queue page all
     show this, so they cannot disagree."""
-    from pacs_ai.destination_echo import load_results
+    from pacs_ai.echo_results import load_results
 
     now = time.time() if now is None else now
     echoing = {d.name for d in config.destinations if d.echo_interval_seconds > 0}

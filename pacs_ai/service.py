@@ -24,7 +24,8 @@ from pacs_ai import audit, health, metrics
 from pacs_ai.audit import AuditTrail
 from pacs_ai.capacity import sized_config
 from pacs_ai.config import Config
-from pacs_ai.destination_echo import DestinationEcho, EchoResults
+from pacs_ai.destination_echo import DestinationEcho
+from pacs_ai.echo_results import EchoResults
 from pacs_ai.helper_processes import HelperPool
 from pacs_ai.http_server import start_http_server
 from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info

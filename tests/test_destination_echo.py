@@ -15,7 +15,8 @@ import structlog.testing
 
 from pacs_ai import metrics
 from pacs_ai.config import ConfigError, parse_config
-from pacs_ai.destination_echo import DestinationEcho, EchoResults, load_results
+from pacs_ai.destination_echo import DestinationEcho
+from pacs_ai.echo_results import EchoResults, load_results
 from testbed.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
                                  write_service_config)
 from testbed.real_peers import Orthanc, orthanc_destination
