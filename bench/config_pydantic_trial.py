@@ -50,7 +50,7 @@ DEFAULT_METRICS_PORT = 9108
 
 # --- Defaults the stages share, kept here so the config needs none of them ---------------------
 # A 43 x 43 cm detector at 0.1 mm pixels is ~18.5 Mpx; 50 Mpx leaves room and bounds memory
-# (float64 intermediate: 400 MB). [limits] max_pixels; pacs_ai.pixels' guard.
+# (float64 intermediate: 400 MB). [limits] max_pixels; pacs_ai.film.pixels' guard.
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_AGE_YEARS = 150  # an upper bound for age ranges; older stated ages are not believed
 # [model] unknown_age: what to do with a film whose header gives no usable age
@@ -369,7 +369,7 @@ class StorageConfig:
     keep_failed_days: NonNegative = 7.0
 
 
-# A threshold's binding to the model file it was chosen for (pacs_ai.site_threshold checks it):
+# A threshold's binding to the model file it was chosen for (pacs_ai.model.site_threshold checks it):
 # key names, as the config file and the lines `pacs-ai evaluate` proposes spell them
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 VERSION_KEY = "threshold_model_version"
@@ -392,9 +392,9 @@ class SiteThreshold:
 class ModelConfig:
     __pydantic_config__ = TABLE
     path: File | None = None  # None: the shipped model (default_model_path)
-    # The site's settings over the model file's own; None: the file's (pacs_ai.intended_use).
+    # The site's settings over the model file's own; None: the file's (pacs_ai.model.intended_use).
     threshold: Fraction | None = None
-    # The model file the threshold was chosen for (pacs_ai.site_threshold): start-up refuses
+    # The model file the threshold was chosen for (pacs_ai.model.site_threshold): start-up refuses
     # it for another file unless threshold_for_any_model
     threshold_model_version: Filled | None = None
     threshold_model_sha256: Sha256 | None = None
@@ -403,7 +403,7 @@ class ModelConfig:
     max_age_years: Age | None = None
     ood_threshold: Annotated[float, Strict(), Field(ge=1e-9, le=1e9)] | None = None  # abstain above this out-of-distribution score
     # A film whose header gives no usable age: "classify" (the out-of-distribution gate alone
-    # decides) or "skip" (pacs_ai.filters). Not the model file's: a site choice, default classify.
+    # decides) or "skip" (pacs_ai.film.filters). Not the model file's: a site choice, default classify.
     unknown_age: choice(*UNKNOWN_AGE_CHOICES) = UNKNOWN_AGE_CLASSIFY
 
     @property
@@ -415,11 +415,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ShadowConfig:
     """[shadow]: a candidate model run on every film the live model assesses, its results
-    kept in the job store only (pacs_ai.shadow); never reported."""
+    kept in the job store only (pacs_ai.classify.shadow); never reported."""
 
     __pydantic_config__ = TABLE
     model: File | None = None  # None: no shadow
-    # over the shadow file's own values, bound to it as [model]'s are (pacs_ai.site_threshold)
+    # over the shadow file's own values, bound to it as [model]'s are (pacs_ai.model.site_threshold)
     threshold: Fraction | None = None
     threshold_model_version: Filled | None = None
     threshold_model_sha256: Sha256 | None = None
@@ -432,7 +432,7 @@ class ShadowConfig:
                              self.threshold_model_sha256, self.threshold_for_any_model)
 
 
-AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.capacity)
+AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.classify.capacity)
 
 
 @dataclass(frozen=True)
@@ -455,7 +455,7 @@ def _text_tuple(name: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FilterPolicy:
-    """[filters]: what to classify (pacs_ai.filters applies it). Every field but the last two
+    """[filters]: what to classify (pacs_ai.film.filters applies it). Every field but the last two
     is a TOML-friendly type, so a config table maps straight onto it:
     ``FilterPolicy(**config["filters"])``. Lists are accepted and stored as tuples; text values
     are compared case-insensitively. An empty tuple means "no restriction". The last two, `intended_age_years` and `unknown_age`, come from the model and
@@ -485,7 +485,7 @@ class FilterPolicy:
     allow_missing_view_position: StrictBool = False
     # The effective age range of the model in use, [min, max] years (min <= age < max + 1), or
     # None: no age check. Not a [filters] key: start-up sets it from the model file and
-    # [model] min_age_years/max_age_years (pacs_ai.intended_use.site_model_info).
+    # [model] min_age_years/max_age_years (pacs_ai.model.intended_use.site_model_info).
     intended_age_years: tuple[float, float] | None = field(default=None,
                                                             metadata={"config": False})
     # A film without a usable age: "classify" (the out-of-distribution gate alone decides) or
@@ -590,13 +590,13 @@ class HttpTarget:
 
 @dataclass(frozen=True)
 class DicomWebTarget(HttpTarget):
-    """A kind = "dicomweb" destination: STOW-RS (pacs_ai.stow_transport)."""
+    """A kind = "dicomweb" destination: STOW-RS (pacs_ai.deliver.stow_transport)."""
 
 
 @dataclass(frozen=True)
 class FhirTarget(HttpTarget):
-    """A kind = "fhir" destination: a DiagnosticReport and its Observation (pacs_ai.fhir_report)
-    in one transaction Bundle POSTed to the FHIR base URL (pacs_ai.fhir_transport)."""
+    """A kind = "fhir" destination: a DiagnosticReport and its Observation (pacs_ai.deliver.fhir_report)
+    in one transaction Bundle POSTed to the FHIR base URL (pacs_ai.deliver.fhir_transport)."""
 
     # The system of the patient identifiers the EHR knows (its MRN system URI); None: the
     # patient is named by the Patient ID's value alone.
@@ -605,7 +605,7 @@ class FhirTarget(HttpTarget):
 
 @dataclass(frozen=True)
 class Hl7Target:
-    """A kind = "hl7" destination: ORU^R01 over MLLP (pacs_ai.hl7_message, hl7_transport); the
+    """A kind = "hl7" destination: ORU^R01 over MLLP (pacs_ai.deliver.hl7_message, hl7_transport); the
     MSH fields a RIS interface routes on. Host, port, TLS and timeout are the Destination's."""
 
     sending_facility: str = ""  # MSH-4
@@ -730,7 +730,7 @@ DEFAULT_MAX_ABSTENTION_RATE = 0.10
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """What a model's results should look like at this site (pacs_ai.drift): the queue page's
+    """What a model's results should look like at this site (pacs_ai.ops.drift): the queue page's
     chart and the /metrics gauges the Prometheus alerts compare against
     (deploy/prometheus/)."""
 
@@ -766,7 +766,7 @@ class StatusConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit trail (pacs_ai.audit): a JSON-lines file, apart from the operational log."""
+    """The audit trail (pacs_ai.ops.audit): a JSON-lines file, apart from the operational log."""
 
     __pydantic_config__ = TABLE
     enabled: StrictBool = True
@@ -902,7 +902,7 @@ def _limits_rules(limits: LimitsConfig) -> LimitsConfig:
 
 
 def _threshold_rules(table: ModelConfig | ShadowConfig) -> None:
-    """threshold and the keys that bind it to a model file (pacs_ai.site_threshold)."""
+    """threshold and the keys that bind it to a model file (pacs_ai.model.site_threshold)."""
     bound = (table.threshold_model_version is not None, table.threshold_model_sha256 is not None)
     if any(bound) and table.threshold is None:
         key = VERSION_KEY if bound[0] else SHA256_KEY

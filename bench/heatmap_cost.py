@@ -8,7 +8,7 @@ runs/bench-cache/ as bench/run_bench.py makes them), with one torch thread as th
 default worker runs:
 - map: what the worker's one pass with maps (`PneumoniaModel.assess_with_saliency`) costs more
   than the pass without (`assess`), on the film alone; it is paid for every classified film;
-- report: `pacs_ai.helper_processes.render_report` as the helper runs it, without a map (the SR as
+- report: `pacs_ai.classify.helper_processes.render_report` as the helper runs it, without a map (the SR as
   before) and with it (SR with the TID 1410 region + the heat-map Secondary Capture, which
   decodes the film again). Added = with - without.
 CPU time is `time.process_time` (this process, all threads), median over the repeats; memory is
@@ -31,10 +31,10 @@ import pydicom
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pacs_ai.helper_processes import render_report  # noqa: E402
-from pacs_ai.model import PneumoniaModel  # noqa: E402
-from pacs_ai.pixels import display_array  # noqa: E402
-from pacs_ai.preprocessing import to_model_input  # noqa: E402
+from pacs_ai.classify.helper_processes import render_report  # noqa: E402
+from pacs_ai.model.model import PneumoniaModel  # noqa: E402
+from pacs_ai.film.pixels import display_array  # noqa: E402
+from pacs_ai.model.preprocessing import to_model_input  # noqa: E402
 
 
 def films(synthetic: int) -> list[Path]:

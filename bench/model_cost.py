@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pacs_ai.config import default_model_path  # noqa: E402
-from pacs_ai.model import PneumoniaModel  # noqa: E402
+from pacs_ai.model.model import PneumoniaModel  # noqa: E402
 
 
 def per_film_ms(call, batch: np.ndarray, repeats: int) -> float:

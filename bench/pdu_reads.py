@@ -1,5 +1,5 @@
 """CPU of the receiving thread per 10 MB film, read in 1 MiB PDUs over a local socket pair:
-pynetdicom's own way (4 KiB per recv call) against pacs_ai.sockets.read_pdus_in_large_chunks.
+pynetdicom's own way (4 KiB per recv call) against pacs_ai.network.sockets.read_pdus_in_large_chunks.
 
     .venv/bin/python bench/pdu_reads.py
 """
@@ -11,7 +11,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from pacs_ai.sockets import read_pdus_in_large_chunks
+from pacs_ai.network.sockets import read_pdus_in_large_chunks
 
 PDU_BYTES = 1 << 20
 FILM_BYTES = 10_000_000

@@ -1,12 +1,12 @@
 """pynetdicom's STORE_RECV_CHUNKED_DATASET against the listener's in-memory buffer: wall time and
 CPU of the receiving process per film, for films sent by DCMTK storescu in one association.
 
-- buffer (what pacs_ai.scp does): the dataset arrives in memory (`event.request.DataSet`); the
+- buffer (what pacs_ai.receive.scp does): the dataset arrives in memory (`event.request.DataSet`); the
   handler writes a Part 10 header and that buffer to a file in the spool, fsyncs, renames.
 - chunked: pynetdicom writes each received fragment to a temporary Part 10 file itself (here in
   the spool's folder, so a rename is enough); the handler fsyncs and renames it.
 
-Both read PDUs with pacs_ai.sockets.read_pdus_in_large_chunks, as the listener does. Each run
+Both read PDUs with pacs_ai.network.sockets.read_pdus_in_large_chunks, as the listener does. Each run
 is a fresh process (the setting is process-wide); the modes alternate.
 
     .venv/bin/python bench/recv_chunked.py [--films 10] [--repeats 3]
@@ -35,7 +35,7 @@ def receive(mode: str, films: list[Path], spool: Path) -> dict:
     from pynetdicom import AE, StoragePresentationContexts, _config, evt
     from pynetdicom.dsutils import encode_file_meta
 
-    from pacs_ai.sockets import read_pdus_in_large_chunks
+    from pacs_ai.network.sockets import read_pdus_in_large_chunks
     from testbed.dicom_peers import free_port
 
     spool.mkdir(parents=True, exist_ok=True)

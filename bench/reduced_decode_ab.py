@@ -1,4 +1,4 @@
-"""CPU of `pacs_ai.film_input.prepare` per file with the reduced decode (issue 16) and at full size,
+"""CPU of `pacs_ai.film.film_input.prepare` per file with the reduced decode (issue 16) and at full size,
 in one process, alternating, so both see the same machine load.
 
     .venv/bin/python bench/reduced_decode_ab.py [--repeats 9]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 
-import pacs_ai.film_input as film_input  # noqa: E402
+import pacs_ai.film.film_input as film_input  # noqa: E402
 from pacs_ai.config import FilterPolicy  # noqa: E402
 
 SAMPLES = REPO_ROOT / "sample_dicoms"

@@ -375,9 +375,9 @@ def shadow_statuses(queue: Path) -> dict[str, int]:
 # --- micro-figures --------------------------------------------------------------------------------
 
 def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
-    """Median seconds of pacs_ai.film_input.prepare (read, decode, preprocess) per file."""
+    """Median seconds of pacs_ai.film.film_input.prepare (read, decode, preprocess) per file."""
     from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
-    from pacs_ai.film_input import prepare
+    from pacs_ai.film.film_input import prepare
 
     rows = []
     for path in paths:
@@ -398,7 +398,7 @@ def decode_times(paths: list[Path], repeats: int) -> list[dict[str, Any]]:
 def model_times(batch_sizes: list[int], repeats: int,
                 path: Path = MODEL_PATH) -> list[dict[str, Any]]:
     """Milliseconds per image of PneumoniaModel.predict at each batch size (median of runs)."""
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     model = PneumoniaModel.load(path)
     rng = np.random.default_rng(0)
@@ -434,7 +434,7 @@ def print_table(results: list[RunResult], decode: list[dict], model: list[dict],
               f"{latency:<24} {r.service_peak_rss_mb or '-':>11}  "
               f"{r.cpu_ms_per_film if r.cpu_ms_per_film is not None else '-':>11}  {workers}"
               + (f"   NOTE: {'; '.join(r.notes)}" if r.notes else ""))
-    print("\ndecode + preprocess (pacs_ai.film_input.prepare), median ms per image")
+    print("\ndecode + preprocess (pacs_ai.film.film_input.prepare), median ms per image")
     for row in decode:
         print(f"  {row['milliseconds_median']:>8}  {row['transfer_syntax_name']:<45} "
               f"{row['rows']}x{row['columns']}  {row['status']}  {row['file']}")

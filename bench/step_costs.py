@@ -4,17 +4,17 @@ For two sets of films (synthetic 2500x2048 12-bit DX films, about 10 MB each, as
 bench/run_bench.py makes them, and the sample DICOMs the manifest expects to be reported):
 
 - receive: DCMTK storescu sends the set in one association to the service's listener
-  (pacs_ai.scp.StorageSCP, testbed.listener, in this process): PDUs, header checks, the spool
+  (pacs_ai.receive.scp.StorageSCP, testbed.listener, in this process): PDUs, header checks, the spool
   write with its fsyncs and the queue row. The bare pynetdicom receiver of run_bench.py
   (writing each film's bytes to disk) beside it, the same way;
 - write to spool: Spool.stage + commit (fsync of the file and the folder) of each film's bytes,
   already counted in "receive";
 - read + decode: pydicom.dcmread, the header checks and the (reduced) decode of the stored values
-  (pacs_ai.pixels.decode_for_display), once per film, as the helper does;
+  (pacs_ai.film.pixels.decode_for_display), once per film, as the helper does;
 - preprocess: the display picture from those values and the one preprocessing function;
 - model: the shipped model's one pass with maps (assess_with_saliency) at batch 4 (the
   service's batch size), divided by 4; as many torch threads as the service would use here
-  (pacs_ai.capacity.model_threads);
+  (pacs_ai.classify.capacity.model_threads);
 - report build: the checked header copied from the dataset as read, the SR built from it and
   encoded (source_header, build_report_from_header, save_as), as the helper does;
 - heat-map image: the film's picture drawn from the decode above (read and decoded again only
@@ -52,13 +52,13 @@ import structlog  # noqa: E402
 import torch  # noqa: E402
 
 from run_bench import (MODEL_PATH, BareStorageScp, sample_files, synthetic_files)  # noqa: E402
-from pacs_ai.heatmap import normalised  # noqa: E402
-from pacs_ai.heatmap_image import build_heatmap_image, picture_film  # noqa: E402
-from pacs_ai.model import PneumoniaModel  # noqa: E402
-from pacs_ai.pixels import decode_for_display, display_from_decoded  # noqa: E402
-from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input  # noqa: E402
-from pacs_ai.report import build_report_from_header, source_header  # noqa: E402
-from pacs_ai.spool import Spool  # noqa: E402
+from pacs_ai.model.heatmap import normalised  # noqa: E402
+from pacs_ai.report.heatmap_image import build_heatmap_image, picture_film  # noqa: E402
+from pacs_ai.model.model import PneumoniaModel  # noqa: E402
+from pacs_ai.film.pixels import decode_for_display, display_from_decoded  # noqa: E402
+from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input  # noqa: E402
+from pacs_ai.report.report import build_report_from_header, source_header  # noqa: E402
+from pacs_ai.queue.spool import Spool  # noqa: E402
 from testbed.listener import Listener  # noqa: E402
 from testbed.real_peers import propose_as_stored, stop_process, storescu, wait_for_port  # noqa: E402
 from testbed.dicom_peers import free_port  # noqa: E402
@@ -223,7 +223,7 @@ def film_costs(films: list[Path], model: PneumoniaModel, repeats: int,
 
 def service_torch_threads() -> int:
     """The model threads `pacs-ai serve` would use on this machine with the shipped defaults."""
-    from pacs_ai.capacity import sized_config
+    from pacs_ai.classify.capacity import sized_config
     from pacs_ai.config import parse_config
 
     return sized_config(parse_config({}, base_dir=REPO_ROOT)).workers.torch_threads

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as error:
-        from pacs_ai.logs import stderr_is_the_journal
+        from pacs_ai.ops.logs import stderr_is_the_journal
 
         priority = "<3>" if stderr_is_the_journal() else ""  # journalctl -p err shows it
         print(f"{priority}pacs-ai {args.command}: error: {error}", file=sys.stderr)

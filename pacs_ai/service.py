@@ -20,25 +20,25 @@ from typing import Any
 import structlog
 
 import pacs_ai
-from pacs_ai import audit, health, metrics
-from pacs_ai.audit import AuditTrail
-from pacs_ai.capacity import sized_config
+from pacs_ai.ops import audit, health, metrics
+from pacs_ai.ops.audit import AuditTrail
+from pacs_ai.classify.capacity import sized_config
 from pacs_ai.config import Config
-from pacs_ai.destination_echo import DestinationEcho
-from pacs_ai.echo_results import EchoResults
-from pacs_ai.helper_processes import HelperPool
-from pacs_ai.http_server import start_http_server
-from pacs_ai.intended_use import format_age_range, log_site_model_info, site_model_info
-from pacs_ai.jobs import JobStore
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.scp import StorageSCP, log_who_may_store
-from pacs_ai.sender import DestinationSender, release_waiting
-from pacs_ai.shadow import ShadowRunner, load_shadow_model, log_shadow_model
-from pacs_ai.retention import FileRetention
-from pacs_ai.site_threshold import apply_threshold_binding
-from pacs_ai.spool import Spool
-from pacs_ai.web import QueuePage
-from pacs_ai.worker import ClassificationWorker
+from pacs_ai.deliver.destination_echo import DestinationEcho
+from pacs_ai.queue.echo_results import EchoResults
+from pacs_ai.classify.helper_processes import HelperPool
+from pacs_ai.ops.http_server import start_http_server
+from pacs_ai.model.intended_use import format_age_range, log_site_model_info, site_model_info
+from pacs_ai.queue.jobs import JobStore
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.receive.scp import StorageSCP, log_who_may_store
+from pacs_ai.deliver.sender import DestinationSender, release_waiting
+from pacs_ai.classify.shadow import ShadowRunner, load_shadow_model, log_shadow_model
+from pacs_ai.queue.retention import FileRetention
+from pacs_ai.model.site_threshold import apply_threshold_binding
+from pacs_ai.queue.spool import Spool
+from pacs_ai.ops.web import QueuePage
+from pacs_ai.classify.worker import ClassificationWorker
 
 log = structlog.get_logger()
 
@@ -268,14 +268,14 @@ class Service:
         return self.scp is not None and self.scp.running
 
     def readiness(self) -> dict[str, Any]:
-        """/readyz (pacs_ai.health.readiness)."""
+        """/readyz (pacs_ai.ops.health.readiness)."""
         return health.readiness(
             listening=self.listening, draining=self._draining,
             model=self.model.info.label if self.model is not None else None,
             spool=self.spool, min_free_bytes=self.config.storage.min_free_bytes)
 
     def health(self) -> dict[str, Any]:
-        """/healthz (pacs_ai.health.liveness)."""
+        """/healthz (pacs_ai.ops.health.liveness)."""
         return health.liveness(listening=self.listening, draining=self._draining,
                                workers=self.workers, senders=self.senders, store=self.store,
                                config=self.config, ready=self.readiness)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pacs_ai.jobs import Job, JobStore
+from pacs_ai.queue.jobs import Job, JobStore
 
 
 def all_jobs(store: JobStore) -> list[Job]:

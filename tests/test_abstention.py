@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pacs_ai.model import PneumoniaModel
+from pacs_ai.model.model import PneumoniaModel
 from testbed.dicom_peers import wait_until
 from tests.test_classify_cli import classify
 from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
@@ -56,8 +56,8 @@ def test_the_ensemble_averages_its_members_logits_and_scripts_with_its_ood_metho
 def test_films_far_from_the_fitted_ones_score_higher(tmp_path):
     """Fitted on one chest film's rank-equalised variants, a checkerboard scores far higher."""
     from pacs_ai.config import FilterPolicy
-    from pacs_ai.film_input import DEFAULT_MAX_PIXELS, prepare
-    from pacs_ai.preprocessing import to_model_input
+    from pacs_ai.film.film_input import DEFAULT_MAX_PIXELS, prepare
+    from pacs_ai.model.preprocessing import to_model_input
 
     film = prepare(CHEST_FILM, FilterPolicy(), DEFAULT_MAX_PIXELS).model_input[0]
     rng = np.random.default_rng(1)
@@ -110,7 +110,7 @@ def test_the_site_can_move_the_abstention_threshold_and_start_up_says_so(tmp_pat
 
     from pacs_ai.config import parse_config
     from pacs_ai.errors import UserError
-    from pacs_ai.intended_use import log_site_model_info, site_model_info
+    from pacs_ai.model.intended_use import log_site_model_info, site_model_info
     from testbed.tiny_models import export_untrained_tiny_model
 
     model = PneumoniaModel.load(export_untrained_tiny_ensemble(tmp_path / "ens.pt",

@@ -1,6 +1,6 @@
 """One rule for peer addresses against networks (listener allow-lists, routes)."""
 
-from pacs_ai.addresses import address_in, parse_networks
+from pacs_ai.network.addresses import address_in, parse_networks
 
 
 def test_addresses_in_networks_ipv4_ipv6_mapped_and_scoped():

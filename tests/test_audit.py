@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import structlog.testing
 
-from pacs_ai import audit, metrics
-from pacs_ai.audit import AuditTrail
+from pacs_ai.ops import audit, metrics
+from pacs_ai.ops.audit import AuditTrail
 from pacs_ai.config import ConfigError, parse_config
 from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
                                  wait_until)

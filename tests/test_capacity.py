@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pacs_ai.capacity import (FILM_IN_FLIGHT_MB, HELPER_PROCESS_MB, MAIN_PROCESS_MB,
+from pacs_ai.classify.capacity import (FILM_IN_FLIGHT_MB, HELPER_PROCESS_MB, MAIN_PROCESS_MB,
                               MAX_AUTO_HELPERS, Resources, available_resources, size_workers,
                               sized_config)
 from pacs_ai.config import AUTO, ConfigError, WorkersConfig, load_config, parse_config
@@ -225,10 +225,10 @@ def test_the_service_sizes_itself_under_taskset(tmp_path):
         pytest.skip("no CPU to pin to")
     cpu = min(os.sched_getaffinity(0))
     code = ("import structlog, json, sys\n"
-            "from pacs_ai.logs import configure_logging\n"
+            "from pacs_ai.ops.logs import configure_logging\n"
             "configure_logging('info', 'json')\n"
             "from pacs_ai.config import parse_config\n"
-            "from pacs_ai.capacity import sized_config\n"
+            "from pacs_ai.classify.capacity import sized_config\n"
             "from pathlib import Path\n"
             "sized_config(parse_config({}, base_dir=Path('.')))\n")
     result = subprocess.run([shutil.which("taskset"), "-c", str(cpu), sys.executable, "-c", code],

@@ -91,7 +91,7 @@ def test_max_pixels_option_refuses_large_images(tiny_model):
 
 def test_prepare_says_how_long_the_file_took_and_what_it_came_to(tmp_path):
     from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
-    from pacs_ai.film_input import PrepareStatus, prepare
+    from pacs_ai.film.film_input import PrepareStatus, prepare
 
     prepared = prepare(SAMPLE_DICOMS / "cr_pneumonia_ap_12bit.dcm", FilterPolicy(),
                        DEFAULT_MAX_PIXELS)

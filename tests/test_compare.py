@@ -17,9 +17,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_ai.comparison import compare, parse_since, read_labels
+from pacs_ai.evaluate.comparison import compare, parse_since, read_labels
 from pacs_ai.errors import UserError
-from pacs_ai.jobs import Assessment, ShadowResult
+from pacs_ai.queue.jobs import Assessment, ShadowResult
 from testbed.environment import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,8 +181,8 @@ def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     command's JSON and files agree with the rows the queue holds."""
     from testbed.tiny_models import export_untrained_tiny_ensemble
 
-    from pacs_ai.model import PneumoniaModel
-    from pacs_ai.shadow import ShadowRunner
+    from pacs_ai.model.model import PneumoniaModel
+    from pacs_ai.classify.shadow import ShadowRunner
     from tests.test_shadow import worker_with_shadow
     from tests.test_worker import received_backlog
     from testbed.dicom_peers import wait_until

@@ -67,7 +67,7 @@ def test_unit_runs_serve_as_its_own_user_with_restart_and_graceful_stop():
 
 
 def test_unit_has_the_journal_read_the_priority_prefixes():
-    """pacs_ai.logs writes "<4>{...}" under systemd; journald reads it only with
+    """pacs_ai.ops.logs writes "<4>{...}" under systemd; journald reads it only with
     SyslogLevelPrefix=yes (the default, stated in the unit so a drop-in cannot lose it quietly),
     and the service must keep stderr (not StandardError=null/file) for it to reach the journal."""
     service = unit_service_section()
@@ -439,7 +439,7 @@ def test_every_config_snippet_in_the_guide_is_accepted_by_the_listener(tmp_path)
 def test_the_guide_lists_exactly_the_metrics_the_service_exports():
     from prometheus_client import generate_latest
 
-    from pacs_ai.metrics import REGISTRY
+    from pacs_ai.ops.metrics import REGISTRY
 
     exposition = generate_latest(REGISTRY).decode()
     exported = {name for name in re.findall(r"^# TYPE (\S+) ", exposition, flags=re.M)
@@ -492,7 +492,7 @@ def label_values_in_code() -> dict[str, set[str]]:
     import ast
 
     source = REPO_ROOT / "pacs_ai"
-    scp = ast.parse((source / "scp.py").read_text())
+    scp = ast.parse((source / "receive" / "scp.py").read_text())
     rejected = set()
     for node in ast.walk(scp):
         # metrics.REJECTED.labels(reason="...") and `reason = "..."` / `reason, limit = "...", n`
@@ -509,13 +509,13 @@ def label_values_in_code() -> dict[str, set[str]]:
                          and t.id == "reason" and isinstance(v, ast.Constant)
                          and isinstance(v.value, str)}
     # C-STORE refusals: metrics.reason_code() of each StoreOutcome's reason
-    rejected |= _reason_codes(source / "scp.py", calls=("StoreOutcome",))
-    rejected |= _reason_codes(source / "received.py", calls=("ReceivedDataError",))
-    skipped = (_reason_codes(source / "filters.py")
-               | _reason_codes(source / "intended_use.py",
+    rejected |= _reason_codes(source / "receive" / "scp.py", calls=("StoreOutcome",))
+    rejected |= _reason_codes(source / "receive" / "received.py", calls=("ReceivedDataError",))
+    skipped = (_reason_codes(source / "film" / "filters.py")
+               | _reason_codes(source / "model" / "intended_use.py",
                                functions=("outside_reason", "unknown_age_reason"))
-               | _reason_codes(source / "model.py", functions=("abstain_reason",)))
-    from pacs_ai.jobs import Stage
+               | _reason_codes(source / "model" / "model.py", functions=("abstain_reason",)))
+    from pacs_ai.queue.jobs import Stage
 
     def stage(node: ast.expr) -> set[str]:
         """The value of a `Stage.MEMBER` (or a string) passed as a stage; none for a variable."""
@@ -524,7 +524,7 @@ def label_values_in_code() -> dict[str, set[str]]:
         return {node.value} if isinstance(node, ast.Constant) else set()
 
     failed: set[str] = set()
-    for path in (source / "worker.py", source / "sender.py"):
+    for path in (source / "classify" / "worker.py", source / "deliver" / "sender.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
@@ -538,7 +538,8 @@ def label_values_in_code() -> dict[str, set[str]]:
     from pacs_ai.finding import Finding
 
     finding = {str(member) for member in Finding}  # what model.finding returns
-    from pacs_ai import arrivals, metrics
+    from pacs_ai.receive import arrivals
+    from pacs_ai.ops import metrics
 
     return {"pacs_ai_rejected_total{reason}": rejected, "pacs_ai_skipped_total{reason}": skipped,
             "pacs_ai_failed_total{stage}": failed,

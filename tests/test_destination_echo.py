@@ -13,10 +13,10 @@ import urllib.request
 import pytest
 import structlog.testing
 
-from pacs_ai import metrics
+from pacs_ai.ops import metrics
 from pacs_ai.config import ConfigError, parse_config
-from pacs_ai.destination_echo import DestinationEcho
-from pacs_ai.echo_results import EchoResults, load_results
+from pacs_ai.deliver.destination_echo import DestinationEcho
+from pacs_ai.queue.echo_results import EchoResults, load_results
 from testbed.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
                                  write_service_config)
 from testbed.real_peers import Orthanc, orthanc_destination

@@ -67,7 +67,7 @@ def test_dicomweb_mistakes_name_the_key(tmp_path, entry, message):
 # --- [[routes]] and [routing] -----------------------------------------------------------------
 
 from pacs_ai.config import Route  # noqa: E402
-from pacs_ai.routing import RouteChoice, RouteFacts, choose_route  # noqa: E402
+from pacs_ai.deliver.routing import RouteChoice, RouteFacts, choose_route  # noqa: E402
 
 TWO_DESTINATIONS = [{"name": "main", "ae_title": "PACS", "host": "pacs", "port": 104},
                     {"name": "er-archive", "kind": "dicomweb", "url": "http://er/dicom-web"}]

@@ -188,7 +188,7 @@ def test_the_figures_agree_with_the_per_film_results(folder_run):
 
 @pytest.mark.parametrize("floor", [None, "0.8", "0.5"])
 def test_the_proposed_threshold_keeps_the_floor_on_the_results(site, models, tmp_path, floor):
-    from pacs_ai.site_threshold import file_sha256
+    from pacs_ai.model.site_threshold import file_sha256
 
     arguments = ["--sensitivity-floor", floor] if floor else []
     result = evaluate(str(site["folder"]), "--model", str(models["tiny"]),
@@ -205,7 +205,7 @@ def test_the_proposed_threshold_keeps_the_floor_on_the_results(site, models, tmp
     assert printed, result.stdout
     threshold = float(printed.group(1))
     assert threshold == proposal["threshold"]
-    # bound to the file evaluated (pacs_ai.site_threshold)
+    # bound to the file evaluated (pacs_ai.model.site_threshold)
     assert printed.group(2) == summary["model"]["version"] == "0.0.0-test"
     assert printed.group(3) == file_sha256(models["tiny"]) == summary["model"]["sha256"]
     assert proposal["config"] == "\n".join(line.strip() for line in
@@ -333,7 +333,7 @@ def test_a_model_with_an_ood_score_that_never_abstains(site, models, tmp_path):
 def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_path):
     import pydicom
 
-    from pacs_ai.site_threshold import file_sha256
+    from pacs_ai.model.site_threshold import file_sha256
 
     folder = tmp_path / "films"
     for label, entry in (("NORMAL", next(e for e in OK_SAMPLES if e["class"] == "NORMAL")),
@@ -455,7 +455,7 @@ def test_the_service_side_needs_neither_training_nor_matplotlib(site, models, tm
 
 
 def test_training_reports_use_the_same_metric_functions():
-    import pacs_ai.evaluation as evaluation
+    import pacs_ai.evaluate.evaluation as evaluation
     import training.report as report
 
     for name in ("roc_curve", "roc_auc", "metrics_at", "threshold_for_sensitivity",
@@ -464,7 +464,7 @@ def test_training_reports_use_the_same_metric_functions():
 
 
 def test_wilson_interval():
-    from pacs_ai.evaluation import wilson_interval
+    from pacs_ai.evaluate.evaluation import wilson_interval
 
     assert wilson_interval(0, 0) is None
     low, high = wilson_interval(19, 20)
@@ -522,7 +522,7 @@ def test_the_guide_sample_output_is_a_real_run_with_the_shipped_model(tmp_path):
     differently. A new shipped model fails this until the guide shows its run (the failure
     prints it)."""
     from pacs_ai.config import default_model_path
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     section = guide_evaluate_section()
     commands = [line.strip() for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S)

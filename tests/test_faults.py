@@ -23,8 +23,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.uids import report_uid
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.report.uids import report_uid
 from testbed.environment import FAULT_HOOKS_PYTHONPATH, SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import (
     RecordingPacs,

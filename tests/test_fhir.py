@@ -14,11 +14,11 @@ import pytest
 import requests
 
 from pacs_ai.config import ConfigError, Destination, FhirTarget, ReportConfig, parse_config
-from pacs_ai.fhir_report import BundleNotBuilt, report_bundle
-from pacs_ai.fhir_transport import FhirTransport
-from pacs_ai.model import ModelInfo
-from pacs_ai.report import build_report
-from pacs_ai.report_facts import read_report_facts
+from pacs_ai.deliver.fhir_report import BundleNotBuilt, report_bundle
+from pacs_ai.deliver.fhir_transport import FhirTransport
+from pacs_ai.model.model import ModelInfo
+from pacs_ai.report.report import build_report
+from pacs_ai.report.report_facts import read_report_facts
 from testbed.dicom_peers import synthetic_radiograph
 from testbed.fhir_peers import RecordingFhirServer, validate_bundle
 
@@ -84,7 +84,7 @@ def test_a_pneumonia_report_is_a_valid_r4_diagnostic_report_with_its_observation
 
 
 def report_tracking_uid(sr) -> str:
-    from pacs_ai.report import report_summary
+    from pacs_ai.report.report import report_summary
     return report_summary(sr)["tracking_uid"]
 
 

@@ -1,4 +1,4 @@
-"""pacs_ai.filters: which headers are classified, and the stable reason codes of the others."""
+"""pacs_ai.film.filters: which headers are classified, and the stable reason codes of the others."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence
 from pacs_ai.config import FilterPolicy
 from pacs_ai.dicom_constants import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                      DX_FOR_PROCESSING_STORAGE)
-from pacs_ai.filters import skip_reason
+from pacs_ai.film.filters import skip_reason
 
 # Lower-case or padded code strings are invalid DICOM that real devices send anyway.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR CS")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from pacs_ai.model import PneumoniaModel
+from pacs_ai.model.model import PneumoniaModel
 from testbed.tiny_models import export_untrained_tiny_ensemble
 from tests.test_robust_training import run_training
 from tests.test_training import generated_layout

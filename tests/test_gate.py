@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pacs_ai.model import PneumoniaModel
+from pacs_ai.model.model import PneumoniaModel
 from tests.test_robust_training import run_training
 from tests.test_training import generated_layout
 from training.data import ImageSet, patient_of
@@ -49,7 +49,7 @@ def test_restyle_at_strength_0_keeps_the_picture_and_at_1_gives_the_other_sets_p
 
 @pytest.mark.parametrize("kind", MADE_UP_KINDS)
 def test_every_made_up_kind_is_a_picture_the_service_can_prepare(kind):
-    from pacs_ai.preprocessing import to_model_input
+    from pacs_ai.model.preprocessing import to_model_input
 
     film = smooth_pictures(1, 0.5, 3)[0]
     picture = made_up_picture(kind, np.random.default_rng(0), film)
@@ -152,7 +152,7 @@ def test_an_ood_threshold_set_for_a_distance_score_is_refused_for_a_gate():
     [model] ood_threshold kept from then would let every film through."""
     from pacs_ai.config import default_model_path
     from pacs_ai.errors import UserError
-    from pacs_ai.intended_use import site_model_info
+    from pacs_ai.model.intended_use import site_model_info
 
     shipped = PneumoniaModel.load(default_model_path())
     assert shipped.info.metadata["ood"]["score"] == "gate"

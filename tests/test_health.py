@@ -247,7 +247,7 @@ def test_one_health_word_from_deliveries_and_echo_alike():
     """destination_health's table: a failure of either kind is "retrying" until [status]
     destination_failing_seconds, then "failing"; "ok" needs a delivery or an echo that
     worked; "unknown" before either."""
-    from pacs_ai.health import HEALTH_WORDS, destination_health
+    from pacs_ai.ops.health import HEALTH_WORDS, destination_health
 
     quiet = {"failing_since": None, "failing_seconds": None, "failing_too_long": False,
              "last_error": None, "last_success_at": None, "echo": None}

@@ -16,16 +16,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pacs_ai import heatmap
+from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
-from pacs_ai.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
+from pacs_ai.report.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
                                    picture_size, probability_label)
-from pacs_ai.helper_processes import render_report
-from pacs_ai.model import ModelContractError, PneumoniaModel
-from pacs_ai.pixels import display_array, display_picture
-from pacs_ai.preprocessing import to_model_input
-from pacs_ai.report import build_report, report_summary, source_header
-from pacs_ai.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
+from pacs_ai.classify.helper_processes import render_report
+from pacs_ai.model.model import ModelContractError, PneumoniaModel
+from pacs_ai.film.pixels import display_array, display_picture
+from pacs_ai.model.preprocessing import to_model_input
+from pacs_ai.report.report import build_report, report_summary, source_header
+from pacs_ai.report.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
 from testbed.environment import SAMPLE_DICOMS, require_tool
 from testbed.job_queue import all_jobs
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
@@ -469,8 +469,8 @@ def run_worker(spool, store, model, destinations, **report_settings) -> None:
     import dataclasses
 
     from pacs_ai.config import ReportConfig, WorkersConfig, default_config
-    from pacs_ai.helper_processes import HelperPool
-    from pacs_ai.worker import ClassificationWorker
+    from pacs_ai.classify.helper_processes import HelperPool
+    from pacs_ai.classify.worker import ClassificationWorker
     from testbed.dicom_peers import wait_until
 
     config = dataclasses.replace(default_config(spool.root.parent),
@@ -497,7 +497,7 @@ def test_a_pneumonia_film_is_sent_with_its_heat_map_to_every_destination(
     gets a report and (unless [report] heatmap = false) a heat-map image delivery per film,
     both files in the outbox before the job is marked."""
     from pacs_ai.config import Destination
-    from pacs_ai.sender import DestinationSender
+    from pacs_ai.deliver.sender import DestinationSender
     from testbed.dicom_peers import RecordingPacs
 
     spool, store = backlog_of(tmp_path, 3)
@@ -577,7 +577,7 @@ def test_a_queue_from_before_heat_maps_is_upgraded_with_its_deliveries(tmp_path)
     opens with its rows kept as report deliveries, and takes heat-map rows afterwards."""
     import sqlite3
 
-    from pacs_ai.jobs import JobStore
+    from pacs_ai.queue.jobs import JobStore
 
     path = tmp_path / "queue.sqlite"
     old = sqlite3.connect(path)
@@ -634,7 +634,7 @@ def test_a_pacs_that_refuses_secondary_capture_still_gets_every_report(tmp_path,
     from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 
     from pacs_ai.config import Destination, RetryPolicy
-    from pacs_ai.sender import DestinationSender
+    from pacs_ai.deliver.sender import DestinationSender
     from testbed.dicom_peers import free_port, wait_until
 
     stored = []

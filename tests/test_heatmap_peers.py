@@ -15,13 +15,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pacs_ai import heatmap
+from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
-from pacs_ai.heatmap_image import picture_size
-from pacs_ai.intended_use import site_model_info
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.report import report_summary, site_settings_part
-from pacs_ai.uids import heatmap_uid, report_uid
+from pacs_ai.report.heatmap_image import picture_size
+from pacs_ai.model.intended_use import site_model_info
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.report.report import report_summary, site_settings_part
+from pacs_ai.report.uids import heatmap_uid, report_uid
 from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
@@ -72,7 +72,7 @@ def test_kill_9_between_the_two_deliveries_loses_neither_and_a_resend_duplicates
     film = renamed_copy(PNEUMONIA_SAMPLE, tmp_path / "film.dcm")
     source = pydicom.dcmread(film, stop_before_pixels=True)
     study = str(source.StudyInstanceUID)
-    # the UIDs the report and the image get at this site's settings (pacs_ai.uids)
+    # the UIDs the report and the image get at this site's settings (pacs_ai.report.uids)
     info = site_model_info(PneumoniaModel.load(default_model_path()).info,
                            min_age_years=OPEN_MODEL["min_age_years"],
                            max_age_years=OPEN_MODEL["max_age_years"],

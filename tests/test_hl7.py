@@ -14,13 +14,13 @@ import pytest
 from hl7apy.mllp import AbstractHandler, MLLPServer
 
 from pacs_ai.config import ConfigError, Destination, Hl7Target, ReportConfig, parse_config
-from pacs_ai.hl7_message import (MessageNotBuilt, build_oru, hl7_datetime, oru_bytes,
+from pacs_ai.deliver.hl7_message import (MessageNotBuilt, build_oru, hl7_datetime, oru_bytes,
                                  parse_ack)
-from pacs_ai.hl7_transport import Hl7Transport
-from pacs_ai.model import ModelInfo
-from pacs_ai.report import build_report
-from pacs_ai.report_facts import read_report_facts, redact, report_facts
-from pacs_ai.uids import message_control_id
+from pacs_ai.deliver.hl7_transport import Hl7Transport
+from pacs_ai.model.model import ModelInfo
+from pacs_ai.report.report import build_report
+from pacs_ai.report.report_facts import read_report_facts, redact, report_facts
+from pacs_ai.report.uids import message_control_id
 from testbed.dicom_peers import LOCALHOST, synthetic_radiograph
 from testbed.hl7_peers import MllpReceiver, build_ack, check_message, escaped
 
@@ -195,7 +195,7 @@ def test_an_hl7_destination_and_the_priority_are_read(tmp_path):
 
 
 def test_routes_send_results_to_a_ris_like_to_any_destination(tmp_path):
-    from pacs_ai.routing import RouteFacts, choose_route
+    from pacs_ai.deliver.routing import RouteFacts, choose_route
 
     config = parse_config({
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "pacs", "port": 104},
@@ -279,7 +279,7 @@ def test_the_ris_s_answer_is_recorded_without_the_patient_s_identifiers(reports)
 
 
 def test_no_ris_listening_is_a_connection_failure():
-    from pacs_ai.transport import ConnectFailed
+    from pacs_ai.deliver.transport import ConnectFailed
     from testbed.dicom_peers import free_port
 
     port = free_port()
@@ -332,7 +332,7 @@ def test_mllp_over_tls_with_the_ris_s_ca(tmp_path, reports):
         assert connection.store(reports[0]).stored
         connection.close()
         untrusted = Hl7Transport(destination(ris.port, tls=TLSFiles(ca_file=stranger.ca_cert)))
-        from pacs_ai.transport import ConnectFailed
+        from pacs_ai.deliver.transport import ConnectFailed
         with pytest.raises(ConnectFailed, match="^tls-certificate: "):
             untrusted.connect()
     assert len(ris.received) == 1

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs_ai.report import report_summary
-from pacs_ai.uids import message_control_id
+from pacs_ai.report.report import report_summary
+from pacs_ai.report.uids import message_control_id
 from testbed.dicom_peers import (LOCALHOST, RecordingPacs, ServiceProcess, SimulatedModality,
                                  free_port, pacs_ai_cli, synthetic_radiograph, wait_until,
                                  write_service_config)

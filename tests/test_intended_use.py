@@ -19,14 +19,14 @@ from pydicom.dataset import Dataset
 from pacs_ai.config import ConfigError, FilterPolicy, load_config, parse_config
 from pacs_ai.dicom_constants import CR_IMAGE_STORAGE
 from pacs_ai.errors import UserError
-from pacs_ai.filters import Screening, screen, skip_reason
-from pacs_ai.intended_use import (age_between, format_age_range, log_site_model_info, patient_age,
+from pacs_ai.film.filters import Screening, screen, skip_reason
+from pacs_ai.model.intended_use import (age_between, format_age_range, log_site_model_info, patient_age,
                                   site_model_info)
-from pacs_ai.model import ModelContractError, ModelInfo, validate_metadata
+from pacs_ai.model.model import ModelContractError, ModelInfo, validate_metadata
 from training.export import build_metadata
 
 # Malformed ages and dates are what these tests send; pydicom warns about each (its logger is
-# silenced in the service, pacs_ai.logs).
+# silenced in the service, pacs_ai.ops.logs).
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 
 PEDIATRIC = FilterPolicy(intended_age_years=(1, 5))
@@ -237,7 +237,7 @@ def test_a_picture_has_no_age_so_it_is_classified_or_skipped_alike(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pacs_ai.film_input import prepare
+    from pacs_ai.film.film_input import prepare
 
     path = tmp_path / "film.png"
     Image.fromarray(np.full((240, 220), 90, np.uint8)).save(path)
@@ -399,7 +399,7 @@ def report_source() -> Dataset:
 
 
 def test_the_threshold_override_changes_the_finding_and_the_report_states_it():
-    from pacs_ai.report import build_report, report_summary
+    from pacs_ai.report.report import build_report, report_summary
 
     source = report_source()
     own = build_report(source, 0.4, PEDIATRIC_MODEL)
@@ -417,7 +417,7 @@ def test_the_threshold_override_changes_the_finding_and_the_report_states_it():
 
 @pytest.mark.real_peer
 def test_the_report_with_an_age_range_passes_dciodvfy_and_dsrdump(tmp_path):
-    from pacs_ai.report import build_report
+    from pacs_ai.report.report import build_report
     from tests.dicom_tools import run_dciodvfy, run_dsrdump
 
     sr = build_report(report_source(), 0.4, PEDIATRIC_MODEL)
@@ -488,8 +488,8 @@ def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path
     """modality -> pacs-ai serve -> PACS: the adult film is skipped with its reason and no report
     is sent for it; the child's report carries the site's threshold (0, so pneumonia, where the
     model's own 1.0 would say normal) and the age range in its Algorithm Parameters."""
-    from pacs_ai.report import report_summary
-    from pacs_ai.site_threshold import file_sha256
+    from pacs_ai.report.report import report_summary
+    from pacs_ai.model.site_threshold import file_sha256
     from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
                                      pacs_ai_cli, wait_until, write_service_config)
 
@@ -563,9 +563,9 @@ def test_a_report_made_at_the_sites_settings_gets_its_own_uid(tmp_path):
     """Same film, same model version: at the file's own settings the report UID is the one
     reports always had; at a site threshold or age range (which may change the finding) it is
     another, so one UID never names two different reports."""
-    from pacs_ai.model import PneumoniaModel
-    from pacs_ai.report import build_report
-    from pacs_ai.uids import report_uid
+    from pacs_ai.model.model import PneumoniaModel
+    from pacs_ai.report.report import build_report
+    from pacs_ai.report.uids import report_uid
     from testbed.tiny_models import export_untrained_tiny_model
 
     model = PneumoniaModel.load(export_untrained_tiny_model(
@@ -624,7 +624,7 @@ def _serve_and_send_by_storescu(tmp_path: Path, model: Path, model_table: dict,
             time.sleep(1.0)  # a report too many would arrive now
             assert service.terminate() == 0
             result["events"] = service.events()
-    from pacs_ai.report import report_summary
+    from pacs_ai.report.report import report_summary
 
     result["reported"] = {report_summary(ds)["source_sop_instance_uid"]
                           for ds in pacs.snapshot()}

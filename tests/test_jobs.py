@@ -11,9 +11,9 @@ import pytest
 
 from pacs_ai.errors import UserError
 from pacs_ai.finding import Finding
-from pacs_ai.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
+from pacs_ai.queue.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance, Stage,
                           accepts_resend, retry_can_fix)
-from pacs_ai.spool import Spool, SpoolFullError, uid_filename
+from pacs_ai.queue.spool import Spool, SpoolFullError, uid_filename
 from testbed.job_queue import all_jobs
 
 
@@ -123,7 +123,7 @@ def test_a_destination_seen_working_releases_only_deliveries_it_could_not_be_rea
     """Issue 23 item 6: deliveries waiting out a backoff because the PACS could not be reached
     are due at once when it is seen working; one it refused keeps its backoff, and another
     destination's are left alone."""
-    from pacs_ai.transport import unreachable
+    from pacs_ai.deliver.transport import unreachable
 
     errors = {"1.1": "connection-failed: PACS@pacs:104", "1.2": "association-lost",
               "1.3": "tls-certificate: unknown CA (PACS@pacs:104)",
@@ -182,7 +182,7 @@ def test_requeue_puts_only_still_classifying_jobs_back_and_wakes_workers(store, 
 def test_a_full_database_fails_the_write_and_leaves_the_store_usable(store, spool):
     """SQLITE_FULL for real (the file capped with max_page_count): the write raises, nothing is
     left mid-transaction, and writes work again once there is room."""
-    from pacs_ai.worker import is_temporary_storage_error
+    from pacs_ai.classify.worker import is_temporary_storage_error
     admit(store, spool, "1.0")
     (job,) = store.claim(1)
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
@@ -205,7 +205,7 @@ def test_interrupted_jobs_go_back_to_pending_after_a_crash(spool):
     for n in range(3):
         admit(store, spool, f"1.{n}")
     store.close()
-    script = ("import sys, os; from pacs_ai.jobs import JobStore; "
+    script = ("import sys, os; from pacs_ai.queue.jobs import JobStore; "
               "s = JobStore.open(sys.argv[1]); s.claim(2); os._exit(9)")
     subprocess.run([sys.executable, "-c", script, str(spool.db_path)], timeout=60)
     reopened = JobStore.open(spool.db_path)

@@ -23,7 +23,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from pacs_ai.pixels import display_array
+from pacs_ai.film.pixels import display_array
 from testbed.dicom_peers import (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION_STORAGE,
                                  DX_FOR_PROCESSING_STORAGE, LOCALHOST, RecordingPacs,
                                  SimulatedModality, free_port, port_open, synthetic_radiograph,
@@ -113,7 +113,7 @@ def test_calling_ae_titles_outside_the_allow_list_are_rejected(tmp_path):
 
 
 def rejected_count(reason: str) -> float:
-    from pacs_ai.metrics import REGISTRY
+    from pacs_ai.ops.metrics import REGISTRY
 
     return REGISTRY.get_sample_value("pacs_ai_rejected_total", {"reason": reason}) or 0.0
 
@@ -396,7 +396,7 @@ def test_a_deflated_header_is_held_no_further_than_the_head_limit(tmp_path):
     allocations stay within twice that limit (inflated and copied whole before: 128 MiB)."""
     import tracemalloc
 
-    from pacs_ai.inflation import HEAD_LIMIT_BYTES
+    from pacs_ai.receive.inflation import HEAD_LIMIT_BYTES
 
     bomb = deflate_bomb(synthetic_radiograph(seed=4, rows=64, columns=64),
                         tmp_path / "overlay.dcm", inflated_bytes=4 * HEAD_LIMIT_BYTES,
@@ -554,8 +554,8 @@ def sample_manifest() -> list[dict]:
 def split_model(tmp_path_factory) -> Path:
     """The tiny test model, with its threshold set between the samples' probabilities so that
     both findings occur (an untrained model's outputs sit close together)."""
-    from pacs_ai.model import PneumoniaModel
-    from pacs_ai.offline_classification import classify_files
+    from pacs_ai.model.model import PneumoniaModel
+    from pacs_ai.evaluate.offline_classification import classify_files
     from testbed.tiny_models import export_untrained_tiny_model
 
     folder = tmp_path_factory.mktemp("model")
@@ -578,9 +578,9 @@ def classify_cli(model: Path, paths: list[Path]) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_samples_end_to_end_modality_to_service_to_pacs(tmp_path, split_model):
-    from pacs_ai.model import PneumoniaModel
-    from pacs_ai.report import report_summary
-    from pacs_ai.uids import report_uid
+    from pacs_ai.model.model import PneumoniaModel
+    from pacs_ai.report.report import report_summary
+    from pacs_ai.report.uids import report_uid
     from testbed.dicom_peers import RecordingPacs, ServiceProcess, pacs_ai_cli, write_service_config
 
     manifest = sample_manifest()

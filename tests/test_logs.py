@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import logging, structlog
-from pacs_ai.logs import configure_logging
+from pacs_ai.ops.logs import configure_logging
 configure_logging(fmt="json")
 logging.getLogger("pydicom").warning("Invalid value for VR DA: '19991231'")
 structlog.get_logger().info("received", sop_instance_uid="1.2.3", PatientName="Doe^Jane",
@@ -29,7 +29,7 @@ def test_json_lines_without_patient_values():
 
 LEVELS_SCRIPT = """
 import sys, structlog
-from pacs_ai.logs import configure_logging
+from pacs_ai.ops.logs import configure_logging
 configure_logging(fmt="json", priority_prefix=sys.argv[1])
 log = structlog.get_logger()
 log.info("service_started")

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacs_ai import http_server, metrics
+from pacs_ai.ops import http_server, metrics
 from pacs_ai.errors import UserError
 
 

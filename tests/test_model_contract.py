@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pacs_ai.model import METADATA_FILE, ModelContractError, PneumoniaModel
+from pacs_ai.model.model import METADATA_FILE, ModelContractError, PneumoniaModel
 from testbed.tiny_models import export_untrained_tiny_model
 from training.export import build_metadata
 
@@ -110,7 +110,7 @@ def test_model_command_prints_the_card(tmp_path):
 def test_model_command_shows_the_model_the_config_uses(tmp_path):
     """Issue 14: `pacs-ai model` without --model showed the shipped model, not the one the
     service loads; with --config it reads [model] path and states the site's settings."""
-    from pacs_ai.site_threshold import file_sha256
+    from pacs_ai.model.site_threshold import file_sha256
 
     site_model = export_untrained_tiny_model(tmp_path / "site.pt", threshold=0.3)
     config = tmp_path / "pacs-ai.toml"

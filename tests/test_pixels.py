@@ -1,4 +1,4 @@
-"""pacs_ai.pixels on small synthetic datasets: each step of the grayscale pipeline and each guard.
+"""pacs_ai.film.pixels on small synthetic datasets: each step of the grayscale pipeline and each guard.
 
 Real files in every transfer syntax are covered by tests/test_sample_dicoms.py.
 """
@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from pacs_ai.pixels import (PixelDataError, apply_window, check_pixel_header, display_array,
+from pacs_ai.film.pixels import (PixelDataError, apply_window, check_pixel_header, display_array,
                             robust_window)
 
 ROWS, COLUMNS = 32, 48

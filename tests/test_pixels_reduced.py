@@ -1,6 +1,6 @@
-"""Films decoded no larger than the model input needs (issue 16, pacs_ai.pixels_reduced).
+"""Films decoded no larger than the model input needs (issue 16, pacs_ai.film.pixels_reduced).
 
-The claim: the model input of the service's path (`pacs_ai.film_input`, which decodes a film
+The claim: the model input of the service's path (`pacs_ai.film.film_input`, which decodes a film
 smaller by whole factors, at least 400 pixels per side) agrees with the full-resolution path
 `to_model_input(display_array(ds))` within the tolerance tests/test_sample_dicoms.py allows a
 lossless sample against its source (mean absolute difference of the histogram-ranked inputs
@@ -25,11 +25,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGLSLossless, RLELossless)
 
-from pacs_ai.film_input import dataset_display_image
-from pacs_ai.pixels import decode_pixels, display_array
-from pacs_ai.pixels_reduced import (box_reduce, decode_jpeg2000_level, decode_small,
+from pacs_ai.film.film_input import dataset_display_image
+from pacs_ai.film.pixels import decode_pixels, display_array
+from pacs_ai.film.pixels_reduced import (box_reduce, decode_jpeg2000_level, decode_small,
                                     jpeg2000_header, reduction_factor)
-from pacs_ai.preprocessing import DECODE_MIN_SIZE, to_model_input
+from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 from testbed.dicom_peers import synthetic_radiograph
 from tests.test_sample_dicoms import LOSSLESS_TOLERANCE
@@ -68,7 +68,7 @@ def test_every_sample_gives_the_full_resolution_model_input(entry):
 def test_samples_are_classified_as_at_full_resolution():
     """The shipped model's finding is the same and its probability within 0.01 (measured: at
     most 0.0004)."""
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     model = PneumoniaModel.load(REPO_ROOT / "deploy" / "models" / "pacs-ai-pneumonia.pt")
     datasets = [pydicom.dcmread(SAMPLE_DICOMS / e["file"]) for e in OK]
@@ -263,8 +263,8 @@ def test_a_picture_from_the_model_inputs_decode_is_the_one_a_decode_of_its_own_g
     a decode for the picture, where the codec decodes both alike (a sample's level 1); where it
     would not (a 2500 x 2048 film: level 2 for the model, 1 for the picture), none is drawn
     from it."""
-    from pacs_ai.heatmap_image import picture_film
-    from pacs_ai.pixels import decode_for_display
+    from pacs_ai.report.heatmap_image import picture_film
+    from pacs_ai.film.pixels import decode_for_display
 
     sample = pydicom.dcmread(SAMPLE_DICOMS / JPEG2000_SAMPLES[0]["file"])
     decoded = decode_for_display(sample, min_size=DECODE_MIN_SIZE)

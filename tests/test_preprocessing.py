@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pacs_ai.preprocessing import MODEL_INPUT_SIZE, to_model_input
+from pacs_ai.model.preprocessing import MODEL_INPUT_SIZE, to_model_input
 
 
 def smooth_film(height=480, width=400, seed=0):

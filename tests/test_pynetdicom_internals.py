@@ -1,4 +1,4 @@
-"""What pacs_ai.pynetdicom_internals touches still exists in the installed pynetdicom, with the
+"""What pacs_ai.network.pynetdicom_internals touches still exists in the installed pynetdicom, with the
 signatures and call paths it relies on. A new pynetdicom release that changes any of it fails
 here, by name, before the listener's behaviour tests (test_listener, test_sockets) fail in a
 less obvious way. When this fails: read the new release's code for that internal, fix
@@ -19,7 +19,7 @@ from pynetdicom import AE, _config, dimse_messages, dul, fsm
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer, AssociationSocket, ThreadedAssociationServer
 
-from pacs_ai import pynetdicom_internals as internals
+from pacs_ai.network import pynetdicom_internals as internals
 from testbed.environment import REPO_ROOT
 
 

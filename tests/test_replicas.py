@@ -5,7 +5,7 @@ loopback addresses put in), Orthanc as the PACS, four modality streams through H
 One replica is killed with SIGKILL in the middle of the streams. The modalities do what a modality
 does: a film whose C-STORE got no Success is sent again (through HAProxy, so possibly to another
 replica); the killed replica then restarts on its own spool and delivers what it had
-acknowledged. Report UIDs derive from the source image (pacs_ai.uids), so a film classified by
+acknowledged. Report UIDs derive from the source image (pacs_ai.report.uids), so a film classified by
 two replicas (stored by the killed one but not acknowledged, then re-sent) gives the PACS the
 same report twice, and it keeps one. Then one replica is stopped with SIGTERM while it still has
 an association: it stops taking new associations at once, /readyz turns 503, HAProxy takes it
@@ -33,8 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.uids import report_uid
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.report.uids import report_uid
 from testbed.environment import require_tool
 from testbed.dicom_peers import (
     CR_IMAGE_STORAGE,

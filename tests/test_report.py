@@ -23,14 +23,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pacs_ai.model import ModelInfo, PneumoniaModel
-from pacs_ai.report import (
+from pacs_ai.model.model import ModelInfo, PneumoniaModel
+from pacs_ai.report.report import (
     ReportSourceError,
     build_report,
     report_summary,
     threshold_parameter,
 )
-from pacs_ai.uids import report_series_uid, report_uid, tracking_uid
+from pacs_ai.report.uids import report_series_uid, report_uid, tracking_uid
 from testbed.environment import require_tool
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 
@@ -451,7 +451,7 @@ def test_dsrdump_wrapper_reports_content_tree_errors():
     assert result.returncode != 0 or result.errors or result.warnings, result.output
 
 
-# --- highdicom's module table, parsed per module (pacs_ai.highdicom_tables) -----------------------
+# --- highdicom's module table, parsed per module (pacs_ai.report.highdicom_tables) -----------------------
 
 TIME_KEYWORDS = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
                  "ContributionDateTime")
@@ -471,7 +471,7 @@ def without_times(sr: Dataset) -> str:
 
 @pytest.mark.parametrize("sr_kind", ["comprehensive3d", "comprehensive"])
 def test_reports_built_with_the_lazy_module_table_equal_highdicoms_own(sr_kind):
-    from pacs_ai import highdicom_tables
+    from pacs_ai.report import highdicom_tables
 
     sources = [make_source("CR"), make_source("DX", photometric="MONOCHROME2"),
                hostile_source()]
@@ -493,9 +493,9 @@ def test_building_a_report_never_parses_highdicoms_whole_module_table():
 
     program = (
         "import highdicom._standard_utils as su\n"
-        "from pacs_ai import highdicom_tables\n"
+        "from pacs_ai.report import highdicom_tables\n"
         "from tests.test_report import make_source, MODEL\n"
-        "from pacs_ai.report import build_report\n"
+        "from pacs_ai.report.report import build_report\n"
         "build_report(make_source('CR'), 0.7, MODEL)\n"
         "print(su.get_module_attribute_map is highdicom_tables.lazy_module_table,"
         " highdicom_tables._original_loader.cache_info().currsize,"
@@ -528,7 +528,7 @@ def highdicom_built_report(source: Dataset, probability: float, model: ModelInfo
                            institutional_department_name: str | None = None) -> Dataset:
     """The same report made the way highdicom documents it: its Comprehensive(3D)SR class
     around the same content tree (report._sr_document stands in for this in the service)."""
-    from pacs_ai import report
+    from pacs_ai.report import report
 
     header = report.source_header(source)
     content = report._measurement_report(header, probability, model, report.DEFAULT_MANUFACTURER)

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from pacs_ai.config import default_model_path
-from pacs_ai.report import report_summary
-from pacs_ai.uids import message_control_id
+from pacs_ai.report.report import report_summary
+from pacs_ai.report.uids import message_control_id
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
 from testbed.environment import SAMPLE_DICOMS, require_tool
 from testbed.fhir_peers import RecordingFhirServer

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pacs_ai.preprocessing import equalize_histogram, to_model_input
+from pacs_ai.model.preprocessing import equalize_histogram, to_model_input
 from testbed.environment import REPO_ROOT, SHARED_DATA
 from tests.test_training import generated_layout
 from training.augment import augment_pictures, equalize_batch

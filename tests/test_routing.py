@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from pacs_ai.jobs import JobStore, NewInstance
+from pacs_ai.queue.jobs import JobStore, NewInstance
 from testbed.dicom_peers import (ServiceProcess, SimulatedModality, pacs_ai_cli,
                                  synthetic_radiograph, wait_until, write_service_config)
 from testbed.real_peers import Modality, Orthanc, orthanc_destination

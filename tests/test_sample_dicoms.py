@@ -26,10 +26,10 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 
-from pacs_ai.film_input import dataset_display_image
-from pacs_ai.filters import skip_reason
-from pacs_ai.pixels import display_array
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.film.film_input import dataset_display_image
+from pacs_ai.film.filters import skip_reason
+from pacs_ai.film.pixels import display_array
+from pacs_ai.model.preprocessing import to_model_input
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool, skip_or_fail
 
 LOSSLESS_TOLERANCE = 0.005

@@ -11,10 +11,10 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_ai.config import Destination
-from pacs_ai.model import ModelInfo
-from pacs_ai.report import build_report
-from pacs_ai.cstore_transport import CStoreTransport, report_to_send
-from pacs_ai.sender import DestinationSender
+from pacs_ai.model.model import ModelInfo
+from pacs_ai.report.report import build_report
+from pacs_ai.deliver.cstore_transport import CStoreTransport, report_to_send
+from pacs_ai.deliver.sender import DestinationSender
 from testbed.dicom_peers import RecordingPacs, synthetic_radiograph
 
 MODEL = ModelInfo(name="pacs-ai-pneumonia", version="9.9.9", threshold=0.5,

@@ -18,17 +18,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from pacs_ai import metrics
+from pacs_ai.ops import metrics
 from pacs_ai.config import (ConfigError, DEFAULT_MAX_PIXELS, FilterPolicy, WorkersConfig,
                             default_config, default_model_path, load_config)
 from pacs_ai.errors import UserError
-from pacs_ai.film_input import prepare
-from pacs_ai.helper_processes import HelperPool
-from pacs_ai.jobs import Assessment, JobState, ShadowStatus
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.shadow import ShadowBatch, ShadowRunner, load_shadow_model
-from pacs_ai.site_threshold import file_sha256
-from pacs_ai.worker import ClassificationWorker
+from pacs_ai.film.film_input import prepare
+from pacs_ai.classify.helper_processes import HelperPool
+from pacs_ai.queue.jobs import Assessment, JobState, ShadowStatus
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.classify.shadow import ShadowBatch, ShadowRunner, load_shadow_model
+from pacs_ai.model.site_threshold import file_sha256
+from pacs_ai.classify.worker import ClassificationWorker
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
 from testbed.environment import SAMPLE_DICOMS
 from testbed.job_queue import all_jobs
@@ -291,7 +291,7 @@ def test_storescu_to_pacs_ai_with_a_shadow_to_orthanc(tmp_path, models):
     """The shipped model live, the contract-1 file in shadow: every sample film gets exactly one
     report at Orthanc, made by the live model; the shadow's results are in the queue, one per
     film, and nowhere else."""
-    from pacs_ai.report import report_summary
+    from pacs_ai.report.report import report_summary
     from testbed.real_peers import (Modality, Orthanc, orthanc_destination, propose_as_stored,
                                     renamed_copy, storescu)
 
@@ -412,7 +412,7 @@ def test_the_shadow_thread_runs_at_the_lowest_cpu_priority(tmp_path, models):
 def test_the_shadow_waits_while_a_worker_processes_a_batch(tmp_path, models):
     """Under a burst the live reports go first: a batch handed over while a worker is busy is
     assessed only once the workers are idle."""
-    from pacs_ai.shadow import LiveActivity
+    from pacs_ai.classify.shadow import LiveActivity
 
     spool, store = received_backlog(tmp_path, 1)
     [job] = all_jobs(store)

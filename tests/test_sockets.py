@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pacs_ai.sockets import read_pdus_in_large_chunks
+from pacs_ai.network.sockets import read_pdus_in_large_chunks
 
 
 def association_over(sock: socket.socket) -> SimpleNamespace:

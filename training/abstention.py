@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.model.preprocessing import to_model_input
 from training.data import DEFAULT_CACHE_DIR
 from training.shifts import CONDITIONS, StressCondition, border, crop
 from training.stress import cached_shifted_inputs, default_split_file, validation_files
@@ -67,7 +67,7 @@ def sample_dicom_inputs(folder: Path) -> dict[str, np.ndarray]:
     """Model input of each decodable sample DICOM film, header filters bypassed."""
     import pydicom
 
-    from pacs_ai.pixels import PixelDataError, display_array
+    from pacs_ai.film.pixels import PixelDataError, display_array
 
     inputs = {}
     for path in sorted(folder.glob("*.dcm")):
@@ -81,7 +81,7 @@ def sample_dicom_inputs(folder: Path) -> dict[str, np.ndarray]:
 
 def run_abstention(model_path: Path, data: Path, out: Path, samples: Path,
                    originals: Path | None) -> dict:
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     model = PneumoniaModel.load(model_path)
     if model.info.ood_threshold is None:

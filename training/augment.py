@@ -40,7 +40,7 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator,
 # enhancement, noise, burned-in markers.
 
 def equalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """Batched pacs_ai.preprocessing.equalize_histogram: each value -> its mid-rank in (0, 1), equal
+    """Batched pacs_ai.model.preprocessing.equalize_histogram: each value -> its mid-rank in (0, 1), equal
     values equal output (exactly: binning the grey levels instead was faster but moved smooth
     dark regions by up to 0.05). [N, 1, H, W] -> same shape."""
     count = images.shape[0]

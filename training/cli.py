@@ -230,8 +230,8 @@ def command_train(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pacs_ai.offline_classification import classify_files
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.evaluate.offline_classification import classify_files
+    from pacs_ai.model.model import PneumoniaModel
     from training.data import list_split
     from training.report import write_report
 
@@ -301,7 +301,7 @@ def command_ensemble(args: argparse.Namespace) -> int:
 def command_export(args: argparse.Namespace) -> int:
     import torch
 
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
     from training.export import build_metadata, export_model
     from training.models import CONFIGS, build_network
 
@@ -419,7 +419,7 @@ def command_gate_check(args: argparse.Namespace) -> int:
             return gate_scores(gates, inputs)
         label = "gate " + " + ".join(str(run) for run in args.runs)
     else:
-        from pacs_ai.model import PneumoniaModel
+        from pacs_ai.model.model import PneumoniaModel
 
         model = PneumoniaModel.load(args.model)
         if model.info.ood_threshold is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pacs_ai.preprocessing import MODEL_INPUT_SIZE, PREPROCESSING_ID, to_model_input
+from pacs_ai.model.preprocessing import MODEL_INPUT_SIZE, PREPROCESSING_ID, to_model_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}

@@ -335,7 +335,7 @@ def with_saliency(source: Path, output: Path, version: str) -> dict[str, Any]:
     same weights and fitted buffers (loaded from the file itself, not from the runs) and the
     same metadata, under a new version. Checks that the new file gives the same
     probabilities and out-of-distribution scores as the old on test-pattern inputs."""
-    from pacs_ai.model import FORMAT_ID, PneumoniaModel
+    from pacs_ai.model.model import FORMAT_ID, PneumoniaModel
     from training.export import export_model, git_commit
     from training.models import CONFIGS, build_network
 

@@ -1,7 +1,7 @@
 """`python -m training explain --model FILE`: is the saliency map faithful? A deletion check.
 
 For each pneumonia film of the model's validation split (never a test split), the region the
-service would report (pacs_ai.heatmap.region_polygon of the model's own map) is replaced by the
+service would report (pacs_ai.model.heatmap.region_polygon of the model's own map) is replaced by the
 film's mean grey on the film itself, before the preprocessing, as a different film would be; the
 film is scored again. The same is done with a region of the same shape and area at a random place
 on the film (the polygon moved by a seeded random offset that keeps it inside). A faithful map
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pacs_ai import heatmap
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.model import heatmap
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.model.preprocessing import to_model_input
 from training.data import list_split
 from training.lung_fields import LungCheck, field_shares, lung_figures
 

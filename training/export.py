@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from pacs_ai.model import EXPECTED_INPUT_SHAPE, FORMAT_ID, METADATA_FILE, PneumoniaModel
-from pacs_ai.preprocessing import PREPROCESSING_ID
+from pacs_ai.model.model import EXPECTED_INPUT_SHAPE, FORMAT_ID, METADATA_FILE, PneumoniaModel
+from pacs_ai.model.preprocessing import PREPROCESSING_ID
 
 
 def git_commit() -> str:

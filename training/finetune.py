@@ -43,7 +43,7 @@ class FinetuneRecipe:
 
 def members_of(model_path: Path) -> tuple[list[nn.Sequential], dict]:
     """The members of a released ensemble file as trainable networks, with its metadata."""
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
     from training.ensemble import EnsembleNetwork
     from training.models import CONFIGS, build_network
 

@@ -292,7 +292,7 @@ def gate_scores(networks: list[nn.Module], inputs: np.ndarray) -> np.ndarray:
 
 def roc_auc_out(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
     """Probability that an 'out' film scores above an 'in' film."""
-    from pacs_ai.evaluation import roc_auc
+    from pacs_ai.evaluate.evaluation import roc_auc
 
     return roc_auc(np.concatenate([scores_in, scores_out]),
                    np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))].astype(int))

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.model.preprocessing import to_model_input
 from training.data import DEFAULT_CACHE_DIR
 from training.shifts import CONDITIONS
 from training.stress import cached_shifted_inputs, read_picture

@@ -78,7 +78,7 @@ def build_gated_model(classifier_path: Path, gate_runs: List[Path], version: str
                       output: Path, data: Path, adults: Path) -> dict[str, Any]:
     """Threshold the gate, check the classifier's outputs are untouched, export, and return
     the metadata's ood entry."""
-    from pacs_ai.model import METADATA_FILE, PneumoniaModel
+    from pacs_ai.model.model import METADATA_FILE, PneumoniaModel
     from training.export import export_model, git_commit
     from training.gate import (GATE_METHOD, GATE_THRESHOLD_RULE, gate_scores, load_gate_data,
                                load_gate_member)

@@ -8,7 +8,7 @@ estimate is a prior: one polygon per lung field, in fractions of the frame (x fr
 left edge, y from its top), drawn on the mean model input of the training split's normal films
 outside the shipped model's validation split (380 films, every third), where the two lung
 fields are the dark lobes between the chest wall and the mediastinum. The model input is the
-whole film squashed (pacs_ai.preprocessing), so the same fractions hold on the film itself.
+whole film squashed (pacs_ai.model.preprocessing), so the same fractions hold on the film itself.
 
 Its limits: one shape for every film, so a film framed, rotated or inspired unlike the average
 one gets a misplaced estimate (the check image, `lung_fields.png` of `explain --lungs --out`,
@@ -25,7 +25,7 @@ import functools
 
 import numpy as np
 
-from pacs_ai import heatmap
+from pacs_ai.model import heatmap
 
 # the film's left is the patient's right (a frontal film as displayed)
 RIGHT_LUNG = ((0.37, 0.21), (0.30, 0.24), (0.22, 0.32), (0.16, 0.44), (0.13, 0.58), (0.12, 0.72),
@@ -38,7 +38,7 @@ SCALES = (0.85, 1.0, 1.15)  # the fields as drawn, and shrunk / grown by 15 % ab
 
 def lung_field_polygons(rows: int, columns: int, scale: float = 1.0) -> list[np.ndarray]:
     """The two lung fields as closed polygons [K, 2] of (x, y) film pixel coordinates (DICOM's
-    convention, as pacs_ai.heatmap's regions), `scale` times their size about their centres."""
+    convention, as pacs_ai.model.heatmap's regions), `scale` times their size about their centres."""
     polygons = []
     for field in LUNG_FIELDS:
         points = np.array(field, dtype=np.float64)

@@ -1,6 +1,6 @@
 """Named network configurations: the seed study's family and our own CNN.
 
-Every network takes [N, 1, 200, 200] in [0, 1] (from pacs_ai.preprocessing.to_model_input) and
+Every network takes [N, 1, 200, 200] in [0, 1] (from pacs_ai.model.preprocessing.to_model_input) and
 returns [N] logits of "pneumonia". Input scaling lives inside the network (the model-file contract).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pacs_ai.preprocessing import MODEL_INPUT_SIZE
+from pacs_ai.model.preprocessing import MODEL_INPUT_SIZE
 
 
 class CenterInput(nn.Module):

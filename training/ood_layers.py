@@ -18,7 +18,7 @@ from training.stress import cached_shifted_inputs, validation_files
 from training.shifts import CONDITIONS
 from training.abstention import HEAVY_SHIFTS, synthetic_pictures
 from training.data import DEFAULT_CACHE_DIR
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.model.preprocessing import to_model_input
 net, cfg = load_member(Path(RUN))
 layers=list(net); flatten=max(i for i,l in enumerate(layers) if isinstance(l, nn.Flatten))
 pools=[i for i,l in enumerate(layers[:flatten]) if isinstance(l, nn.MaxPool2d)]

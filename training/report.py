@@ -1,6 +1,6 @@
 """The report folder of a run (plots as PNG, numbers as JSON) and the threshold rule.
 
-The metrics themselves are pacs_ai.evaluation's (plain numpy, shared with `pacs-ai evaluate`);
+The metrics themselves are pacs_ai.evaluate.evaluation's (plain numpy, shared with `pacs-ai evaluate`);
 they are imported here so training code keeps importing them from training.report.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pacs_ai.evaluation import (  # noqa: F401  (re-exported for training code)
+from pacs_ai.evaluate.evaluation import (  # noqa: F401  (re-exported for training code)
     expected_calibration_error, metrics_at, roc_auc, roc_curve, sensitivity_at_specificity,
     threshold_for_sensitivity)
 

@@ -12,7 +12,7 @@ stem conv, BN, ReLU, then the blocks) whose output the map is taken at: 16 = the
 23 = after it (6 x 6), 29 = the last block before its max-pool (6 x 6), 30 = after it (3 x 3).
 KIND: grad = Grad-CAM (channel weights = the gradient's spatial mean), hires = HiResCAM
 (gradient x activation, summed over channels). Maps of the members are summed, then the ReLU;
-the region rule is pacs_ai.heatmap's, the same random placements (seed 0) for every method.
+the region rule is pacs_ai.model.heatmap's, the same random placements (seed 0) for every method.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pacs_ai import heatmap
+from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
-from pacs_ai.model import PneumoniaModel
-from pacs_ai.preprocessing import to_model_input
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.model.preprocessing import to_model_input
 from training.cli import DEFAULT_DATA
 from training.ensemble import EnsembleNetwork
 from training.explain import occluded, random_placement, validation_pneumonia_films

@@ -2,7 +2,7 @@
 service's preprocessing: the stress test's conditions (training.stress).
 
 Each shift maps a 2-D float32 picture (grey levels 0-255, bright = dense, any size) and a seeded
-numpy generator to a new picture, which then goes through pacs_ai.preprocessing.to_model_input exactly
+numpy generator to a new picture, which then goes through pacs_ai.model.preprocessing.to_model_input exactly
 as a DICOM film's pixels would. The rank equalisation in that function makes any monotonic grey
 change (gamma, window, contrast) a no-op, so these shifts are mostly about geometry and texture:
 field of view, borders, blur and edge enhancement, noise, rotation, burned-in markers.

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from pacs_ai.preprocessing import PREPROCESSING_ID, to_model_input
+from pacs_ai.model.preprocessing import PREPROCESSING_ID, to_model_input
 from training import shifts
 from training.data import DEFAULT_CACHE_DIR
 from training.report import metrics_at
@@ -194,7 +194,7 @@ def default_split_file(model_path: Path) -> Path | None:
 
 def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None = None,
                condition_names: list[str] | None = None, limit: int | None = None) -> dict:
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     model = PneumoniaModel.load(model_path)
     split_file = split_file or default_split_file(model_path)

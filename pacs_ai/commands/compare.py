@@ -37,11 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai import comparison
+    from pacs_ai.evaluate import comparison
     from pacs_ai.config import load_config
-    from pacs_ai.jobs import JobStore
-    from pacs_ai.site_threshold import file_sha256
-    from pacs_ai.spool import Spool
+    from pacs_ai.queue.jobs import JobStore
+    from pacs_ai.model.site_threshold import file_sha256
+    from pacs_ai.queue.spool import Spool
 
     config = load_config(args.config)
     since = comparison.parse_since(args.since) if args.since else None

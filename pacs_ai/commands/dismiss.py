@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
     from pacs_ai.errors import UserError
-    from pacs_ai.jobs import JobStore
-    from pacs_ai.spool import Spool
+    from pacs_ai.queue.jobs import JobStore
+    from pacs_ai.queue.spool import Spool
 
     if bool(args.jobs) == args.all:
         raise UserError("name the failed jobs to dismiss (SOP Instance UIDs or job numbers), "

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
-    from pacs_ai.model import PneumoniaModel
+    from pacs_ai.model.model import PneumoniaModel
 
     config = load_config(args.config) if args.config else None
     path = args.model
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 def _shadow(config) -> str:
     """The [shadow] model as the service would load it (a threshold chosen for another file
     stops here as it stops the service)."""
-    from pacs_ai.shadow import load_shadow_model
+    from pacs_ai.classify.shadow import load_shadow_model
 
     shadow = load_shadow_model(config)
     own = shadow.info.metadata["threshold"]
@@ -65,7 +65,7 @@ def _shadow(config) -> str:
 
 
 def _saliency(info) -> str:
-    """What the file's saliency map is, or that it has none (pacs_ai.model, contract 2)."""
+    """What the file's saliency map is, or that it has none (pacs_ai.model.model, contract 2)."""
     if info.saliency_grid is None:
         return "none (model contract 1: reports without region, no heat-map images)"
     rows, columns = info.saliency_grid
@@ -89,8 +89,8 @@ def _site_settings(config, own, sha256: str) -> str:
     would (an impossible combination, or a threshold chosen for another model file, stops here
     as it stops the service)."""
     from pacs_ai.config import UNKNOWN_AGE_CLASSIFY
-    from pacs_ai.intended_use import format_age_range, site_model_info
-    from pacs_ai.site_threshold import check_binding
+    from pacs_ai.model.intended_use import format_age_range, site_model_info
+    from pacs_ai.model.site_threshold import check_binding
 
     settings = config.model
     check_binding(settings.site_threshold, own, sha256)
@@ -114,7 +114,7 @@ def _site_settings(config, own, sha256: str) -> str:
 
 
 def _intended_use(info) -> str:
-    from pacs_ai.intended_use import format_age_range
+    from pacs_ai.model.intended_use import format_age_range
 
     parts = []
     if info.intended_age_years is not None:

@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
-    from pacs_ai.jobs import JobStore
-    from pacs_ai.spool import Spool
+    from pacs_ai.queue.jobs import JobStore
+    from pacs_ai.queue.spool import Spool
 
     config = load_config(args.config)
     store = JobStore.open(Spool(config.storage.spool_dir).db_path, create=False)

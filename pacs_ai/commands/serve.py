@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
-    from pacs_ai.logs import configure_logging
+    from pacs_ai.ops.logs import configure_logging
     from pacs_ai.service import serve_until_signalled
 
     config = load_config(args.config)

@@ -37,7 +37,7 @@ def _time(timestamp: float | None) -> str | None:
 
 
 def collect(store: Any, limit: int) -> dict[str, Any]:
-    from pacs_ai.jobs import DeliveryObject, reason_code, retry_can_fix
+    from pacs_ai.queue.jobs import DeliveryObject, reason_code, retry_can_fix
 
     def job_entry(job: Any) -> dict[str, Any]:
         return {"job": job.id, "sop_instance_uid": job.sop_instance_uid, "stage": job.stage,
@@ -96,10 +96,10 @@ def _ages_line(ages: dict[str, int], unknown_age: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai import health
+    from pacs_ai.ops import health
     from pacs_ai.config import load_config
-    from pacs_ai.jobs import JobStore
-    from pacs_ai.spool import Spool
+    from pacs_ai.queue.jobs import JobStore
+    from pacs_ai.queue.spool import Spool
 
     config = load_config(args.config)
     spool = Spool(config.storage.spool_dir)

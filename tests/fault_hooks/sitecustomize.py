@@ -65,9 +65,9 @@ if _CRASH_MARKER:
     import multiprocessing
     import signal
 
-    import pacs_ai.film_input
+    import pacs_ai.film.film_input
 
-    _real_prepare = pacs_ai.film_input.prepare
+    _real_prepare = pacs_ai.film.film_input.prepare
 
     def _crashing_prepare(path, *args, **kwargs):
         if multiprocessing.parent_process() is not None:
@@ -76,19 +76,19 @@ if _CRASH_MARKER:
                     os.kill(os.getpid(), signal.SIGSEGV)
         return _real_prepare(path, *args, **kwargs)
 
-    pacs_ai.film_input.prepare = _crashing_prepare
+    pacs_ai.film.film_input.prepare = _crashing_prepare
 
 
 # ``PACS_AI_FAULT_HELPER_BROKEN=1``: the helper's start-up check fails as a broken install would
 # (an import error); the service must refuse to start with a message. Only helpers run the check
 # (the service submits it to them by name), so replacing it everywhere is enough.
 if os.environ.get("PACS_AI_FAULT_HELPER_BROKEN"):
-    import pacs_ai.helper_processes
+    import pacs_ai.classify.helper_processes
 
     def _broken_warm_up() -> int:
         raise ImportError("injected by the test hook: a library of the helper is missing")
 
-    pacs_ai.helper_processes._warm_up = _broken_warm_up
+    pacs_ai.classify.helper_processes._warm_up = _broken_warm_up
 
 
 # ``PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES=<path>``: in the service process, while the file <path>
@@ -100,9 +100,9 @@ _BETWEEN_DELIVERIES = os.environ.get("PACS_AI_FAULT_KILL_BETWEEN_DELIVERIES")
 if _BETWEEN_DELIVERIES:
     import signal
 
-    import pacs_ai.jobs
+    import pacs_ai.queue.jobs
 
-    _real_delivery_succeeded = pacs_ai.jobs.JobStore.delivery_succeeded
+    _real_delivery_succeeded = pacs_ai.queue.jobs.JobStore.delivery_succeeded
 
     def _killing_delivery_succeeded(self, job_id, destination, object="report"):
         result = _real_delivery_succeeded(self, job_id, destination, object)
@@ -115,4 +115,4 @@ if _BETWEEN_DELIVERIES:
                 os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    pacs_ai.jobs.JobStore.delivery_succeeded = _killing_delivery_succeeded
+    pacs_ai.queue.jobs.JobStore.delivery_succeeded = _killing_delivery_succeeded

@@ -1,0 +1,1 @@
+"""A received file -> the model input: header filters, decode, display values."""

@@ -1,0 +1,1015 @@
+"""The durable job queue: one SQLite file in the spool (WAL, synchronous=FULL).
+
+A job is one received instance. Its life:
+    pending -> classifying -> delivering -> done
+                           -> done        (no destination configured)
+                           -> skipped     (not a film the model was made for; reason kept)
+                           -> failed      (cannot decode, cannot build the report, or a
+                                           delivery gave up; reason kept, `pacs-ai retry` requeues,
+                                           `pacs-ai dismiss` settles one no retry can fix)
+Each job that has a report gets one delivery row per destination and object: the report, and
+its heat-map image where one was made (pacs_ai.report.heatmap_image); each goes
+    pending (attempts, next_attempt_at) -> done | failed
+on its own, so a PACS that refuses the image still stores the report. Both files are in the
+outbox before the job is marked reported, in one transaction with both rows.
+
+Jobs left in `classifying` by a crash go back to `pending` at start-up; a job's report UID is
+deterministic, so doing it again yields the same report. One SOP Instance UID is one job,
+whatever the number of times it is received.
+
+The store is shared by the threads of one process through one connection guarded by a lock;
+other processes (`pacs-ai status`, `pacs-ai retry`) open their own connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pacs_ai.errors import UserError
+from pacs_ai.finding import Finding
+
+
+# The job vocabulary. The values are what the queue stores and what `pacs-ai status`, the queue
+# page and the metrics show: a StrEnum member equals its string, so rows read back as plain
+# strings compare equal to these.
+class JobState(StrEnum):
+    PENDING = "pending"
+    CLASSIFYING = "classifying"
+    DELIVERING = "delivering"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Stage(StrEnum):
+    """Where a failed job failed (jobs.stage, the `stage` label of pacs_ai_failed_total)."""
+
+    CLASSIFY = "classify"  # the pixels could not be decoded or the model failed
+    REPORT = "report"  # the SR could not be built
+    DELIVER = "deliver"  # a delivery was given up
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # never tried yet, or retrying
+    DONE = "done"
+    FAILED = "failed"  # given up
+
+
+class DeliveryObject(StrEnum):
+    """What a delivery sends (deliveries.object)."""
+
+    REPORT = "report"  # the SR
+    HEATMAP = "heatmap"  # its heat-map image (pacs_ai.report.heatmap_image)
+
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT,
+    calling_ae_title TEXT,
+    image_file TEXT NOT NULL,          -- relative to the spool
+    state TEXT NOT NULL,
+    stage TEXT,                        -- where a failed job failed: classify, report, deliver
+    reason TEXT,                       -- 'code: detail' of a skip or failure
+    probability REAL,
+    finding TEXT,
+    report_uid TEXT,
+    report_file TEXT,                  -- relative to the spool
+    classify_ms REAL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    peer_address TEXT,                 -- what routing rules match ([[routes]]) ...
+    modality TEXT,
+    station_name TEXT,
+    accession_number TEXT,             -- shown on the queue page only when [web] allows it
+    route TEXT,                        -- the [[routes]] name taken, or 'default'
+    model TEXT,                        -- name and version of the model that classified it
+                                       -- (or abstained on it)
+    dismissed_at REAL,                 -- a failed job an admin dismissed (pacs-ai dismiss)
+    age_known INTEGER                  -- a reported film's header gave a usable patient age:
+                                       -- 1 or 0; NULL: not reported, or before pacs-ai kept it
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    first_attempt_at REAL,
+    last_error TEXT,
+    delivered_at REAL,
+    object TEXT NOT NULL DEFAULT 'report',  -- what is sent: 'report' or 'heatmap'
+    object_uid TEXT,                   -- a heatmap's SOP Instance UID (a report's: the job's)
+    object_file TEXT,                  -- a heatmap's file, relative to the spool
+    PRIMARY KEY (job_id, destination, object)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (destination, state, delivered_at);
+-- [shadow]: one row per film the live model assessed and shadow model (pacs_ai.classify.shadow), with
+-- both models' assessment of the same model input; never reported. A film assessed again
+-- (a retry, a restart mid-batch) replaces its row.
+CREATE TABLE IF NOT EXISTS shadow_results (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    model_name TEXT NOT NULL,          -- the shadow model
+    model_version TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    threshold REAL NOT NULL,           -- its threshold in force
+    status TEXT NOT NULL,              -- 'assessed', or why not: 'busy', 'model-failed', 'stopped'
+    probability REAL,                  -- the shadow's, even when it abstains
+    ood_score REAL,                    -- NULL: a model without an out-of-distribution score
+    abstained INTEGER,                 -- 1: score above its ood threshold (no finding)
+    finding TEXT,                      -- 'pneumonia' or 'normal'; NULL when abstained
+    live_model_name TEXT NOT NULL,     -- the live model, and what it made of the same input
+    live_model_version TEXT NOT NULL,
+    live_model_sha256 TEXT NOT NULL,
+    live_threshold REAL NOT NULL,
+    live_probability REAL NOT NULL,
+    live_ood_score REAL,
+    live_abstained INTEGER NOT NULL,
+    live_finding TEXT,
+    reason TEXT,                       -- why not assessed
+    assessed_at REAL NOT NULL,
+    PRIMARY KEY (job_id, model_sha256)
+);
+CREATE INDEX IF NOT EXISTS shadow_results_by_time ON shadow_results (assessed_at);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    calling_ae_title: str | None
+    image_file: str
+    state: JobState
+    stage: Stage | None
+    reason: str | None
+    probability: float | None
+    finding: Finding | None
+    report_uid: str | None
+    report_file: str | None
+    classify_ms: float | None
+    received_at: float
+    updated_at: float
+    peer_address: str | None = None
+    modality: str | None = None
+    station_name: str | None = None
+    accession_number: str | None = None
+    route: str | None = None
+    model: str | None = None
+    age_known: bool | None = None
+    dismissed_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # read back from SQLite as plain strings and 1 or 0: the vocabulary's own types
+        object.__setattr__(self, "state", JobState(self.state))
+        if self.stage is not None:
+            object.__setattr__(self, "stage", Stage(self.stage))
+        if self.finding is not None:
+            object.__setattr__(self, "finding", Finding(self.finding))
+        if self.age_known is not None:
+            object.__setattr__(self, "age_known", bool(self.age_known))
+
+
+# Columns added after the first release, with their types: a queue written by an older pacs-ai
+# gets them at open (its rows read NULL there).
+ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
+                     "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
+                     "age_known": "INTEGER", "dismissed_at": "REAL"}
+# Indexes on columns an older queue gets only from ADDED_JOB_COLUMNS: created after them (in
+# SCHEMA they would stop an older queue from opening: "no such column").
+INDEXES_ON_ADDED_COLUMNS = """
+-- the daily rates (daily_results): the classified films of a window read from the index alone
+CREATE INDEX IF NOT EXISTS jobs_by_received ON jobs (received_at, finding, model);
+"""
+
+
+class ShadowStatus(StrEnum):
+    """shadow_results.status: whether the shadow assessed the film, or why not."""
+
+    ASSESSED = "assessed"
+    BUSY = "busy"  # its queue was full: the shadow is slower than the films arrive
+    MODEL_FAILED = "model-failed"
+    STOPPED = "stopped"  # the service stopped before the shadow got to it
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One model's assessment of one film's model input."""
+
+    probability: float | None
+    ood_score: float | None
+    abstained: bool | None
+    finding: Finding | None  # None when it abstained (or did not assess)
+
+    def __post_init__(self) -> None:
+        if self.finding is not None:  # a plain string when read back
+            object.__setattr__(self, "finding", Finding(self.finding))
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    """A row of shadow_results, with the film's job facts compare needs."""
+
+    job_id: int
+    model_name: str
+    model_version: str
+    model_sha256: str
+    threshold: float
+    status: ShadowStatus
+    shadow: Assessment
+    live_model_name: str
+    live_model_version: str
+    live_model_sha256: str
+    live_threshold: float
+    live: Assessment
+    reason: str | None
+    assessed_at: float
+    sop_instance_uid: str | None = None  # from the job, when read back
+    accession_number: str | None = None
+    received_at: float | None = None
+
+
+_SHADOW_COLUMNS = ("job_id, model_name, model_version, model_sha256, threshold, status, "
+                   "probability, ood_score, abstained, finding, live_model_name, "
+                   "live_model_version, live_model_sha256, live_threshold, live_probability, "
+                   "live_ood_score, live_abstained, live_finding, reason, assessed_at")
+
+
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(bool(value))
+
+
+def _shadow_row(result: ShadowResult) -> tuple:
+    s, live = result.shadow, result.live
+    return (result.job_id, result.model_name, result.model_version, result.model_sha256,
+            result.threshold, str(result.status), s.probability, s.ood_score, _flag(s.abstained),
+            s.finding, result.live_model_name, result.live_model_version,
+            result.live_model_sha256, result.live_threshold, live.probability, live.ood_score,
+            _flag(live.abstained), live.finding, result.reason, result.assessed_at)
+
+
+def _shadow_result(row: tuple) -> ShadowResult:
+    (job_id, name, version, sha256, threshold, status, probability, ood, abstained, finding,
+     live_name, live_version, live_sha256, live_threshold, live_probability, live_ood,
+     live_abstained, live_finding, reason, assessed_at, uid, accession, received_at) = row
+
+    def flag(value: int | None) -> bool | None:
+        return None if value is None else bool(value)
+    return ShadowResult(
+        job_id, name, version, sha256, threshold, ShadowStatus(status),
+        Assessment(probability, ood, flag(abstained), finding), live_name, live_version,
+        live_sha256, live_threshold,
+        Assessment(live_probability, live_ood, flag(live_abstained), live_finding), reason,
+        assessed_at, uid, accession, received_at)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: int
+    destination: str
+    attempts: int
+    first_attempt_at: float | None
+    report_file: str
+    report_uid: str
+    sop_instance_uid: str
+    received_at: float
+    # "report": report_file and report_uid are the SR's; "heatmap": the heat-map image's
+    object: str = DeliveryObject.REPORT
+
+
+@dataclass(frozen=True)
+class DestinationDeliveries:
+    """How deliveries to one destination are going (pacs_ai.ops.health turns it into a report)."""
+
+    destination: str
+    last_success_at: float | None  # the latest report it stored
+    pending: int  # deliveries waiting (never tried yet, or retrying)
+    oldest_pending_received_at: float | None  # when the image of the oldest of them arrived
+    # The first failed attempt of the deliveries still open or given up on that failed after the
+    # last success: the destination has stored nothing since (None: not failing).
+    failing_since: float | None
+    last_error: str | None  # of the most recently failed delivery among those
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the C-STORE handler knows about a received instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    calling_ae_title: str | None
+    # what [[routes]] match on, besides the calling AE title (and the accession number)
+    peer_address: str | None = None
+    modality: str | None = None
+    station_name: str | None = None
+    accession_number: str | None = None
+
+
+_JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
+
+
+def accepts_resend(job: Job) -> bool:
+    """A job a re-sent copy of its image should run again: it failed before a report existed,
+    or it failed and its files were purged since ([storage] keep_failed_days)."""
+    return job.state == JobState.FAILED and (job.stage in (Stage.CLASSIFY, Stage.REPORT)
+                                             or is_purged(job))
+
+
+def is_purged(job: Job) -> bool:
+    """Its files were deleted after [storage] keep_failed_days (JobStore.purge_files)."""
+    return job.image_file == "" and job.report_file is None
+
+
+# Codes of classify failures that come from the image itself: `pacs-ai retry` would run the same
+# bytes through the same code and fail the same way. A corrected image sent again runs the job
+# again; otherwise an admin dismisses the failure (`pacs-ai dismiss`).
+IMAGE_FAILURE_CODES = frozenset({
+    "no-pixel-data", "bad-pixel-header", "too-large", "multi-frame", "colour", "not-monochrome",
+    "unsupported-bit-depth", "unsupported-transfer-syntax", "truncated-pixel-data",
+    "decode-failed", "decode-crashed"})
+
+
+# The reason code of a film the model abstained on (model.abstain_reason's "code: detail").
+ABSTAINED_REASON_CODE = "out-of-distribution"
+
+
+def reason_code(reason: str | None) -> str:
+    """The code of a "code: detail" reason ("" for none)."""
+    return (reason or "").split(":", 1)[0].strip()
+
+
+def retry_can_fix(stage: str | None, code: str) -> bool:
+    """Whether `pacs-ai retry`, once the cause is fixed, can turn a failure (its stage and the
+    code of its "code: detail" reason) into a report: a delivery (the PACS), the report, an
+    internal or model error; not a failure that is in the image (IMAGE_FAILURE_CODES)."""
+    return not (stage == Stage.CLASSIFY and code in IMAGE_FAILURE_CODES)
+
+
+_DELIVERIES_TABLE = re.search(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", SCHEMA,
+                              re.DOTALL).group(0)
+# every index of the table (the rebuild below drops them with the old table)
+_DELIVERIES_INDEXES = re.findall(r"CREATE INDEX IF NOT EXISTS deliveries_\w+ [^;]*;", SCHEMA)
+
+
+def _add_delivery_objects(connection: sqlite3.Connection) -> None:
+    """A queue written before heat-map images: its deliveries table gets the object columns
+    and the primary key (job, destination, object), copied in one transaction (SQLite cannot
+    change a primary key in place); its rows stay the report deliveries they were."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(deliveries)")}
+    if "object" in columns:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute("ALTER TABLE deliveries RENAME TO deliveries_before_objects")
+        connection.execute(_DELIVERIES_TABLE)
+        connection.execute(
+            "INSERT INTO deliveries (job_id, destination, state, attempts, next_attempt_at, "
+            "first_attempt_at, last_error, delivered_at) SELECT job_id, destination, state, "
+            "attempts, next_attempt_at, first_attempt_at, last_error, delivered_at "
+            "FROM deliveries_before_objects")
+        connection.execute("DROP TABLE deliveries_before_objects")  # and its index
+        for index in _DELIVERIES_INDEXES:
+            connection.execute(index)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+@dataclass(frozen=True)
+class PurgedJob:
+    sop_instance_uid: str
+    state: str
+    files: tuple[str, ...]  # spool-relative, to delete
+
+
+class JobStore:
+    def __init__(self, connection: sqlite3.Connection, path: Path):
+        self._db = connection
+        self.path = path
+        self._lock = threading.RLock()
+        # Events set whenever there may be new work for the workers or senders; they also
+        # poll, so a `pacs-ai retry` from another process is picked up without them.
+        self._work_listeners: list[threading.Event] = []
+
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = True, durable: bool = True) -> "JobStore":
+        """`durable` False: this connection's commits are not fsynced (SQLite's synchronous
+        NORMAL in WAL mode: a power cut may lose its latest ones, never corrupt the queue); for
+        what may be lost, the shadow model's results (pacs_ai.classify.shadow), never jobs."""
+        path = Path(path)
+        if not create and not path.is_file():
+            raise UserError(f"no job queue at {path}: the service has not run with this spool "
+                            "yet (check [storage] spool_dir and --config)")
+        try:
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA busy_timeout = 30000")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            connection.execute("PRAGMA foreign_keys = ON")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{path} was written by a newer pacs-ai (queue schema {version}); "
+                                "upgrade pacs-ai or use another spool")
+            connection.executescript(SCHEMA)
+            _add_delivery_objects(connection)
+            present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_JOB_COLUMNS.items():
+                if column not in present:
+                    connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            connection.executescript(INDEXES_ON_ADDED_COLUMNS)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise UserError(f"cannot open the job queue {path}: {error}") from None
+        return cls(connection, path)
+
+    def notify_on_work(self, event: threading.Event) -> None:
+        self._work_listeners.append(event)
+
+    def _work_added(self) -> None:
+        for event in self._work_listeners:
+            event.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- transactions ---------------------------------------------------------------------
+
+    def _write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body` in one immediate (write-locked) transaction, committed durably."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLITE_FULL and the like may have rolled back already: a second ROLLBACK
+                # would hide the real error; a failed COMMIT must not leave one open.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            return result
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def find(self, sop_instance_uid: str) -> Job | None:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
+                          (sop_instance_uid,))
+        return Job(*rows[0]) if rows else None
+
+    def admit(self, instance: NewInstance, place_file: Callable[[], str]) -> bool:
+        """Record a received instance as a pending job.
+
+        `place_file` moves the already-fsynced file into place and returns its spool-relative
+        path; it runs only when the instance is new (or a retry, below), inside the store's
+        lock, so two associations sending the same instance at once produce one job. Returns
+        False for an instance that already has a job (nothing is written then).
+
+        A re-sent instance whose job failed to classify or to build its report is a retry:
+        the new bytes replace the kept file and the job is pending again (a modality re-sends
+        after a broken transfer). Jobs in any other state stay as they are.
+        """
+        with self._lock:
+            existing = self.find(instance.sop_instance_uid)
+            if existing is not None and not accepts_resend(existing):
+                return False
+            image_file = place_file()
+            now = time.time()
+            if existing is None:
+                self._write(lambda db: db.execute(
+                    "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, "
+                    "calling_ae_title, image_file, state, received_at, updated_at, "
+                    "peer_address, modality, station_name, accession_number) "
+                    f"VALUES (?, ?, ?, ?, ?, '{JobState.PENDING}', ?, ?, ?, ?, ?, ?)",
+                    (instance.sop_instance_uid, instance.sop_class_uid,
+                     instance.study_instance_uid, instance.calling_ae_title, image_file, now,
+                     now, instance.peer_address, instance.modality, instance.station_name,
+                     instance.accession_number)))
+            else:
+                self._write(lambda db: db.execute(
+                    f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
+                    "dismissed_at = NULL, image_file = ?, sop_class_uid = ?, "
+                    "calling_ae_title = ?, received_at = ?, updated_at = ?, peer_address = ?, "
+                    "modality = ?, station_name = ?, accession_number = ? WHERE id = ?",
+                    (image_file, instance.sop_class_uid, instance.calling_ae_title, now, now,
+                     instance.peer_address, instance.modality, instance.station_name,
+                     instance.accession_number, existing.id)))
+        self._work_added()
+        return True
+
+    # --- classifying ----------------------------------------------------------------------
+
+    def reset_interrupted(self) -> int:
+        """At start-up: jobs a previous run was classifying go back to pending."""
+        return self._write(lambda db: db.execute(
+            f"UPDATE jobs SET state = '{JobState.PENDING}', updated_at = ? WHERE state = "
+            f"'{JobState.CLASSIFYING}'",
+            (time.time(),)).rowcount)
+
+    def claim(self, limit: int) -> list[Job]:
+        """Take up to `limit` of the oldest pending jobs for classification."""
+        def body(db: sqlite3.Connection) -> list[Job]:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.PENDING}' "
+                              "ORDER BY id LIMIT ?", (limit,)).fetchall()
+            if rows:
+                db.executemany(f"UPDATE jobs SET state = '{JobState.CLASSIFYING}', updated_at = ? "
+                               "WHERE id = ?",
+                               [(time.time(), row[0]) for row in rows])
+            return [Job(*row) for row in rows]
+        return self._write(body)
+
+    def requeue(self, job_ids: Iterable[int]) -> int:
+        """Put claimed jobs that are still `classifying` back to pending (their batch hit a
+        temporary problem such as a full disk). Jobs that got further are left alone."""
+        ids = list(job_ids)
+
+        def body(db: sqlite3.Connection) -> int:
+            now = time.time()
+            return sum(db.execute(f"UPDATE jobs SET state = '{JobState.PENDING}', updated_at = ? "
+                                  f"WHERE id = ? AND state = '{JobState.CLASSIFYING}'",
+                                  (now, job_id)).rowcount for job_id in ids)
+        requeued = self._write(body) if ids else 0
+        if requeued:
+            self._work_added()
+        return requeued
+
+    def mark_skipped(self, job_id: int, reason: str, model: str | None = None) -> bool:
+        """`model`: the model that decided, where one did (it abstained)."""
+        return self._finish(job_id, JobState.SKIPPED, None, reason, model)
+
+    def mark_failed(self, job_id: int, stage: Stage, reason: str) -> bool:
+        return self._finish(job_id, JobState.FAILED, stage, reason)
+
+    def _finish(self, job_id: int, state: JobState, stage: Stage | None, reason: str,
+                model: str | None = None) -> bool:
+        """Settle a claimed job. False (and no change) when it is no longer `classifying`: a
+        batch that breaks after reporting some of its jobs must not mark those failed."""
+        return self._write(lambda db: db.execute(
+            "UPDATE jobs SET state = ?, stage = ?, reason = ?, updated_at = ?, "
+            "model = ? "
+            f"WHERE id = ? AND state = '{JobState.CLASSIFYING}'",
+            (state, stage, reason, time.time(), model, job_id)).rowcount) == 1
+
+    def mark_reported(self, job_id: int, *, probability: float, finding: str, report_uid: str,
+                      report_file: str, classify_ms: float, destinations: Iterable[str],
+                      route: str | None = None, model: str | None = None,
+                      heatmap_uid: str | None = None,
+                      heatmap_file: str | None = None,
+                      age_known: bool | None = None,
+                      image_destinations: Iterable[str] | None = None) -> JobState:
+        """The report (and its heat-map image, when `heatmap_file` is given) is in the outbox:
+        queue one delivery per destination and object (those of `route`); the image goes to
+        those of `image_destinations` (None: all) among them, the DICOM ones (an HL7 or FHIR
+        destination gets a result message made from the report, no image). `age_known`:
+        whether the film's header gave a usable patient age (counted by `age_counts`).
+        Returns the new state: 'delivering', or 'done' when there is no destination."""
+        names = list(destinations)
+        state = JobState.DELIVERING if names else JobState.DONE
+        takes_images = set(names if image_destinations is None else image_destinations)
+
+        def body(db: sqlite3.Connection) -> JobState:
+            now = time.time()
+            db.execute("UPDATE jobs SET state = ?, stage = NULL, reason = NULL, probability = ?, "
+                       "finding = ?, report_uid = ?, report_file = ?, classify_ms = ?, "
+                       "updated_at = ?, route = ?, model = ?, age_known = ? WHERE id = ?",
+                       (state, probability, finding, report_uid, report_file, classify_ms, now,
+                        route, model, None if age_known is None else int(age_known), job_id))
+            db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
+                           f"next_attempt_at) VALUES (?, ?, '{DeliveryState.PENDING}', ?)",
+                           [(job_id, name, now) for name in names])
+            if heatmap_file is not None:
+                db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state, "
+                               "next_attempt_at, object, object_uid, object_file) "
+                               f"VALUES (?, ?, '{DeliveryState.PENDING}', ?, "
+                               f"'{DeliveryObject.HEATMAP}', ?, ?)",
+                               [(job_id, name, now, heatmap_uid, heatmap_file)
+                                for name in names if name in takes_images])
+            return state
+        result = self._write(body)
+        if names:
+            self._work_added()
+        return result
+
+    # --- delivering -----------------------------------------------------------------------
+
+    def due_deliveries(self, destination: str, now: float, limit: int) -> list[Delivery]:
+        rows = self._read(
+            "SELECT d.job_id, d.destination, d.attempts, d.first_attempt_at, "
+            "COALESCE(d.object_file, j.report_file), COALESCE(d.object_uid, j.report_uid), "
+            "j.sop_instance_uid, j.received_at, d.object FROM deliveries d "
+            "JOIN jobs j ON j.id = d.job_id WHERE d.destination = ? "
+            f"AND d.state = '{DeliveryState.PENDING}' AND d.next_attempt_at <= ? "
+            "ORDER BY d.next_attempt_at, d.job_id, d.object DESC "
+            "LIMIT ?",
+            (destination, now, limit))
+        return [Delivery(*row) for row in rows]
+
+    def next_attempt_at(self, destination: str) -> float | None:
+        rows = self._read("SELECT MIN(next_attempt_at) FROM deliveries "
+                          "WHERE destination = ? AND state = "
+                          f"'{DeliveryState.PENDING}'", (destination,))
+        return rows[0][0]
+
+    def release_waiting(self, destination: str, waiting_on: Callable[[str | None], bool],
+                        now: float | None = None) -> int:
+        """Make the destination's pending deliveries that wait out a backoff after an error
+        `waiting_on(last_error)` accepts due now (the destination was just seen working);
+        returns how many, and wakes the senders when any."""
+        def body(db: sqlite3.Connection) -> int:
+            at = time.time() if now is None else now
+            rows = db.execute("SELECT job_id, object, last_error FROM deliveries "
+                              f"WHERE destination = ? AND state = '{DeliveryState.PENDING}' "
+                              "AND next_attempt_at > ?", (destination, at)).fetchall()
+            chosen = [(job_id, object) for job_id, object, error in rows if waiting_on(error)]
+            db.executemany("UPDATE deliveries SET next_attempt_at = ? WHERE job_id = ? AND "
+                           "destination = ? AND object = ?",
+                           [(at, job_id, destination, object) for job_id, object in chosen])
+            return len(chosen)
+        released = self._write(body)
+        if released:
+            self._work_added()
+        return released
+
+    def delivery_succeeded(self, job_id: int, destination: str,
+                           object: str = DeliveryObject.REPORT) -> Job | None:
+        """Record a delivery; returns the job when this completed all of its deliveries."""
+        def body(db: sqlite3.Connection) -> Job | None:
+            now = time.time()
+            db.execute(f"UPDATE deliveries SET state = '{DeliveryState.DONE}', "
+                       "attempts = attempts + 1, first_attempt_at = COALESCE(first_attempt_at, ?), "
+                       "delivered_at = ?, "
+                       "last_error = NULL WHERE job_id = ? AND destination = ? AND object = ?",
+                       (now, now, job_id, destination, object))
+            return self._settle_job(db, job_id, now)
+        return self._write(body)
+
+    def delivery_failed(self, job_id: int, destination: str, error: str, *,
+                        retry_at: float | None,
+                        object: str = DeliveryObject.REPORT) -> Job | None:
+        """Record a failed attempt: retried at `retry_at`, or given up for good when None.
+        Returns the job when this was its last open delivery."""
+        def body(db: sqlite3.Connection) -> Job | None:
+            now = time.time()
+            state = DeliveryState.PENDING if retry_at is not None else DeliveryState.FAILED
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
+                       "first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, "
+                       "last_error = ? WHERE job_id = ? AND destination = ? AND object = ?",
+                       (state, now, retry_at if retry_at is not None else now, error, job_id,
+                        destination, object))
+            return self._settle_job(db, job_id, now) if retry_at is None else None
+        return self._write(body)
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> Job | None:
+        """Close a delivering job once none of its deliveries is pending."""
+        rows = db.execute("SELECT destination || CASE object "
+                          f"WHEN '{DeliveryObject.REPORT}' THEN '' ELSE ' (' || object || ')' END, "
+                          "state, last_error FROM deliveries "
+                          "WHERE job_id = ? ORDER BY destination, object DESC",
+                          (job_id,)).fetchall()
+        if any(state == DeliveryState.PENDING for _, state, _ in rows):
+            return None
+        failed = [(name, error) for name, state, error in rows
+                  if state == DeliveryState.FAILED]
+        if failed:
+            reason = "; ".join(f"delivery to {name} failed: {error}" for name, error in failed)
+            db.execute(f"UPDATE jobs SET state = '{JobState.FAILED}', stage = '{Stage.DELIVER}', "
+                       "reason = ?, updated_at = ? "
+                       f"WHERE id = ? AND state = '{JobState.DELIVERING}'",
+                       (reason, now, job_id))
+        else:
+            db.execute(f"UPDATE jobs SET state = '{JobState.DONE}', stage = NULL, reason = NULL, "
+                       "updated_at = ? WHERE id = ? AND state = "
+                       f"'{JobState.DELIVERING}'", (now, job_id))
+        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(*row)
+
+    def abandon_unknown_destinations(self, configured: Iterable[str]) -> int:
+        """Pending deliveries to a destination no longer in the config can never be made:
+        fail them (with the reason) so their jobs settle; `pacs-ai retry` after re-adding the
+        destination sends them."""
+        names = list(configured)
+
+        def body(db: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(names))
+            unknown = f"AND destination NOT IN ({marks})" if names else ""
+            rows = db.execute("SELECT job_id, destination FROM deliveries "
+                              f"WHERE state = '{DeliveryState.PENDING}' {unknown}",
+                              names).fetchall()
+            now = time.time()
+            for job_id, name in rows:
+                db.execute(f"UPDATE deliveries SET state = '{DeliveryState.FAILED}', "
+                           "last_error = ? WHERE job_id = ? AND destination = ?",
+                           ("destination-removed: no longer in the config", job_id, name))
+                self._settle_job(db, job_id, now)
+            return len(rows)
+        return self._write(body)
+
+    def heatmap_files(self, job_id: int) -> list[str]:
+        """The heat-map image files of a job's deliveries (spool-relative; none for most)."""
+        return [row[0] for row in self._read(
+            "SELECT DISTINCT object_file FROM deliveries WHERE job_id = ? AND object_file IS "
+            "NOT NULL", (job_id,))]
+
+    # --- operator commands ----------------------------------------------------------------
+
+    def redeliver(self, job_id: int) -> int:
+        """A re-sent image whose report could not be delivered (job failed at stage deliver):
+        its failed deliveries start again from the first attempt, as `pacs-ai retry` does for
+        all. Returns the number of deliveries requeued (0 when the job is in another state)."""
+        def body(db: sqlite3.Connection) -> int:
+            now = time.time()
+            job = db.execute(f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, "
+                             "reason = NULL, dismissed_at = NULL, updated_at = ? WHERE id = ? "
+                             f"AND state = '{JobState.FAILED}' AND stage = '{Stage.DELIVER}' "
+                             "AND report_file IS NOT NULL", (now, job_id)).rowcount
+            if not job:
+                return 0
+            return db.execute(
+                f"UPDATE deliveries SET state = '{DeliveryState.PENDING}', attempts = 0, "
+                "first_attempt_at = NULL, next_attempt_at = ?, last_error = NULL "
+                f"WHERE job_id = ? AND state = '{DeliveryState.FAILED}'",
+                (now, job_id)).rowcount
+        requeued = self._write(body)
+        if requeued:
+            self._work_added()
+        return requeued
+
+    def purge_files(self, finished_before: float) -> list[PurgedJob]:
+        """Failed and skipped jobs settled before `finished_before`: forget their image and
+        report files (the caller deletes them) and their failed deliveries, keeping the rows
+        as a record. Such a job is no longer retried by `pacs-ai retry`; a re-send of its
+        image runs it again from the start (accepts_resend)."""
+        def body(db: sqlite3.Connection) -> list[PurgedJob]:
+            rows = db.execute(
+                "SELECT id, sop_instance_uid, state, image_file, report_file FROM jobs "
+                f"WHERE state IN ('{JobState.FAILED}', '{JobState.SKIPPED}') AND updated_at < ? "
+                "AND (image_file != '' OR report_file IS NOT NULL)",
+                (finished_before,)).fetchall()
+            ids = [(row[0],) for row in rows]
+            db.executemany("UPDATE jobs SET image_file = '', report_file = NULL WHERE id = ?",
+                           ids)
+            heatmaps = {job_id: file for job_id, file in db.execute(
+                "SELECT job_id, object_file FROM deliveries WHERE object_file IS NOT NULL AND "
+                f"job_id IN ({','.join('?' * len(ids))})", [i for (i,) in ids]).fetchall()}
+            db.executemany("DELETE FROM deliveries WHERE job_id = ? AND state = "
+                           f"'{DeliveryState.FAILED}'", ids)
+            return [PurgedJob(sop_instance_uid=uid, state=state,
+                              files=tuple(f for f in (image, report, heatmaps.get(job_id)) if f))
+                    for job_id, uid, state, image, report in rows]
+        return self._write(body)
+
+    def requeue_failed(self) -> tuple[int, int]:
+        """`pacs-ai retry`: failed classifications go back to pending, failed deliveries are
+        tried again from the start; dismissed jobs are left as they are (dismiss).
+        Returns (jobs requeued, deliveries requeued)."""
+        def body(db: sqlite3.Connection) -> tuple[int, int]:
+            now = time.time()
+            deliveries = db.execute(
+                f"UPDATE deliveries SET state = '{DeliveryState.PENDING}', attempts = 0, "
+                "first_attempt_at = NULL, next_attempt_at = ?, last_error = NULL "
+                f"WHERE state = '{DeliveryState.FAILED}' AND job_id NOT IN "
+                "(SELECT id FROM jobs WHERE dismissed_at IS NOT NULL)", (now,)).rowcount
+            redeliver = db.execute(
+                f"UPDATE jobs SET state = '{JobState.DELIVERING}', stage = NULL, reason = NULL, "
+                f"updated_at = ? WHERE state = '{JobState.FAILED}' AND report_file IS NOT NULL "
+                "AND dismissed_at IS NULL AND id IN (SELECT job_id FROM deliveries WHERE "
+                f"state = '{DeliveryState.PENDING}')", (now,)).rowcount
+            reclassify = db.execute(
+                f"UPDATE jobs SET state = '{JobState.PENDING}', stage = NULL, reason = NULL, "
+                f"updated_at = ? WHERE state = '{JobState.FAILED}' AND dismissed_at IS NULL "
+                f"AND stage IN ('{Stage.CLASSIFY}', '{Stage.REPORT}') AND image_file != ''",
+                (now,)).rowcount  # not those purged
+            return redeliver + reclassify, deliveries
+        result = self._write(body)
+        self._work_added()
+        return result
+
+    def dismiss(self, keys: Iterable[str] | None = None) -> tuple[list[Job], list[str]]:
+        """`pacs-ai dismiss`: mark failed jobs an admin has seen, so that status no longer
+        calls for one; each stays failed, with its reason, and `retry` passes it over. `keys`:
+        job numbers or SOP Instance UIDs; None: every failed job not dismissed yet.
+        Returns (the jobs dismissed now, the keys that name no failed job); when a key names
+        none, nothing is dismissed. A job dismissed before is left as it was."""
+        def body(db: sqlite3.Connection) -> tuple[list[Job], list[str]]:
+            now = time.time()
+            if keys is None:
+                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = "
+                                  f"'{JobState.FAILED}' AND dismissed_at IS NULL").fetchall()
+                unknown: list[str] = []
+            else:
+                rows, unknown = [], []
+                for key in keys:
+                    column = "id" if key.isdigit() else "sop_instance_uid"
+                    row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {column} = ? AND "
+                                     f"state = '{JobState.FAILED}'", (key,)).fetchone()
+                    if row is None:
+                        unknown.append(key)
+                    elif Job(*row).dismissed_at is None:
+                        rows.append(row)
+                if unknown:  # all or nothing: a mistyped key changes nothing
+                    return [], unknown
+            jobs = [dataclasses.replace(Job(*row), dismissed_at=now) for row in rows]
+            db.executemany("UPDATE jobs SET dismissed_at = ? WHERE id = ?",
+                           [(now, job.id) for job in jobs])
+            return jobs, unknown
+        return self._write(body)
+
+    # --- shadow model (pacs_ai.classify.shadow) -------------------------------------------------------
+
+    def record_shadow_results(self, results: Iterable[ShadowResult]) -> int:
+        """Write (or replace) shadow results in one transaction; returns how many."""
+        rows = [_shadow_row(result) for result in results]
+        if not rows:
+            return 0
+        self._write(lambda db: db.executemany(
+            f"INSERT OR REPLACE INTO shadow_results ({_SHADOW_COLUMNS}) "
+            f"VALUES ({', '.join('?' * 20)})", rows))
+        return len(rows)
+
+    def shadow_results(self, received_since: float | None = None) -> list[ShadowResult]:
+        """Shadow results with their film's SOP Instance UID, accession number and receipt
+        time, oldest film first; only films received at or after `received_since`."""
+        columns = ", ".join(f"s.{c.strip()}" for c in _SHADOW_COLUMNS.split(","))
+        rows = self._read(
+            f"SELECT {columns}, j.sop_instance_uid, j.accession_number, j.received_at "
+            "FROM shadow_results s JOIN jobs j ON j.id = s.job_id WHERE j.received_at >= ? "
+            "ORDER BY j.received_at, s.job_id", (received_since or 0.0,))
+        return [_shadow_result(row) for row in rows]
+
+    def job_counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in JobState}
+        counts.update(dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state")))
+        return counts
+
+    def age_counts(self) -> dict[str, int]:
+        """Classified jobs (those with a finding) by whether their header gave a usable patient
+        age: known, unknown, and not_recorded (classified by a pacs-ai that did not keep it)."""
+        counts = {"known": 0, "unknown": 0, "not_recorded": 0}
+        names = {1: "known", 0: "unknown", None: "not_recorded"}
+        for age_known, count in self._read("SELECT age_known, COUNT(*) FROM jobs WHERE "
+                                           "finding IS NOT NULL GROUP BY age_known"):
+            counts[names[age_known]] = count
+        return counts
+
+    def route_counts(self) -> dict[str, int]:
+        """Reported jobs per route taken ([[routes]] name or 'default'); older jobs without
+        one are left out."""
+        return dict(self._read("SELECT route, COUNT(*) FROM jobs WHERE route IS NOT NULL "
+                               "GROUP BY route ORDER BY route"))
+
+    def delivery_counts(self, object: DeliveryObject | None = None) -> dict[str, dict[str, int]]:
+        """Deliveries per destination and state: of one object (reports, heat-map images), or
+        of all (a film with a heat-map image has two per destination)."""
+        where, parameters = ("", ()) if object is None else ("WHERE object = ? ", (object,))
+        result: dict[str, dict[str, int]] = {}
+        for name, state, count in self._read(
+                f"SELECT destination, state, COUNT(*) FROM deliveries {where}"
+                "GROUP BY destination, state", parameters):
+            result.setdefault(name, {s.value: 0 for s in DeliveryState})[state] = count
+        return result
+
+    def destination_deliveries(self, names: Iterable[str]) -> dict[str, DestinationDeliveries]:
+        """Delivery health of each named destination (the configured ones).
+
+        Asked per destination, so each question is an index lookup (deliveries_due,
+        deliveries_done) rather than a scan of every delivery ever made: this runs at each
+        /metrics scrape and queue page load (bench/queue_page.py: 2.9 s with a subquery per
+        failed row on 10 000 jobs before)."""
+        result = {}
+        for name in names:
+            last_success = self._read(
+                "SELECT MAX(delivered_at) FROM deliveries WHERE destination = ? "
+                f"AND state = '{DeliveryState.DONE}'", (name,))[0][0]
+            count, oldest = self._read(
+                "SELECT COUNT(*), MIN(j.received_at) FROM deliveries d JOIN jobs j "
+                "ON j.id = d.job_id WHERE d.destination = ? AND d.state = "
+                f"'{DeliveryState.PENDING}'",
+                (name,))[0]
+            # Deliveries still open or given up on whose first attempt failed after the last
+            # success: the destination has stored nothing since. Ordered: the last error wins.
+            since, error = None, None
+            for first_attempt_at, last_error in self._read(
+                    "SELECT first_attempt_at, last_error FROM deliveries WHERE destination = ? "
+                    f"AND state IN ('{DeliveryState.PENDING}', '{DeliveryState.FAILED}') "
+                    "AND attempts > 0 AND last_error IS NOT NULL AND first_attempt_at > ? "
+                    "ORDER BY next_attempt_at", (name, last_success or 0)):
+                since = first_attempt_at if since is None else min(since, first_attempt_at)
+                error = last_error
+            result[name] = DestinationDeliveries(name, last_success, count, oldest, since,
+                                                 error)
+        return result
+
+    def failures_since(self, since: float) -> dict[tuple[str | None, str], int]:
+        """Jobs that failed at or after `since` (epoch seconds), are still failed and are not
+        dismissed, counted by (stage, reason code)."""
+        rows = self._read(
+            "SELECT stage, TRIM(SUBSTR(reason, 1, INSTR(reason || ':', ':') - 1)), COUNT(*) "
+            f"FROM jobs WHERE state = '{JobState.FAILED}' AND dismissed_at IS NULL AND "
+            "updated_at >= ? GROUP BY 1, 2", (since,))
+        return {(stage, code or ""): count for stage, code, count in rows}
+
+    def daily_results(self, since: float) -> list[tuple[int, str | None, str, int, int, int]]:
+        """What the models made of the films received at or after `since` (epoch seconds), per
+        UTC day (days since 1970-01-01, by when the film was received) and model:
+        (day, model, role, classified, of those found pneumonia, abstained), ordered by day and
+        model. `model` is the job's name and version (None: an abstention recorded before
+        pacs-ai kept it). The live model's results are its jobs' (role 'live'); a shadow
+        model's would be added here with its own role (pacs_ai.ops.drift reads any role)."""
+        results: dict[tuple[int, str | None], list[int]] = {}
+        for day, model, classified, positive in self._read(
+                "SELECT CAST(received_at / 86400 AS INTEGER) AS day, model, COUNT(*), "
+                "TOTAL(finding = 'pneumonia') FROM jobs WHERE received_at >= ? AND finding IS "
+                "NOT NULL GROUP BY day, model", (since,)):
+            results[(day, model)] = [int(classified), int(positive), 0]
+        for day, model, abstained in self._read(  # few: by the state index
+                "SELECT CAST(received_at / 86400 AS INTEGER) AS day, model, COUNT(*) FROM jobs "
+                f"WHERE state = '{JobState.SKIPPED}' AND received_at >= ? AND reason LIKE "
+                f"'{ABSTAINED_REASON_CODE}:%' GROUP BY day, model", (since,)):
+            results.setdefault((day, model), [0, 0, 0])[2] = abstained
+        return [(day, model, "live", *counts) for (day, model), counts in
+                sorted(results.items(), key=lambda item: (item[0][0], item[0][1] or ""))]
+
+    def dismissed_count(self) -> int:
+        """Failed jobs an admin dismissed."""
+        return self._read(f"SELECT COUNT(*) FROM jobs WHERE state = '{JobState.FAILED}' AND "
+                          "dismissed_at IS NOT NULL")[0][0]
+
+    def backlog(self) -> int:
+        """Jobs received but not finished: waiting for classification or for delivery."""
+        return self._read("SELECT COUNT(*) FROM jobs WHERE state IN "
+                          f"('{JobState.PENDING}', '{JobState.CLASSIFYING}', "
+                          f"'{JobState.DELIVERING}')")[0][0]
+
+    def latest_failures(self, limit: int = 10) -> list[Job]:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.FAILED}' "
+                          "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def latest_skips(self, limit: int = 10) -> list[Job]:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.SKIPPED}' "
+                          "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def retrying_deliveries(self, limit: int = 10) -> list[tuple[str, str, int, float, str]]:
+        """(report_uid, destination, attempts, next_attempt_at, last_error) of deliveries that
+        failed at least once and will be tried again; for a heat-map image its own UID and
+        "destination (heatmap)"."""
+        return self._read(
+            "SELECT COALESCE(d.object_uid, j.report_uid), d.destination || CASE d.object "
+            f"WHEN '{DeliveryObject.REPORT}' THEN '' ELSE ' (' || d.object || ')' END, d.attempts, "
+            "d.next_attempt_at, d.last_error "
+            "FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+            f"WHERE d.state = '{DeliveryState.PENDING}' AND d.attempts > 0 "
+            "ORDER BY d.next_attempt_at LIMIT ?", (limit,))
+
+    def recent_jobs(self, limit: int) -> list[Job]:
+        """The latest jobs, newest first (the queue page): by id, the primary key, so it stays
+        quick on a large queue; a re-sent film keeps its place."""
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return [Job(*row) for row in rows]
+
+    def job_by_id(self, job_id: int) -> Job | None:
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return Job(*rows[0]) if rows else None
+
+    def deliveries_of(self, job_ids: Iterable[int]) -> dict[int, dict[str, dict[str, Any]]]:
+        """Per job, per destination: state, attempts, last_error. Where a destination has
+        several rows for a job (the report and other objects), the least advanced is shown."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        rank = {DeliveryState.FAILED: 0, DeliveryState.PENDING: 1, DeliveryState.DONE: 2}
+        result: dict[int, dict[str, dict[str, Any]]] = {}
+        for job_id, name, state, attempts, error in self._read(
+                "SELECT job_id, destination, state, attempts, last_error FROM deliveries "
+                f"WHERE job_id IN ({','.join('?' * len(ids))})", ids):
+            shown = result.setdefault(job_id, {}).get(name)
+            if shown is None or rank.get(state, 0) < rank.get(shown["state"], 0):
+                result[job_id][name] = {"state": state, "attempts": attempts,
+                                        "last_error": error}
+        return result
