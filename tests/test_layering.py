@@ -1,5 +1,6 @@
 """The layering of pacs_ai, read from the source (issue 25 item 1): the config imports no stage,
-so reading a config file pulls in neither the model nor the decoders.
+so reading a config file pulls in neither the model nor the decoders; and no two parts import
+each other, so the packages by stage read in one order, as the pipeline does.
 
 Every import counts, including those inside functions: a lazy import is still a dependency."""
 
@@ -57,6 +58,64 @@ def test_the_config_imports_no_stage():
         assert not outside, f"{name} imports {sorted(outside)}"
     for leaf in SHARED_LEAVES:
         assert not graph[leaf], f"{leaf} is meant to import nothing of pacs_ai: {graph[leaf]}"
+
+
+def part_of(name: str) -> str:
+    """The package by stage a module belongs to (`pacs_ai.receive`), or the module itself for
+    those at the top (`pacs_ai.config`, `pacs_ai.service`)."""
+    return ".".join(name.split(".")[:2])
+
+
+def part_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    parts: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        parts.setdefault(part_of(name), set()).update(
+            part_of(target) for target in targets if part_of(target) != part_of(name))
+    return parts
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in the graph as the path that closes it ([a, b, a]), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        cycle = visit(node)
+        if cycle:
+            return cycle
+    return None
+
+
+def test_no_two_packages_import_each_other():
+    parts = part_graph(import_graph())
+    stages = [part for part in parts if (PACKAGE_ROOT / part.removeprefix("pacs_ai.")).is_dir()]
+    assert len(stages) >= 10, sorted(parts)  # the packages by stage exist
+    cycle = find_cycle(parts)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle_between_packages():
+    """The check above is only as good as its cycle finder."""
+    graph = {"pacs_ai.ops.health": {"pacs_ai.deliver.destination_echo"},
+             "pacs_ai.deliver.destination_echo": {"pacs_ai.ops.metrics"},
+             "pacs_ai.ops.metrics": {"pacs_ai.queue.jobs"}, "pacs_ai.queue.jobs": set()}
+    assert find_cycle(part_graph(graph)) == ["pacs_ai.deliver", "pacs_ai.ops", "pacs_ai.deliver"]
+    del graph["pacs_ai.ops.health"]
+    assert find_cycle(part_graph(graph)) is None
 
 
 def test_the_graph_reader_sees_lazy_imports():
