@@ -50,11 +50,15 @@ def test_destination_down_then_up_delivers_everything_once(tmp_path, tiny_model)
         assert report["jobs"]["delivering"] == 4 and report["backlog"] == 4
         assert all("connection-failed" in item["last_error"] for item in report["retrying"])
         first_report = report["retrying"][0]["report_uid"]
-        delays = [event["retry_in_seconds"] for event in service.events()
-                  if event["event"] == "delivery_retry_scheduled"
-                  and event["report_uid"] == first_report]
+
+        def delays() -> list[float]:
+            return [event["retry_in_seconds"] for event in service.events()
+                    if event["event"] == "delivery_retry_scheduled"
+                    and event["report_uid"] == first_report]
+        # the sender commits an attempt to the queue before it logs it: wait for the lines
+        wait_until(lambda: len(delays()) >= 5, 10)
         # The initial delay, doubling, capped at max_delay_seconds.
-        assert delays[:5] == pytest.approx([0.2, 0.4, 0.8, 1.0, 1.0], abs=0.01)
+        assert delays()[:5] == pytest.approx([0.2, 0.4, 0.8, 1.0, 1.0], abs=0.01)
         with pacs:
             assert pacs.wait_for(4, timeout=30)
             assert wait_until(lambda: status(config)["jobs"]["done"] == 4, 30)
