@@ -124,3 +124,19 @@ def test_the_graph_reader_sees_lazy_imports():
     assert "pacs_ai.cli" in graph and graph["pacs_ai.cli"]  # imports inside main()
     service = graph[next(name for name in graph if name.endswith(".service"))]
     assert any(in_config(target) for target in service)
+
+
+def test_the_module_map_says_what_each_package_imports():
+    """docs/architecture.md's module map says, under each package, which parts it imports: the
+    sentence is read and compared with the source, so the doc cannot drift from the code."""
+    doc = (PACKAGE_ROOT.parent / "docs" / "architecture.md").read_text()
+    parts = part_graph(import_graph())
+    packages = [path.name for path in sorted(PACKAGE_ROOT.iterdir())
+                if (path / "__init__.py").is_file() and path.name != "commands"]
+    for package in packages:
+        heading = doc.index(f"**`{package}/`**")
+        paragraph = " ".join(doc[heading:doc.index("\n\n", heading)].split())
+        said = paragraph.rsplit("Imports ", 1)[1].rstrip(".")
+        said_parts = set() if said == "nothing of pacs_ai" else {
+            "pacs_ai." + name.strip(" `/") for name in said.split(",")}
+        assert said_parts == parts[f"pacs_ai.{package}"], (package, said)
