@@ -7,7 +7,8 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from pacs_ai.evaluate.evaluation_html import STYLE, _number, _percent, _table, _with_interval
+from pacs_ai.evaluate.evaluation_html import (STYLE, _number, _percent, _table, _with_interval,
+                                             unit_square_axes)
 
 SIZE = 360  # the plot's square, in SVG units
 MARGIN = 48
@@ -42,16 +43,7 @@ def scatter_svg(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" '
            'aria-label="probability of pneumonia, live model against shadow model">',
-           f'<rect x="{x(0)}" y="{y(1)}" width="{SIZE}" height="{SIZE}" fill="white" '
-           'stroke="#888"/>']
-    for tick in (0.2, 0.4, 0.6, 0.8):
-        out.append(f'<line x1="{x(tick)}" y1="{y(0)}" x2="{x(tick)}" y2="{y(1)}" stroke="#eee"/>')
-        out.append(f'<line x1="{x(0)}" y1="{y(tick)}" x2="{x(1)}" y2="{y(tick)}" stroke="#eee"/>')
-    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        out.append(f'<text x="{x(tick)}" y="{y(0) + 14}" font-size="10" '
-                   f'text-anchor="middle">{tick:.1f}</text>')
-        out.append(f'<text x="{x(0) - 5}" y="{y(tick) + 3}" font-size="10" '
-                   f'text-anchor="end">{tick:.1f}</text>')
+           *unit_square_axes(x, y)]
     live_name = escape(f"{live.get('name', 'live')} {live.get('version', '')}".strip())
     shadow_name = escape(f"{shadow.get('name', 'shadow')} {shadow.get('version', '')}".strip())
     out.append(f'<text x="{x(0.5)}" y="{y(0) + 32}" font-size="11" text-anchor="middle">'

@@ -4,7 +4,7 @@ curve as inline SVG drawn here (no plotting library: the service does not depend
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+from typing import Any, Callable
 
 SIZE = 320  # the plot's square, in SVG units
 MARGIN = 44
@@ -109,6 +109,22 @@ def render_report(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def unit_square_axes(x: Callable[[float], float], y: Callable[[float], float]) -> list[str]:
+    """The SVG of a plot's square from 0 to 1 both ways: its frame, a light grid every 0.2 and
+    the tick labels, placed by the plot's own x and y (the ROC here, compare's scatter)."""
+    out = [f'<rect x="{x(0)}" y="{y(1)}" width="{x(1) - x(0):g}" height="{y(0) - y(1):g}" '
+           'fill="white" stroke="#888"/>']
+    for tick in (0.2, 0.4, 0.6, 0.8):
+        out.append(f'<line x1="{x(tick)}" y1="{y(0)}" x2="{x(tick)}" y2="{y(1)}" stroke="#eee"/>')
+        out.append(f'<line x1="{x(0)}" y1="{y(tick)}" x2="{x(1)}" y2="{y(tick)}" stroke="#eee"/>')
+    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        out.append(f'<text x="{x(tick)}" y="{y(0) + 14}" font-size="10" '
+                   f'text-anchor="middle">{tick:.1f}</text>')
+        out.append(f'<text x="{x(0) - 5}" y="{y(tick) + 3}" font-size="10" '
+                   f'text-anchor="end">{tick:.1f}</text>')
+    return out
+
+
 def roc_svg(summary: dict[str, Any]) -> str:
     """The ROC curves (classified films; all films with those not reported ranked wrong), the
     chance line, and the threshold in force and the proposed one as points."""
@@ -127,16 +143,7 @@ def roc_svg(summary: dict[str, Any]) -> str:
     width, height = SIZE + MARGIN + 16, SIZE + MARGIN + MARGIN // 2
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="ROC curve">',
-           f'<rect x="{x(0)}" y="{y(1)}" width="{SIZE}" height="{SIZE}" fill="white" '
-           'stroke="#888"/>']
-    for tick in (0.2, 0.4, 0.6, 0.8):
-        out.append(f'<line x1="{x(tick)}" y1="{y(0)}" x2="{x(tick)}" y2="{y(1)}" stroke="#eee"/>')
-        out.append(f'<line x1="{x(0)}" y1="{y(tick)}" x2="{x(1)}" y2="{y(tick)}" stroke="#eee"/>')
-    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        out.append(f'<text x="{x(tick)}" y="{y(0) + 14}" font-size="10" '
-                   f'text-anchor="middle">{tick:.1f}</text>')
-        out.append(f'<text x="{x(0) - 5}" y="{y(tick) + 3}" font-size="10" '
-                   f'text-anchor="end">{tick:.1f}</text>')
+           *unit_square_axes(x, y)]
     out.append(f'<text x="{x(0.5)}" y="{y(0) + 30}" font-size="11" text-anchor="middle">'
                '1 - specificity</text>')
     out.append(f'<text x="12" y="{y(0.5)}" font-size="11" text-anchor="middle" '
