@@ -18,8 +18,9 @@ from PIL import Image
 
 from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
+from pacs_ai.finding import probability_label
 from pacs_ai.report.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
-                                   picture_size, probability_label)
+                                          picture_size)
 from pacs_ai.classify.helper_processes import render_report
 from pacs_ai.model.model import ModelContractError, PneumoniaModel
 from pacs_ai.film.pixels import display_array, display_picture

@@ -116,6 +116,25 @@ def test_the_json_shows_films_counts_and_destinations_without_patient_data(serve
     assert [film["job"] for film in queue["films"]] == sorted(ids.values(), reverse=True)
 
 
+def test_a_probability_near_one_is_shown_as_above_0999_and_given_whole_in_json(served):
+    """Three decimals showed 0.999998 as a certain-looking 1.0 on the page; the heat-map
+    image's label says "> 0.999". The JSON keeps what the model gave."""
+    url, store, _ = served
+    store.admit(NewInstance(SOURCE_UID + "3", CR, "1.2.3", "ER_CR", peer_address="10.0.0.5",
+                            modality="CR"), lambda: "images/sure.dcm")
+    (job,) = store.claim(1)
+    store.mark_reported(job.id, probability=0.999998, finding="pneumonia",
+                        report_uid=f"2.25.{job.id}1", report_file=f"outbox/{job.id}.dcm",
+                        classify_ms=5.0, destinations=[], route="default",
+                        model="tiny 0.0.0-test", age_known=True)
+    _, page, _ = get(url + "/queue")
+    row = re.search(rf"<tr id=job-{job.id}>.*?</tr>", page, flags=re.S).group(0)
+    assert "pneumonia (&gt; 0.999)" in row and "1.0" not in row
+    _, body, _ = get(url + "/api/queue")
+    (film,) = [film for film in json.loads(body)["films"] if film["job"] == job.id]
+    assert film["probability"] == 0.999998
+
+
 def test_the_page_is_html_that_reloads_itself(served):
     url, _, ids = served
     status, page, headers = get(url + "/queue")
@@ -125,7 +144,7 @@ def test_the_page_is_html_that_reloads_itself(served):
     assert f"<button type=submit name=job value={ids['failed']}>retry</button>" in page
     assert f"value={ids['done']}>" not in page  # retry only for failed deliveries
     assert "http-400: Dataset refused by policy" in page
-    assert "normal (0.12), no age" in page and "pneumonia (0.91)<" in page
+    assert "normal (0.120), no age" in page and "pneumonia (0.910)<" in page
     assert "ACC-" not in page
     row = re.search(rf"<tr id=job-{ids['failed']}>.*?</tr>", page, flags=re.S).group(0)
     assert f"<code class=uid>{SOURCE_UID}1</code>" in row  # whole, wrapped by the style

@@ -36,6 +36,7 @@ import pacs_ai
 from pacs_ai.ops import drift, drift_chart, health
 from pacs_ai.config import Config
 from pacs_ai.errors import UserError
+from pacs_ai.finding import probability_label
 from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
 
 log = structlog.get_logger()
@@ -101,7 +102,7 @@ class QueuePage:
             "state": job.state,
             "stage": job.stage,
             "finding": job.finding,
-            "probability": None if job.probability is None else round(job.probability, 3),
+            "probability": job.probability,  # as the model gave it; the page shows a label
             "reason": job.reason,
             # a failure an admin dismissed (`pacs-ai dismiss`): seen, calls for no one
             "dismissed_at": _iso(job.dismissed_at),
@@ -237,7 +238,9 @@ def _e(value: Any) -> str:
 def _finding(film: dict[str, Any]) -> str:
     if film["finding"]:
         no_age = ", no age" if film.get("age_known") is False else ""
-        return f"{_e(film['finding'])} ({film['probability']}){no_age}"
+        shown = "" if film["probability"] is None else \
+            f" ({probability_label(film['probability'])})"
+        return f"{_e(film['finding'])}{_e(shown)}{no_age}"
     return _e(film["reason"]) or "-"
 
 

@@ -30,6 +30,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import pacs_ai
+from pacs_ai.finding import probability_label
 from pacs_ai.model import heatmap
 from pacs_ai.model.model import ModelInfo
 from pacs_ai.film.pixels import decodes_alike, display_from_decoded, display_picture
@@ -141,19 +142,6 @@ def render(display: np.ndarray | None, box: tuple[float, float, float, float] | 
     picture.paste(strip, (columns, 0))
     picture.paste(band, (0, rows))
     return np.asarray(picture)
-
-
-def probability_label(probability: float) -> str:
-    """A probability as a radiologist reads it: "> 0.999" and "< 0.001" at the ends (three
-    decimals would round 0.999998 to a certain-looking "1.000"), else three decimals."""
-    value = float(probability)
-    if not 0.0 <= value <= 1.0:  # also NaN
-        raise ValueError(f"not a probability: {probability!r}")
-    if value > 0.999:
-        return "> 0.999"
-    if value < 0.001:
-        return "< 0.001"
-    return f"{value:.3f}"
 
 
 def outline_width(rows: int) -> int:
