@@ -7,7 +7,8 @@
 # What it does, in order:
 #   1. system user and group `pacs-ai` (no login, home = the spool);
 #   2. <prefix>/venv: a Python virtual environment with torch and this checkout (pip install);
-#   3. <prefix>/models/pacs-ai-pneumonia.pt: the shipped model (or --model FILE);
+#   3. <prefix>/models/pacs-ai-pneumonia.pt: the shipped model (or --model FILE, which later
+#      plain upgrades keep);
 #   4. /etc/pacs-ai/pacs-ai.toml from deploy/pacs-ai.toml, ONLY if absent (never overwritten;
 #      the new example always lands in <prefix>/share/pacs-ai.toml.example to compare with);
 #   5. /var/lib/pacs-ai, the spool (kept by --uninstall);
@@ -55,7 +56,8 @@ usage: deploy/install.sh [options]
                      creating one: <prefix>/venv becomes a link to it and pip is not run
   --torch-index URL  extra package index for PyTorch (default $TORCH_INDEX,
                      the CPU-only build); "none": only pip's configured indexes (PIP_INDEX_URL ...)
-  --model FILE       install this model file instead of deploy/models/$MODEL_FILENAME
+  --model FILE       install this model file instead of deploy/models/$MODEL_FILENAME;
+                     later upgrades without --model keep it
   --no-enable        install the unit but do not enable it
   --no-systemd       install the unit file but run no systemctl (the default when systemd is
                      not running here); prints how to start the service by hand
@@ -172,13 +174,33 @@ install_program() {
     > "$DESTDIR$PREFIX/$MARKER"
 }
 
+# A model installed with --model is the site's choice (a promoted candidate, a model kept back):
+# a later plain upgrade keeps it instead of putting the shipped one in its place. This file, next
+# to it, holds its SHA-256; --model with the checkout's own shipped file removes it.
+SITE_MODEL_MARK=.installed-with-model
+
+sha256_of() { sha256sum < "$1" | cut -d' ' -f1; }
+
 install_model() {
-  local source=${MODEL_SOURCE:-$REPO/deploy/models/$MODEL_FILENAME}
+  local shipped=$REPO/deploy/models/$MODEL_FILENAME
+  local source=${MODEL_SOURCE:-$shipped}
   local target=$DESTDIR$PREFIX/models/$MODEL_FILENAME
+  local mark=$DESTDIR$PREFIX/models/$SITE_MODEL_MARK
   mkdir -p "$DESTDIR$PREFIX/models"
-  if [ -f "$source" ]; then
+  if [ -z "$MODEL_SOURCE" ] && [ -f "$target" ] && [ -f "$mark" ] \
+      && [ "$(sha256_of "$target")" = "$(cat "$mark")" ]; then
+    note "model: keeping $PREFIX/models/$MODEL_FILENAME, the site's choice (installed with --model)"
+    if [ -f "$shipped" ] && [ "$(sha256_of "$shipped")" != "$(cat "$mark")" ]; then
+      note "  this checkout ships another: try it in shadow, then install it with --model $shipped"
+    fi
+  elif [ -f "$source" ]; then
     install -m 0644 "$source" "$target"
     note "model: $PREFIX/models/$MODEL_FILENAME (from $source)"
+    if [ -n "$MODEL_SOURCE" ] && ! [ "$source" -ef "$shipped" ]; then
+      sha256_of "$target" > "$mark"
+    else
+      rm -f "$mark"
+    fi
   elif [ -n "$MODEL_SOURCE" ]; then
     die "--model: no file '$MODEL_SOURCE'"
   elif [ -f "$target" ]; then

@@ -316,6 +316,42 @@ def test_missing_shipped_model_is_a_clear_warning_and_a_shipped_one_is_installed
     assert (tmp_path / "b" / INSTALLED_MODEL.lstrip("/")).read_bytes() == tiny_model.read_bytes()
 
 
+def test_an_upgrade_keeps_a_model_installed_with_model_until_the_shipped_one_is_chosen(
+        checkout, stand_in_venv, tiny_model, tmp_path):
+    """A promoted candidate (install.sh --model) stays the model in use through a plain upgrade:
+    replacing it with the shipped file would change the model, or stop the service on the
+    threshold lines bound to the candidate, without anyone choosing it."""
+    root = tmp_path / "root"
+    installed = root / INSTALLED_MODEL.lstrip("/")
+    shipped = checkout / "deploy/models/pacs-ai-pneumonia.pt"
+    shipped.write_bytes(tiny_model.read_bytes() + b"another version")  # install.sh only copies it
+    candidate = tmp_path / "candidate.pt"
+    shutil.copy(tiny_model, candidate)
+
+    assert install(checkout, root, "--venv-from", str(stand_in_venv)).returncode == 0
+    assert installed.read_bytes() == shipped.read_bytes()
+    chosen = install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(candidate))
+    assert chosen.returncode == 0, chosen.stderr
+    assert installed.read_bytes() == candidate.read_bytes()
+
+    upgrade = install(checkout, root, "--venv-from", str(stand_in_venv))
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert installed.read_bytes() == candidate.read_bytes()  # kept
+    assert "keeping /opt/pacs-ai/models/pacs-ai-pneumonia.pt, the site's choice" in upgrade.stdout
+    assert f"install it with --model {shipped}" in upgrade.stdout
+
+    installed.write_bytes(b"edited by hand")  # no longer the file --model put there
+    assert install(checkout, root, "--venv-from", str(stand_in_venv)).returncode == 0
+    assert installed.read_bytes() == shipped.read_bytes()
+
+    install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(candidate))
+    back = install(checkout, root, "--venv-from", str(stand_in_venv), "--model", str(shipped))
+    assert back.returncode == 0 and installed.read_bytes() == shipped.read_bytes()
+    shipped.write_bytes(tiny_model.read_bytes() + b"the next version")
+    assert install(checkout, root, "--venv-from", str(stand_in_venv)).returncode == 0
+    assert installed.read_bytes() == shipped.read_bytes()  # the shipped one again follows
+
+
 def test_another_prefix_is_written_into_unit_and_config(checkout, stand_in_venv, tiny_model, tmp_path):
     root = tmp_path / "root"
     result = install(checkout, root, "--prefix", "/srv/pacs-ai", "--venv-from", str(stand_in_venv),
