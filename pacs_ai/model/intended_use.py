@@ -23,7 +23,6 @@ import datetime
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
