@@ -20,6 +20,7 @@ Timings are figures to read, never pass/fail checks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -271,6 +272,15 @@ def event_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
+@functools.cache
+def model_binding() -> dict[str, str]:
+    """The [model] keys binding the site thresholds set below to MODEL_PATH."""
+    from pacs_ai.model.model import PneumoniaModel
+    from pacs_ai.model.site_threshold import binding_keys
+
+    return binding_keys(PneumoniaModel.load(MODEL_PATH))
+
+
 def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: float,
                 report_timeout_s: float,
                 settings: dict[str, dict[str, Any]] | None = None,
@@ -283,8 +293,10 @@ def run_pacs_ai(paths: list[Path], associations: int, work: Path, timeout_s: flo
         "listener": {"ae_title": CALLED_AE["pacs-ai"]}, "log": {"level": "info"},
         "storage": {"keep_source_images": False, "keep_reports": False},
         # every film takes the full path to a report: the synthetic films are neither chest
-        # films (the model would abstain) nor, by their dates, children (age check)
-        "model": {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}}
+        # films (the model would abstain) nor, by their dates, children (age check); 1.0, the
+        # gate's never-abstain, is bound to the file it is for (pacs_ai.model.site_threshold)
+        "model": {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0,
+                  **model_binding()}}
     for table, values in (settings or {}).items():
         tables.setdefault(table, {}).update(values)
     with TimedPacs() as pacs:

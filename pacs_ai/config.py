@@ -141,8 +141,9 @@ class StorageConfig:
     keep_failed_days: float = 7.0
 
 
-# A threshold's binding to the model file it was chosen for (pacs_ai.model.site_threshold checks it):
-# key names, as the config file and the lines `pacs-ai evaluate` proposes spell them
+# A table's site thresholds (threshold, ood_threshold) bound to the model file they were chosen for
+# (pacs_ai.model.site_threshold checks it): key names, as the config file and the lines
+# `pacs-ai evaluate` proposes spell them
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 VERSION_KEY = "threshold_model_version"
 SHA256_KEY = "threshold_model_sha256"
@@ -151,13 +152,16 @@ ANY_MODEL_KEY = "threshold_for_any_model"
 
 @dataclass(frozen=True)
 class SiteThreshold:
-    """What a config table says about its threshold (all None: the model file's own)."""
+    """What a config table says about its thresholds (all None: the model file's own). The
+    binding covers both: a threshold on a score belongs to one file's score, as the decision
+    threshold does (a gate's probability is not a Mahalanobis distance)."""
 
     table: str  # "[model]" or "[shadow]", for messages
-    value: float | None = None
-    model_version: str | None = None  # the version it was chosen for (read by people)
-    model_sha256: str | None = None  # the file it was chosen for (what is checked)
-    for_any_model: bool = False  # the admin keeps it whatever the file
+    value: float | None = None  # the decision threshold
+    model_version: str | None = None  # the version they were chosen for (read by people)
+    model_sha256: str | None = None  # the file they were chosen for (what is checked)
+    for_any_model: bool = False  # the admin keeps them whatever the file
+    ood_value: float | None = None  # the out-of-distribution (abstention) threshold
 
 
 @dataclass(frozen=True)
@@ -165,14 +169,15 @@ class ModelConfig:
     path: Path | None = None  # None: the shipped model (default_model_path)
     # The site's settings over the model file's own; None: the file's (pacs_ai.model.intended_use).
     threshold: float | None = None
-    # The model file the threshold was chosen for (pacs_ai.model.site_threshold): start-up refuses
-    # it for another file unless threshold_for_any_model
+    # The model file the threshold and ood_threshold were chosen for
+    # (pacs_ai.model.site_threshold): start-up refuses them for another file unless
+    # threshold_for_any_model
     threshold_model_version: str | None = None
     threshold_model_sha256: str | None = None
     threshold_for_any_model: bool = False
     min_age_years: float | None = None
     max_age_years: float | None = None
-    ood_threshold: float | None = None  # abstain above this out-of-distribution score
+    ood_threshold: float | None = None  # abstain above this out-of-distribution score (bound)
     # A film whose header gives no usable age: "classify" (the out-of-distribution gate alone
     # decides) or "skip" (pacs_ai.film.filters). Not the model file's: a site choice, default classify.
     unknown_age: str = UNKNOWN_AGE_CLASSIFY
@@ -180,7 +185,8 @@ class ModelConfig:
     @property
     def site_threshold(self) -> SiteThreshold:
         return SiteThreshold("[model]", self.threshold, self.threshold_model_version,
-                             self.threshold_model_sha256, self.threshold_for_any_model)
+                             self.threshold_model_sha256, self.threshold_for_any_model,
+                             self.ood_threshold)
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,8 @@ class ShadowConfig:
     @property
     def site_threshold(self) -> SiteThreshold:
         return SiteThreshold("[shadow]", self.threshold, self.threshold_model_version,
-                             self.threshold_model_sha256, self.threshold_for_any_model)
+                             self.threshold_model_sha256, self.threshold_for_any_model,
+                             self.ood_threshold)
 
 
 AUTO = "auto"  # [workers] count / processes: derived at start-up (pacs_ai.classify.capacity)
@@ -972,7 +979,6 @@ def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
         **_read_threshold(t),
         min_age_years=t.optional_number("min_age_years", minimum=0, maximum=MAX_AGE_YEARS),
         max_age_years=t.optional_number("max_age_years", minimum=0, maximum=MAX_AGE_YEARS),
-        ood_threshold=t.optional_number("ood_threshold", minimum=1e-9, maximum=1e9),
         unknown_age=t.string("unknown_age", ModelConfig.unknown_age,
                              choices=UNKNOWN_AGE_CHOICES),
     )
@@ -985,9 +991,7 @@ def _read_model(t: _Table, base_dir: Path) -> ModelConfig:
 
 def _read_shadow(t: _Table, base_dir: Path) -> ShadowConfig:
     shadow = ShadowConfig(model=t.path("model", None, base_dir, must_exist=True),
-                          **_read_threshold(t),
-                          ood_threshold=t.optional_number("ood_threshold", minimum=1e-9,
-                                                          maximum=1e9))
+                          **_read_threshold(t))
     if shadow.model is None and t.data:
         t.finish()  # a misspelt key is named as such first
         key = next(iter(t.data))
@@ -997,10 +1001,12 @@ def _read_shadow(t: _Table, base_dir: Path) -> ShadowConfig:
 
 
 def _read_threshold(t: _Table) -> dict[str, Any]:
-    """threshold and the keys that bind it to a model file (pacs_ai.model.site_threshold), checked
-    for consistency here; whether they name the loaded file is checked once it is loaded."""
+    """threshold, ood_threshold and the keys that bind them to a model file
+    (pacs_ai.model.site_threshold), checked for consistency here; whether they name the loaded
+    file is checked once it is loaded."""
     values = {
         "threshold": t.optional_number("threshold", minimum=0.0, maximum=1.0),
+        "ood_threshold": t.optional_number("ood_threshold", minimum=1e-9, maximum=1e9),
         "threshold_model_version": t.optional_string(VERSION_KEY),
         "threshold_model_sha256": t.optional_string(SHA256_KEY, check=_check_sha256),
         "threshold_for_any_model": t.boolean(ANY_MODEL_KEY, False),
@@ -1009,20 +1015,21 @@ def _read_threshold(t: _Table) -> dict[str, Any]:
         values["threshold_model_sha256"] = values["threshold_model_sha256"].lower()
     bound = (values["threshold_model_version"] is not None,
              values["threshold_model_sha256"] is not None)
-    if any(bound) and values["threshold"] is None:
+    thresholds = values["threshold"] is not None or values["ood_threshold"] is not None
+    if any(bound) and not thresholds:
         key = VERSION_KEY if bound[0] else SHA256_KEY
-        raise t.fail(key, "is set but threshold is not: it says which model file a threshold "
-                          "was chosen for; remove it, or add the threshold")
+        raise t.fail(key, "is set but neither threshold nor ood_threshold is: it says which "
+                          "model file they were chosen for; remove it, or add them")
     if bound[0] != bound[1]:
         missing = SHA256_KEY if bound[0] else VERSION_KEY
         raise t.fail(missing, f"missing: {VERSION_KEY} and {SHA256_KEY} go together (the "
                               "lines `pacs-ai evaluate` proposes set both)")
     if values["threshold_for_any_model"] and any(bound):
-        raise t.fail(ANY_MODEL_KEY, f"true, yet {SHA256_KEY} binds the threshold to one model "
-                                    "file; keep one of them")
-    if values["threshold_for_any_model"] and values["threshold"] is None:
-        raise t.fail(ANY_MODEL_KEY, "is set but threshold is not; remove it, or add the "
-                                    "threshold")
+        raise t.fail(ANY_MODEL_KEY, f"true, yet {SHA256_KEY} binds the thresholds to one "
+                                    "model file; keep one of them")
+    if values["threshold_for_any_model"] and not thresholds:
+        raise t.fail(ANY_MODEL_KEY, "is set but neither threshold nor ood_threshold is; remove "
+                                    "it, or add them")
     return values
 
 

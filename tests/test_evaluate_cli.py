@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,43 @@ def test_the_config_threshold_and_age_range_apply_as_in_the_service(models, tmp_
                                                       "unknown-age": 1}
     [picture] = [r for r in read_results(tmp_path / "c") if r["path"].endswith(".png")]
     assert picture["status"] == "skipped" and picture["reason"].startswith("unknown-age: ")
+
+
+def test_the_proposed_lines_keep_the_configs_ood_threshold_bound(site, models, tmp_path):
+    """A config's ood_threshold bound to the file evaluated is applied, and the lines proposed
+    carry it (they bind the whole table: pasted without it, the old one would stay unbound or
+    bound to nothing). One chosen for another file is not applied, and the lines say to
+    remove it rather than bind it to this file."""
+    from pacs_ai.model.site_threshold import file_sha256
+
+    model = models["never_abstains"]
+
+    def evaluate_with(ood_threshold: str, version: str, sha256: str, out: str) -> dict:
+        config = tmp_path / "pacs-ai.toml"
+        config.write_text(f"[model]\nood_threshold = {ood_threshold}\n"
+                          f'threshold_model_version = "{version}"\n'
+                          f'threshold_model_sha256 = "{sha256}"\n')
+        result = evaluate(str(site["folder"]), "--model", str(model), "--config", str(config),
+                          "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr
+        return {"stdout": result.stdout,
+                **json.loads((tmp_path / out / "summary.json").read_text())}
+
+    summary = evaluate_with("1e8", "0.0.0-test", file_sha256(model), "bound")
+    lines = summary["proposed_threshold"]["config"]
+    assert "\nood_threshold = 100000000.0\n" in lines
+    proposed = tomllib.loads(lines)["model"]
+    assert proposed["ood_threshold"] == 1e8
+    assert proposed["threshold_model_sha256"] == file_sha256(model)
+    assert "ood_threshold = 100000000.0" in summary["stdout"]
+    # for another file: the file's own is evaluated, and the lines say to drop the old one
+    summary = evaluate_with("0.02", "9.9.9", "0" * 64, "other")
+    [note] = [note for note in summary["notes"] if "ood_threshold" in note]
+    assert note.startswith("[model] ood_threshold in") and "chosen for model version 9.9.9" in note
+    assert summary["rates"]["abstention"] == 0  # 0.02 would have abstained on every film
+    lines = summary["proposed_threshold"]["config"]
+    assert "ood_threshold" not in tomllib.loads(lines)["model"]
+    assert "# and remove [model] ood_threshold = 0.02" in lines
 
 
 def _no_traceback(result: subprocess.CompletedProcess) -> None:

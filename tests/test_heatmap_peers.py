@@ -7,6 +7,7 @@ even to a service that has forgotten it, gives the same two instances, not new o
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pacs_ai.config import default_model_path
 from pacs_ai.report.heatmap_image import picture_size
 from pacs_ai.model.intended_use import site_model_info
 from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.model.site_threshold import binding_keys
 from pacs_ai.report.report import report_summary, site_settings_part
 from pacs_ai.report.uids import heatmap_uid, report_uid
 from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool
@@ -34,8 +36,14 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PNEUMONIA_SAMPLE = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_mono1.dcm"
 TIMEOUT_S = 120
 # every film is classified: the synthetic UIDs of the copies carry the samples' ages, and the
-# check here is the heat map, not the intended-use filters
+# check here is the heat map, not the intended-use filters (1.0: the gate never abstains; bound
+# to the shipped file, as a threshold on its score belongs to it)
 OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}
+
+
+@functools.cache
+def open_model_table() -> dict:
+    return {**OPEN_MODEL, **binding_keys(PneumoniaModel.load(default_model_path()))}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,8 @@ def service_config(folder: Path, orthanc: Orthanc) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return write_service_config(folder, model=default_model_path(),
                                 destinations=[orthanc_destination(orthanc)],
-                                tables={"workers": {"torch_threads": 1}, "model": OPEN_MODEL})
+                                tables={"workers": {"torch_threads": 1},
+                                        "model": open_model_table()})
 
 
 def study_objects(orthanc: Orthanc, study_uid: str) -> dict[str, list[str]]:
@@ -176,7 +185,7 @@ def test_show_heatmaps_says_why_the_default_outbox_has_none_and_renders_them_fro
     folder.mkdir()
     config = write_service_config(
         folder, model=default_model_path(), destinations=[orthanc_destination(orthanc)],
-        tables={"workers": {"torch_threads": 1}, "model": OPEN_MODEL,
+        tables={"workers": {"torch_threads": 1}, "model": open_model_table(),
                 "storage": {"keep_reports": False}})  # the default, as installed
     with ServiceProcess(config, folder / "serve.log") as service:
         sent = storescu(service.port, [film], called_ae="PACS_AI", calling_ae="XRAY_ROOM_1")

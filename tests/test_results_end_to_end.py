@@ -16,6 +16,8 @@ import pydicom
 import pytest
 
 from pacs_ai.config import default_model_path
+from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.model.site_threshold import binding_keys
 from pacs_ai.report.report import report_summary
 from pacs_ai.report.uids import message_control_id
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
@@ -30,7 +32,7 @@ PNEUMONIA_SAMPLE = SAMPLE_DICOMS / "cr_pneumonia_pa_12bit_mono1.dcm"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 TIMEOUT_S = 120
 # every film is classified (the copies' synthetic UIDs carry the samples' ages); as in
-# test_heatmap_peers
+# test_heatmap_peers (1.0: the gate never abstains, bound to the shipped file below)
 OPEN_MODEL = {"min_age_years": 0, "max_age_years": 150, "ood_threshold": 1.0}
 
 
@@ -55,7 +57,9 @@ def test_storescu_to_pacs_ris_and_ehr_through_a_kill_9(tmp_path):
                           ris.destination(timeout_seconds=TIMEOUT_S),
                           ehr.destination(timeout_seconds=TIMEOUT_S,
                                           patient_id_system="urn:oid:1.2.3.4.5")],
-            tables={"workers": {"torch_threads": 1}, "model": OPEN_MODEL,
+            tables={"workers": {"torch_threads": 1},
+                    "model": {**OPEN_MODEL, **binding_keys(PneumoniaModel.load(
+                        default_model_path()))},
                     "report": {"pneumonia_priority": "S"}})
         log = tmp_path / "service" / "serve.log"
 

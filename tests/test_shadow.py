@@ -232,6 +232,24 @@ def test_shadow_config_and_its_bound_threshold(tmp_path, models):
     assert f"the model file is tiny-test-model {OLD_VERSION}" in str(error.value)
 
 
+def test_a_shadow_ood_threshold_is_bound_like_models(tmp_path, models):
+    """[shadow] ood_threshold is a threshold on the shadow file's score: refused for another
+    file, or when it says none; used with the file it was chosen for."""
+    old, live = PneumoniaModel.load(models["old"]), PneumoniaModel.load(models["live"])
+    table = f'[shadow]\nmodel = "{models["live"]}"\nood_threshold = 50\n'
+    with pytest.raises(UserError) as error:
+        load_shadow_model(load_config(write(tmp_path, table)))
+    assert str(error.value).startswith("[shadow] ood_threshold 50 does not say which model file")
+    with pytest.raises(UserError) as error:
+        load_shadow_model(load_config(write(tmp_path, table + 'threshold_model_version = "x"\n'
+                                            f'threshold_model_sha256 = "{old.sha256}"\n')))
+    assert str(error.value).startswith("[shadow] ood_threshold 50 was chosen for model version x")
+    shadow = load_shadow_model(load_config(write(
+        tmp_path, table + f'threshold_model_version = "{live.info.version}"\n'
+                          f'threshold_model_sha256 = "{live.sha256}"\n')))
+    assert shadow.info.ood_threshold == 50 and shadow.info.threshold == live.info.threshold
+
+
 def test_the_model_command_shows_the_shadow_and_checks_its_threshold(tmp_path, models):
     old = PneumoniaModel.load(models["old"])
     config = write(tmp_path, f'[model]\npath = "{models["live"]}"\n[shadow]\nmodel = '

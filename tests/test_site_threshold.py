@@ -29,6 +29,16 @@ def shipped() -> PneumoniaModel:
     return PneumoniaModel.load(default_model_path())
 
 
+@pytest.fixture(scope="module")
+def distance_model(tmp_path_factory) -> Path:
+    """A tiny ensemble whose out-of-distribution score is a Mahalanobis distance (1.2.1's
+    kind), abstaining above 40."""
+    from testbed.tiny_models import export_untrained_tiny_ensemble
+
+    return export_untrained_tiny_ensemble(tmp_path_factory.mktemp("distance") / "distance.pt",
+                                          ood_threshold=40.0)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "pacs-ai.toml"
     path.write_text(text)
@@ -49,7 +59,7 @@ def test_the_binding_keys_are_read(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('threshold_model_version = "1.3.0"\nthreshold_model_sha256 = "' + "a" * 64 + '"\n',
-     "[model] threshold_model_version: is set but threshold is not"),
+     "[model] threshold_model_version: is set but neither threshold nor ood_threshold is"),
     ('threshold = 0.4\nthreshold_model_version = "1.3.0"\n',
      "[model] threshold_model_sha256: missing"),
     ('threshold = 0.4\nthreshold_model_sha256 = "' + "a" * 64 + '"\n',
@@ -60,12 +70,30 @@ def test_the_binding_keys_are_read(tmp_path):
      + '"\n', "[model] threshold_model_version: is empty"),
     ('threshold = 0.4\nthreshold_for_any_model = true\nthreshold_model_version = "1"\n'
      'threshold_model_sha256 = "' + "a" * 64 + '"\n', "[model] threshold_for_any_model: true, yet"),
-    ("threshold_for_any_model = true\n", "[model] threshold_for_any_model: is set but threshold"),
+    ("threshold_for_any_model = true\n",
+     "[model] threshold_for_any_model: is set but neither threshold nor ood_threshold is"),
 ])
 def test_inconsistent_binding_keys_stop_with_the_key_named(tmp_path, text, message):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, "[model]\n" + text))
     assert message in str(error.value)
+
+
+def test_the_binding_keys_bind_an_ood_threshold_too(tmp_path):
+    """An ood_threshold is a threshold on one file's score (a gate's probability, another's
+    Mahalanobis distance): the same keys say which file it was chosen for, with or without a
+    decision threshold beside it."""
+    digest = "cd" * 32
+    config = load_config(write(tmp_path, '[model]\nood_threshold = 0.02\nthreshold_model_version'
+                                         f' = "1.3.0"\nthreshold_model_sha256 = "{digest}"\n'))
+    assert config.model.site_threshold == SiteThreshold("[model]", None, "1.3.0", digest,
+                                                        ood_value=0.02)
+    config = load_config(write(tmp_path, "[model]\nthreshold = 0.4\nood_threshold = 0.02\n"
+                                         "threshold_for_any_model = true\n"))
+    assert config.model.site_threshold == SiteThreshold("[model]", 0.4, for_any_model=True,
+                                                        ood_value=0.02)
+    config = load_config(write(tmp_path, "[model]\nood_threshold = 0.02\n"))
+    assert config.model.site_threshold == SiteThreshold("[model]", ood_value=0.02)
 
 
 # --- the check --------------------------------------------------------------------------------
@@ -99,27 +127,38 @@ def test_the_service_refuses_a_threshold_chosen_for_another_model(tmp_path, tiny
     config = write_service_config(tmp_path, model=tiny_model, tables={"model": {
         "threshold": 0.3, "threshold_model_version": shipped.info.version,
         "threshold_model_sha256": shipped.sha256}})
+    line = refusal_at_start(config)
+    assert f"chosen for model version {shipped.info.version}" in line
+    assert "tiny-test-model 0.0.0-test (version 0.0.0-test" in line
+
+
+def refusal_at_start(config: Path) -> str:
+    """`pacs-ai serve`'s one error line, having checked it stopped (exit 2, no traceback)
+    before the service started."""
     result = pacs_ai_cli("serve", "--config", str(config), timeout=180)
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = [line for line in result.stderr.splitlines() if "pacs-ai serve: error:" in line]
-    assert f"chosen for model version {shipped.info.version}" in line
-    assert "tiny-test-model 0.0.0-test (version 0.0.0-test" in line
     assert "Traceback" not in result.stderr
     assert not any(json.loads(entry).get("event") == "service_started"
                    for entry in result.stderr.splitlines() if entry.startswith("{"))
+    return line
 
 
 @pytest.mark.real_peer
-def test_an_admin_may_keep_a_threshold_for_any_model(tmp_path, tiny_model):
-    config = write_service_config(tmp_path, model=tiny_model, tables={
-        "model": {"threshold": 0.3, "threshold_for_any_model": True},
+@pytest.mark.parametrize("key, value, in_force", [
+    ("threshold", 0.3, "service_started"), ("ood_threshold", 1e9, "ood_threshold_overridden")])
+def test_an_admin_may_keep_a_threshold_for_any_model(tmp_path, distance_model, key, value,
+                                                     in_force):
+    """threshold_for_any_model = true covers either key: used, with a warning naming it."""
+    config = write_service_config(tmp_path, model=distance_model, tables={
+        "model": {key: value, "threshold_for_any_model": True},
         "workers": {"count": 1, "processes": 0}})
     with ServiceProcess(config, tmp_path / "serve.log") as service:
         assert service.terminate() == 0
     events = {event["event"]: event for event in service.events()}
-    assert events["threshold_for_any_model"]["threshold"] == 0.3
-    assert events["threshold_for_any_model"]["level"] == "warning"
-    assert events["service_started"]["threshold"] == 0.3
+    warning = events["threshold_for_any_model"]
+    assert warning["level"] == "warning" and warning[key] == value and key in warning["detail"]
+    assert events[in_force][key] == value
 
 
 def test_the_proposed_lines_are_accepted_for_their_file_only(tmp_path, tiny_model, shipped):
@@ -134,6 +173,79 @@ def test_the_proposed_lines_are_accepted_for_their_file_only(tmp_path, tiny_mode
     other = pacs_ai_cli("model", "--config", str(config), "--model", str(shipped.path))
     assert other.returncode == 2
     assert f"the model file is {shipped.info.label}" in other.stderr
+
+
+# --- an ood_threshold, bound the same way -----------------------------------------------------
+
+def test_an_ood_threshold_is_used_only_with_the_file_it_was_chosen_for(distance_model, shipped):
+    """1.3.0's gate scores are probabilities, 1.2.1's a Mahalanobis distance: a gate's 0.02 kept
+    through a rollback would abstain on every film. So an ood_threshold bound to another file,
+    or to none, stops start-up as a decision threshold does."""
+    distance = PneumoniaModel.load(distance_model)
+    for_shipped = SiteThreshold("[model]", None, shipped.info.version, shipped.sha256,
+                                ood_value=0.02)
+    assert binding_problem(for_shipped, shipped.info, shipped.sha256) is None
+    problem = binding_problem(for_shipped, distance.info, distance.sha256)
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith(f"[model] ood_threshold 0.02 was chosen for model version "
+                              f"{shipped.info.version}")
+    assert f"the model file is {distance.info.label} (version {distance.info.version}" in problem
+    assert "pacs-ai evaluate" in problem and "threshold_for_any_model = true" in problem
+    assert "remove ood_threshold to use the file's own" in problem
+    # both set: both named, as one binding covers the table
+    both = binding_problem(SiteThreshold("[model]", 0.4, shipped.info.version, shipped.sha256,
+                                         ood_value=0.02), distance.info, distance.sha256)
+    assert both.startswith("[model] threshold 0.4 and ood_threshold 0.02 were chosen for")
+    bare = binding_problem(SiteThreshold("[model]", ood_value=0.02), distance.info, distance.sha256)
+    assert bare.startswith("[model] ood_threshold 0.02 does not say which model file")
+    assert f'threshold_model_sha256 = "{distance.sha256}"' in bare
+    assert binding_problem(SiteThreshold("[model]", for_any_model=True, ood_value=0.02),
+                           distance.info, distance.sha256) is None
+
+
+@pytest.mark.real_peer
+@pytest.mark.parametrize("bound_to_shipped", [True, False])
+def test_the_service_refuses_an_ood_threshold_chosen_for_another_model_or_none(
+        tmp_path, distance_model, shipped, bound_to_shipped):
+    """`pacs-ai serve` with a model whose score is a distance and the gate's ood_threshold:
+    exit 2 before the listener opens, one line naming the key and the fix."""
+    model = {"ood_threshold": 0.02}
+    if bound_to_shipped:
+        model.update(threshold_model_version=shipped.info.version,
+                     threshold_model_sha256=shipped.sha256)
+    line = refusal_at_start(write_service_config(tmp_path, model=distance_model,
+                                                 tables={"model": model}))
+    assert "[model] ood_threshold 0.02" in line
+    assert ((f"chosen for model version {shipped.info.version}" in line) if bound_to_shipped
+            else ("does not say which model file" in line))
+    assert "tiny-test-ensemble 0.0.0-test" in line and "threshold_for_any_model = true" in line
+
+
+def test_the_model_command_checks_an_ood_threshold_binding(tmp_path, distance_model, shipped):
+    """`pacs-ai model --config` refuses what start-up would, without starting."""
+    distance = PneumoniaModel.load(distance_model)
+    config = write(tmp_path, f'[model]\npath = "{distance_model}"\nood_threshold = 50\n')
+    refused = pacs_ai_cli("model", "--config", str(config))
+    assert refused.returncode == 2
+    assert "[model] ood_threshold 50 does not say which model file" in refused.stderr
+    config.write_text(f'[model]\npath = "{distance_model}"\nood_threshold = 50\n'
+                      f'threshold_model_version = "{distance.info.version}"\n'
+                      f'threshold_model_sha256 = "{distance.sha256}"\n')
+    result = pacs_ai_cli("model", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "site:       abstention above 50.000" in result.stdout
+    other = pacs_ai_cli("model", "--config", str(config), "--model", str(shipped.path))
+    assert other.returncode == 2
+    assert (f"[model] ood_threshold 50 was chosen for model version {distance.info.version}"
+            in other.stderr)
+
+
+def test_the_proposed_lines_keep_an_ood_threshold_bound(distance_model):
+    distance = PneumoniaModel.load(distance_model)
+    lines = threshold_lines("model", "0.412344", distance.info, distance.sha256, ood_threshold=50.0)
+    assert lines == ("[model]\nthreshold = 0.412344\nood_threshold = 50.0\n"
+                     f'threshold_model_version = "{distance.info.version}"\n'
+                     f'threshold_model_sha256 = "{distance.sha256}"')
 
 
 # --- the proposal ------------------------------------------------------------------------------

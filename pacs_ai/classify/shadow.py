@@ -27,11 +27,11 @@ import numpy as np
 import structlog
 
 from pacs_ai.ops import metrics
-from pacs_ai.config import ANY_MODEL_KEY, Config, ShadowConfig
+from pacs_ai.config import Config, ShadowConfig
 from pacs_ai.model.intended_use import format_age_range, site_model_info
 from pacs_ai.queue.jobs import Assessment, JobStore, ShadowResult, ShadowStatus
 from pacs_ai.model.model import PneumoniaModel
-from pacs_ai.model.site_threshold import check_binding
+from pacs_ai.model.site_threshold import check_binding, log_for_any_model
 
 log = structlog.get_logger()
 
@@ -87,11 +87,7 @@ def load_shadow_model(config: Config) -> PneumoniaModel | None:
 def log_shadow_model(model: PneumoniaModel, settings: ShadowConfig) -> None:
     """The start-up lines naming the shadow model and its settings."""
     own = model.info.metadata
-    if settings.threshold is not None and settings.threshold_for_any_model:
-        log.warning("threshold_for_any_model", table="[shadow]", threshold=settings.threshold,
-                    model=model.info.label,
-                    detail=f"{ANY_MODEL_KEY} = true: this threshold is used whatever the model "
-                           "file, without checking it was chosen for this one")
+    log_for_any_model(settings.site_threshold, model.info.label)
     log.info("shadow_model", model=model.info.label, model_path=str(model.path),
              sha256=model.sha256, format=own.get("format"),
              threshold=model.info.threshold, model_threshold=own.get("threshold"),

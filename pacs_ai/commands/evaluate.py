@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shipped model)")
     parser.add_argument("--config", metavar="PATH",
                         help="the service's TOML config: its [filters], [limits] max_pixels "
-                             "and [model] threshold/age range/unknown_age apply as in the "
-                             "service")
+                             "and [model] threshold/ood_threshold/age range/unknown_age apply "
+                             "as in the service")
     parser.add_argument("--sensitivity-floor", type=float, default=DEFAULT_FLOOR,
                         metavar="S", help="the proposed threshold is the highest whose "
                         f"sensitivity on these films is >= S (default {DEFAULT_FLOOR})")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pacs_ai.ops.logs import configure_logging
     from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.evaluate import site_evaluation as evaluation
-    from pacs_ai.model.site_threshold import binding_problem, threshold_lines
+    from pacs_ai.model.site_threshold import binding_problem, set_thresholds
 
     floor = args.sensitivity_floor
     if not 0.0 < floor <= 1.0:
@@ -69,17 +69,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
     model = PneumoniaModel.load(args.model if args.model is not None else config.model.path)
     own = model.info
-    # a [model] threshold chosen for another file (or for none said) is not applied, as the
-    # service would refuse it: the file's own threshold is evaluated, and a note says why
+    # a [model] threshold or ood_threshold chosen for another file (or for none said) is not
+    # applied, as the service would refuse it: the file's own is evaluated, and a note says why
     unbound = binding_problem(config.model.site_threshold, own, model.sha256)
     site_threshold = config.model.threshold if unbound is None else None
+    site_ood_threshold = config.model.ood_threshold if unbound is None else None
     if unbound is not None:
-        labelled.notes.append(f"[model] threshold in {config.source} not used, the model "
-                              f"file's own is: {unbound}")
+        keys = set_thresholds(config.model.site_threshold)
+        labelled.notes.append(f"[model] {' and '.join(keys)} in {config.source} not used, the "
+                              f"model file's own {'are' if len(keys) > 1 else 'is'}: {unbound}")
     model.info = site_model_info(own, threshold=site_threshold,
                                  min_age_years=config.model.min_age_years,
                                  max_age_years=config.model.max_age_years,
-                                 ood_threshold=config.model.ood_threshold)
+                                 ood_threshold=site_ood_threshold)
     policy = config.filters.with_intended_age(model.info.intended_age_years,
                                               config.model.unknown_age)
 
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     }
     summary = evaluation.summarise(
         rows, threshold=model.info.threshold, floor=floor, context=context,
-        config_lines=lambda threshold: threshold_lines("model", threshold, own, model.sha256))
+        config_lines=lambda threshold: _proposed_lines(threshold, own, model.sha256, config,
+                                                       site_ood_threshold))
     out = Path(args.out) if args.out else Path(f"evaluation-{datetime.date.today().isoformat()}")
     evaluation.write_outputs(out, rows, summary)
     if args.json:
@@ -118,6 +121,20 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _proposed_lines(threshold: str, own, sha256: str, config, site_ood_threshold) -> str:
+    """The [model] lines that put `threshold` in force for this file. They bind the table's
+    thresholds together, so they carry the ood_threshold evaluated with; one the config sets
+    for another file was not evaluated, and the lines would bind it to this file: say to
+    remove it."""
+    from pacs_ai.model.site_threshold import threshold_lines
+
+    lines = threshold_lines("model", threshold, own, sha256, ood_threshold=site_ood_threshold)
+    if config.model.ood_threshold is not None and site_ood_threshold is None:
+        lines += (f"\n# and remove [model] ood_threshold = {config.model.ood_threshold!r}: it was "
+                  "chosen for another model file, and these lines would bind it to this one")
+    return lines
 
 
 def _progress():
