@@ -156,8 +156,10 @@ def test_an_ood_threshold_set_for_a_distance_score_is_refused_for_a_gate():
 
     shipped = PneumoniaModel.load(default_model_path())
     assert shipped.info.metadata["ood"]["score"] == "gate"
-    with pytest.raises(UserError, match=r"ood_threshold 2.05 is outside \(0, 1\]"):
+    with pytest.raises(UserError, match=r"^\[model\] ood_threshold 2.05 is outside \(0, 1\]"):
         site_model_info(shipped.info, ood_threshold=2.05)
+    with pytest.raises(UserError, match=r"^\[shadow\] ood_threshold 2.05 is outside"):
+        site_model_info(shipped.info, ood_threshold=2.05, table="[shadow]")
     assert site_model_info(shipped.info, ood_threshold=0.5).ood_threshold == 0.5
     # 1: the gate never closes (a sigmoid's score is at most 1)
     assert site_model_info(shipped.info, ood_threshold=1).ood_threshold == 1.0

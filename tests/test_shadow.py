@@ -250,6 +250,21 @@ def test_a_shadow_ood_threshold_is_bound_like_models(tmp_path, models):
     assert shadow.info.ood_threshold == 50 and shadow.info.threshold == live.info.threshold
 
 
+def test_a_shadow_ood_threshold_for_a_file_without_a_score_names_the_shadow_table(
+        tmp_path, models):
+    """The error names the table the key is in: an admin editing [model] for it would look in
+    the wrong place."""
+    old = PneumoniaModel.load(models["old"])  # contract 1: no out-of-distribution score
+    config = load_config(write(tmp_path, f'[shadow]\nmodel = "{models["old"]}"\n'
+                                         f'ood_threshold = 50\n'
+                                         f'threshold_model_version = "{OLD_VERSION}"\n'
+                                         f'threshold_model_sha256 = "{old.sha256}"\n'))
+    with pytest.raises(UserError) as error:
+        load_shadow_model(config)
+    assert str(error.value).startswith("[shadow] ood_threshold is set, but the model file has "
+                                       "no out-of-distribution score")
+
+
 def test_the_model_command_shows_the_shadow_and_checks_its_threshold(tmp_path, models):
     old = PneumoniaModel.load(models["old"])
     config = write(tmp_path, f'[model]\npath = "{models["live"]}"\n[shadow]\nmodel = '

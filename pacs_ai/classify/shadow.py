@@ -80,7 +80,7 @@ def load_shadow_model(config: Config) -> PneumoniaModel | None:
     own = model.info
     check_binding(settings.site_threshold, own, model.sha256 or "")
     model.info = site_model_info(own, threshold=settings.threshold,
-                                 ood_threshold=settings.ood_threshold)
+                                 ood_threshold=settings.ood_threshold, table="[shadow]")
     return model
 
 

@@ -204,9 +204,10 @@ def _anniversary(birth: datetime.date, year: int) -> datetime.date:
 def site_model_info(info: ModelInfo, *, threshold: float | None = None,
                     min_age_years: float | None = None,
                     max_age_years: float | None = None,
-                    ood_threshold: float | None = None) -> ModelInfo:
+                    ood_threshold: float | None = None, table: str = "[model]") -> ModelInfo:
     """The model info the service works with: the file's threshold and age range, each replaced
-    where the site's [model] config sets it. Raises UserError when the result is no range.
+    where the site's config table (``table``, named in errors: [model] or [shadow]) sets it.
+    Raises UserError when the result is no range.
 
     One bound alone overrides only that bound; with no range in the model file, a missing
     minimum is 0 and a missing maximum is MAX_AGE_YEARS.
@@ -214,12 +215,12 @@ def site_model_info(info: ModelInfo, *, threshold: float | None = None,
     effective = info
     if ood_threshold is not None:
         if info.ood_threshold is None:
-            raise UserError("[model] ood_threshold is set, but the model file has no "
+            raise UserError(f"{table} ood_threshold is set, but the model file has no "
                             "out-of-distribution score to compare it with: remove the key")
         if info.metadata.get("ood", {}).get("score") == "gate" and not 0 < ood_threshold <= 1:
             # a gate's score is a probability (1: never abstain); a value set for an older
             # model's distance score (about 2) would let every film through unnoticed
-            raise UserError(f"[model] ood_threshold {ood_threshold:g} is outside (0, 1], the range "
+            raise UserError(f"{table} ood_threshold {ood_threshold:g} is outside (0, 1], the range "
                             f"of {info.label}'s gate score; it was set for another model's "
                             "score: remove it, or set 1 to never abstain")
         effective = dataclasses.replace(effective, ood_threshold=float(ood_threshold))
