@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pacs_ai.classify.helper_processes import render_report  # noqa: E402
-from pacs_ai.model.model import PneumoniaModel  # noqa: E402
 from pacs_ai.film.pixels import display_array  # noqa: E402
+from pacs_ai.model.model import PneumoniaModel  # noqa: E402
 from pacs_ai.model.preprocessing import to_model_input  # noqa: E402
 
 

@@ -24,10 +24,10 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pacs_ai.ops import http_server  # noqa: E402
 from pacs_ai.config import Config, Destination  # noqa: E402
-from pacs_ai.queue.jobs import JobStore  # noqa: E402
+from pacs_ai.ops import http_server  # noqa: E402
 from pacs_ai.ops.web import QueuePage  # noqa: E402
+from pacs_ai.queue.jobs import JobStore  # noqa: E402
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DESTINATIONS = ("pacs", "archive")

@@ -50,18 +50,19 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
+from run_bench import MODEL_PATH, BareStorageScp, sample_files, synthetic_files  # noqa: E402
 
-from run_bench import (MODEL_PATH, BareStorageScp, sample_files, synthetic_files)  # noqa: E402
-from pacs_ai.model.heatmap import normalised  # noqa: E402
-from pacs_ai.report.heatmap_image import build_heatmap_image, picture_film  # noqa: E402
-from pacs_ai.model.model import PneumoniaModel  # noqa: E402
 from pacs_ai.film.pixels import decode_for_display, display_from_decoded  # noqa: E402
+from pacs_ai.model.heatmap import normalised  # noqa: E402
+from pacs_ai.model.model import PneumoniaModel  # noqa: E402
 from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input  # noqa: E402
-from pacs_ai.report.report import build_report_from_header, source_header  # noqa: E402
 from pacs_ai.queue.spool import Spool  # noqa: E402
-from testbed.listener import Listener  # noqa: E402
-from testbed.real_peers import propose_as_stored, stop_process, storescu, wait_for_port  # noqa: E402
+from pacs_ai.report.heatmap_image import build_heatmap_image, picture_film  # noqa: E402
+from pacs_ai.report.report import build_report_from_header, source_header  # noqa: E402
 from testbed.dicom_peers import free_port  # noqa: E402
+from testbed.listener import Listener  # noqa: E402
+from testbed.real_peers import (propose_as_stored, stop_process, storescu,  # noqa: E402
+                                wait_for_port)
 
 BATCH = 4
 

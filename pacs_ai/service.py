@@ -20,25 +20,25 @@ from typing import Any
 import structlog
 
 import pacs_ai
-from pacs_ai.ops import audit, health, metrics
-from pacs_ai.ops.audit import AuditTrail
 from pacs_ai.classify.capacity import sized_config
+from pacs_ai.classify.helper_processes import HelperPool
+from pacs_ai.classify.shadow import ShadowRunner, load_shadow_model, log_shadow_model
+from pacs_ai.classify.worker import ClassificationWorker
 from pacs_ai.config import Config
 from pacs_ai.deliver.destination_echo import DestinationEcho
-from pacs_ai.queue.echo_results import EchoResults
-from pacs_ai.classify.helper_processes import HelperPool
-from pacs_ai.ops.http_server import start_http_server
-from pacs_ai.model.intended_use import format_age_range, log_site_model_info, site_model_info
-from pacs_ai.queue.jobs import JobStore
-from pacs_ai.model.model import PneumoniaModel
-from pacs_ai.receive.scp import StorageSCP, log_who_may_store
 from pacs_ai.deliver.sender import DestinationSender, release_waiting
-from pacs_ai.classify.shadow import ShadowRunner, load_shadow_model, log_shadow_model
-from pacs_ai.queue.retention import FileRetention
+from pacs_ai.model.intended_use import format_age_range, log_site_model_info, site_model_info
+from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import apply_threshold_binding
-from pacs_ai.queue.spool import Spool
+from pacs_ai.ops import audit, health, metrics
+from pacs_ai.ops.audit import AuditTrail
+from pacs_ai.ops.http_server import start_http_server
 from pacs_ai.ops.web import QueuePage
-from pacs_ai.classify.worker import ClassificationWorker
+from pacs_ai.queue.echo_results import EchoResults
+from pacs_ai.queue.jobs import JobStore
+from pacs_ai.queue.retention import FileRetention
+from pacs_ai.queue.spool import Spool
+from pacs_ai.receive.scp import StorageSCP, log_who_may_store
 
 log = structlog.get_logger()
 

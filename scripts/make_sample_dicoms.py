@@ -37,8 +37,8 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+from pydicom.uid import (JPEG2000, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 

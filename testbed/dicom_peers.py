@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, UID, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pacs_ai.ops.audit import AuditTrail
 from pacs_ai.config import parse_config
+from pacs_ai.ops.audit import AuditTrail
 from pacs_ai.queue.jobs import JobStore
-from pacs_ai.receive.scp import StorageSCP
 from pacs_ai.queue.spool import Spool
+from pacs_ai.receive.scp import StorageSCP
 from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port,
-                                take_any_caller_unless_named)
+                                 take_any_caller_unless_named)
 
 
 class Listener:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.environment import require_tool
 from testbed.dicom_peers import free_port
+from testbed.environment import require_tool
 
 LOOPBACK = "127.0.0.1"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # orthanc-dicomweb

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.environment import REPO_ROOT, require_tool
 from testbed.dicom_peers import LOCALHOST, free_port
+from testbed.environment import REPO_ROOT, require_tool
 from testbed.real_peers import stop_process, wait_for_port
 
 SAMPLE_CONFIG = REPO_ROOT / "deploy" / "haproxy" / "pacs-ai.cfg"

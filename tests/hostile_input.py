@@ -34,8 +34,8 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEGLSLossless, generate_uid)
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
+                         generate_uid)
 
 VERIFICATION = "1.2.840.10008.1.1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"

@@ -12,11 +12,11 @@ import torch
 
 from pacs_ai.model.model import PneumoniaModel
 from testbed.dicom_peers import wait_until
-from tests.test_classify_cli import classify
-from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
 from testbed.environment import SAMPLE_DICOMS
 from testbed.job_queue import all_jobs
 from testbed.tiny_models import export_untrained_tiny_ensemble
+from tests.test_classify_cli import classify
+from tests.test_worker import backlog, worker_for  # noqa: F401  (backlog: a fixture)
 from training.ensemble import EnsembleNetwork, fit_gaussians, fit_ood
 from training.models import pacs_cnn
 

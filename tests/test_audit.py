@@ -14,9 +14,9 @@ import pydicom
 import pytest
 import structlog.testing
 
+from pacs_ai.config import ConfigError, parse_config
 from pacs_ai.ops import audit, metrics
 from pacs_ai.ops.audit import AuditTrail
-from pacs_ai.config import ConfigError, parse_config
 from testbed.dicom_peers import (LOCALHOST, SimulatedModality, free_port, synthetic_radiograph,
                                  wait_until)
 from testbed.job_queue import all_jobs
@@ -475,10 +475,10 @@ def test_real_peers_transfer_in_out_and_a_refused_caller_are_audited(tmp_path, t
     AE title, address, its UIDs, outcome 0), the report's transfer-out to Orthanc (the SR
     Orthanc stored, outcome 0) and the refused caller as a security alert; the journal-side
     log holds no audit record."""
-    from testbed.environment import SAMPLE_DICOMS, require_tool
     from testbed.dicom_peers import ServiceProcess, write_service_config
-    from testbed.real_peers import (Modality, Orthanc, echoscu, orthanc_destination,
-                                    renamed_copy, storescu)
+    from testbed.environment import SAMPLE_DICOMS, require_tool
+    from testbed.real_peers import (Modality, Orthanc, echoscu, orthanc_destination, renamed_copy,
+                                    storescu)
     from tests.test_real_peers import stored_reports_for
 
     require_tool("Orthanc")

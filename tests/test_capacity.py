@@ -10,8 +10,8 @@ import pytest
 import structlog
 
 from pacs_ai.classify.capacity import (FILM_IN_FLIGHT_MB, HELPER_PROCESS_MB, MAIN_PROCESS_MB,
-                              MAX_AUTO_HELPERS, Resources, available_resources, size_workers,
-                              sized_config)
+                                       MAX_AUTO_HELPERS, Resources, available_resources,
+                                       size_workers, sized_config)
 from pacs_ai.config import AUTO, ConfigError, WorkersConfig, load_config, parse_config
 
 GIB = 2**30

@@ -14,11 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
 
-from pacs_ai.evaluate.comparison import compare, parse_since, read_labels
 from pacs_ai.errors import UserError
+from pacs_ai.evaluate.comparison import compare, parse_since, read_labels
 from pacs_ai.queue.jobs import Assessment, ShadowResult
 from testbed.environment import REPO_ROOT
 
@@ -179,13 +178,12 @@ def pacs_ai(*arguments: str) -> subprocess.CompletedProcess:
 def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     """The tiny model live and a tiny ensemble in shadow over five films in a real queue; the
     command's JSON and files agree with the rows the queue holds."""
-    from testbed.tiny_models import export_untrained_tiny_ensemble
-
-    from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.classify.shadow import ShadowRunner
+    from pacs_ai.model.model import PneumoniaModel
+    from testbed.dicom_peers import wait_until
+    from testbed.tiny_models import export_untrained_tiny_ensemble
     from tests.test_shadow import worker_with_shadow
     from tests.test_worker import received_backlog
-    from testbed.dicom_peers import wait_until
 
     candidate = export_untrained_tiny_ensemble(tmp_path / "candidate.pt", ood_threshold=1e9)
     spool, store = received_backlog(tmp_path, 5)

@@ -574,8 +574,8 @@ def label_values_in_code() -> dict[str, set[str]]:
     from pacs_ai.finding import Finding
 
     finding = {str(member) for member in Finding}  # what model.finding returns
-    from pacs_ai.receive import arrivals
     from pacs_ai.ops import metrics
+    from pacs_ai.receive import arrivals
 
     return {"pacs_ai_rejected_total{reason}": rejected, "pacs_ai_skipped_total{reason}": skipped,
             "pacs_ai_failed_total{stage}": failed,
@@ -677,8 +677,8 @@ def set_config_key(text: str, table: str, key: str, value: str) -> str:
 def test_the_guide_commands_work_against_an_installed_service(
         checkout, stand_in_venv, tiny_model, tmp_path):
     from testbed.dicom_peers import free_port
-    from testbed.real_peers import Modality, Orthanc, stop_process, wait_for_port
     from testbed.environment import SAMPLE_DICOMS, require_tool
+    from testbed.real_peers import Modality, Orthanc, stop_process, wait_for_port
 
     for tool in ("echoscu", "storescu", "curl", "df", "du", "diff"):
         require_tool(tool)
@@ -817,8 +817,8 @@ def test_the_installed_service_refuses_every_caller_until_the_admin_names_them(
     line that says how to fix it; `accept_any_calling_ae = true` takes it, with a warning at
     the start."""
     from testbed.dicom_peers import free_port
-    from testbed.real_peers import stop_process, storescu
     from testbed.environment import SAMPLE_DICOMS
+    from testbed.real_peers import stop_process, storescu
 
     root = tmp_path / "root"
     assert install(checkout, root, "--venv-from", str(stand_in_venv),
@@ -881,9 +881,9 @@ def test_the_installed_service_refuses_every_caller_until_the_admin_names_them(
 def test_the_guide_tls_check_works_against_the_guide_tls_listener(tiny_model, tmp_path):
     """The guide's [tls] example (mutual TLS) and its echoscu +tls command, as written."""
     from testbed.dicom_peers import free_port
+    from testbed.environment import require_tool
     from testbed.real_peers import stop_process, wait_for_port
     from tests.tls_material import make_tls_material
-    from testbed.environment import require_tool
 
     require_tool("echoscu")
     material = make_tls_material(tmp_path / "tls")

@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 import structlog.testing
 
-from pacs_ai.ops import metrics
 from pacs_ai.config import ConfigError, parse_config
 from pacs_ai.deliver.destination_echo import DestinationEcho
+from pacs_ai.ops import metrics
 from pacs_ai.queue.echo_results import EchoResults, load_results
 from testbed.dicom_peers import (LOCALHOST, ServiceProcess, free_port, pacs_ai_cli, wait_until,
                                  write_service_config)

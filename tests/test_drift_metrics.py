@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, JPEG2000Lossless, RLELossless
 
-from pacs_ai.receive import arrivals
-from pacs_ai.ops import metrics
 from pacs_ai.config import DEFAULT_MAX_PIXELS, DriftConfig, FilterPolicy, parse_config
 from pacs_ai.film.film_input import prepare
 from pacs_ai.model.model import PneumoniaModel
+from pacs_ai.ops import metrics
+from pacs_ai.receive import arrivals
 from testbed.dicom_peers import synthetic_radiograph, wait_until
 from testbed.job_queue import all_jobs
 from testbed.listener import Listener

@@ -25,45 +25,16 @@ from pydicom.uid import generate_uid
 
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.report.uids import report_uid
+from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
+                                 synthetic_radiograph, wait_until, write_service_config)
 from testbed.environment import FAULT_HOOKS_PYTHONPATH, SAMPLE_DICOMS, require_tool
-from testbed.dicom_peers import (
-    RecordingPacs,
-    ServiceProcess,
-    SimulatedModality,
-    synthetic_radiograph,
-    wait_until,
-    write_service_config,
-)
+from testbed.real_peers import (Modality, Orthanc, echoscu, orthanc_destination, reset_peak_rss,
+                                spool_jobs, status_kb, storescu, thread_count)
 from tests.dicom_tools import run_dciodvfy, run_dsrdump
-from tests.hostile_input import (
-    BROKEN_PEERS,
-    CR_STORAGE,
-    absurd_dimensions,
-    associate_rq,
-    closed_by_peer,
-    connect_burst,
-    corrupt_pixel_data,
-    deflate_bomb,
-    fuzz_corpus,
-    raw_connection,
-    read_pdu,
-    send_files_at_once,
-    send_raw_files,
-    silent_connections,
-    write_mutation,
-    wrong_vrs,
-)
-from testbed.real_peers import (
-    Modality,
-    Orthanc,
-    echoscu,
-    orthanc_destination,
-    reset_peak_rss,
-    spool_jobs,
-    status_kb,
-    storescu,
-    thread_count,
-)
+from tests.hostile_input import (BROKEN_PEERS, CR_STORAGE, absurd_dimensions, associate_rq,
+                                 closed_by_peer, connect_burst, corrupt_pixel_data, deflate_bomb,
+                                 fuzz_corpus, raw_connection, read_pdu, send_files_at_once,
+                                 send_raw_files, silent_connections, write_mutation, wrong_vrs)
 
 pytestmark = pytest.mark.real_peer
 

@@ -16,15 +16,15 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pacs_ai.model import heatmap
+from pacs_ai.classify.helper_processes import render_report
 from pacs_ai.config import default_model_path
+from pacs_ai.film.pixels import display_array, display_picture
 from pacs_ai.finding import probability_label
+from pacs_ai.model import heatmap
+from pacs_ai.model.model import ModelContractError, PneumoniaModel
+from pacs_ai.model.preprocessing import to_model_input
 from pacs_ai.report.heatmap_image import (SHOWN_FROM, build_heatmap_image, film_grey, outline_width,
                                           picture_size)
-from pacs_ai.classify.helper_processes import render_report
-from pacs_ai.model.model import ModelContractError, PneumoniaModel
-from pacs_ai.film.pixels import display_array, display_picture
-from pacs_ai.model.preprocessing import to_model_input
 from pacs_ai.report.report import build_report, report_summary, source_header
 from pacs_ai.report.uids import heatmap_series_uid, heatmap_uid, region_tracking_uid
 from testbed.environment import SAMPLE_DICOMS, require_tool
@@ -141,9 +141,9 @@ def torch_module_copy(model: PneumoniaModel):
 
 
 def test_saliency_metadata_needs_the_method_and_contract_2(tmp_path):
-    from training.export import build_metadata, export_model
-
     import torch
+
+    from training.export import build_metadata, export_model
 
     network = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Flatten(),
                                   torch.nn.Linear(625, 1), torch.nn.Flatten(0))
@@ -469,9 +469,9 @@ def backlog_of(tmp_path, count: int):
 def run_worker(spool, store, model, destinations, **report_settings) -> None:
     import dataclasses
 
-    from pacs_ai.config import ReportConfig, WorkersConfig, default_config
     from pacs_ai.classify.helper_processes import HelperPool
     from pacs_ai.classify.worker import ClassificationWorker
+    from pacs_ai.config import ReportConfig, WorkersConfig, default_config
     from testbed.dicom_peers import wait_until
 
     config = dataclasses.replace(default_config(spool.root.parent),

@@ -16,19 +16,19 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
-from pacs_ai.report.heatmap_image import picture_size
+from pacs_ai.model import heatmap
 from pacs_ai.model.intended_use import site_model_info
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import binding_keys
+from pacs_ai.report.heatmap_image import picture_size
 from pacs_ai.report.report import report_summary, site_settings_part
 from pacs_ai.report.uids import heatmap_uid, report_uid
-from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
-from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
+from testbed.environment import FAULT_HOOKS_PYTHONPATH, REPO_ROOT, SAMPLE_DICOMS, require_tool
 from testbed.real_peers import (Modality, Orthanc, orthanc_destination, renamed_copy, spool_jobs,
                                 storescu)
+from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
 
 pytestmark = pytest.mark.real_peer
 

@@ -17,9 +17,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_ai.model import heatmap
-from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
 from pacs_ai.classify.helper_processes import HelperPool, prepare_image, render_report
+from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
+from pacs_ai.model import heatmap
 from testbed.dicom_peers import synthetic_radiograph
 from testbed.environment import SAMPLE_DICOMS
 from tests.test_report import MODEL

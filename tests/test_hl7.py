@@ -15,7 +15,7 @@ from hl7apy.mllp import AbstractHandler, MLLPServer
 
 from pacs_ai.config import ConfigError, Destination, Hl7Target, ReportConfig, parse_config
 from pacs_ai.deliver.hl7_message import (MessageNotBuilt, build_oru, hl7_datetime, oru_bytes,
-                                 parse_ack)
+                                         parse_ack)
 from pacs_ai.deliver.hl7_transport import Hl7Transport
 from pacs_ai.model.model import ModelInfo
 from pacs_ai.report.report import build_report

@@ -20,8 +20,8 @@ from pacs_ai.config import ConfigError, FilterPolicy, load_config, parse_config
 from pacs_ai.dicom_constants import CR_IMAGE_STORAGE
 from pacs_ai.errors import UserError
 from pacs_ai.film.filters import Screening, screen, skip_reason
-from pacs_ai.model.intended_use import (age_between, format_age_range, log_site_model_info, patient_age,
-                                  site_model_info)
+from pacs_ai.model.intended_use import (age_between, format_age_range, log_site_model_info,
+                                        patient_age, site_model_info)
 from pacs_ai.model.model import ModelContractError, ModelInfo, validate_metadata
 from training.export import build_metadata
 
@@ -488,10 +488,10 @@ def test_an_adult_film_sent_to_the_listener_is_skipped_and_not_reported(tmp_path
     """modality -> pacs-ai serve -> PACS: the adult film is skipped with its reason and no report
     is sent for it; the child's report carries the site's threshold (0, so pneumonia, where the
     model's own 1.0 would say normal) and the age range in its Algorithm Parameters."""
-    from pacs_ai.report.report import report_summary
     from pacs_ai.model.site_threshold import file_sha256
-    from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality,
-                                     pacs_ai_cli, wait_until, write_service_config)
+    from pacs_ai.report.report import report_summary
+    from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, pacs_ai_cli,
+                                     wait_until, write_service_config)
 
     films = aged_films()
     with RecordingPacs() as pacs:

@@ -554,8 +554,8 @@ def sample_manifest() -> list[dict]:
 def split_model(tmp_path_factory) -> Path:
     """The tiny test model, with its threshold set between the samples' probabilities so that
     both findings occur (an untrained model's outputs sit close together)."""
-    from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.evaluate.offline_classification import classify_files
+    from pacs_ai.model.model import PneumoniaModel
     from testbed.tiny_models import export_untrained_tiny_model
 
     folder = tmp_path_factory.mktemp("model")

@@ -1,7 +1,6 @@
 """Log set-up: JSON in the journal, and no patient-identifying values ever."""
 
 import json
-import logging
 import subprocess
 import sys
 

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacs_ai.ops import http_server, metrics
 from pacs_ai.errors import UserError
+from pacs_ai.ops import http_server, metrics
 
 
 def http_get(url: str) -> tuple[int, str, bytes]:

@@ -12,7 +12,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pacs_ai.film.pixels import (PixelDataError, apply_window, check_pixel_header, display_array,
-                            robust_window)
+                                 robust_window)
 
 ROWS, COLUMNS = 32, 48
 

@@ -22,16 +22,16 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
-                         JPEGLSLossless, RLELossless)
+from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless,
+                         RLELossless)
 
 from pacs_ai.film.film_input import dataset_display_image
 from pacs_ai.film.pixels import decode_pixels, display_array
 from pacs_ai.film.pixels_reduced import (box_reduce, decode_jpeg2000_level, decode_small,
-                                    jpeg2000_header, reduction_factor)
+                                         jpeg2000_header, reduction_factor)
 from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input
-from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 from testbed.dicom_peers import synthetic_radiograph
+from testbed.environment import REPO_ROOT, SAMPLE_DICOMS
 from tests.test_sample_dicoms import LOSSLESS_TOLERANCE
 
 MANIFEST = json.loads((SAMPLE_DICOMS / "manifest.json").read_text())
@@ -263,8 +263,8 @@ def test_a_picture_from_the_model_inputs_decode_is_the_one_a_decode_of_its_own_g
     a decode for the picture, where the codec decodes both alike (a sample's level 1); where it
     would not (a 2500 x 2048 film: level 2 for the model, 1 for the picture), none is drawn
     from it."""
-    from pacs_ai.report.heatmap_image import picture_film
     from pacs_ai.film.pixels import decode_for_display
+    from pacs_ai.report.heatmap_image import picture_film
 
     sample = pydicom.dcmread(SAMPLE_DICOMS / JPEG2000_SAMPLES[0]["file"])
     decoded = decode_for_display(sample, min_size=DECODE_MIN_SIZE)

@@ -13,8 +13,8 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacs_ai.ops import metrics
 from pacs_ai.config import load_config
+from pacs_ai.ops import metrics
 from pacs_ai.service import Service
 from testbed.dicom_peers import (SimulatedModality, synthetic_radiograph, wait_until,
                                  write_service_config)

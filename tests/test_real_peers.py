@@ -16,20 +16,11 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from testbed.environment import SAMPLE_DICOMS, require_tool
 from testbed.dicom_peers import ServiceProcess, wait_until, write_service_config
+from testbed.environment import SAMPLE_DICOMS, require_tool
+from testbed.real_peers import (Modality, Orthanc, echoscu, orthanc_destination, propose_as_stored,
+                                renamed_copy, spool_jobs, storescu, storescu_many)
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump
-from testbed.real_peers import (
-    Modality,
-    Orthanc,
-    echoscu,
-    orthanc_destination,
-    propose_as_stored,
-    renamed_copy,
-    spool_jobs,
-    storescu,
-    storescu_many,
-)
 
 pytestmark = pytest.mark.real_peer
 

@@ -35,20 +35,12 @@ from pynetdicom import AE
 
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.report.uids import report_uid
+from testbed.dicom_peers import (CR_IMAGE_STORAGE, RecordingPacs, ServiceProcess, SimulatedModality,
+                                 free_port, port_open, synthetic_radiograph, wait_until,
+                                 write_service_config)
 from testbed.environment import require_tool
-from testbed.dicom_peers import (
-    CR_IMAGE_STORAGE,
-    RecordingPacs,
-    ServiceProcess,
-    SimulatedModality,
-    free_port,
-    port_open,
-    synthetic_radiograph,
-    wait_until,
-    write_service_config,
-)
-from tests.haproxy_peer import SAMPLE_CONFIG, Backend, HAProxy, check_config
 from testbed.real_peers import Modality, Orthanc, orthanc_destination, spool_jobs
+from tests.haproxy_peer import SAMPLE_CONFIG, Backend, HAProxy, check_config
 
 pytestmark = pytest.mark.real_peer
 

@@ -24,12 +24,8 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs_ai.model.model import ModelInfo, PneumoniaModel
-from pacs_ai.report.report import (
-    ReportSourceError,
-    build_report,
-    report_summary,
-    threshold_parameter,
-)
+from pacs_ai.report.report import (ReportSourceError, build_report, report_summary,
+                                   threshold_parameter)
 from pacs_ai.report.uids import report_series_uid, report_uid, tracking_uid
 from testbed.environment import require_tool
 from tests.dicom_tools import DSRDUMP_NO_UTF8_VR_CHECK, run_dciodvfy, run_dsrdump

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pacs_ai.report.report import report_summary
-from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SendResult, SimulatedModality,
+from testbed.dicom_peers import (RecordingPacs, SendResult, ServiceProcess, SimulatedModality,
                                  free_port, pacs_ai_cli, synthetic_radiograph, wait_until,
                                  write_service_config)
 

@@ -21,8 +21,8 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
+from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                          JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
                          RLELossless)
 

@@ -11,10 +11,10 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs_ai.config import Destination
-from pacs_ai.model.model import ModelInfo
-from pacs_ai.report.report import build_report
 from pacs_ai.deliver.cstore_transport import CStoreTransport, report_to_send
 from pacs_ai.deliver.sender import DestinationSender
+from pacs_ai.model.model import ModelInfo
+from pacs_ai.report.report import build_report
 from testbed.dicom_peers import RecordingPacs, synthetic_radiograph
 
 MODEL = ModelInfo(name="pacs-ai-pneumonia", version="9.9.9", threshold=0.5,
@@ -80,8 +80,8 @@ def tls_pacs(tmp_path_factory):
     """storescp over TLS (demanding a client certificate from our CA), and a plain one."""
     import subprocess
 
-    from testbed.environment import require_tool
     from testbed.dicom_peers import free_port
+    from testbed.environment import require_tool
     from testbed.real_peers import stop_process, wait_for_port
     from tests.tls_material import make_tls_material
 

@@ -18,17 +18,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from pacs_ai.ops import metrics
-from pacs_ai.config import (ConfigError, DEFAULT_MAX_PIXELS, FilterPolicy, WorkersConfig,
+from pacs_ai.classify.helper_processes import HelperPool
+from pacs_ai.classify.shadow import ShadowBatch, ShadowRunner, load_shadow_model
+from pacs_ai.classify.worker import ClassificationWorker
+from pacs_ai.config import (DEFAULT_MAX_PIXELS, ConfigError, FilterPolicy, WorkersConfig,
                             default_config, default_model_path, load_config)
 from pacs_ai.errors import UserError
 from pacs_ai.film.film_input import prepare
-from pacs_ai.classify.helper_processes import HelperPool
-from pacs_ai.queue.jobs import Assessment, JobState, ShadowStatus
 from pacs_ai.model.model import PneumoniaModel
-from pacs_ai.classify.shadow import ShadowBatch, ShadowRunner, load_shadow_model
 from pacs_ai.model.site_threshold import file_sha256
-from pacs_ai.classify.worker import ClassificationWorker
+from pacs_ai.ops import metrics
+from pacs_ai.queue.jobs import Assessment, JobState, ShadowStatus
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
 from testbed.environment import SAMPLE_DICOMS
 from testbed.job_queue import all_jobs

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from pacs_ai.config import ConfigError, SiteThreshold, default_model_path, load_config
-from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.evaluate.site_evaluation import proposed_threshold, summarise
+from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import (ThresholdForAnotherModel, binding_problem, check_binding,
-                                    file_sha256, threshold_lines)
+                                          file_sha256, threshold_lines)
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, write_service_config
 
 pytestmark = pytest.mark.timeout(300)

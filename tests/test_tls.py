@@ -18,20 +18,10 @@ import time
 import pydicom
 import pytest
 
+from testbed.dicom_peers import ServiceProcess, SimulatedModality, wait_until, write_service_config
 from testbed.environment import REPO_ROOT, SAMPLE_DICOMS, require_tool
-from testbed.dicom_peers import (ServiceProcess, SimulatedModality, wait_until,
-                                 write_service_config)
-from testbed.real_peers import (
-    Modality,
-    Orthanc,
-    OrthancTLS,
-    echoscu,
-    orthanc_destination,
-    propose_as_stored,
-    renamed_copy,
-    storescu,
-    thread_count,
-)
+from testbed.real_peers import (Modality, Orthanc, OrthancTLS, echoscu, orthanc_destination,
+                                propose_as_stored, renamed_copy, storescu, thread_count)
 from tests.test_real_peers import check_stored_report, stored_reports_for
 from tests.tls_material import make_tls_material
 

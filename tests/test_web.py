@@ -11,10 +11,10 @@ import urllib.request
 
 import pytest
 
-from pacs_ai.ops import http_server
 from pacs_ai.config import Config, ConfigError, Destination, WebConfig, parse_config
-from pacs_ai.queue.jobs import JobStore, NewInstance
+from pacs_ai.ops import http_server
 from pacs_ai.ops.web import QueuePage
+from pacs_ai.queue.jobs import JobStore, NewInstance
 
 TOKEN = "0123456789abcdef-queue-token"
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -23,7 +23,6 @@ SOURCE_UID = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789"
 
 def fill(store: JobStore) -> dict[str, int]:
     """Three films: one delivered, one whose delivery failed, one skipped."""
-    ids = {}
     for name, uid in (("done", SOURCE_UID), ("failed", SOURCE_UID + "1"),
                       ("skipped", SOURCE_UID + "2")):
         store.admit(NewInstance(uid, CR, "1.2.3", "ER_CR", peer_address="10.0.0.5",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.environment import require_tool
 from testbed.dicom_peers import (RecordingPacs, ServiceProcess, SimulatedModality, free_port,
                                  synthetic_radiograph, wait_until, write_service_config)
+from testbed.environment import require_tool
 from testbed.real_peers import spool_jobs
 
 pytestmark = pytest.mark.real_peer

@@ -401,10 +401,10 @@ def command_gate(args: argparse.Namespace) -> int:
 def command_gate_check(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from training.gate import (adult_split, gate_scores, load_gate_member,
-                               log_amplitude_profile, threshold_for)
-    from training.gate_check import check_sets, markdown, summarise
     from training.data import load_pictures, load_split
+    from training.gate import (adult_split, gate_scores, load_gate_member, log_amplitude_profile,
+                               threshold_for)
+    from training.gate_check import check_sets, markdown, summarise
     from training.stress import validation_files
 
     children, _ = validation_files(args.split_file, args.data)

@@ -270,8 +270,8 @@ def build_ensemble(runs: List[Path], data: Path, out: Path, version: str,
     """Fit the OOD score, choose the threshold, write the report and export the model file."""
     from training.data import load_split
     from training.export import build_metadata, export_model
-    from training.report import (SHIFT_SENSITIVITY_FLOOR, SHIFT_THRESHOLD_RULE,
-                                 choose_threshold, write_report)
+    from training.report import (SHIFT_SENSITIVITY_FLOOR, SHIFT_THRESHOLD_RULE, choose_threshold,
+                                 write_report)
     from training.stress import markdown_table, summarise
 
     splits = [json.loads((run / "split.json").read_text()) for run in runs]

@@ -6,19 +6,25 @@ validation split's 0.985 quantile), on the stress shifts, heavy shifts and synth
 `.venv/bin/python training/ood_layers.py runs/robust-s0` (about 8 minutes on 2 cores; the
 figures in docs/generalisation.md). A study script, not part of the training command.
 """
+import json
 import sys
-import json, numpy as np, torch
+
+import numpy as np
+import torch
+
 RUN = sys.argv[1] if len(sys.argv) > 1 else 'runs/robust-s0'
-from torch import nn
 from pathlib import Path
+
+from torch import nn
+
 torch.set_num_threads(1)
-from training.ensemble import load_member, fit_gaussians
-from training.data import load_split
-from training.stress import cached_shifted_inputs, validation_files
-from training.shifts import CONDITIONS
-from training.abstention import HEAVY_SHIFTS, synthetic_pictures
-from training.data import DEFAULT_CACHE_DIR
 from pacs_ai.model.preprocessing import to_model_input
+from training.abstention import HEAVY_SHIFTS, synthetic_pictures
+from training.data import DEFAULT_CACHE_DIR, load_split
+from training.ensemble import fit_gaussians, load_member
+from training.shifts import CONDITIONS
+from training.stress import cached_shifted_inputs, validation_files
+
 net, cfg = load_member(Path(RUN))
 layers=list(net); flatten=max(i for i,l in enumerate(layers) if isinstance(l, nn.Flatten))
 pools=[i for i,l in enumerate(layers[:flatten]) if isinstance(l, nn.MaxPool2d)]

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pacs_ai.model import heatmap
 from pacs_ai.config import default_model_path
+from pacs_ai.model import heatmap
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.preprocessing import to_model_input
 from training.cli import DEFAULT_DATA

@@ -49,8 +49,8 @@ from pydicom.dataset import Dataset
 from pacs_ai.config import FilterPolicy
 from pacs_ai.errors import UserError
 from pacs_ai.film.film_input import Prepared, prepare
-from pacs_ai.model.model import ModelInfo
 from pacs_ai.film.pixels_reduced import SmallDecode
+from pacs_ai.model.model import ModelInfo
 
 log = structlog.get_logger()
 

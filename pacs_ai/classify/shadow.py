@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from pacs_ai.ops import metrics
 from pacs_ai.config import Config, ShadowConfig
 from pacs_ai.model.intended_use import format_age_range, site_model_info
-from pacs_ai.queue.jobs import Assessment, JobStore, ShadowResult, ShadowStatus
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import check_binding, log_for_any_model
+from pacs_ai.ops import metrics
+from pacs_ai.queue.jobs import Assessment, JobStore, ShadowResult, ShadowStatus
 
 log = structlog.get_logger()
 

@@ -32,16 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from pacs_ai.ops import metrics
+from pacs_ai.classify.helper_processes import (HelperPool, HelperPoolStopped, KeptFilm, PendingWork,
+                                               RenderedReport)
+from pacs_ai.classify.shadow import ShadowBatch, ShadowRunner, assessments
 from pacs_ai.config import Config
+from pacs_ai.deliver.routing import RouteFacts, choose_route
 from pacs_ai.film.film_input import Prepared, PrepareStatus
 from pacs_ai.finding import Finding
-from pacs_ai.classify.helper_processes import (HelperPool, HelperPoolStopped, KeptFilm, PendingWork,
-                                      RenderedReport)
-from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.model.model import PneumoniaModel
-from pacs_ai.deliver.routing import RouteFacts, choose_route
-from pacs_ai.classify.shadow import ShadowBatch, ShadowRunner, assessments
+from pacs_ai.ops import metrics
+from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
 from pacs_ai.queue.spool import Spool
 
 log = structlog.get_logger()

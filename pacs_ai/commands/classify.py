@@ -20,10 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.model.model import PneumoniaModel
-    from pacs_ai.evaluate.offline_classification import classify_files
-
     from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
+    from pacs_ai.evaluate.offline_classification import classify_files
+    from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.ops.logs import configure_logging
 
     configure_logging("warning")  # on stderr: stdout carries one JSON line per file

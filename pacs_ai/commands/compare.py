@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.evaluate import comparison
     from pacs_ai.config import load_config
-    from pacs_ai.queue.jobs import JobStore
+    from pacs_ai.evaluate import comparison
     from pacs_ai.model.site_threshold import file_sha256
+    from pacs_ai.queue.jobs import JobStore
     from pacs_ai.queue.spool import Spool
 
     config = load_config(args.config)

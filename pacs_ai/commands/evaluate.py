@@ -47,14 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.evaluate.offline_classification import classify_files
     from pacs_ai.config import load_config
     from pacs_ai.errors import UserError
-    from pacs_ai.model.intended_use import format_age_range, site_model_info
-    from pacs_ai.ops.logs import configure_logging
-    from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.evaluate import site_evaluation as evaluation
+    from pacs_ai.evaluate.offline_classification import classify_files
+    from pacs_ai.model.intended_use import format_age_range, site_model_info
+    from pacs_ai.model.model import PneumoniaModel
     from pacs_ai.model.site_threshold import binding_problem, set_thresholds
+    from pacs_ai.ops.logs import configure_logging
 
     floor = args.sensitivity_floor
     if not 0.0 < floor <= 1.0:

@@ -96,8 +96,8 @@ def _ages_line(ages: dict[str, int], unknown_age: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacs_ai.ops import health
     from pacs_ai.config import load_config
+    from pacs_ai.ops import health
     from pacs_ai.queue.jobs import JobStore
     from pacs_ai.queue.spool import Spool
 

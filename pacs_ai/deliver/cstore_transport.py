@@ -19,11 +19,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
-from pacs_ai.network import pynetdicom_internals
 from pacs_ai.config import Destination, TLSFiles
-from pacs_ai.dicom_constants import SR_KINDS
-from pacs_ai.network.sockets import send_small_messages_at_once
 from pacs_ai.deliver.transport import ConnectFailed, StoreResult
+from pacs_ai.dicom_constants import SR_KINDS
+from pacs_ai.network import pynetdicom_internals
+from pacs_ai.network.sockets import send_small_messages_at_once
 
 
 def client_ssl_context(files: TLSFiles) -> ssl.SSLContext:

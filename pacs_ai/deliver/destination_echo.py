@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import structlog
 
-from pacs_ai.ops import metrics
 from pacs_ai.config import Destination
+from pacs_ai.ops import metrics
 from pacs_ai.queue.echo_results import EchoResult, EchoResults
 
 log = structlog.get_logger()

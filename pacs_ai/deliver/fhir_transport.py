@@ -29,10 +29,10 @@ import requests
 
 from pacs_ai.config import Destination, ReportConfig
 from pacs_ai.deliver.fhir_report import BundleNotBuilt, report_bundle
-from pacs_ai.deliver.http_client import (RETRIED_CLIENT_ERRORS, connection_error, destination_session,
-                                 server_message, shorten)
-from pacs_ai.report.report_facts import ReportUnreadable, read_report_facts, redact
+from pacs_ai.deliver.http_client import (RETRIED_CLIENT_ERRORS, connection_error,
+                                         destination_session, server_message, shorten)
 from pacs_ai.deliver.transport import StoreResult
+from pacs_ai.report.report_facts import ReportUnreadable, read_report_facts, redact
 
 # 409 Conflict: a concurrent update of the same resource at the server; the next try wins
 RETRIED_FHIR_ERRORS = RETRIED_CLIENT_ERRORS | {409}

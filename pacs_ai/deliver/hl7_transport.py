@@ -27,8 +27,8 @@ from pacs_ai.config import Destination, ReportConfig
 from pacs_ai.deliver.cstore_transport import client_ssl_context
 from pacs_ai.deliver.hl7_message import BadAck, MessageNotBuilt, build_oru, oru_bytes, parse_ack
 from pacs_ai.deliver.mllp import MllpClient, MllpError, NoAnswer
-from pacs_ai.report.report_facts import ReportUnreadable, read_report_facts, redact
 from pacs_ai.deliver.transport import ConnectFailed, StoreResult
+from pacs_ai.report.report_facts import ReportUnreadable, read_report_facts, redact
 from pacs_ai.report.uids import message_control_id
 
 ANSWER_CHARS = 300  # of the RIS's text kept in the error

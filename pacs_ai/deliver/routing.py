@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pacs_ai.network.addresses import address_in, parse_networks
 from pacs_ai.config import DEFAULT_ROUTE, Config, Route
+from pacs_ai.network.addresses import address_in, parse_networks
 
 
 @dataclass(frozen=True)

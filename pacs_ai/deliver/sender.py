@@ -25,12 +25,12 @@ from collections.abc import Callable
 
 import structlog
 
+from pacs_ai.config import Destination, ReportConfig, RetryPolicy
+from pacs_ai.deliver.transport import ConnectFailed, StoreResult, Transport, unreachable
 from pacs_ai.ops import audit, metrics
 from pacs_ai.ops.audit import AuditTrail
-from pacs_ai.config import Destination, ReportConfig, RetryPolicy
 from pacs_ai.queue.jobs import Delivery, DeliveryObject, Job, JobStore, Stage
 from pacs_ai.queue.spool import Spool
-from pacs_ai.deliver.transport import ConnectFailed, StoreResult, Transport, unreachable
 
 log = structlog.get_logger()
 

@@ -26,8 +26,8 @@ import requests
 from pydicom.errors import InvalidDicomError
 
 from pacs_ai.config import Destination
-from pacs_ai.deliver.http_client import (RETRIED_CLIENT_ERRORS, connection_error, destination_session,
-                                 server_message)
+from pacs_ai.deliver.http_client import (RETRIED_CLIENT_ERRORS, connection_error,
+                                         destination_session, server_message)
 from pacs_ai.deliver.transport import StoreResult
 
 

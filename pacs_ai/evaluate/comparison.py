@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from pacs_ai.errors import UserError
-from pacs_ai.queue.jobs import ShadowResult, ShadowStatus
 from pacs_ai.evaluate.site_evaluation import LABEL_VALUES, read_labels_csv, summarise
+from pacs_ai.queue.jobs import ShadowResult, ShadowStatus
 
 SUMMARY_FORMAT = "pacs-ai-comparison/1"
 OUTCOMES = ("pneumonia", "normal", "abstained")

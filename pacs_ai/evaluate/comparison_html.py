@@ -8,7 +8,7 @@ from html import escape
 from typing import Any
 
 from pacs_ai.evaluate.evaluation_html import (STYLE, _number, _percent, _table, _with_interval,
-                                             unit_square_axes)
+                                              unit_square_axes)
 
 SIZE = 360  # the plot's square, in SVG units
 MARGIN = 48

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pacs_ai.evaluate.offline_classification import expand_paths
 from pacs_ai.errors import UserError
 from pacs_ai.evaluate.evaluation import metrics_at, roc_auc, roc_curve, wilson_interval
+from pacs_ai.evaluate.offline_classification import expand_paths
 
 CLASS_NAMES = ("normal", "pneumonia")  # label 0, label 1
 LABEL_VALUES = {"normal": 0, "pneumonia": 1, "0": 0, "1": 1}

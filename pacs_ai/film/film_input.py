@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
 from pacs_ai.film.filters import screen, screen_without_age
 from pacs_ai.film.pixels import (DisplayPicture, PixelDataError, decode_for_display,
-                            display_from_decoded)
+                                 display_from_decoded)
 from pacs_ai.film.pixels_reduced import SmallDecode
 from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input
 

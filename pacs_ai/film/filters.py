@@ -21,7 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from pacs_ai.config import FilterPolicy, UNKNOWN_AGE_SKIP
+from pacs_ai.config import UNKNOWN_AGE_SKIP, FilterPolicy
 from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
 from pacs_ai.model.intended_use import in_range, outside_reason, patient_age, unknown_age_reason
 

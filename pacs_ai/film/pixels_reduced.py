@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, UID
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit
 
 JPEG2000_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 JPEG_8BIT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)  # the latter may hold 8-bit data

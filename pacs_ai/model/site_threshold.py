@@ -31,7 +31,7 @@ import os
 
 import structlog
 
-from pacs_ai.config import ANY_MODEL_KEY, SHA256_KEY, SiteThreshold, VERSION_KEY
+from pacs_ai.config import ANY_MODEL_KEY, SHA256_KEY, VERSION_KEY, SiteThreshold
 from pacs_ai.errors import UserError
 from pacs_ai.model.model import ModelInfo, PneumoniaModel
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import structlog
 
-from pacs_ai.ops import metrics
 from pacs_ai.errors import UserError
+from pacs_ai.ops import metrics
 
 log = structlog.get_logger()
 

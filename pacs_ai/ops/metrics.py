@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from pacs_ai.queue import jobs
 from pacs_ai.finding import Finding
+from pacs_ai.queue import jobs
 from pacs_ai.queue.jobs import Stage
 
 if TYPE_CHECKING:

@@ -33,10 +33,10 @@ from urllib.parse import parse_qs
 import structlog
 
 import pacs_ai
-from pacs_ai.ops import drift, drift_chart, health
 from pacs_ai.config import Config
 from pacs_ai.errors import UserError
 from pacs_ai.finding import probability_label
+from pacs_ai.ops import drift, drift_chart, health
 from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
 
 log = structlog.get_logger()

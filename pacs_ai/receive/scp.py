@@ -43,20 +43,20 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacs_ai.ops import audit, metrics
-from pacs_ai.network.addresses import address_in, parse_networks
-from pacs_ai.receive.arrivals import arrival_labels
-from pacs_ai.ops.audit import AuditTrail
 from pacs_ai.config import Config, LimitsConfig, ListenerTLSConfig
 from pacs_ai.errors import UserError
-from pacs_ai.receive.inflation import DatasetTooLarge, InflatedHead
-from pacs_ai.queue.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
-from pacs_ai.receive.received import (PIXEL_DATA_HEADER_BYTES, PIXEL_DATA_TAG, ReceivedDataError,
-                              check_declared_size, check_pixel_data)
+from pacs_ai.network.addresses import address_in, parse_networks
 from pacs_ai.network.pynetdicom_internals import os_socket, register_server
-from pacs_ai.network.sockets import (RequestDeadlines, limit_message_bytes, read_pdus_in_large_chunks,
-                             send_small_messages_at_once)
+from pacs_ai.network.sockets import (RequestDeadlines, limit_message_bytes,
+                                     read_pdus_in_large_chunks, send_small_messages_at_once)
+from pacs_ai.ops import audit, metrics
+from pacs_ai.ops.audit import AuditTrail
+from pacs_ai.queue.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
 from pacs_ai.queue.spool import Spool, SpoolFullError
+from pacs_ai.receive.arrivals import arrival_labels
+from pacs_ai.receive.inflation import DatasetTooLarge, InflatedHead
+from pacs_ai.receive.received import (PIXEL_DATA_HEADER_BYTES, PIXEL_DATA_TAG, ReceivedDataError,
+                                      check_declared_size, check_pixel_data)
 
 log = structlog.get_logger()
 

@@ -30,11 +30,11 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import pacs_ai
+from pacs_ai.film.pixels import decodes_alike, display_from_decoded, display_picture
+from pacs_ai.film.pixels_reduced import SmallDecode
 from pacs_ai.finding import probability_label
 from pacs_ai.model import heatmap
 from pacs_ai.model.model import ModelInfo
-from pacs_ai.film.pixels import decodes_alike, display_from_decoded, display_picture
-from pacs_ai.film.pixels_reduced import SmallDecode
 from pacs_ai.report.report import instance_number, patient_and_study, site_settings_part
 from pacs_ai.report.uids import heatmap_series_uid, heatmap_uid
 

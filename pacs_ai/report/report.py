@@ -44,31 +44,15 @@ from typing import Any
 
 import highdicom as hd
 import structlog
-from highdicom.sr import (
-    AlgorithmIdentification,
-    CodeContentItem,
-    CodedConcept,
-    ContainerContentItem,
-    ContentSequence,
-    DeviceObserverIdentifyingAttributes,
-    FindingSite,
-    ImageContentItem,
-    ImageRegion,
-    Measurement,
-    MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
-    NumContentItem,
-    ObservationContext,
-    ObserverContext,
-    PlanarROIMeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
-    RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
-    SourceImageForRegion,
-    TextContentItem,
-    TrackingIdentifier,
-    UIDRefContentItem,
-)
+from highdicom.sr import (AlgorithmIdentification, CodeContentItem, CodedConcept,
+                          ContainerContentItem, ContentSequence,
+                          DeviceObserverIdentifyingAttributes, FindingSite, ImageContentItem,
+                          ImageRegion, Measurement, MeasurementReport,
+                          MeasurementsAndQualitativeEvaluations, NumContentItem, ObservationContext,
+                          ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations,
+                          QualitativeEvaluation, RelationshipTypeValues,
+                          SourceImageForMeasurementGroup, SourceImageForRegion, TextContentItem,
+                          TrackingIdentifier, UIDRefContentItem)
 from pydicom import Dataset, config
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -78,11 +62,11 @@ from pydicom.valuerep import DA, TM, validate_value
 
 import pacs_ai
 from pacs_ai.dicom_constants import CR_IMAGE_STORAGE, DEFAULT_SR_KIND, SOP_CLASS_NAMES, SR_KINDS
-from pacs_ai.report.highdicom_tables import use_lazy_module_table
 from pacs_ai.model.intended_use import format_age_range
 from pacs_ai.model.model import ModelInfo
+from pacs_ai.report.highdicom_tables import use_lazy_module_table
 from pacs_ai.report.uids import (device_observer_uid, region_tracking_uid, report_series_uid,
-                          report_uid, tracking_uid)
+                                 report_uid, tracking_uid)
 
 use_lazy_module_table()  # about 80 MB less per process that builds reports (see the module)
 
