@@ -3,21 +3,20 @@ Mahalanobis score from its last layer alone, and with the channel means after it
 second or third max-pool added (each fitted on the member's training films, threshold at the
 validation split's 0.985 quantile), on the stress shifts, heavy shifts and synthetic pictures.
 
-`.venv/bin/python training/ood_layers.py runs/robust-s0` (about 8 minutes on 2 cores; the
+`.venv/bin/python -m training.ood_layers runs/robust-s0` (about 8 minutes on 2 cores; the
 figures in docs/generalisation.md). A study script, not part of the training command.
 """
+
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+from pathlib import Path
 
 import numpy as np
 import torch
-
-RUN = sys.argv[1] if len(sys.argv) > 1 else 'runs/robust-s0'
-from pathlib import Path
-
 from torch import nn
 
-torch.set_num_threads(1)
 from pacs_ai.model.preprocessing import to_model_input
 from training.abstention import HEAVY_SHIFTS, synthetic_pictures
 from training.data import DEFAULT_CACHE_DIR, load_split
@@ -25,40 +24,99 @@ from training.ensemble import fit_gaussians, load_member
 from training.shifts import CONDITIONS
 from training.stress import cached_shifted_inputs, validation_files
 
-net, cfg = load_member(Path(RUN))
-layers=list(net); flatten=max(i for i,l in enumerate(layers) if isinstance(l, nn.Flatten))
-pools=[i for i,l in enumerate(layers[:flatten]) if isinstance(l, nn.MaxPool2d)]
-taps = {'p1': pools[0], 'p2': pools[1], 'p3': pools[2]}
-@torch.inference_mode()
-def feats(inputs):
-    out={'final':[], 'p1':[], 'p2':[], 'p3':[]}
-    for i in range(0,len(inputs),128):
-        x=torch.from_numpy(np.asarray(inputs[i:i+128],np.float32)).reshape(-1,1,200,200)
-        for j,l in enumerate(layers[:flatten+1]):
-            x=l(x)
-            for k,t in taps.items():
-                if j==t: out[k].append(x.mean((2,3)).numpy())
-        out['final'].append(x.numpy())
-    return {k:np.concatenate(v) for k,v in out.items()}
-split=json.load(open(RUN + '/split.json'))
-imgs=load_split(Path('../shared/data/chest_xray'),'train',progress=False,names=set(split['train'])|set(split['validation']))
-idx={p.name:i for i,p in enumerate(imgs.paths)}
-tr=imgs.subset([idx[n] for n in split['train']]); va=imgs.subset([idx[n] for n in split['validation']])
-ftr=feats(tr.inputs)
-fits={k:fit_gaussians(v,tr.labels) for k,v in ftr.items()}
-def score(f,k):
-    m,P=fits[k]; d=np.stack([np.einsum('nd,de,ne->n',f-mu,P,f-mu) for mu in m],1).min(1)/f.shape[1]; return d
-combos={'final':['final'],'final+p2':['final','p2'],'final+p1':['final','p1'],'final+p3':['final','p3'],'final+p1+p2':['final','p1','p2']}
-def combo_scores(f):
-    return {c:sum(score(f[k],k) for k in ks) for c,ks in combos.items()}
-fva=feats(va.inputs); sva=combo_scores(fva)
-th={c:np.quantile(s,0.985) for c,s in sva.items()}
-rows={}
-paths,_=validation_files(Path(RUN) / 'split.json',Path('../shared/data/chest_xray'))
-for cond in list(CONDITIONS)+list(HEAVY_SHIFTS):
-    inp=cached_shifted_inputs(paths,cond,None if cond.group=='heavy' else DEFAULT_CACHE_DIR)[:,0]
-    s=combo_scores(feats(inp)); rows[cond.name]={c:float((s[c]>th[c]).mean()) for c in combos}
-for name,pics in synthetic_pictures().items():
-    s=combo_scores(feats(np.stack([to_model_input(p)[0] for p in pics]))); rows['syn-'+name]={c:float((s[c]>th[c]).mean()) for c in combos}
-print('cond'.ljust(18), ' '.join(c.rjust(12) for c in combos))
-for r,v in rows.items(): print(r.ljust(18), ' '.join(f'{v[c]:12.3f}' for c in combos))
+BATCH = 128
+VALIDATION_QUANTILE = 0.985  # 1.5 % of clean validation films abstain in every column
+# the score's layers in each column: the last layer, plus channel means after a max-pool
+COLUMNS = {"final": ["final"], "final+p2": ["final", "p2"], "final+p1": ["final", "p1"],
+           "final+p3": ["final", "p3"], "final+p1+p2": ["final", "p1", "p2"]}
+
+
+class LayerFeatures:
+    """A member's features at its flatten layer and its channel means after each of its first
+    three max-pools ("final", "p1", "p2", "p3")."""
+
+    def __init__(self, network: nn.Sequential):
+        self.layers = list(network)
+        self.flatten = max(index for index, layer in enumerate(self.layers)
+                           if isinstance(layer, nn.Flatten))
+        pools = [index for index, layer in enumerate(self.layers[:self.flatten])
+                 if isinstance(layer, nn.MaxPool2d)]
+        self.taps = {"p1": pools[0], "p2": pools[1], "p3": pools[2]}
+
+    @torch.inference_mode()
+    def __call__(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        found: dict[str, list[np.ndarray]] = {name: [] for name in ("final", *self.taps)}
+        for start in range(0, len(inputs), BATCH):
+            x = torch.from_numpy(np.asarray(inputs[start:start + BATCH], np.float32))
+            x = x.reshape(-1, 1, 200, 200)
+            for index, layer in enumerate(self.layers[:self.flatten + 1]):
+                x = layer(x)
+                for name, tap in self.taps.items():
+                    if index == tap:
+                        found[name].append(x.mean((2, 3)).numpy())
+            found["final"].append(x.numpy())
+        return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+class LayerScores:
+    """Mahalanobis distance to the nearer class, per feature dimension, summed over a column's
+    layers; each layer's Gaussians fitted on the training films."""
+
+    def __init__(self, training_features: dict[str, np.ndarray], labels: np.ndarray):
+        self.fits = {name: fit_gaussians(features, labels)
+                     for name, features in training_features.items()}
+
+    def layer_score(self, features: np.ndarray, name: str) -> np.ndarray:
+        means, precision = self.fits[name]
+        distances = np.stack([np.einsum("nd,de,ne->n", features - mean, precision,
+                                        features - mean) for mean in means], 1)
+        return distances.min(1) / features.shape[1]
+
+    def __call__(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {column: sum(self.layer_score(features[name], name) for name in names)
+                for column, names in COLUMNS.items()}
+
+
+def abstention_table(run: Path, data: Path) -> dict[str, dict[str, float]]:
+    """Share abstained per set of films (rows) and score (columns)."""
+    network, _config = load_member(run)
+    features = LayerFeatures(network)
+    split = json.loads((run / "split.json").read_text())
+    films = load_split(data, "train", progress=False,
+                       names=set(split["train"]) | set(split["validation"]))
+    position = {path.name: index for index, path in enumerate(films.paths)}
+    training = films.subset([position[name] for name in split["train"]])
+    validation = films.subset([position[name] for name in split["validation"]])
+    scores = LayerScores(features(training.inputs), training.labels)
+    thresholds = {column: np.quantile(values, VALIDATION_QUANTILE)
+                  for column, values in scores(features(validation.inputs)).items()}
+
+    def abstained(inputs: np.ndarray) -> dict[str, float]:
+        return {column: float((values > thresholds[column]).mean())
+                for column, values in scores(features(inputs)).items()}
+
+    rows = {}
+    paths, _labels = validation_files(run / "split.json", data)
+    for condition in list(CONDITIONS) + list(HEAVY_SHIFTS):
+        cache = None if condition.group == "heavy" else DEFAULT_CACHE_DIR
+        rows[condition.name] = abstained(cached_shifted_inputs(paths, condition, cache)[:, 0])
+    for kind, pictures in synthetic_pictures().items():
+        rows["syn-" + kind] = abstained(np.stack([to_model_input(p)[0] for p in pictures]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, nargs="?", default=Path("runs/robust-s0"),
+                        help="a training run folder (config.json, checkpoint.pt, split.json)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/chest_xray"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = abstention_table(args.run, args.data)
+    print("cond".ljust(18), " ".join(column.rjust(12) for column in COLUMNS))
+    for name, shares in rows.items():
+        print(name.ljust(18), " ".join(f"{shares[column]:12.3f}" for column in COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
