@@ -422,11 +422,17 @@ def test_the_proposed_lines_keep_the_configs_ood_threshold_bound(site, models, t
     assert proposed["ood_threshold"] == 1e8
     assert proposed["threshold_model_sha256"] == file_sha256(model)
     assert "ood_threshold = 100000000.0" in summary["stdout"]
+    # summary.json names the threshold in force, and the file's own beside it
+    assert summary["model"]["ood_threshold"] == 1e8
+    assert summary["model"]["ood_threshold_source"].startswith("[model] ood_threshold in")
+    assert summary["model"]["model_ood_threshold"] == 1e9
     # for another file: the file's own is evaluated, and the lines say to drop the old one
     summary = evaluate_with("0.02", "9.9.9", "0" * 64, "other")
     [note] = [note for note in summary["notes"] if "ood_threshold" in note]
     assert note.startswith("[model] ood_threshold in") and "chosen for model version 9.9.9" in note
     assert summary["rates"]["abstention"] == 0  # 0.02 would have abstained on every film
+    assert summary["model"]["ood_threshold"] == 1e9
+    assert summary["model"]["ood_threshold_source"] == "model file"
     lines = summary["proposed_threshold"]["config"]
     assert "ood_threshold" not in tomllib.loads(lines)["model"]
     assert "# and remove [model] ood_threshold = 0.02" in lines

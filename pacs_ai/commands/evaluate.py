@@ -98,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
                                        if site_threshold is not None else "model file"),
                   "intended_age": (f"{format_age_range(model.info.intended_age_years)} years"
                                    if model.info.intended_age_years else "not stated"),
-                  "ood_threshold": own.ood_threshold},
+                  # the gate's threshold in force (the config's where bound to this file),
+                  # and the file's own, as for the probability threshold
+                  "ood_threshold": model.info.ood_threshold,
+                  "model_ood_threshold": own.ood_threshold,
+                  "ood_threshold_source": (f"[model] ood_threshold in {config.source}"
+                                           if site_ood_threshold is not None
+                                           else "model file")},
         "config": str(config.source) if config.source else None,
     }
     summary = evaluation.summarise(
