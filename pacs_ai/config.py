@@ -340,12 +340,17 @@ DICOMWEB_DESTINATION_KEYS = ("kind", "name", "url", "auth", "username", "passwor
                              "token_file", "ca_file", "timeout_seconds")
 HL7_DESTINATION_KEYS = ("kind", "name", "host", "port", "tls", "timeout_seconds",
                         "sending_facility", "receiving_application", "receiving_facility",
-                        "processing_id")
+                        "processing_id", "charset")
 FHIR_DESTINATION_KEYS = DICOMWEB_DESTINATION_KEYS + ("patient_id_system",)
 DESTINATION_KEYS = {"dimse": DIMSE_DESTINATION_KEYS, "dicomweb": DICOMWEB_DESTINATION_KEYS,
                     "hl7": HL7_DESTINATION_KEYS, "fhir": FHIR_DESTINATION_KEYS}
 DICOMWEB_AUTH = ("none", "basic", "bearer")
 HL7_PROCESSING_IDS = ("p", "t", "d")  # MSH-11: production, training, debugging
+# The character sets an HL7 destination's messages can be sent in: the `charset` a config names
+# -> the MSH-18 value (HL7 table 0211) and the Python codec. Many RIS (older ones, much of
+# Europe) take only ISO 8859-1 or ASCII: UTF-8 bytes would show "Müller" as "MÃ¼ller".
+HL7_CHARSETS = {"UTF-8": ("UNICODE UTF-8", "utf-8"), "8859/1": ("8859/1", "iso-8859-1"),
+                "ASCII": ("ASCII", "ascii")}
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,17 @@ class Hl7Target:
     receiving_application: str = ""  # MSH-5
     receiving_facility: str = ""  # MSH-6
     processing_id: str = "P"  # MSH-11: P production, T training, D debugging
+    charset: str = "UTF-8"  # a key of HL7_CHARSETS: how the messages are encoded (MSH-18)
+
+    @property
+    def msh_18(self) -> str:
+        """The character set as MSH-18 names it (HL7 table 0211)."""
+        return HL7_CHARSETS[self.charset][0]
+
+    @property
+    def codec(self) -> str:
+        """The Python codec the messages are encoded (and the ACKs decoded) with."""
+        return HL7_CHARSETS[self.charset][1]
 
 
 @dataclass(frozen=True)
@@ -1367,7 +1383,7 @@ def _parse_hl7_destination(t: _Table, base_dir: Path) -> Destination:
         if key in t.data:
             raise t.fail(key, 'is not used by a kind = "hl7" destination; it takes host, port '
                               "(and tls, receiving_application, receiving_facility, "
-                              "sending_facility, processing_id)")
+                              "sending_facility, processing_id, charset)")
     host = t.string("host", "", check=_check_host)
     port = t.integer("port", 0, minimum=1, maximum=65535)
     for key, value in (("host", host), ("port", port)):
@@ -1377,14 +1393,43 @@ def _parse_hl7_destination(t: _Table, base_dir: Path) -> Destination:
     name = t.string("name", f"hl7@{host}:{port}", check=_check_name)
     timeout = t.number("timeout_seconds", 30.0, minimum=0, exclusive_minimum=True)
     tls = _parse_destination_tls(t, base_dir)
-    target = Hl7Target(
-        sending_facility=t.string("sending_facility", "", check=_check_hl7_name),
-        receiving_application=t.string("receiving_application", "", check=_check_hl7_name),
-        receiving_facility=t.string("receiving_facility", "", check=_check_hl7_name),
-        processing_id=t.string("processing_id", "p", choices=HL7_PROCESSING_IDS).upper())
+    charset = _hl7_charset(t.string("charset", "UTF-8", check=_check_hl7_charset))
+    names = {key: t.string(key, "", check=_check_hl7_name)
+             for key in ("sending_facility", "receiving_application", "receiving_facility")}
+    for key, value in names.items():
+        if not _fits(value, HL7_CHARSETS[charset][1]):
+            raise t.fail(key, f"has characters outside {charset}, the destination's charset")
+    target = Hl7Target(**names, charset=charset,
+                       processing_id=t.string("processing_id", "p",
+                                              choices=HL7_PROCESSING_IDS).upper())
     t.finish()
     return Destination(name=name, ae_title="", host=host, port=port, timeout_seconds=timeout,
                        tls=tls, hl7=target)
+
+
+# Other spellings of the HL7_CHARSETS keys a RIS's interface specification may use
+_HL7_CHARSET_ALIASES = {"UNICODE UTF-8": "UTF-8"}
+
+
+def _hl7_charset(value: str) -> str:
+    """The HL7_CHARSETS key `value` names (any case; "UNICODE UTF-8" as MSH-18 spells it)."""
+    value = value.strip().upper()
+    return _HL7_CHARSET_ALIASES.get(value, value)
+
+
+def _check_hl7_charset(value: str) -> str | None:
+    if _hl7_charset(value) in HL7_CHARSETS:
+        return None
+    return (f"{value!r} is not one of 'UTF-8', '8859/1' (ISO 8859-1, Latin-1), 'ASCII' "
+            "(as HL7 table 0211 names them in MSH-18)")
+
+
+def _fits(value: str, codec: str) -> bool:
+    try:
+        value.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_hl7_name(value: str) -> str | None:

@@ -11,6 +11,10 @@ warnings kept per message), and answers the N-th message by the N-th action of `
     "none"             no answer: the connection stays open until the sender gives up
     "close"            the connection is closed without an answer
 
+Like a RIS, it reads each message in the character set its MSH-18 names (HL7 table 0211: UNICODE
+UTF-8, 8859/1, ASCII, or ASCII when empty; bytes not valid in it are an error of that message)
+and answers in the same one, or in `ack_charset` when given (a RIS answering in its own).
+
 Like a RIS that files each message once, `kept()` holds one message per control ID (MSH-10)
 among those answered AA: a message sent again with the same control ID is known as the same.
 """
@@ -35,12 +39,14 @@ from testbed.dicom_peers import LOCALHOST, wait_until
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 ACTIONS = ("AA", "AE", "AR", "none", "close")
+# MSH-18 (HL7 table 0211) -> Python codec, the ones a RIS in these tests reads
+CODECS = {"UNICODE UTF-8": "utf-8", "8859/1": "iso-8859-1", "ASCII": "ascii", "": "ascii"}
 
 
 @dataclass
 class Received:
     raw: bytes  # the frame's payload as sent
-    text: str  # decoded as UTF-8 (MSH-18 says so)
+    text: str  # decoded in the character set MSH-18 names
     message: Any  # the hl7apy Message, parsed at the strict level; None when it could not be
     errors: list[str]  # parse or structure errors (none for a valid ORU^R01)
     warnings: list[str]  # hl7apy's validation warnings (lengths, table values)
@@ -81,8 +87,29 @@ def escaped(value: str) -> str:
     return ST(value, validation_level=VALIDATION_LEVEL.TOLERANT).to_er7()
 
 
-def build_ack(received_text: str, code: str, text: str = "") -> bytes:
-    """An ACK for the message `received_text`, built with hl7apy."""
+def charset_of(payload: bytes) -> str:
+    """MSH-18 of a message's bytes (the MSH segment is ASCII whatever the character set)."""
+    msh = payload.split(b"\r", 1)[0].decode("ascii", errors="replace").split("|")
+    return msh[17] if len(msh) > 17 else ""
+
+
+def decode(payload: bytes) -> tuple[str, list[str]]:
+    """A message's text in the character set its MSH-18 names, and the errors of reading it."""
+    charset = charset_of(payload)
+    codec = CODECS.get(charset)
+    if codec is None:
+        return payload.decode("utf-8", errors="replace"), [f"unknown MSH-18 {charset!r}"]
+    try:
+        return payload.decode(codec), []
+    except UnicodeDecodeError as error:
+        return (payload.decode(codec, errors="replace"),
+                [f"bytes not valid in MSH-18 {charset or 'ASCII'}: {error}"])
+
+
+def build_ack(received_text: str, code: str, text: str = "", charset: str = "") -> bytes:
+    """An ACK for the message `received_text`, built with hl7apy, in `charset` (an MSH-18 value;
+    by default the one the message names)."""
+    charset = charset or _field(received_text, "MSH", 18)
     level = VALIDATION_LEVEL.TOLERANT
     ack = Message("ACK", version="2.5.1", validation_level=level)
     ack.msh.msh_3.hd_1 = "TEST-RIS"
@@ -94,6 +121,8 @@ def build_ack(received_text: str, code: str, text: str = "") -> bytes:
     ack.msh.msh_10 = f"ACK{int(time.time() * 1000) % 10**12}"
     ack.msh.msh_11 = "P"
     ack.msh.msh_12 = "2.5.1"
+    if charset:
+        ack.msh.msh_18 = charset
     msa = ack.add_segment("MSA")
     msa.msa_1 = code
     msa.msa_2 = escaped(_field(received_text, "MSH", 10) or "unknown")
@@ -105,7 +134,7 @@ def build_ack(received_text: str, code: str, text: str = "") -> bytes:
         err.err_4 = "E"
         if text:
             err.err_8 = escaped(text)
-    return ack.to_er7().encode("utf-8")
+    return ack.to_er7().encode(CODECS[charset])
 
 
 def check_message(text: str) -> tuple[Any, list[str], list[str]]:
@@ -137,11 +166,13 @@ class _State:
 class MllpReceiver:
     def __init__(self, script: list[str] | tuple[str, ...] = (), *, default: str = "AA",
                  error_text: str = "Order not found", tls: Any = None,
-                 one_message_per_connection: bool = False, port: int = 0):
+                 one_message_per_connection: bool = False, port: int = 0,
+                 ack_charset: str = ""):
         for action in (*script, default):
             assert action in ACTIONS, action
         self.default = default
         self.error_text = error_text
+        self.ack_charset = ack_charset
         self.one_message_per_connection = one_message_per_connection
         self._state = _State(list(script))
         self._lock = threading.Lock()
@@ -236,8 +267,9 @@ class MllpReceiver:
 
     def _answer(self, connection: socket.socket, payload: bytes, number: int) -> bool:
         """Record and answer one message; False when the connection is to be closed."""
-        text = payload.decode("utf-8", errors="replace")
+        text, unreadable = decode(payload)
         message, errors, warnings = check_message(text)
+        errors = unreadable + errors
         with self._lock:
             action = self._state.script.pop(0) if self._state.script else self.default
             self._state.received.append(Received(payload, text, message, errors, warnings,
@@ -252,6 +284,7 @@ class MllpReceiver:
                 except socket.timeout:
                     continue
             return False
-        connection.sendall(START_BLOCK + build_ack(text, action, self.error_text
-                                                   if action != "AA" else "") + END_BLOCK)
+        ack = build_ack(text, action, self.error_text if action != "AA" else "",
+                        self.ack_charset)
+        connection.sendall(START_BLOCK + ack + END_BLOCK)
         return not self.one_message_per_connection

@@ -6,14 +6,16 @@ MLLPServer (one message per connection). The service paths are in test_hl7_servi
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
 import pydicom
 import pytest
-from hl7apy.mllp import AbstractHandler, MLLPServer
+from hl7apy.mllp import AbstractHandler, MLLPRequestHandler, MLLPServer
 
 from pacs_ai.config import ConfigError, Destination, Hl7Target, ReportConfig, parse_config
+from pacs_ai.deliver.hl7_encoding import NotEncodable
 from pacs_ai.deliver.hl7_message import (MessageNotBuilt, build_oru, hl7_datetime, oru_bytes,
                                          parse_ack)
 from pacs_ai.deliver.hl7_transport import Hl7Transport
@@ -22,7 +24,7 @@ from pacs_ai.report.report import build_report
 from pacs_ai.report.report_facts import read_report_facts, redact, report_facts
 from pacs_ai.report.uids import message_control_id
 from testbed.dicom_peers import LOCALHOST, synthetic_radiograph
-from testbed.hl7_peers import MllpReceiver, build_ack, check_message, escaped
+from testbed.hl7_peers import MllpReceiver, build_ack, check_message, decode, escaped
 
 MODEL = ModelInfo(name="pacs-ai-pneumonia", version="1.4.2", threshold=0.42,
                   output_kind="logit", metadata={})
@@ -52,7 +54,7 @@ def report_path(folder: Path, source: pydicom.Dataset, probability: float) -> Pa
 def destination(port: int, **keys) -> Destination:
     return Destination(name="ris", ae_title="", host=LOCALHOST, port=port,
                        timeout_seconds=keys.pop("timeout_seconds", 5), tls=keys.pop("tls", None),
-                       hl7=TARGET)
+                       hl7=dataclasses.replace(TARGET, charset=keys.pop("charset", "UTF-8")))
 
 
 # --- the message ----------------------------------------------------------------------------
@@ -177,6 +179,100 @@ def test_hl7_datetime_carries_the_offset():
     assert hl7_datetime(dt.date(2015, 1, 1)) == "20150101"
 
 
+# --- the character set (charset): UTF-8, 8859/1 or ASCII ---------------------------------------
+
+GERMAN = "Müller^Jürgen"  # ü: C3 BC in UTF-8, FC in ISO 8859-1, none in ASCII
+REFUSED_TAIL = ", the destination's charset: not sent, as the RIS would show them garbled"
+
+
+def german_report(folder: Path, seed: int = 40, **header) -> Path:
+    header.setdefault("PatientName", GERMAN)
+    header.setdefault("SpecificCharacterSet", "ISO_IR 100")
+    return report_path(folder, film(seed, **header), 0.8)
+
+
+@pytest.mark.parametrize("charset,msh_18,name,pid_5", [
+    ("UTF-8", "UNICODE UTF-8", GERMAN, b"M\xc3\xbcller^J\xc3\xbcrgen"),
+    ("8859/1", "8859/1", GERMAN, b"M\xfcller^J\xfcrgen"),
+    ("ASCII", "ASCII", "Mueller^Juergen", b"Mueller^Juergen"),
+])
+def test_each_charset_encodes_the_message_and_states_it_in_msh_18(tmp_path, charset, msh_18,
+                                                                  name, pid_5):
+    facts = read_report_facts(german_report(tmp_path, PatientName=name))
+    raw = oru_bytes(build_oru(facts, dataclasses.replace(TARGET, charset=charset), "A"))
+    assert b"|" + pid_5 + b"|" in raw
+    if charset != "UTF-8":
+        assert b"\xc3" not in raw  # no UTF-8 sequence in a Latin-1 or ASCII message
+    if charset == "ASCII":
+        assert max(raw) < 0x80
+    # a RIS reads it in the character set MSH-18 names, and it is a valid ORU^R01
+    text, unreadable = decode(raw)
+    assert unreadable == []
+    parsed, errors, _ = check_message(text)
+    assert errors == [], errors
+    assert parsed.msh.msh_18.to_er7() == msh_18
+    assert parsed.ORU_R01_PATIENT_RESULT.ORU_R01_PATIENT.pid.pid_5.to_er7() == name
+
+
+@pytest.mark.parametrize("charset,name", [
+    ("8859/1", "Иванов^Иван"),  # Cyrillic
+    ("8859/1", "王^小明"),  # CJK
+    ("ASCII", GERMAN),
+])
+def test_a_name_outside_the_charset_is_refused_naming_the_field_not_the_name(tmp_path, charset,
+                                                                             name):
+    facts = read_report_facts(german_report(tmp_path, PatientName=name,
+                                            SpecificCharacterSet="ISO_IR 192"))
+    message = build_oru(facts, dataclasses.replace(TARGET, charset=charset), "A")
+    with pytest.raises(NotEncodable) as refused:
+        oru_bytes(message)
+    assert str(refused.value) == (f"hl7-encoding: PID-5 (patient name) has characters outside "
+                                  f"{charset}{REFUSED_TAIL}")
+    assert not any(part in str(refused.value) for part in name.split("^"))
+
+
+def test_every_field_outside_the_charset_is_named(tmp_path):
+    source = film(41, PatientName="Иванов^Иван", SpecificCharacterSet="ISO_IR 192")
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator = "RPID16", "RADLEX"
+    item.CodeMeaning = "Рентген грудной клетки"
+    source.ProcedureCodeSequence = [item]
+    model = dataclasses.replace(MODEL, name="modèle-pneumonie")
+    report = build_report(source, 0.8, model)
+    path = tmp_path / "report.dcm"
+    report.save_as(path, enforce_file_format=True)
+    message = build_oru(read_report_facts(path), dataclasses.replace(TARGET, charset="ASCII"),
+                        "A")
+    with pytest.raises(NotEncodable) as refused:
+        oru_bytes(message)
+    assert str(refused.value) == (
+        "hl7-encoding: SFT-3 (software product), SFT-4 (software binary ID), PID-5 (patient "
+        "name), OBR-4 (procedure), OBX-5 (Algorithm Name) have characters outside ASCII"
+        + REFUSED_TAIL)
+    # the model's name fits 8859/1; the Cyrillic does not
+    latin = build_oru(read_report_facts(path), dataclasses.replace(TARGET, charset="8859/1"),
+                      "A")
+    with pytest.raises(NotEncodable, match=r"^hl7-encoding: PID-5 \(patient name\), OBR-4 "
+                                           r"\(procedure\) have characters outside 8859/1"):
+        oru_bytes(latin)
+
+
+def test_the_ack_is_read_in_the_destination_s_charset(tmp_path):
+    message = oru_bytes(build_oru(read_report_facts(german_report(tmp_path)),
+                                  dataclasses.replace(TARGET, charset="8859/1"), "A"))
+    text, _ = decode(message)
+    # A Latin-1 RIS's text whose bytes happen to be valid UTF-8 as well (C3 BC): read as
+    # 8859/1 it is what the RIS wrote; read as UTF-8 it would be another text
+    said = "Ã¼ rejected"
+    ack = build_ack(text, "AE", said)
+    assert said.encode("latin-1") in ack and b"|8859/1" in ack
+    assert parse_ack(ack, "8859/1").text.startswith(said)
+    assert parse_ack(ack, "UTF-8").text.startswith("ü rejected")  # what the charset changes
+    # an ASCII RIS that answers in Latin-1 after all is still understood
+    latin = build_ack(text, "AE", "Auftrag für Röntgen unbekannt", charset="8859/1")
+    assert parse_ack(latin, "ASCII").text.startswith("Auftrag für Röntgen unbekannt")
+
+
 # --- the config ------------------------------------------------------------------------------
 
 def test_an_hl7_destination_and_the_priority_are_read(tmp_path):
@@ -207,6 +303,19 @@ def test_routes_send_results_to_a_ris_like_to_any_destination(tmp_path):
     assert er.destinations == ("pacs", "ris") and ward.destinations == ("pacs",)
 
 
+@pytest.mark.parametrize("written,charset,msh_18", [
+    (None, "UTF-8", "UNICODE UTF-8"), ("UTF-8", "UTF-8", "UNICODE UTF-8"),
+    ("UNICODE UTF-8", "UTF-8", "UNICODE UTF-8"), ("8859/1", "8859/1", "8859/1"),
+    ("ascii", "ASCII", "ASCII"),
+])
+def test_an_hl7_destination_s_charset_is_read(tmp_path, written, charset, msh_18):
+    block = {"kind": "hl7", "host": "ris", "port": 2575}
+    if written is not None:
+        block["charset"] = written
+    [ris] = parse_config({"destinations": [block]}, base_dir=tmp_path).destinations
+    assert ris.hl7.charset == charset and ris.hl7.msh_18 == msh_18
+
+
 @pytest.mark.parametrize("data,message", [
     ({"destinations": [{"kind": "hl7", "host": "ris"}]},
      '[[destinations]] #1 port: is required: a kind = "hl7" destination needs'),
@@ -220,6 +329,15 @@ def test_routes_send_results_to_a_ris_like_to_any_destination(tmp_path):
     ({"destinations": [{"kind": "hl7", "host": "ris", "port": 1, "recieving_facility": "R"}]},
      "[[destinations]] #1: unknown key 'recieving_facility' (did you mean "
      "'receiving_facility'?)"),
+    ({"destinations": [{"kind": "hl7", "host": "ris", "port": 1, "charset": "ISO-8859-1"}]},
+     "[[destinations]] #1 charset: 'ISO-8859-1' is not one of 'UTF-8', '8859/1' (ISO 8859-1, "
+     "Latin-1), 'ASCII' (as HL7 table 0211 names them in MSH-18)"),
+    ({"destinations": [{"kind": "hl7", "host": "ris", "port": 1, "charset": 88591}]},
+     "[[destinations]] #1 charset: expected a quoted string, got"),
+    ({"destinations": [{"kind": "hl7", "host": "ris", "port": 1, "charset": "ASCII",
+                        "sending_facility": "KLINIKUM MÜNCHEN"}]},
+     "[[destinations]] #1 sending_facility: has characters outside ASCII, the destination's "
+     "charset"),
     ({"report": {"pneumonia_priority": "urgent"}},
      "[report] pneumonia_priority: 'urgent' is not one of 's', 'a', 'none'"),
 ])
@@ -227,6 +345,7 @@ def test_hl7_mistakes_name_the_key(tmp_path, data, message):
     with pytest.raises(ConfigError) as error:
         parse_config(data, base_dir=tmp_path)
     assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)  # one line
 
 
 # --- the transport against real MLLP peers --------------------------------------------------
@@ -336,3 +455,73 @@ def test_mllp_over_tls_with_the_ris_s_ca(tmp_path, reports):
         with pytest.raises(ConnectFailed, match="^tls-certificate: "):
             untrusted.connect()
     assert len(ris.received) == 1
+
+
+# --- the character set on the wire ----------------------------------------------------------
+
+def test_a_latin_1_ris_gets_latin_1_and_its_latin_1_answer_is_read(tmp_path):
+    """The test RIS reads each message in the character set MSH-18 names and answers in it: the
+    name arrives as the RIS stores it, the RIS's text comes back readable, the name it echoes
+    cleared."""
+    reports = [german_report(tmp_path, 42), german_report(tmp_path, 43)]
+    with MllpReceiver(["AE"], error_text="Auftrag für Müller unbekannt") as ris:
+        connection = Hl7Transport(destination(ris.port, charset="8859/1")).connect()
+        try:
+            refused, stored = [connection.store(path) for path in reports]
+        finally:
+            connection.close()
+    assert refused.detail.startswith("hl7-ae: Auftrag für <patient data> unbekannt")
+    assert stored.stored
+    for message in ris.received:
+        assert message.errors == [] and b"M\xfcller^J\xfcrgen" in message.raw
+        assert message.field("PID", 5) == GERMAN and message.field("MSH", 18) == "8859/1"
+
+
+def test_a_name_outside_the_charset_never_reaches_the_ris(tmp_path, capfd, caplog):
+    name = "Иванов^Иван"
+    path = german_report(tmp_path, 44, PatientName=name, SpecificCharacterSet="ISO_IR 192")
+    with MllpReceiver() as ris:
+        connection = Hl7Transport(destination(ris.port, charset="8859/1")).connect()
+        try:
+            result = connection.store(path)
+            assert connection.is_open()  # the next message may go: this one was never sent
+        finally:
+            connection.close()
+    assert not result.stored and result.permanent  # a retry would send the same name
+    assert result.detail == ("hl7-encoding: PID-5 (patient name) has characters outside "
+                             "8859/1" + REFUSED_TAIL)
+    assert ris.received == []
+    captured = capfd.readouterr()
+    for seen in (result.detail, captured.out, captured.err, caplog.text):
+        assert "Иванов" not in seen and "Иван" not in seen
+
+
+def test_hl7apy_s_own_server_reading_latin_1_gets_the_name(tmp_path):
+    """A RIS other than ours: hl7apy's MLLPServer set to read and answer ISO 8859-1."""
+    seen: list[str] = []
+
+    class Latin1(MLLPRequestHandler):
+        encoding = "iso-8859-1"
+
+    class Accept(AbstractHandler):
+        def reply(self):
+            seen.append(self.incoming_message)
+            return "\x0b" + build_ack(self.incoming_message, "AA").decode("latin-1") + "\x1c\r"
+
+    server = MLLPServer(LOCALHOST, 0, {"ORU^R01^ORU_R01": (Accept,)}, timeout=5,
+                        request_handler_class=Latin1)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        connection = Hl7Transport(destination(server.server_address[1],
+                                              charset="8859/1")).connect()
+        result = connection.store(german_report(tmp_path, 45))
+        connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.stored, result
+    [message] = seen
+    parsed, errors, _ = check_message(message)
+    assert errors == [] and parsed.msh.msh_18.to_er7() == "8859/1"
+    assert parsed.ORU_R01_PATIENT_RESULT.ORU_R01_PATIENT.pid.pid_5.to_er7() == GERMAN

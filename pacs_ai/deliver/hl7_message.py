@@ -2,7 +2,8 @@
 and read with `hl7apy` (never by joining strings: every value is escaped by the library).
 
     MSH  pacs-ai as sending application (MSH-3), the destination's facility and receiver names,
-         the report's creation time (MSH-7), control ID derived from the report UID (MSH-10)
+         the report's creation time (MSH-7), control ID derived from the report UID (MSH-10),
+         the destination's character set (MSH-18: UNICODE UTF-8, 8859/1 or ASCII)
     SFT  pacs-ai and its version; SFT  the model: its name and version
     PID  the film's Patient ID (with its issuer), name, birth date and sex
     ORC  RE, the film's Accession Number as the filler order number (ORC-3)
@@ -18,7 +19,8 @@ and read with `hl7apy` (never by joining strings: every value is escaped by the 
 
 Every OBX is preliminary (OBX-11 P), like the SR's VerificationFlag UNVERIFIED. The same report
 gives the same message, byte for byte: a re-send after a lost ACK or a crash is the message the
-RIS has seen, with the same control ID.
+RIS has seen, with the same control ID. The bytes are in the character set MSH-18 states
+(pacs_ai.deliver.hl7_encoding), which also reads the ACK.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 from pacs_ai.config import Hl7Target
+from pacs_ai.deliver.hl7_encoding import decode_answer, encode_er7
 from pacs_ai.report.report_facts import ReportFacts
 from pacs_ai.report.uids import message_control_id
 
 HL7_VERSION = "2.5.1"
-CHARSET = "UNICODE UTF-8"  # MSH-18: the message is sent as UTF-8
 SENDING_APPLICATION = "pacs-ai"
 # The tolerant level lets real values through that exceed v2.5.1's conformance lengths (a
 # 20-character Patient ID in CX.1, which allows 15), as receivers take them; the structure is
@@ -160,7 +162,7 @@ def _header(msh, facts: ReportFacts, target: Hl7Target, created: str) -> None:
     msh.msh_10 = message_control_id(facts.report_uid)
     msh.msh_11 = target.processing_id
     msh.msh_12 = HL7_VERSION
-    msh.msh_18 = CHARSET
+    msh.msh_18 = target.msh_18
 
 
 def _patient(pid, facts: ReportFacts) -> None:
@@ -198,8 +200,9 @@ def _request(obr, facts: ReportFacts, created: str, priority: str | None) -> Non
 
 
 def oru_bytes(message: Message) -> bytes:
-    """The message as sent: ER7 with CR between segments, in UTF-8 (MSH-18)."""
-    return message.to_er7().encode("utf-8")
+    """The message as sent: ER7 with CR between segments, in the character set its MSH-18
+    states; hl7_encoding.NotEncodable when a value does not fit it."""
+    return encode_er7(message.to_er7())
 
 
 # --- the answer -----------------------------------------------------------------------------
@@ -222,12 +225,10 @@ class BadAck(ValueError):
     """The answer is not an HL7 ACK; str() is the detail."""
 
 
-def parse_ack(raw: bytes) -> Ack:
-    """The ACK in an answer frame's bytes (UTF-8, or Latin-1 when it is not)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
+def parse_ack(raw: bytes, charset: str = "UTF-8") -> Ack:
+    """The ACK in an answer frame's bytes, in the destination's `charset` (a config
+    HL7_CHARSETS key; hl7_encoding.decode_answer when the RIS answers in another)."""
+    text = decode_answer(raw, charset)
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     try:
         ack = parse_message(text, validation_level=VALIDATION_LEVEL.TOLERANT,

@@ -12,6 +12,8 @@ report (pacs_ai.deliver.hl7_message), made from the SR in the outbox, and answer
     no connection, TLS         connection-failed / tls-..., retried
     a film without an          no-accession-number, given up at once (the RIS has no order to
     Accession Number           file it under; the other destinations still get the report)
+    a value the destination's  hl7-encoding: the fields named, not their values; given up at
+    charset cannot represent   once (a retry sends the same name: it would fail the same way)
 
 A re-sent message (after a lost ACK, or a kill between the ACK and its record) has the same
 control ID (MSH-10, from the report UID): the RIS knows it as the message it has seen. The
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from pacs_ai.config import Destination, ReportConfig
 from pacs_ai.deliver.cstore_transport import client_ssl_context
+from pacs_ai.deliver.hl7_encoding import NotEncodable
 from pacs_ai.deliver.hl7_message import BadAck, MessageNotBuilt, build_oru, oru_bytes, parse_ack
 from pacs_ai.deliver.mllp import MllpClient, MllpError, NoAnswer
 from pacs_ai.deliver.transport import ConnectFailed, StoreResult
@@ -68,12 +71,12 @@ class Hl7Connection:
         transport = self.transport
         try:
             facts = read_report_facts(path)
-            message = build_oru(facts, transport.target, transport.priority)
-        except (ReportUnreadable, MessageNotBuilt) as error:
+            message = oru_bytes(build_oru(facts, transport.target, transport.priority))
+        except (ReportUnreadable, MessageNotBuilt, NotEncodable) as error:
             return StoreResult(False, str(error), permanent=True)
         control_id = message_control_id(facts.report_uid)
         try:
-            answer = self.client.exchange(oru_bytes(message))
+            answer = self.client.exchange(message)
         except NoAnswer as error:  # the connection is closed: the rest of the batch waits
             self.lost_reason = f"{error} (message {control_id})"
             return StoreResult(False, self.lost_reason)
@@ -81,7 +84,7 @@ class Hl7Connection:
             self.lost_reason = str(error)
             return StoreResult(False, self.lost_reason)
         try:
-            ack = parse_ack(answer)
+            ack = parse_ack(answer, transport.target.charset)
         except BadAck as error:
             return StoreResult(False, f"hl7-bad-ack: {error} (message {control_id})")
         if ack.control_id != control_id:
