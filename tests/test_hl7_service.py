@@ -144,6 +144,56 @@ def test_a_film_without_an_accession_number_fails_for_the_ris_only(tmp_path, tin
     assert ris.received == []
 
 
+def test_a_latin_1_ris_gets_a_german_name_and_a_cyrillic_one_fails_without_a_trace(tmp_path,
+                                                                                tiny_model):
+    """charset = "8859/1": Müller reaches the RIS as the bytes it reads (FC for ü); a Cyrillic
+    name, which 8859/1 cannot hold, is never sent garbled: its delivery to the RIS fails at
+    once, named by field in the log, status and audit trail, the name itself in none of them;
+    the PACS gets both reports."""
+    german = synthetic_radiograph(seed=35)
+    german.SpecificCharacterSet, german.PatientName = "ISO_IR 100", "Müller^Jürgen"
+    cyrillic = synthetic_radiograph(seed=36)
+    cyrillic.SpecificCharacterSet, cyrillic.PatientName = "ISO_IR 192", "Иванов^Иван"
+    metrics_port = free_port()
+    with RecordingPacs() as pacs, MllpReceiver() as ris:
+        config = write_service_config(
+            tmp_path, model=tiny_model,
+            destinations=[pacs.destination(), ris.destination(charset="8859/1")],
+            tables={"metrics": {"enabled": True, "host": LOCALHOST, "port": metrics_port}})
+        with ServiceProcess(config, tmp_path / "serve.log") as service:
+            send(service.port, german, cyrillic)
+            assert wait_until(lambda: status(config)["jobs"]["done"] == 1
+                              and status(config)["jobs"]["failed"] == 1, 60), \
+                service.log_path.read_text()[-3000:]
+            [failed] = events(service, "delivery_failed")
+            report = status(config)
+            status_text = pacs_ai_cli("status", "--config", str(config)).stdout
+            failed_metric = metric(metrics_port, "pacs_ai_failed_total", stage="deliver")
+        assert pacs.wait_for(2, timeout=10)
+    reason = ("hl7-encoding: PID-5 (patient name) has characters outside 8859/1, the "
+              "destination's charset: not sent, as the RIS would show them garbled")
+    [message] = ris.received  # the German name only
+    assert message.errors == [] and message.field("MSH", 18) == "8859/1"
+    assert b"|M\xfcller^J\xfcrgen|" in message.raw and message.field("PID", 5) == "Müller^Jürgen"
+    assert failed["attempts"] == 1 and failed["error"] == reason  # not retried
+    assert failed["sop_instance_uid"] == str(cyrillic.SOPInstanceUID)
+    [failure] = report["failures"]
+    assert failure["stage"] == "deliver"
+    assert failure["reason"] == f"delivery to ris failed: {reason}"
+    assert report["deliveries"]["ris"]["failed"] == 1 and failed_metric == 1.0
+    outcomes = {r["pacs_ai"]["source_sop_instance_uid"]:
+                (r["EventIdentification"]["EventOutcomeIndicator"], r["pacs_ai"].get("reason"))
+                for r in audit_records(config)}
+    assert outcomes == {str(german.SOPInstanceUID): (0, None),  # delivered
+                        str(cyrillic.SOPInstanceUID): (8, reason)}  # given up at once
+    audit = (tmp_path / "spool" / "audit" / "audit.log").read_text()
+    assert reason in audit
+    log = (tmp_path / "serve.log").read_text()
+    for text in (log, audit, json.dumps(report), status_text):
+        for part in ("Иванов", "Иван", "Müller", "Jürgen"):
+            assert part not in text and json.dumps(part)[1:-1] not in text, part
+
+
 @pytest.mark.slow
 def test_kill_9_while_the_ris_holds_its_ack_sends_the_same_message_again(tmp_path, tiny_model):
     """The RIS has the message but its ACK has not come when the service dies: the restarted
