@@ -1397,7 +1397,7 @@ def _parse_hl7_destination(t: _Table, base_dir: Path) -> Destination:
     names = {key: t.string(key, "", check=_check_hl7_name)
              for key in ("sending_facility", "receiving_application", "receiving_facility")}
     for key, value in names.items():
-        if not _fits(value, HL7_CHARSETS[charset][1]):
+        if not fits_charset(value, HL7_CHARSETS[charset][1]):
             raise t.fail(key, f"has characters outside {charset}, the destination's charset")
     target = Hl7Target(**names, charset=charset,
                        processing_id=t.string("processing_id", "p",
@@ -1424,7 +1424,8 @@ def _check_hl7_charset(value: str) -> str | None:
             "(as HL7 table 0211 names them in MSH-18)")
 
 
-def _fits(value: str, codec: str) -> bool:
+def fits_charset(value: str, codec: str) -> bool:
+    """Whether `value` can be encoded with `codec` (a name of HL7_CHARSETS' codecs)."""
     try:
         value.encode(codec)
     except UnicodeEncodeError:

@@ -9,7 +9,7 @@ out of the log, the queue and the audit trail).
 
 from __future__ import annotations
 
-from pacs_ai.config import HL7_CHARSETS
+from pacs_ai.config import HL7_CHARSETS, fits_charset
 
 # MSH-18 (HL7 table 0211) -> the Python codec; v2.5.1: an empty MSH-18 means ASCII
 CODECS = {msh_18: codec for msh_18, codec in HL7_CHARSETS.values()} | {"": "ascii"}
@@ -53,7 +53,7 @@ def unencodable_fields(text: str, codec: str) -> list[str]:
         parts = segment.split("|")
         name = parts[0]
         for index, value in enumerate(parts[1:], start=1):
-            if _fits(value, codec):
+            if fits_charset(value, codec):
                 continue
             number = index + 1 if name == "MSH" else index  # MSH-1 is the "|" itself
             found.append(_field_label(name, number, parts))
@@ -84,11 +84,3 @@ def _field_label(segment: str, number: int, parts: list[str]) -> str:
 def _msh_field(text: str, number: int) -> str:
     parts = text.split("\r", 1)[0].split("|")
     return parts[number - 1] if len(parts) >= number else ""
-
-
-def _fits(value: str, codec: str) -> bool:
-    try:
-        value.encode(codec)
-    except UnicodeEncodeError:
-        return False
-    return True
