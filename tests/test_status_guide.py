@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import json
 import re
 import subprocess
 import sys
@@ -162,7 +163,7 @@ class Outage:
         self.at(received + 2, lambda: self.store.mark_skipped(self._job(uid), reason))
 
 
-def status_at(moment: float, config: Path) -> subprocess.CompletedProcess:
+def status_at(moment: float, config: Path, *options: str) -> subprocess.CompletedProcess:
     """`pacs-ai status` (the CLI, in a process of its own) as it would print at `moment`: its
     clock is fixed there, so durations and ages come out as at that moment."""
     run_at = ("import sys, time\n"
@@ -171,7 +172,7 @@ def status_at(moment: float, config: Path) -> subprocess.CompletedProcess:
               "from pacs_ai.cli import main\n"
               "sys.exit(main())\n")
     return subprocess.run([sys.executable, "-c", run_at, repr(moment), "status", "--config",
-                           str(config)], cwd=REPO_ROOT, capture_output=True, text=True,
+                           str(config), *options], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -231,6 +232,16 @@ def test_the_guide_sample_of_status_with_the_pacs_unreachable_is_a_real_run(tmp_
     printed = as_in_guide(result.stdout, spool.root)
     again = "the guide's sample differs from this run; the run printed:\n" + "\n".join(printed)
     assert printed == shown, again
+
+    # --limit cuts the retrying list short, and says how many it leaves out
+    retrying = [line for line in printed if line.startswith("  retrying ")]
+    short = status_at(SAMPLE_TAKEN, config_path, "--limit", "1").stdout.splitlines()
+    assert [line for line in short if line.startswith("  retrying ")] == retrying[:1]
+    assert (f"  ... and {len(retrying) - 1} more retrying (`pacs-ai status --limit N` lists "
+            "more)") in short
+    assert not any(line.startswith("  ... and") for line in printed)
+    report = json.loads(status_at(SAMPLE_TAKEN, config_path, "--limit", "1", "--json").stdout)
+    assert report["retrying_total"] == len(retrying) and len(report["retrying"]) == 1
 
 
 def test_the_guide_sample_of_a_film_that_cannot_be_decoded_is_a_real_run(tmp_path):

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: ./spool)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--limit", type=int, default=10, metavar="N",
-                        help="how many recent failures and skips to list (default 10)")
+                        help="how many retrying deliveries, recent failures and recent "
+                             "skips to list (default 10 of each)")
 
 
 def _time(timestamp: float | None) -> str | None:
@@ -61,6 +62,7 @@ def collect(store: Any, limit: int) -> dict[str, Any]:
         "retrying": [{"report_uid": uid, "destination": name, "attempts": attempts,
                       "next_attempt_at": _time(next_at), "last_error": error}
                      for uid, name, attempts, next_at, error in store.retrying_deliveries(limit)],
+        "retrying_total": store.retrying_count(),  # the list above stops at --limit
         "failures": [failure_entry(job) for job in store.latest_failures(limit)],
         "skipped": [job_entry(job) for job in store.latest_skips(limit)],
     }
@@ -161,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  retrying {entry['report_uid']} to {entry['destination']}: attempt "
               f"{entry['attempts']} failed ({entry['last_error']}); next at "
               f"{entry['next_attempt_at']}")
+    unlisted = report["retrying_total"] - len(report["retrying"])
+    if unlisted > 0:
+        print(f"  ... and {unlisted} more retrying (`pacs-ai status --limit N` lists more)")
     for title, key in (("latest failures", "failures"), ("latest skips", "skipped")):
         if report[key]:
             print(f"{title}:")

@@ -987,6 +987,11 @@ class JobStore:
             f"WHERE d.state = '{DeliveryState.PENDING}' AND d.attempts > 0 "
             "ORDER BY d.next_attempt_at LIMIT ?", (limit,))
 
+    def retrying_count(self) -> int:
+        """How many deliveries retrying_deliveries would list without a limit."""
+        return self._read("SELECT COUNT(*) FROM deliveries "
+                          f"WHERE state = '{DeliveryState.PENDING}' AND attempts > 0")[0][0]
+
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the queue page): by id, the primary key, so it stays
         quick on a large queue; a re-sent film keeps its place."""
