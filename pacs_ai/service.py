@@ -88,7 +88,8 @@ class Service:
             self._apply_site_model_settings()
             shadow_model = load_shadow_model(config)  # [shadow]: a candidate, never reported
             if shadow_model is not None:
-                log_shadow_model(shadow_model, config.shadow)
+                log_shadow_model(shadow_model, config.shadow,
+                                 self.model.info.intended_age_years)
                 # a connection of its own: its writes neither take the live pipeline's lock
                 # nor wait for an fsync (its results are not acknowledged data)
                 self.shadow = ShadowRunner(shadow_model, self.model,

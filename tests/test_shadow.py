@@ -65,10 +65,11 @@ def worker_with_shadow(spool, store, live: PneumoniaModel, shadow: ShadowRunner,
                                 shadow=shadow)
 
 
-def run_backlog(tmp_path, live: PneumoniaModel, shadow_model: PneumoniaModel, films: int = 6):
-    """Films received, then a worker with a shadow until every job is settled and every film
-    has its shadow row; returns the store."""
-    spool, store = received_backlog(tmp_path, films)
+def run_backlog(tmp_path, live: PneumoniaModel, shadow_model: PneumoniaModel, films: int = 6,
+                adjust=None):
+    """Films received (`adjust`: received_backlog's), then a worker with a shadow until every
+    job is settled and every film has its shadow row; returns the store."""
+    spool, store = received_backlog(tmp_path, films, adjust=adjust)
     stop = threading.Event()
     shadow = ShadowRunner(shadow_model, live, store)
     worker = worker_with_shadow(spool, store, live, shadow, stop)
@@ -174,8 +175,9 @@ def test_a_busy_shadow_drops_films_and_says_so(tmp_path, models):
     job_ids = [job.id for job in all_jobs(store)]
     film = np.random.default_rng(0).random((1, 1, 200, 200), dtype=np.float32)
     seen = Assessment(0.25, None, False, "normal")
-    runner.submit(ShadowBatch(job_ids[:2], np.concatenate([film, film]), [seen, seen]))
-    runner.submit(ShadowBatch(job_ids[2:], film, [seen]))  # the queue is full: not taken
+    runner.submit(ShadowBatch(job_ids[:2], np.concatenate([film, film]), [seen, seen],
+                              [None, None]))
+    runner.submit(ShadowBatch(job_ids[2:], film, [seen], [None]))  # the queue is full: not taken
     runner.start()
     runner.finish()
     runner.join(timeout=30)
@@ -195,13 +197,112 @@ def test_a_film_assessed_again_replaces_its_row(tmp_path, models):
     for probability in (0.2, 0.7):
         runner = ShadowRunner(PneumoniaModel.load(models["old"]), live, store)
         runner.submit(ShadowBatch([job.id], film, [Assessment(probability, None, False,
-                                                              live.finding(probability))]))
+                                                              live.finding(probability))],
+                                  [None]))
         runner.start()
         runner.finish()
         runner.join(timeout=30)
     [result] = store.shadow_results()
     assert result.live.probability == 0.7
     store.close()
+
+
+# --- the shadow model's own intended age range -------------------------------------------------
+
+# Patient's Age of each film received: in the shadow's 1-5 range, outside it (both in the live
+# model's 0-10), no usable age, and outside both (the live model skips it)
+AGED_FILMS = ("003Y", "008Y", "004Y", None, "006M", "012Y")
+
+
+def give_age(index: int, dataset: pydicom.Dataset) -> None:
+    """Film `index` gets AGED_FILMS[index] as its only age (None: no age at all)."""
+    del dataset.PatientBirthDate
+    if AGED_FILMS[index] is not None:
+        dataset.PatientAge = AGED_FILMS[index]
+
+
+def aged_models(folder: Path) -> tuple[Path, Path]:
+    """live: the tiny model for 0-10 years at threshold 1 (normal, nearly always); shadow: the
+    same network for 1-5 years at threshold 0 (pneumonia, always). Every film both assess is a
+    normal -> pneumonia flip, so a film counted that should not be shows in the figures."""
+    from testbed.tiny_models import export_untrained_tiny_model
+
+    return (export_untrained_tiny_model(folder / "live-0-10.pt", threshold=1.0,
+                                        intended_use={"age_years": [0, 10]}),
+            export_untrained_tiny_model(folder / "candidate-1-5.pt", threshold=0.0,
+                                        intended_use={"age_years": [1, 5]}))
+
+
+def run_aged_backlog(tmp_path: Path):
+    """AGED_FILMS through a worker with the aged models: (spool, store, live file, shadow
+    file)."""
+    live_path, shadow_path = aged_models(tmp_path)
+    live, shadow = PneumoniaModel.load(live_path), PneumoniaModel.load(shadow_path)
+    spool, store = run_backlog(tmp_path, live, shadow, films=len(AGED_FILMS), adjust=give_age)
+    return spool, store, live_path, shadow_path
+
+
+def test_a_film_outside_the_shadows_own_age_range_is_recorded_not_assessed(tmp_path):
+    """The shadow (1-5 years) beside a live model for 0-10 years: a film of 8 years or 6 months
+    gets no shadow assessment, `outside-intended-age` with the age and the range; a film of 3
+    or 4 years, and one without an age, are assessed; a film of 12 years never reaches it."""
+    def not_assessed() -> float:
+        return metrics.REGISTRY.get_sample_value("pacs_ai_shadow_not_assessed_total",
+                                                 {"reason": "outside-intended-age"}) or 0.0
+    before = not_assessed()
+    spool, store, live_path, shadow_path = run_aged_backlog(tmp_path)
+    jobs = sorted(all_jobs(store), key=lambda job: job.id)
+    by_age = dict(zip(AGED_FILMS, jobs))
+    assert by_age["012Y"].state == JobState.SKIPPED
+    assert by_age["012Y"].reason.startswith("outside-intended-age: 12 years")
+    assert all(job.state == JobState.DONE for age, job in by_age.items() if age != "012Y")
+    results = {result.job_id: result for result in store.shadow_results()}
+    assert by_age["012Y"].id not in results  # the live model skipped it: the shadow never saw it
+    assert len(results) == 5
+    for age in ("003Y", "004Y", None):
+        result = results[by_age[age].id]
+        assert result.status == ShadowStatus.ASSESSED and result.reason is None
+        assert result.shadow.finding == "pneumonia" and 0.0 <= result.shadow.probability <= 1.0
+    for age, text in (("008Y", "8 years"), ("006M", "6 months")):
+        result = results[by_age[age].id]
+        assert result.status == ShadowStatus.OUTSIDE_INTENDED_AGE
+        assert result.reason == f"outside-intended-age: {text}; the model is for 1-5"
+        # no assessment at all: nothing that could be counted as a finding
+        assert result.shadow == Assessment(None, None, None, None)
+        # what the live model made of it is kept
+        assert result.live.finding == by_age[age].finding and result.live.probability is not None
+    assert not_assessed() - before == 2
+    store.close()
+
+
+def test_a_shadow_without_an_age_range_assesses_every_film_it_gets(tmp_path, models):
+    """The age check is the shadow file's own: a file that states no range takes all ages."""
+    live_path, _ = aged_models(tmp_path)
+    live = PneumoniaModel.load(live_path)
+    old = PneumoniaModel.load(models["old"])
+    assert old.info.intended_age_years is None
+    spool, store = run_backlog(tmp_path, live, old, films=len(AGED_FILMS), adjust=give_age)
+    statuses = [result.status for result in store.shadow_results()]
+    assert statuses == [ShadowStatus.ASSESSED] * 5
+    store.close()
+
+
+def test_start_up_names_both_ranges_once_where_they_differ(tmp_path):
+    import structlog
+
+    from pacs_ai.classify.shadow import log_shadow_model
+    from pacs_ai.config import ShadowConfig
+
+    _, shadow_path = aged_models(tmp_path)
+    shadow = PneumoniaModel.load(shadow_path)
+    with structlog.testing.capture_logs() as logs:
+        log_shadow_model(shadow, ShadowConfig(model=shadow_path), (0.0, 10.0))
+        log_shadow_model(shadow, ShadowConfig(model=shadow_path), None)
+        log_shadow_model(shadow, ShadowConfig(model=shadow_path), (1.0, 5.0))
+    differs = [event for event in logs if event["event"] == "shadow_age_range_differs"]
+    assert [(e["shadow_age_years"], e["live_age_years"]) for e in differs] == [
+        ("1-5", "0-10"), ("1-5", "every age")]
+    assert [e["intended_age_years"] for e in logs if e["event"] == "shadow_model"] == ["1-5"] * 3
 
 
 # --- the config ------------------------------------------------------------------------------
@@ -456,7 +557,8 @@ def test_the_shadow_waits_while_a_worker_processes_a_batch(tmp_path, models):
     runner.start()
     try:
         with activity.busy():  # a worker mid-batch
-            runner.submit(ShadowBatch([job.id], film, [Assessment(0.3, None, False, "normal")]))
+            runner.submit(ShadowBatch([job.id], film, [Assessment(0.3, None, False, "normal")],
+                                      [None]))
             assert not wait_until(lambda: store.shadow_results(), 2.0)
         assert wait_until(lambda: store.shadow_results(), 10.0)
     finally:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
+from collections.abc import Callable
 
 import pytest
+from pydicom.dataset import Dataset
 
 from pacs_ai.classify.helper_processes import HelperPool
 from pacs_ai.classify.worker import ClassificationWorker
@@ -26,13 +28,18 @@ def loaded_tiny_model(tiny_model) -> PneumoniaModel:
 
 
 def received_backlog(folder, count: int, *, first_seed: int = 700, rows: int = 128,
-                     columns: int = 96) -> tuple[Spool, JobStore]:
-    """A spool and queue in `folder` holding `count` received synthetic films, none classified."""
+                     columns: int = 96,
+                     adjust: Callable[[int, Dataset], None] | None = None
+                     ) -> tuple[Spool, JobStore]:
+    """A spool and queue in `folder` holding `count` received synthetic films, none classified.
+    `adjust(index, dataset)`: changes film `index`'s header before it is stored."""
     spool = Spool(folder / "spool")
     spool.prepare()
     store = JobStore.open(spool.db_path)
-    for seed in range(first_seed, first_seed + count):
+    for index, seed in enumerate(range(first_seed, first_seed + count)):
         dataset = synthetic_radiograph(seed=seed, rows=rows, columns=columns)
+        if adjust is not None:
+            adjust(index, dataset)
         encoded = io.BytesIO()
         dataset.save_as(encoded, enforce_file_format=True)
         uid = str(dataset.SOPInstanceUID)

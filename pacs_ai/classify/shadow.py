@@ -9,8 +9,14 @@ queue full), the films it misses are recorded as `busy`, so compare can say how 
 A shadow model is any model file the service could load (a contract-1 file without gate or
 map too): its threshold and out-of-distribution threshold are the file's, or `[shadow]`'s,
 a threshold bound to its file as `[model]`'s is (pacs_ai.model.site_threshold). The films are those
-the live model's filters let through (the shadow's own age range is not applied: both models
-see the same films).
+the live model's filters let through, the live model's age range and `[model] unknown_age`
+included. Of those, a film whose patient age is known and outside the shadow model's own
+intended range (its file's `intended_use.age_years`) is not assessed: recorded
+`outside-intended-age`, with the age and the range as its reason, as the shadow would skip it
+if promoted, so that `pacs-ai compare` leaves it out of the figures. A film without a known age
+is assessed (the live model took it, so `[model] unknown_age` is "classify"). Films only the
+shadow's range would take never reach it: a candidate with a wider range than the live model's
+cannot be judged on them here.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import numpy as np
 import structlog
 
 from pacs_ai.config import Config, ShadowConfig
-from pacs_ai.model.intended_use import format_age_range, site_model_info
+from pacs_ai.model.intended_use import (PatientAge, format_age_range, in_range, outside_reason,
+                                        site_model_info)
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import check_binding, log_for_any_model
 from pacs_ai.ops import metrics
@@ -44,16 +51,23 @@ POLL_SECONDS = 0.5
 # fewer, shorter write transactions beside the live pipeline's (on a connection of its own
 # that does not fsync: JobStore.open(durable=False)).
 WRITE_FILMS = 32
+NOTHING = Assessment(None, None, None, None)  # a film the shadow did not assess
 
 
 @dataclass(frozen=True)
 class ShadowBatch:
-    """What a worker hands over: its jobs, the model input it gave the live model, and the live
-    model's assessment of each film."""
+    """What a worker hands over: its jobs, the model input it gave the live model, the live
+    model's assessment of each film, and each film's patient age (None: no usable age)."""
 
     job_ids: Sequence[int]
     model_input: np.ndarray  # [N, 1, 200, 200] float32
     live: Sequence[Assessment]
+    ages: Sequence[PatientAge | None]
+
+    def films(self, indexes: Sequence[int]) -> ShadowBatch:
+        """The batch of these films only."""
+        return ShadowBatch([self.job_ids[i] for i in indexes], self.model_input[list(indexes)],
+                           [self.live[i] for i in indexes], [self.ages[i] for i in indexes])
 
 
 def assessments(model: PneumoniaModel, probabilities: Sequence[float],
@@ -84,18 +98,33 @@ def load_shadow_model(config: Config) -> PneumoniaModel | None:
     return model
 
 
-def log_shadow_model(model: PneumoniaModel, settings: ShadowConfig) -> None:
-    """The start-up lines naming the shadow model and its settings."""
+def log_shadow_model(model: PneumoniaModel, settings: ShadowConfig,
+                     live_age_years: tuple[float, float] | None) -> None:
+    """The start-up lines naming the shadow model and its settings; and, where its intended age
+    range is not the live model's in force (`live_age_years`), one line naming both."""
     own = model.info.metadata
+    shadow_age_years = model.info.intended_age_years
     log_for_any_model(settings.site_threshold, model.info.label)
     log.info("shadow_model", model=model.info.label, model_path=str(model.path),
              sha256=model.sha256, format=own.get("format"),
              threshold=model.info.threshold, model_threshold=own.get("threshold"),
              ood_threshold=model.info.ood_threshold,
-             intended_age_years=(format_age_range(model.info.intended_age_years)
-                                 if model.info.intended_age_years else None),
-             detail="assesses every film the live model assesses; results kept in the job "
-                    "queue for pacs-ai compare, never reported")
+             intended_age_years=(format_age_range(shadow_age_years)
+                                 if shadow_age_years else None),
+             detail="assesses every film the live model assesses (within its own intended age "
+                    "range); results kept in the job queue for pacs-ai compare, never reported")
+    if shadow_age_years != live_age_years:
+        log.warning("shadow_age_range_differs",
+                    shadow_age_years=_describe_range(shadow_age_years),
+                    live_age_years=_describe_range(live_age_years),
+                    detail="the shadow sees only the films the live model's range lets "
+                           "through; of those, films outside its own range are recorded "
+                           "outside-intended-age, not assessed, and pacs-ai compare counts them "
+                           "apart; films only its range would take cannot be compared")
+
+
+def _describe_range(age_range: tuple[float, float] | None) -> str:
+    return format_age_range(age_range) if age_range is not None else "every age"
 
 
 SHADOW_NICE = 19  # the lowest CPU priority: the live pipeline comes first
@@ -223,6 +252,34 @@ class ShadowRunner(threading.Thread):
                 unwritten = []
 
     def _assess(self, batch: ShadowBatch) -> list[ShadowResult]:
+        """The batch's results in its order: films outside the shadow model's own age range
+        recorded as such, the others assessed."""
+        reasons = [self._outside_age(age) for age in batch.ages]
+        outside = [index for index, reason in enumerate(reasons) if reason is not None]
+        inside = [index for index, reason in enumerate(reasons) if reason is None]
+        results: dict[int, ShadowResult] = {}
+        if outside:
+            metrics.SHADOW_NOT_ASSESSED.labels(
+                reason=ShadowStatus.OUTSIDE_INTENDED_AGE).inc(len(outside))
+            now = time.time()
+            for index in outside:
+                results[index] = self._result(
+                    batch.job_ids[index], ShadowStatus.OUTSIDE_INTENDED_AGE, NOTHING,
+                    batch.live[index], reasons[index], now)
+        if inside:
+            films = batch if not outside else batch.films(inside)
+            results.update(zip(inside, self._assess_films(films)))
+        return [results[index] for index in range(len(batch.job_ids))]
+
+    def _outside_age(self, age: PatientAge | None) -> str | None:
+        """Why the shadow model, promoted, would skip a film of this age (the live filter's
+        reason), or None: no usable age, no range in its file, or in range."""
+        age_range = self.model.info.intended_age_years
+        if age is None or age_range is None or in_range(age.years, age_range):
+            return None
+        return outside_reason(age, age_range)
+
+    def _assess_films(self, batch: ShadowBatch) -> list[ShadowResult]:
         started = time.perf_counter()
         try:
             probabilities, ood_scores = self.model.assess(batch.model_input)
@@ -248,8 +305,7 @@ class ShadowRunner(threading.Thread):
     def _not_assessed(self, batch: ShadowBatch, status: ShadowStatus,
                       reason: str) -> list[ShadowResult]:
         now = time.time()
-        nothing = Assessment(None, None, None, None)
-        return [self._result(job_id, status, nothing, live, reason, now)
+        return [self._result(job_id, status, NOTHING, live, reason, now)
                 for job_id, live in zip(batch.job_ids, batch.live)]
 
     def _result(self, job_id: int, status: ShadowStatus, mine: Assessment, live: Assessment,

@@ -39,6 +39,7 @@ from pacs_ai.config import Config
 from pacs_ai.deliver.routing import RouteFacts, choose_route
 from pacs_ai.film.film_input import Prepared, PrepareStatus
 from pacs_ai.finding import Finding
+from pacs_ai.model.intended_use import PatientAge
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.ops import metrics
 from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
@@ -79,6 +80,7 @@ class _Ready:
     prepare_seconds: float
     age_known: bool | None  # the header gave a usable patient age
     kept: KeptFilm | None  # what the helper kept of the film for its report
+    age: PatientAge | None = None  # that age: a [shadow] model checks its own range on it
 
 
 class ClassificationWorker(threading.Thread):
@@ -218,7 +220,7 @@ class ClassificationWorker(threading.Thread):
             else:
                 # the image's own decode time, not its wait behind other work in the helper
                 ready.append(_Ready(job, item.model_input, item.seconds, item.age_known,
-                                    item.kept))
+                                    item.kept, item.age))
         if not ready:
             return
         started = time.perf_counter()
@@ -236,7 +238,7 @@ class ClassificationWorker(threading.Thread):
         if self.shadow is not None:  # after the live reports, and without waiting for it
             self.shadow.submit(ShadowBatch(
                 [r.job.id for r in ready], model_input,
-                assessments(self.model, probabilities, ood_scores)))
+                assessments(self.model, probabilities, ood_scores), [r.age for r in ready]))
 
     def _settle(self, ready: list[_Ready], probabilities: Sequence[float],
                 ood_scores: Sequence[float] | None, maps: Sequence,

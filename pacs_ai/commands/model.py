@@ -60,8 +60,14 @@ def _shadow(config) -> str:
     threshold = (f"threshold {shadow.info.threshold:.4f}"
                  + (" ([shadow] threshold)" if config.shadow.threshold is not None
                     else " (its own)"))
+    from pacs_ai.model.intended_use import format_age_range
+
+    age_range = shadow.info.intended_age_years
+    films = ("assesses every film the live model assesses" if age_range is None else
+             f"intended for {format_age_range(age_range)} years: assesses the films the live "
+             "model assesses within that range (others recorded outside-intended-age)")
     return (f"{shadow.info.label} ({shadow.path}, sha256 {shadow.sha256}), {threshold}; "
-            f"its file's threshold {own:.4f}; assesses every film, reports none")
+            f"its file's threshold {own:.4f}; {films}, reports none")
 
 
 def _saliency(info) -> str:

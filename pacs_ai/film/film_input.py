@@ -7,7 +7,8 @@ process (`pacs_ai.classify.helper_processes`) on each film it claims; offline cl
 function on files, so the two cannot differ. PNG and JPEG files are read too, for the offline
 commands; the listener only ever stores DICOM. Each prepared file says whether its header gave
 a usable patient age (`Prepared.age_known`; a PNG or JPEG has none), so films classified
-without one can be counted.
+without one can be counted, and what that age is (`Prepared.age`), for a [shadow] model's own
+age range (`pacs_ai.classify.shadow`).
 
 A DICOM film is read and decoded here once. What later steps need of it (the report's header,
 the film at the heat-map image's size) is taken from that read and decode by the caller's `keep`
@@ -33,6 +34,7 @@ from pacs_ai.film.filters import screen, screen_without_age
 from pacs_ai.film.pixels import (DisplayPicture, PixelDataError, decode_for_display,
                                  display_from_decoded)
 from pacs_ai.film.pixels_reduced import SmallDecode
+from pacs_ai.model.intended_use import PatientAge
 from pacs_ai.model.preprocessing import DECODE_MIN_SIZE, to_model_input
 
 REASON_PATTERN = re.compile(r"^[a-z]+(-[a-z]+)*: ")
@@ -60,6 +62,7 @@ class Prepared:
     # The header gave a usable patient age (False for a PNG/JPEG; None: not looked at, the
     # file was skipped by an earlier filter or could not be read).
     age_known: bool | None = None
+    age: PatientAge | None = None  # that age, when the header gave one
     kept: Any = None  # what prepare's `keep` made of the DICOM film's read and decode
 
 
@@ -73,6 +76,7 @@ class FilmPicture(NamedTuple):
     age_known: bool  # the header gave a usable patient age
     dataset: Dataset | None = None  # a DICOM film as read
     decoded: SmallDecode | None = None  # its stored values, decoded for the picture
+    age: PatientAge | None = None  # the patient's age, when the header gave a usable one
 
 
 def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
@@ -138,7 +142,7 @@ def dataset_film_picture(dataset: Dataset, policy: FilterPolicy = FilterPolicy()
     # model input within the consistency tests' tolerance for a fraction of the CPU (issue 16)
     decoded = decode_for_display(dataset, max_pixels=max_pixels, min_size=DECODE_MIN_SIZE)
     picture = display_from_decoded(dataset, decoded, DECODE_MIN_SIZE)
-    return FilmPicture(picture, bool(screening.age_known), dataset, decoded)
+    return FilmPicture(picture, bool(screening.age_known), dataset, decoded, screening.age)
 
 
 def dataset_display_image(dataset: Dataset, policy: FilterPolicy = FilterPolicy(),
@@ -169,7 +173,7 @@ def _prepare(path: Path, policy: FilterPolicy, max_pixels: int, keep: Keep | Non
     try:
         image = read_display_image(path, policy, max_pixels)
         prepared = Prepared(path, model_input=_model_input(image.picture),
-                            age_known=image.age_known)
+                            age_known=image.age_known, age=image.age)
         if keep is not None and image.dataset is not None and image.decoded is not None:
             prepared.kept = keep(image.dataset, image.decoded)
         return prepared

@@ -23,16 +23,19 @@ from pydicom.uid import UID
 
 from pacs_ai.config import UNKNOWN_AGE_SKIP, FilterPolicy
 from pacs_ai.dicom_constants import COLOUR_PHOTOMETRICS, MONOCHROME
-from pacs_ai.model.intended_use import in_range, outside_reason, patient_age, unknown_age_reason
+from pacs_ai.model.intended_use import (PatientAge, in_range, outside_reason, patient_age,
+                                        unknown_age_reason)
 
 
 @dataclass(frozen=True)
 class Screening:
     """What the header filter found: the skip reason (None: classify), and whether the header
-    gave a usable patient age (None: not looked at, the film was skipped before the age)."""
+    gave a usable patient age (None: not looked at, the film was skipped before the age).
+    `age`: that age, for a [shadow] model's own age range (pacs_ai.classify.shadow)."""
 
     reason: str | None
     age_known: bool | None
+    age: PatientAge | None = None
 
 
 def screen(ds: Dataset, policy: FilterPolicy = FilterPolicy()) -> Screening:
@@ -45,8 +48,8 @@ def screen(ds: Dataset, policy: FilterPolicy = FilterPolicy()) -> Screening:
     if age is None:
         return screen_without_age(policy)
     if policy.intended_age_years is None or in_range(age.years, policy.intended_age_years):
-        return Screening(None, True)
-    return Screening(outside_reason(age, policy.intended_age_years), True)
+        return Screening(None, True, age)
+    return Screening(outside_reason(age, policy.intended_age_years), True, age)
 
 
 def screen_without_age(policy: FilterPolicy) -> Screening:

@@ -128,7 +128,8 @@ CREATE TABLE IF NOT EXISTS shadow_results (
     model_version TEXT NOT NULL,
     model_sha256 TEXT NOT NULL,
     threshold REAL NOT NULL,           -- its threshold in force
-    status TEXT NOT NULL,              -- 'assessed', or why not: 'busy', 'model-failed', 'stopped'
+    status TEXT NOT NULL,              -- 'assessed', or why not: 'busy', 'model-failed',
+                                       -- 'stopped', 'outside-intended-age' (its own age range)
     probability REAL,                  -- the shadow's, even when it abstains
     ood_score REAL,                    -- NULL: a model without an out-of-distribution score
     abstained INTEGER,                 -- 1: score above its ood threshold (no finding)
@@ -207,6 +208,9 @@ class ShadowStatus(StrEnum):
     BUSY = "busy"  # its queue was full: the shadow is slower than the films arrive
     MODEL_FAILED = "model-failed"
     STOPPED = "stopped"  # the service stopped before the shadow got to it
+    # the patient's age is outside the shadow model's own intended range: promoted, it would
+    # skip the film, so it gives no assessment (the reason names the age and the range)
+    OUTSIDE_INTENDED_AGE = "outside-intended-age"
 
 
 @dataclass(frozen=True)
