@@ -243,6 +243,46 @@ def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     assert "Traceback" not in bad.stderr + missing.stderr + future.stderr
 
 
+def test_films_outside_the_shadows_age_range_are_counted_apart_not_compared(tmp_path):
+    """A shadow for 1-5 years beside a live model for 0-10 (tests/test_shadow.py's aged models:
+    every film both assess is a normal -> pneumonia flip): the two films outside 1-5 show as
+    outside-intended-age in the JSON, the text and report.html, and are in no figure: not in
+    the films, the agreement, the flips, the rates, the labelled films or films.csv."""
+    from tests.test_shadow import run_aged_backlog
+
+    spool, store, live_path, shadow_path = run_aged_backlog(tmp_path)
+    recorded = store.shadow_results()
+    store.close()
+    assert len(recorded) == 5
+    config = tmp_path / "pacs-ai.toml"
+    config.write_text(f'[storage]\nspool_dir = "{spool.root}"\n[model]\npath = "{live_path}"\n'
+                      f'[shadow]\nmodel = "{shadow_path}"\n')
+    labels = write_csv(tmp_path / "labels.csv", [["sop_instance_uid", "label"]] + [
+        [r.sop_instance_uid, "pneumonia" if i % 2 else "normal"] for i, r in enumerate(recorded)])
+    out = tmp_path / "compared"
+    result = pacs_ai("compare", "--config", str(config), "--json", "--out", str(out),
+                     "--labels", str(labels))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["films"] == 3 and summary["not_assessed"] == {"outside-intended-age": 2}
+    assert summary["agreement"] == 0.0
+    assert summary["flips"] == {"normal_to_pneumonia": 3, "pneumonia_to_normal": 0}
+    live, shadow = summary["rates"]["live"], summary["rates"]["shadow"]
+    assert (live["normal"], shadow["pneumonia"], shadow["positive_rate"]) == (3, 3, 1.0)
+    assert summary["labels"]["films"] == 3
+    assert any(note.startswith("2 film(s) outside-intended-age") for note in summary["notes"])
+    with (out / "films.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    html = (out / "report.html").read_text()
+    assert "outside-intended-age 2" in html and "2 film(s) outside-intended-age" in html
+    text = pacs_ai("compare", "--config", str(config), "--out", str(tmp_path / "text"))
+    assert text.returncode == 0, text.stderr
+    assert ("films:      3 assessed by both (not by the shadow: outside-intended-age 2)"
+            in text.stdout)
+    assert "note:       2 film(s) outside-intended-age" in text.stdout
+    assert "flips:      normal -> pneumonia 3, pneumonia -> normal 0" in text.stdout
+
+
 # --- the admin guide's shadow walkthrough, as written ---------------------------------------------
 
 def guide_shadow_section() -> str:

@@ -5,7 +5,9 @@ Each film has one outcome per model: pneumonia, normal, or abstained (its out-of
 score above its threshold; no finding). The figures:
 
 - films: both models assessed it (the shadow's status `assessed`); the films the live model
-  assessed and the shadow did not (busy, failed, stopped) are counted apart;
+  assessed and the shadow did not (busy, model-failed, stopped, and outside-intended-age: the
+  patient's age outside the shadow model's own range, a film it would skip if promoted) are
+  counted apart and are in none of the figures;
 - agreement: share of the films with the same outcome;
 - flips: normal -> pneumonia and pneumonia -> normal (live -> shadow), and films one model
   abstained on that the other reported on;
@@ -43,6 +45,9 @@ FILM_COLUMNS = ("sop_instance_uid", "received_at", "live_probability", "live_out
                 "label")
 KEY_COLUMNS = ("sop_instance_uid", "accession_number")  # a labels CSV keyed by either
 MAX_PROBLEMS_SHOWN = 10
+OUTSIDE_AGE_NOTE = ("{} film(s) outside-intended-age: the patient's age is outside the shadow "
+                    "model's intended range, so promoted it would skip them; they are in none "
+                    "of the figures")
 
 
 def outcome(finding: str | None, abstained: bool | None) -> str:
@@ -187,6 +192,9 @@ def compare(results: list[ShadowResult], *, live_sha256: str | None = None,
                          "thresholds": sorted({r.threshold for r in mine})}
     summary["not_assessed"] = dict(sorted(Counter(
         str(r.status) for r in mine if r.status != ShadowStatus.ASSESSED).items()))
+    outside_age = summary["not_assessed"].get(ShadowStatus.OUTSIDE_INTENDED_AGE)
+    if outside_age:
+        summary["notes"] = [*summary.get("notes", []), OUTSIDE_AGE_NOTE.format(outside_age)]
     summary["films"] = len(both)
     if both:
         summary["period"] = {"first_received": _iso(min(r.received_at or 0 for r in both)),
