@@ -377,10 +377,21 @@ def test_the_model_command_shows_the_shadow_and_checks_its_threshold(tmp_path, m
     [line] = [line for line in result.stdout.splitlines() if line.startswith("shadow:")]
     assert f"tiny-test-model {OLD_VERSION} ({models['old']}, sha256 {old.sha256})" in line
     assert "threshold 0.2000 ([shadow] threshold)" in line
+    assert line.endswith("assesses every film the live model assesses, reports none")
     # the same lines under a shadow of another file: refused as the service would
     config.write_text(config.read_text().replace(str(models["old"]), str(models["gated"])))
     refused = pacs_ai_cli("model", "--config", str(config))
     assert refused.returncode == 2 and "[shadow] threshold 0.2 was chosen for" in refused.stderr
+
+
+def test_the_model_command_names_the_shadows_own_age_range(tmp_path):
+    live_path, shadow_path = aged_models(tmp_path)
+    config = write(tmp_path, f'[model]\npath = "{live_path}"\n[shadow]\nmodel = "{shadow_path}"\n')
+    result = pacs_ai_cli("model", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("shadow:")]
+    assert ("intended for 1-5 years: assesses the films the live model assesses within that "
+            "range (others recorded outside-intended-age), reports none") in line
 
 
 @pytest.mark.parametrize("text, message", [

@@ -102,7 +102,8 @@ SHADOW_SECONDS = Histogram(
 SHADOW_NOT_ASSESSED = Counter(
     "pacs_ai_shadow_not_assessed", "Films the live model assessed that the [shadow] model did "
     "not, by reason (busy: its queue was full; model-failed; stopped: the service stopped "
-    "first; not-recorded: its results could not be written).", ["reason"], registry=REGISTRY)
+    "first; outside-intended-age: the patient's age is outside the shadow model's own range; "
+    "not-recorded: its results could not be written).", ["reason"], registry=REGISTRY)
 RECEIVE_TO_DELIVERY_SECONDS = Histogram(
     "pacs_ai_receive_to_delivery_seconds",
     "Time from acknowledging an instance to delivering its report to a destination.",
