@@ -54,14 +54,13 @@ def _shadow(config) -> str:
     """The [shadow] model as the service would load it (a threshold chosen for another file
     stops here as it stops the service)."""
     from pacs_ai.classify.shadow import load_shadow_model
+    from pacs_ai.model.intended_use import format_age_range
 
     shadow = load_shadow_model(config)
     own = shadow.info.metadata["threshold"]
     threshold = (f"threshold {shadow.info.threshold:.4f}"
                  + (" ([shadow] threshold)" if config.shadow.threshold is not None
                     else " (its own)"))
-    from pacs_ai.model.intended_use import format_age_range
-
     age_range = shadow.info.intended_age_years
     films = ("assesses every film the live model assesses" if age_range is None else
              f"intended for {format_age_range(age_range)} years: assesses the films the live "
