@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from pacs_ai.queue.jobs import Job, JobStore
+from pacs_ai.queue.job_records import Job
+from pacs_ai.queue.jobs import JobStore
 
 
 def all_jobs(store: JobStore) -> list[Job]:

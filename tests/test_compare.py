@@ -18,7 +18,7 @@ import pytest
 
 from pacs_ai.errors import UserError
 from pacs_ai.evaluate.comparison import compare, parse_since, read_labels
-from pacs_ai.queue.jobs import Assessment, ShadowResult
+from pacs_ai.queue.shadow_records import Assessment, ShadowResult
 from testbed.environment import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)

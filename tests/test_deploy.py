@@ -551,7 +551,7 @@ def label_values_in_code() -> dict[str, set[str]]:
                | _reason_codes(source / "model" / "intended_use.py",
                                functions=("outside_reason", "unknown_age_reason"))
                | _reason_codes(source / "model" / "model.py", functions=("abstain_reason",)))
-    from pacs_ai.queue.jobs import Stage
+    from pacs_ai.queue.job_records import Stage
 
     def stage(node: ast.expr) -> set[str]:
         """The value of a `Stage.MEMBER` (or a string) passed as a stage; none for a variable."""

@@ -18,7 +18,8 @@ from pacs_ai.config import Config, DriftConfig
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.ops import http_server
 from pacs_ai.ops.web import QueuePage
-from pacs_ai.queue.jobs import ABSTAINED_REASON_CODE, JobStore, NewInstance
+from pacs_ai.queue.job_records import ABSTAINED_REASON_CODE, NewInstance
+from pacs_ai.queue.jobs import JobStore
 from tests.test_web import get
 
 CR = "1.2.840.10008.5.1.4.1.1.1"

@@ -11,8 +11,9 @@ import pytest
 
 from pacs_ai.errors import UserError
 from pacs_ai.finding import Finding
-from pacs_ai.queue.jobs import (DeliveryObject, DeliveryState, JobState, JobStore, NewInstance,
-                                Stage, accepts_resend, retry_can_fix)
+from pacs_ai.queue.job_records import (DeliveryObject, DeliveryState, JobState, NewInstance, Stage,
+                                       accepts_resend, retry_can_fix)
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool, SpoolFullError, uid_filename
 from testbed.job_queue import all_jobs
 

@@ -8,7 +8,8 @@ import sqlite3
 
 import pytest
 
-from pacs_ai.queue.jobs import JobStore, NewInstance
+from pacs_ai.queue.job_records import NewInstance
+from pacs_ai.queue.jobs import JobStore
 from testbed.dicom_peers import (ServiceProcess, SimulatedModality, pacs_ai_cli,
                                  synthetic_radiograph, wait_until, write_service_config)
 from testbed.real_peers import Modality, Orthanc, orthanc_destination

@@ -28,7 +28,8 @@ from pacs_ai.film.film_input import prepare
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import file_sha256
 from pacs_ai.ops import metrics
-from pacs_ai.queue.jobs import Assessment, JobState, ShadowStatus
+from pacs_ai.queue.job_records import JobState
+from pacs_ai.queue.shadow_records import Assessment, ShadowStatus
 from testbed.dicom_peers import ServiceProcess, pacs_ai_cli, wait_until, write_service_config
 from testbed.environment import SAMPLE_DICOMS
 from testbed.job_queue import all_jobs

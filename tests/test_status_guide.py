@@ -34,7 +34,8 @@ from pacs_ai.deliver.routing import RouteFacts, choose_route
 from pacs_ai.film.filters import skip_reason
 from pacs_ai.queue import jobs as jobs_module
 from pacs_ai.queue.echo_results import EchoResult, EchoResults
-from pacs_ai.queue.jobs import DeliveryObject, JobStore, NewInstance, Stage
+from pacs_ai.queue.job_records import DeliveryObject, NewInstance, Stage
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool
 from pacs_ai.report.uids import heatmap_uid, report_uid
 from testbed.dicom_peers import pacs_ai_cli, write_service_config

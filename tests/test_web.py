@@ -14,7 +14,8 @@ import pytest
 from pacs_ai.config import Config, ConfigError, Destination, WebConfig, parse_config
 from pacs_ai.ops import http_server
 from pacs_ai.ops.web import QueuePage
-from pacs_ai.queue.jobs import JobStore, NewInstance
+from pacs_ai.queue.job_records import NewInstance
+from pacs_ai.queue.jobs import JobStore
 
 TOKEN = "0123456789abcdef-queue-token"
 CR = "1.2.840.10008.5.1.4.1.1.1"

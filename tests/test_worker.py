@@ -16,7 +16,8 @@ from pacs_ai.classify.helper_processes import HelperPool
 from pacs_ai.classify.worker import ClassificationWorker
 from pacs_ai.config import WorkersConfig, default_config
 from pacs_ai.model.model import PneumoniaModel
-from pacs_ai.queue.jobs import JobStore, NewInstance
+from pacs_ai.queue.job_records import NewInstance
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool
 from testbed.dicom_peers import synthetic_radiograph, wait_until
 from testbed.job_queue import all_jobs

@@ -38,7 +38,8 @@ from pacs_ai.model.intended_use import (PatientAge, format_age_range, in_range, 
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.model.site_threshold import check_binding, log_for_any_model
 from pacs_ai.ops import metrics
-from pacs_ai.queue.jobs import Assessment, JobStore, ShadowResult, ShadowStatus
+from pacs_ai.queue.jobs import JobStore
+from pacs_ai.queue.shadow_records import Assessment, ShadowResult, ShadowStatus
 
 log = structlog.get_logger()
 

@@ -42,7 +42,8 @@ from pacs_ai.finding import Finding
 from pacs_ai.model.intended_use import PatientAge
 from pacs_ai.model.model import PneumoniaModel
 from pacs_ai.ops import metrics
-from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
+from pacs_ai.queue.job_records import Job, JobState, Stage
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool
 
 log = structlog.get_logger()

@@ -38,7 +38,7 @@ def _time(timestamp: float | None) -> str | None:
 
 
 def collect(store: Any, limit: int) -> dict[str, Any]:
-    from pacs_ai.queue.jobs import DeliveryObject, reason_code, retry_can_fix
+    from pacs_ai.queue.job_records import DeliveryObject, reason_code, retry_can_fix
 
     def job_entry(job: Any) -> dict[str, Any]:
         return {"job": job.id, "sop_instance_uid": job.sop_instance_uid, "stage": job.stage,

@@ -29,7 +29,8 @@ from pacs_ai.config import Destination, ReportConfig, RetryPolicy
 from pacs_ai.deliver.transport import ConnectFailed, StoreResult, Transport, unreachable
 from pacs_ai.ops import audit, metrics
 from pacs_ai.ops.audit import AuditTrail
-from pacs_ai.queue.jobs import Delivery, DeliveryObject, Job, JobStore, Stage
+from pacs_ai.queue.job_records import Delivery, DeliveryObject, Job, Stage
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool
 
 log = structlog.get_logger()

@@ -36,7 +36,7 @@ import numpy as np
 
 from pacs_ai.errors import UserError
 from pacs_ai.evaluate.site_evaluation import LABEL_VALUES, read_labels_csv, summarise
-from pacs_ai.queue.jobs import ShadowResult, ShadowStatus
+from pacs_ai.queue.shadow_records import ShadowResult, ShadowStatus
 
 SUMMARY_FORMAT = "pacs-ai-comparison/1"
 OUTCOMES = ("pneumonia", "normal", "abstained")

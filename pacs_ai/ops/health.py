@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pacs_ai.config import Config
-from pacs_ai.queue.jobs import JobStore, retry_can_fix
+from pacs_ai.queue.job_records import retry_can_fix
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool
 
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from pacs_ai.finding import Finding
-from pacs_ai.queue import jobs
-from pacs_ai.queue.jobs import Stage
+from pacs_ai.queue import job_records
+from pacs_ai.queue.job_records import Stage
 
 if TYPE_CHECKING:
     from pacs_ai.config import DriftConfig
@@ -202,4 +202,4 @@ def reason_code(reason: str) -> str:
 
     Keeps label cardinality bounded: the free text after the colon varies per instance.
     """
-    return jobs.reason_code(reason) or "unknown"
+    return job_records.reason_code(reason) or "unknown"

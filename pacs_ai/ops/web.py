@@ -37,7 +37,8 @@ from pacs_ai.config import Config
 from pacs_ai.errors import UserError
 from pacs_ai.finding import probability_label
 from pacs_ai.ops import drift, drift_chart, health
-from pacs_ai.queue.jobs import Job, JobState, JobStore, Stage
+from pacs_ai.queue.job_records import Job, JobState, Stage
+from pacs_ai.queue.jobs import JobStore
 
 log = structlog.get_logger()
 

@@ -24,386 +24,20 @@ other processes (`pacs-ai status`, `pacs-ai retry`) open their own connection.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pacs_ai.errors import UserError
-from pacs_ai.finding import Finding
-
-
-# The job vocabulary. The values are what the queue stores and what `pacs-ai status`, the queue
-# page and the metrics show: a StrEnum member equals its string, so rows read back as plain
-# strings compare equal to these.
-class JobState(StrEnum):
-    PENDING = "pending"
-    CLASSIFYING = "classifying"
-    DELIVERING = "delivering"
-    DONE = "done"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-class Stage(StrEnum):
-    """Where a failed job failed (jobs.stage, the `stage` label of pacs_ai_failed_total)."""
-
-    CLASSIFY = "classify"  # the pixels could not be decoded or the model failed
-    REPORT = "report"  # the SR could not be built
-    DELIVER = "deliver"  # a delivery was given up
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"  # never tried yet, or retrying
-    DONE = "done"
-    FAILED = "failed"  # given up
-
-
-class DeliveryObject(StrEnum):
-    """What a delivery sends (deliveries.object)."""
-
-    REPORT = "report"  # the SR
-    HEATMAP = "heatmap"  # its heat-map image (pacs_ai.report.heatmap_image)
-
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL UNIQUE,
-    sop_class_uid TEXT NOT NULL,
-    study_instance_uid TEXT,
-    calling_ae_title TEXT,
-    image_file TEXT NOT NULL,          -- relative to the spool
-    state TEXT NOT NULL,
-    stage TEXT,                        -- where a failed job failed: classify, report, deliver
-    reason TEXT,                       -- 'code: detail' of a skip or failure
-    probability REAL,
-    finding TEXT,
-    report_uid TEXT,
-    report_file TEXT,                  -- relative to the spool
-    classify_ms REAL,
-    received_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    peer_address TEXT,                 -- what routing rules match ([[routes]]) ...
-    modality TEXT,
-    station_name TEXT,
-    accession_number TEXT,             -- shown on the queue page only when [web] allows it
-    route TEXT,                        -- the [[routes]] name taken, or 'default'
-    model TEXT,                        -- name and version of the model that classified it
-                                       -- (or abstained on it)
-    dismissed_at REAL,                 -- a failed job an admin dismissed (pacs-ai dismiss)
-    age_known INTEGER                  -- a reported film's header gave a usable patient age:
-                                       -- 1 or 0; NULL: not reported, or before pacs-ai kept it
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
-CREATE TABLE IF NOT EXISTS deliveries (
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    first_attempt_at REAL,
-    last_error TEXT,
-    delivered_at REAL,
-    object TEXT NOT NULL DEFAULT 'report',  -- what is sent: 'report' or 'heatmap'
-    object_uid TEXT,                   -- a heatmap's SOP Instance UID (a report's: the job's)
-    object_file TEXT,                  -- a heatmap's file, relative to the spool
-    PRIMARY KEY (job_id, destination, object)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (destination, state, delivered_at);
--- [shadow]: one row per film the live model assessed and shadow model (pacs_ai.classify.shadow), with
--- both models' assessment of the same model input; never reported. A film assessed again
--- (a retry, a restart mid-batch) replaces its row.
-CREATE TABLE IF NOT EXISTS shadow_results (
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    model_name TEXT NOT NULL,          -- the shadow model
-    model_version TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    threshold REAL NOT NULL,           -- its threshold in force
-    status TEXT NOT NULL,              -- 'assessed', or why not: 'busy', 'model-failed',
-                                       -- 'stopped', 'outside-intended-age' (its own age range)
-    probability REAL,                  -- the shadow's, even when it abstains
-    ood_score REAL,                    -- NULL: a model without an out-of-distribution score
-    abstained INTEGER,                 -- 1: score above its ood threshold (no finding)
-    finding TEXT,                      -- 'pneumonia' or 'normal'; NULL when abstained
-    live_model_name TEXT NOT NULL,     -- the live model, and what it made of the same input
-    live_model_version TEXT NOT NULL,
-    live_model_sha256 TEXT NOT NULL,
-    live_threshold REAL NOT NULL,
-    live_probability REAL NOT NULL,
-    live_ood_score REAL,
-    live_abstained INTEGER NOT NULL,
-    live_finding TEXT,
-    reason TEXT,                       -- why not assessed
-    assessed_at REAL NOT NULL,
-    PRIMARY KEY (job_id, model_sha256)
-);
-CREATE INDEX IF NOT EXISTS shadow_results_by_time ON shadow_results (assessed_at);
-"""
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str | None
-    calling_ae_title: str | None
-    image_file: str
-    state: JobState
-    stage: Stage | None
-    reason: str | None
-    probability: float | None
-    finding: Finding | None
-    report_uid: str | None
-    report_file: str | None
-    classify_ms: float | None
-    received_at: float
-    updated_at: float
-    peer_address: str | None = None
-    modality: str | None = None
-    station_name: str | None = None
-    accession_number: str | None = None
-    route: str | None = None
-    model: str | None = None
-    age_known: bool | None = None
-    dismissed_at: float | None = None
-
-    def __post_init__(self) -> None:
-        # read back from SQLite as plain strings and 1 or 0: the vocabulary's own types
-        object.__setattr__(self, "state", JobState(self.state))
-        if self.stage is not None:
-            object.__setattr__(self, "stage", Stage(self.stage))
-        if self.finding is not None:
-            object.__setattr__(self, "finding", Finding(self.finding))
-        if self.age_known is not None:
-            object.__setattr__(self, "age_known", bool(self.age_known))
-
-
-# Columns added after the first release, with their types: a queue written by an older pacs-ai
-# gets them at open (its rows read NULL there).
-ADDED_JOB_COLUMNS = {"peer_address": "TEXT", "modality": "TEXT", "station_name": "TEXT",
-                     "accession_number": "TEXT", "route": "TEXT", "model": "TEXT",
-                     "age_known": "INTEGER", "dismissed_at": "REAL"}
-# Indexes on columns an older queue gets only from ADDED_JOB_COLUMNS: created after them (in
-# SCHEMA they would stop an older queue from opening: "no such column").
-INDEXES_ON_ADDED_COLUMNS = """
--- the daily rates (daily_results): the classified films of a window read from the index alone
-CREATE INDEX IF NOT EXISTS jobs_by_received ON jobs (received_at, finding, model);
-"""
-
-
-class ShadowStatus(StrEnum):
-    """shadow_results.status: whether the shadow assessed the film, or why not."""
-
-    ASSESSED = "assessed"
-    BUSY = "busy"  # its queue was full: the shadow is slower than the films arrive
-    MODEL_FAILED = "model-failed"
-    STOPPED = "stopped"  # the service stopped before the shadow got to it
-    # the patient's age is outside the shadow model's own intended range: promoted, it would
-    # skip the film, so it gives no assessment (the reason names the age and the range)
-    OUTSIDE_INTENDED_AGE = "outside-intended-age"
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """One model's assessment of one film's model input."""
-
-    probability: float | None
-    ood_score: float | None
-    abstained: bool | None
-    finding: Finding | None  # None when it abstained (or did not assess)
-
-    def __post_init__(self) -> None:
-        if self.finding is not None:  # a plain string when read back
-            object.__setattr__(self, "finding", Finding(self.finding))
-
-
-@dataclass(frozen=True)
-class ShadowResult:
-    """A row of shadow_results, with the film's job facts compare needs."""
-
-    job_id: int
-    model_name: str
-    model_version: str
-    model_sha256: str
-    threshold: float
-    status: ShadowStatus
-    shadow: Assessment
-    live_model_name: str
-    live_model_version: str
-    live_model_sha256: str
-    live_threshold: float
-    live: Assessment
-    reason: str | None
-    assessed_at: float
-    sop_instance_uid: str | None = None  # from the job, when read back
-    accession_number: str | None = None
-    received_at: float | None = None
-
-
-_SHADOW_COLUMNS = ("job_id, model_name, model_version, model_sha256, threshold, status, "
-                   "probability, ood_score, abstained, finding, live_model_name, "
-                   "live_model_version, live_model_sha256, live_threshold, live_probability, "
-                   "live_ood_score, live_abstained, live_finding, reason, assessed_at")
-
-
-def _flag(value: bool | None) -> int | None:
-    return None if value is None else int(bool(value))
-
-
-def _shadow_row(result: ShadowResult) -> tuple:
-    s, live = result.shadow, result.live
-    return (result.job_id, result.model_name, result.model_version, result.model_sha256,
-            result.threshold, str(result.status), s.probability, s.ood_score, _flag(s.abstained),
-            s.finding, result.live_model_name, result.live_model_version,
-            result.live_model_sha256, result.live_threshold, live.probability, live.ood_score,
-            _flag(live.abstained), live.finding, result.reason, result.assessed_at)
-
-
-def _shadow_result(row: tuple) -> ShadowResult:
-    (job_id, name, version, sha256, threshold, status, probability, ood, abstained, finding,
-     live_name, live_version, live_sha256, live_threshold, live_probability, live_ood,
-     live_abstained, live_finding, reason, assessed_at, uid, accession, received_at) = row
-
-    def flag(value: int | None) -> bool | None:
-        return None if value is None else bool(value)
-    return ShadowResult(
-        job_id, name, version, sha256, threshold, ShadowStatus(status),
-        Assessment(probability, ood, flag(abstained), finding), live_name, live_version,
-        live_sha256, live_threshold,
-        Assessment(live_probability, live_ood, flag(live_abstained), live_finding), reason,
-        assessed_at, uid, accession, received_at)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    job_id: int
-    destination: str
-    attempts: int
-    first_attempt_at: float | None
-    report_file: str
-    report_uid: str
-    sop_instance_uid: str
-    received_at: float
-    # "report": report_file and report_uid are the SR's; "heatmap": the heat-map image's
-    object: str = DeliveryObject.REPORT
-
-
-@dataclass(frozen=True)
-class DestinationDeliveries:
-    """How deliveries to one destination are going (pacs_ai.ops.health turns it into a report)."""
-
-    destination: str
-    last_success_at: float | None  # the latest report it stored
-    pending: int  # deliveries waiting (never tried yet, or retrying)
-    oldest_pending_received_at: float | None  # when the image of the oldest of them arrived
-    # The first failed attempt of the deliveries still open or given up on that failed after the
-    # last success: the destination has stored nothing since (None: not failing).
-    failing_since: float | None
-    last_error: str | None  # of the most recently failed delivery among those
-
-
-@dataclass(frozen=True)
-class NewInstance:
-    """What the C-STORE handler knows about a received instance."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str | None
-    calling_ae_title: str | None
-    # what [[routes]] match on, besides the calling AE title (and the accession number)
-    peer_address: str | None = None
-    modality: str | None = None
-    station_name: str | None = None
-    accession_number: str | None = None
-
-
-_JOB_COLUMNS = ", ".join(Job.__dataclass_fields__)
-
-
-def accepts_resend(job: Job) -> bool:
-    """A job a re-sent copy of its image should run again: it failed before a report existed,
-    or it failed and its files were purged since ([storage] keep_failed_days)."""
-    return job.state == JobState.FAILED and (job.stage in (Stage.CLASSIFY, Stage.REPORT)
-                                             or is_purged(job))
-
-
-def is_purged(job: Job) -> bool:
-    """Its files were deleted after [storage] keep_failed_days (JobStore.purge_files)."""
-    return job.image_file == "" and job.report_file is None
-
-
-# Codes of classify failures that come from the image itself: `pacs-ai retry` would run the same
-# bytes through the same code and fail the same way. A corrected image sent again runs the job
-# again; otherwise an admin dismisses the failure (`pacs-ai dismiss`).
-IMAGE_FAILURE_CODES = frozenset({
-    "no-pixel-data", "bad-pixel-header", "too-large", "multi-frame", "colour", "not-monochrome",
-    "unsupported-bit-depth", "unsupported-transfer-syntax", "truncated-pixel-data",
-    "decode-failed", "decode-crashed"})
-
-
-# The reason code of a film the model abstained on (model.abstain_reason's "code: detail").
-ABSTAINED_REASON_CODE = "out-of-distribution"
-
-
-def reason_code(reason: str | None) -> str:
-    """The code of a "code: detail" reason ("" for none)."""
-    return (reason or "").split(":", 1)[0].strip()
-
-
-def retry_can_fix(stage: str | None, code: str) -> bool:
-    """Whether `pacs-ai retry`, once the cause is fixed, can turn a failure (its stage and the
-    code of its "code: detail" reason) into a report: a delivery (the PACS), the report, an
-    internal or model error; not a failure that is in the image (IMAGE_FAILURE_CODES)."""
-    return not (stage == Stage.CLASSIFY and code in IMAGE_FAILURE_CODES)
-
-
-_DELIVERIES_TABLE = re.search(r"CREATE TABLE IF NOT EXISTS deliveries \(.*?\n\);", SCHEMA,
-                              re.DOTALL).group(0)
-# every index of the table (the rebuild below drops them with the old table)
-_DELIVERIES_INDEXES = re.findall(r"CREATE INDEX IF NOT EXISTS deliveries_\w+ [^;]*;", SCHEMA)
-
-
-def _add_delivery_objects(connection: sqlite3.Connection) -> None:
-    """A queue written before heat-map images: its deliveries table gets the object columns
-    and the primary key (job, destination, object), copied in one transaction (SQLite cannot
-    change a primary key in place); its rows stay the report deliveries they were."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(deliveries)")}
-    if "object" in columns:
-        return
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        connection.execute("ALTER TABLE deliveries RENAME TO deliveries_before_objects")
-        connection.execute(_DELIVERIES_TABLE)
-        connection.execute(
-            "INSERT INTO deliveries (job_id, destination, state, attempts, next_attempt_at, "
-            "first_attempt_at, last_error, delivered_at) SELECT job_id, destination, state, "
-            "attempts, next_attempt_at, first_attempt_at, last_error, delivered_at "
-            "FROM deliveries_before_objects")
-        connection.execute("DROP TABLE deliveries_before_objects")  # and its index
-        for index in _DELIVERIES_INDEXES:
-            connection.execute(index)
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-
-@dataclass(frozen=True)
-class PurgedJob:
-    sop_instance_uid: str
-    state: str
-    files: tuple[str, ...]  # spool-relative, to delete
+from pacs_ai.queue.job_records import (ABSTAINED_REASON_CODE, JOB_COLUMNS, Delivery, DeliveryObject,
+                                       DeliveryState, DestinationDeliveries, Job, JobState,
+                                       NewInstance, PurgedJob, Stage, accepts_resend)
+from pacs_ai.queue.schema import prepare_schema
+from pacs_ai.queue.shadow_records import (SHADOW_COLUMNS, ShadowResult, shadow_result_from_row,
+                                          shadow_row)
 
 
 class JobStore:
@@ -431,18 +65,7 @@ class JobStore:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             connection.execute("PRAGMA foreign_keys = ON")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise UserError(f"{path} was written by a newer pacs-ai (queue schema {version}); "
-                                "upgrade pacs-ai or use another spool")
-            connection.executescript(SCHEMA)
-            _add_delivery_objects(connection)
-            present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
-            for column, kind in ADDED_JOB_COLUMNS.items():
-                if column not in present:
-                    connection.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-            connection.executescript(INDEXES_ON_ADDED_COLUMNS)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            prepare_schema(connection, path)
         except sqlite3.DatabaseError as error:
             raise UserError(f"cannot open the job queue {path}: {error}") from None
         return cls(connection, path)
@@ -482,7 +105,7 @@ class JobStore:
     # --- receiving ------------------------------------------------------------------------
 
     def find(self, sop_instance_uid: str) -> Job | None:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
                           (sop_instance_uid,))
         return Job(*rows[0]) if rows else None
 
@@ -538,7 +161,7 @@ class JobStore:
     def claim(self, limit: int) -> list[Job]:
         """Take up to `limit` of the oldest pending jobs for classification."""
         def body(db: sqlite3.Connection) -> list[Job]:
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.PENDING}' "
+            rows = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = '{JobState.PENDING}' "
                               "ORDER BY id LIMIT ?", (limit,)).fetchall()
             if rows:
                 db.executemany(f"UPDATE jobs SET state = '{JobState.CLASSIFYING}', updated_at = ? "
@@ -709,7 +332,7 @@ class JobStore:
             db.execute(f"UPDATE jobs SET state = '{JobState.DONE}', stage = NULL, reason = NULL, "
                        "updated_at = ? WHERE id = ? AND state = "
                        f"'{JobState.DELIVERING}'", (now, job_id))
-        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job(*row)
 
     def abandon_unknown_destinations(self, configured: Iterable[str]) -> int:
@@ -822,14 +445,14 @@ class JobStore:
         def body(db: sqlite3.Connection) -> tuple[list[Job], list[str]]:
             now = time.time()
             if keys is None:
-                rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = "
+                rows = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = "
                                   f"'{JobState.FAILED}' AND dismissed_at IS NULL").fetchall()
                 unknown: list[str] = []
             else:
                 rows, unknown = [], []
                 for key in keys:
                     column = "id" if key.isdigit() else "sop_instance_uid"
-                    row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {column} = ? AND "
+                    row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {column} = ? AND "
                                      f"state = '{JobState.FAILED}'", (key,)).fetchone()
                     if row is None:
                         unknown.append(key)
@@ -847,23 +470,23 @@ class JobStore:
 
     def record_shadow_results(self, results: Iterable[ShadowResult]) -> int:
         """Write (or replace) shadow results in one transaction; returns how many."""
-        rows = [_shadow_row(result) for result in results]
+        rows = [shadow_row(result) for result in results]
         if not rows:
             return 0
         self._write(lambda db: db.executemany(
-            f"INSERT OR REPLACE INTO shadow_results ({_SHADOW_COLUMNS}) "
+            f"INSERT OR REPLACE INTO shadow_results ({SHADOW_COLUMNS}) "
             f"VALUES ({', '.join('?' * 20)})", rows))
         return len(rows)
 
     def shadow_results(self, received_since: float | None = None) -> list[ShadowResult]:
         """Shadow results with their film's SOP Instance UID, accession number and receipt
         time, oldest film first; only films received at or after `received_since`."""
-        columns = ", ".join(f"s.{c.strip()}" for c in _SHADOW_COLUMNS.split(","))
+        columns = ", ".join(f"s.{c.strip()}" for c in SHADOW_COLUMNS.split(","))
         rows = self._read(
             f"SELECT {columns}, j.sop_instance_uid, j.accession_number, j.received_at "
             "FROM shadow_results s JOIN jobs j ON j.id = s.job_id WHERE j.received_at >= ? "
             "ORDER BY j.received_at, s.job_id", (received_since or 0.0,))
-        return [_shadow_result(row) for row in rows]
+        return [shadow_result_from_row(row) for row in rows]
 
     def job_counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
@@ -970,12 +593,12 @@ class JobStore:
                           f"'{JobState.DELIVERING}')")[0][0]
 
     def latest_failures(self, limit: int = 10) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.FAILED}' "
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = '{JobState.FAILED}' "
                           "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
     def latest_skips(self, limit: int = 10) -> list[Job]:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = '{JobState.SKIPPED}' "
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = '{JobState.SKIPPED}' "
                           "ORDER BY updated_at DESC, id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
@@ -999,11 +622,11 @@ class JobStore:
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the queue page): by id, the primary key, so it stays
         quick on a large queue; a re-sent film keeps its place."""
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [Job(*row) for row in rows]
 
     def job_by_id(self, job_id: int) -> Job | None:
-        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return Job(*rows[0]) if rows else None
 
     def deliveries_of(self, job_ids: Iterable[int]) -> dict[int, dict[str, dict[str, Any]]]:

@@ -51,7 +51,8 @@ from pacs_ai.network.sockets import (RequestDeadlines, limit_message_bytes,
                                      read_pdus_in_large_chunks, send_small_messages_at_once)
 from pacs_ai.ops import audit, metrics
 from pacs_ai.ops.audit import AuditTrail
-from pacs_ai.queue.jobs import JobState, JobStore, NewInstance, Stage, accepts_resend
+from pacs_ai.queue.job_records import JobState, NewInstance, Stage, accepts_resend
+from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool, SpoolFullError
 from pacs_ai.receive.arrivals import arrival_labels
 from pacs_ai.receive.inflation import DatasetTooLarge, InflatedHead
