@@ -8,6 +8,9 @@
   and each condition's abstention is reported;
 - adult validation films (split by patient, never trained on): unshifted and under the same
   conditions, so a frame, a crop or another processing does not let an adult through;
+- children's and adult validation films under processing no training or threshold saw
+  (training.unseen_processing: histogram equalisation, CLAHE-like local contrast, large-kernel
+  enhancement, a narrow window, JPEG): a stand-in for hospitals the project has no films of;
 - style swapped both ways (training.gate.restyle at strength 1: children processed like the
   adult hospital's films, adults like the children's), to see whether the gate keys on look;
 - heavy shifts of both (inverted, turned 90 degrees, upside down) and made-up pictures (noise,
@@ -65,6 +68,7 @@ def check_sets(score: Score, children: list[Path], adults: list[Path],
     count, scores}."""
     from training.abstention import HEAVY_SHIFTS, sample_dicom_inputs, synthetic_pictures
     from training.gate import ct_like_slice
+    from training.unseen_processing import UNSEEN_PROCESSING
 
     table: dict[str, dict] = {}
 
@@ -78,6 +82,11 @@ def check_sets(score: Score, children: list[Path], adults: list[Path],
     for condition in CONDITIONS:
         add(f"adults {condition.name}", "adult validation films", "out",
             cached_shifted_inputs(adults, condition, DEFAULT_CACHE_DIR), condition.description)
+    for condition in UNSEEN_PROCESSING:  # set on nothing: the stand-in for other hospitals
+        add(f"children {condition.name}", "processing never trained on", "in",
+            cached_shifted_inputs(children, condition, None), condition.description)
+        add(f"adults {condition.name}", "processing never trained on", "out",
+            cached_shifted_inputs(adults, condition, None), condition.description)
     towards_adults = styles["adults"] - styles["children"]
     add("children restyled as adults", "style swap", "in",
         _restyled_inputs(children, towards_adults),
