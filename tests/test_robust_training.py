@@ -121,6 +121,15 @@ def test_smoke_robust_members_make_an_ensemble_that_is_stressed_and_abstains(tmp
     assert worst["value"] == min(summary["conditions"][c]["specificity"]
                                  for c in ("crop-tight-12", "border-black-12"))
 
+    unseen = tmp_path / "stress-unseen"
+    printed = run_training("stress", "--model", str(ensemble / "model.pt"), "--data", str(data),
+                           "--out", str(unseen), "--unseen-processing")
+    from training.unseen_processing import UNSEEN_PROCESSING
+    summary = json.loads((unseen / "stress.json").read_text())
+    assert list(summary["conditions"]) == ["none", *(c.name for c in UNSEEN_PROCESSING)]
+    assert all(f"| {c.name} |" in printed and c.description in printed
+               for c in UNSEEN_PROCESSING)
+
     table = run_training("stress-table", str(stress), "--threshold", "1.0").splitlines()
     assert table[0].startswith("| model | threshold |") and len(table) == 3
     assert "| 1.000 |" in table[2] and "| 0.000 (" in table[2]  # nothing found at threshold 1

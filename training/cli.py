@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     stress.add_argument("--out", type=Path, required=True)
     stress.add_argument("--conditions", help="comma-separated condition names (default: all)")
     stress.add_argument("--limit-per-class", type=int, help="first N films per class (smoke runs)")
+    stress.add_argument("--unseen-processing", action="store_true",
+                        help="under processing no training or threshold saw "
+                             "(training.unseen_processing) instead of the stress conditions")
 
     abstention = commands.add_parser("abstention", help="abstention rates of a model file with "
                                      "an out-of-distribution score on what the project has")
@@ -261,7 +264,7 @@ def command_stress(args: argparse.Namespace) -> int:
 
     names = args.conditions.split(",") if args.conditions else None
     summary = run_stress(args.model, args.data, args.out, args.split_file, names,
-                         args.limit_per_class)
+                         args.limit_per_class, unseen_processing=args.unseen_processing)
     print((args.out / "stress.md").read_text())
     print(json.dumps({"worst": summary["worst"], "mean_shifted": summary["mean_shifted"]}))
     return 0

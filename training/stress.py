@@ -24,7 +24,7 @@ from pacs_ai.model.preprocessing import PREPROCESSING_ID, to_model_input
 from training import shifts
 from training.data import DEFAULT_CACHE_DIR
 from training.report import metrics_at
-from training.shifts import CONDITIONS, StressCondition
+from training.shifts import CONDITIONS, CONDITIONS_BY_NAME, StressCondition
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 200, 200] -> probabilities [N]
 REPORTED = ("roc_auc", "sensitivity", "specificity", "accuracy")
@@ -147,7 +147,7 @@ def summarise(probabilities: dict[str, np.ndarray], labels: np.ndarray,
 
 
 def markdown_table(summary: dict, title: str = "") -> str:
-    descriptions = {c.name: c.description for c in CONDITIONS}
+    descriptions = summary.get("descriptions") or {c.name: c.description for c in CONDITIONS}
     lines = [f"### {title}" if title else "",
              f"{summary['count']} validation films ({summary['normal']} normal, "
              f"{summary['pneumonia']} pneumonia), threshold {summary['threshold']:.3f}", "",
@@ -193,7 +193,11 @@ def default_split_file(model_path: Path) -> Path | None:
 
 
 def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None = None,
-               condition_names: list[str] | None = None, limit: int | None = None) -> dict:
+               condition_names: list[str] | None = None, limit: int | None = None,
+               unseen_processing: bool = False) -> dict:
+    """The model's figures on the validation split under each stress condition (or those named).
+    `unseen_processing`: under training.unseen_processing's conditions instead (and unshifted),
+    which no training or threshold saw; computed, not cached (the cache keys on shifts.py)."""
     from pacs_ai.model.model import PneumoniaModel
 
     model = PneumoniaModel.load(model_path)
@@ -205,10 +209,19 @@ def run_stress(model_path: Path, data: Path, out: Path, split_file: Path | None 
         keep = np.r_[np.flatnonzero(labels == 0)[:limit], np.flatnonzero(labels == 1)[:limit]]
         paths, labels = [paths[i] for i in keep], labels[keep]
     conditions = [c for c in CONDITIONS if not condition_names or c.name in condition_names]
-    probabilities = stress_probabilities(model.predict, paths, conditions)
+    if unseen_processing:
+        from training.unseen_processing import UNSEEN_PROCESSING
+
+        conditions = [CONDITIONS_BY_NAME["none"], *UNSEEN_PROCESSING]
+        probabilities = {**stress_probabilities(model.predict, paths, conditions[:1]),
+                         **stress_probabilities(model.predict, paths, conditions[1:],
+                                                cache_dir=None)}
+    else:
+        probabilities = stress_probabilities(model.predict, paths, conditions)
     summary = summarise(probabilities, labels, model.info.threshold)
     summary.update(model=str(model_path), model_label=model.info.label,
-                   split_file=str(split_file))
+                   split_file=str(split_file),
+                   descriptions={c.name: c.description for c in conditions})
     out.mkdir(parents=True, exist_ok=True)
     (out / "stress.json").write_text(json.dumps(summary, indent=2))
     np.savez_compressed(out / "stress_probabilities.npz", labels=labels, **probabilities)
