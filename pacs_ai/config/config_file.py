@@ -45,7 +45,7 @@ class Config:
     tls: ListenerTLSConfig = field(default_factory=ListenerTLSConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
-    routing: "RoutingConfig" = field(default_factory=lambda: RoutingConfig())
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     web: WebConfig = field(default_factory=WebConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     source: Path | None = None  # the file it was read from
