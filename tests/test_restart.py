@@ -63,7 +63,9 @@ def test_kill_9_during_a_stream_loses_no_acknowledged_instance(tmp_path, tiny_mo
     finally:
         thread.join(timeout=60)
     acknowledged = {r.sop_instance_uid for r in results if r.acknowledged}
-    assert 10 <= len(acknowledged) < STREAM_LENGTH, "the kill did not land mid-stream"
+    # `instance_received` is logged once the film is durable, just before its response goes out:
+    # the kill can land between the two, leaving the 10th received but never acknowledged.
+    assert 9 <= len(acknowledged) < STREAM_LENGTH, "the kill did not land mid-stream"
 
     with ServiceProcess(config, log_path) as restarted:
         # The modality sends again what was not acknowledged, and a few that were.
