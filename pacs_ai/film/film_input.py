@@ -108,6 +108,10 @@ def read_picture(path: Path, max_pixels: int) -> np.ndarray:
             if picture.width * picture.height > max_pixels:
                 raise PixelDataError(f"too-large: {picture.width} x {picture.height} pixels "
                                      f"exceeds the limit of {max_pixels} pixels")
+            if picture.mode.startswith("I") or picture.mode == "F":
+                # 16-bit (and 32-bit) grayscale, as radiographs are often exported: convert("L")
+                # would clip every value over 255 to white, so keep the values themselves.
+                return np.asarray(picture)
             return np.asarray(picture.convert("L"))
     except Image.DecompressionBombError as error:
         raise PixelDataError(f"too-large: {error}") from None

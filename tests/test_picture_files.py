@@ -1,0 +1,60 @@
+"""PNG and JPEG films (`pacs-ai classify`, `pacs-ai evaluate`): the model input is the same
+whatever bit depth the export used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pacs_ai.config import FilterPolicy
+from pacs_ai.film.film_input import prepare, read_picture
+from pacs_ai.film.pixels import display_array
+from pacs_ai.model.preprocessing import equalize_histogram
+from testbed.environment import SAMPLE_DICOMS
+
+MAX_PIXELS = 10**8
+
+
+@pytest.fixture(scope="module")
+def film_8bit() -> np.ndarray:
+    """A real film's display values as an 8-bit picture."""
+    import pydicom
+
+    display = display_array(pydicom.dcmread(SAMPLE_DICOMS / "dx_normal_pa_16bit.dcm"))
+    return np.round(display * 255).astype(np.uint8)
+
+
+def model_input_of(path) -> np.ndarray:
+    prepared = prepare(path, FilterPolicy(), MAX_PIXELS)
+    assert prepared.status == "ok", prepared.reason
+    return prepared.model_input
+
+
+@pytest.mark.parametrize("scale, bits", [(257, "16-bit full range"), (16, "12-bit values")])
+def test_a_16_bit_png_gives_the_8_bit_pictures_model_input(tmp_path, film_8bit, scale, bits):
+    eight = tmp_path / "film8.png"
+    sixteen = tmp_path / "film16.png"
+    Image.fromarray(film_8bit).save(eight)
+    Image.fromarray(film_8bit.astype(np.uint16) * scale).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I;16"), bits  # Pillow reads it as 16-bit
+
+    # The values are kept, not clipped to 8 bits (which left 99 % of a 16-bit film white).
+    values = read_picture(sixteen, MAX_PIXELS)
+    assert values.max() == int(film_8bit.max()) * scale
+    # The same picture, so the same model input (the histogram equalisation takes out the scale;
+    # the resize's float rounding may split a tie or two).
+    assert np.abs(model_input_of(sixteen) - model_input_of(eight)).max() < 1e-3
+
+
+def test_an_8_bit_rgb_export_reads_as_its_grey(tmp_path, film_8bit):
+    grey, rgb = tmp_path / "grey.png", tmp_path / "rgb.png"
+    Image.fromarray(film_8bit).save(grey)
+    Image.fromarray(np.stack([film_8bit] * 3, axis=-1)).save(rgb)
+    assert np.array_equal(model_input_of(rgb), model_input_of(grey))
+
+
+def test_the_equalisation_is_blind_to_a_linear_scale():
+    # why the 16-bit picture needs no rescaling of its own before the model input
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(equalize_histogram(values), equalize_histogram(values * 257 + 3))
