@@ -1,4 +1,4 @@
-"""What the listener checks in a received dataset before it answers Success.
+"""What the listener reads from a received dataset, and checks in it before it answers Success.
 
 Success tells the modality it may forget the image, so whatever can be found wrong cheaply while
 the dataset is in hand is refused instead (0xC000 with the reason as Error Comment), and the
@@ -18,7 +18,11 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from pacs_ai.config import LimitsConfig
+from pacs_ai.receive.inflation import InflatedHead
 
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -135,3 +139,43 @@ def _tag(buffer: Any, offset: int, order: str) -> int:
     group = int.from_bytes(buffer[offset:offset + 2], order)
     element = int.from_bytes(buffer[offset + 2:offset + 4], order)
     return (group << 16) | element
+
+
+def header_values(dataset: Dataset) -> dict[str, str | None]:
+    """Modality, Station Name (what [[routes]] match on) and Accession Number, as recorded with
+    the job; a value pydicom cannot read is recorded as absent."""
+    values: dict[str, str | None] = {}
+    for field, keyword in (("modality", "Modality"), ("station_name", "StationName"),
+                           ("accession_number", "AccessionNumber")):
+        try:
+            value = str(dataset.get(keyword, "") or "").strip()
+        except Exception:  # a malformed element: routing treats it as missing
+            value = ""
+        values[field] = value[:64] or None
+    return values
+
+
+def received_header(stream: BytesIO, syntax: UID, limits: LimitsConfig) -> Dataset:
+    """The received dataset up to its pixel data (all the listener reads are three UIDs), once
+    it is known to declare no more than [limits] max_pixels and its Pixel Data element to be
+    whole (ReceivedDataError if not).
+
+    `stream`: the C-STORE request's encoded dataset (pynetdicom's `event.request.DataSet`) in
+    `syntax`. pynetdicom's `event.dataset` would decode the whole stream, copying a 10 MB film's
+    pixels once more for as long as the handler runs (fsync included). A deflated stream is inflated in chunks as
+    far as the header goes and the rest only counted, never past max_dataset_bytes
+    (pacs_ai.receive.inflation, DatasetTooLarge): 1 MB can inflate to gigabytes.
+    """
+    stream.seek(0)
+    deflated = syntax == DeflatedExplicitVRLittleEndian
+    if deflated:
+        stream = InflatedHead(stream, limits.max_dataset_bytes)
+    header = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
+    check_declared_size(header, limits.max_pixels)  # before a deflated rest is inflated
+    dataset_length = None
+    if deflated:
+        stream.keep(PIXEL_DATA_HEADER_BYTES)
+        dataset_length = stream.finish()
+    check_pixel_data(header, stream, syntax, dataset_length)
+    return header

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 from pynetdicom import AE, evt
@@ -43,7 +42,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from pacs_ai.config import Config, LimitsConfig, ListenerTLSConfig
+from pacs_ai.config import Config, ListenerTLSConfig
 from pacs_ai.errors import UserError
 from pacs_ai.network.addresses import address_in, parse_networks
 from pacs_ai.network.pynetdicom_internals import os_socket, register_server
@@ -55,9 +54,8 @@ from pacs_ai.queue.job_records import JobState, NewInstance, Stage, accepts_rese
 from pacs_ai.queue.jobs import JobStore
 from pacs_ai.queue.spool import Spool, SpoolFullError
 from pacs_ai.receive.arrivals import arrival_labels
-from pacs_ai.receive.inflation import DatasetTooLarge, InflatedHead
-from pacs_ai.receive.received import (PIXEL_DATA_HEADER_BYTES, PIXEL_DATA_TAG, ReceivedDataError,
-                                      check_declared_size, check_pixel_data)
+from pacs_ai.receive.inflation import DatasetTooLarge
+from pacs_ai.receive.received import ReceivedDataError, header_values, received_header
 
 log = structlog.get_logger()
 
@@ -601,7 +599,8 @@ class StorageSCP:
     def _store(self, event: Event, received: dict[str, Dataset]) -> ReceiveResult:
         request = event.request
         try:
-            dataset = received_header(event, self.config.limits)
+            dataset = received_header(event.request.DataSet, event.context.transfer_syntax,
+                                      self.config.limits)
             received["header"] = dataset
             sop_instance_uid = str(dataset.get("SOPInstanceUID", "") or "").strip()
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "").strip()
@@ -667,47 +666,6 @@ class StorageSCP:
         finally:
             staged.unlink(missing_ok=True)  # gone already when placed
         return ReceiveResult(StoreOutcome(SUCCESS), instance, size, duplicate=not created)
-
-
-def header_values(dataset: Dataset) -> dict[str, str | None]:
-    """Modality, Station Name (what [[routes]] match on) and Accession Number, as recorded with
-    the job; a value pydicom cannot read is recorded as absent."""
-    values: dict[str, str | None] = {}
-    for field, keyword in (("modality", "Modality"), ("station_name", "StationName"),
-                           ("accession_number", "AccessionNumber")):
-        try:
-            value = str(dataset.get(keyword, "") or "").strip()
-        except Exception:  # a malformed element: routing treats it as missing
-            value = ""
-        values[field] = value[:64] or None
-    return values
-
-
-def received_header(event: Event, limits: LimitsConfig) -> Dataset:
-    """The received dataset up to its pixel data (all the listener reads are three UIDs), once
-    it is known to declare no more than [limits] max_pixels and its Pixel Data element to be
-    whole (ReceivedDataError if not).
-
-    `event.dataset` would decode the whole stream, copying a 10 MB film's pixels once more for
-    as long as the handler runs (fsync included). A deflated stream is inflated in chunks as
-    far as the header goes and the rest only counted, never past max_dataset_bytes
-    (pacs_ai.receive.inflation, DatasetTooLarge): 1 MB can inflate to gigabytes.
-    """
-    syntax = event.context.transfer_syntax
-    stream = event.request.DataSet
-    stream.seek(0)
-    deflated = syntax == DeflatedExplicitVRLittleEndian
-    if deflated:
-        stream = InflatedHead(stream, limits.max_dataset_bytes)
-    header = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
-                          stop_when=lambda tag, vr, length: tag >= PIXEL_DATA_TAG)
-    check_declared_size(header, limits.max_pixels)  # before a deflated rest is inflated
-    dataset_length = None
-    if deflated:
-        stream.keep(PIXEL_DATA_HEADER_BYTES)
-        dataset_length = stream.finish()
-    check_pixel_data(header, stream, syntax, dataset_length)
-    return header
 
 
 def finish_tls_handshake(event: Event) -> str | None:
