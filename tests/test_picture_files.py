@@ -58,3 +58,15 @@ def test_the_equalisation_is_blind_to_a_linear_scale():
     # why the 16-bit picture needs no rescaling of its own before the model input
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert np.array_equal(equalize_histogram(values), equalize_histogram(values * 257 + 3))
+
+
+def test_a_jpeg_stored_turned_is_read_upright_as_a_viewer_shows_it(tmp_path, film_8bit):
+    upright, turned = tmp_path / "upright.jpg", tmp_path / "turned.jpg"
+    Image.fromarray(film_8bit).save(upright, quality=95)
+    # stored rotated a quarter turn, with EXIF Orientation 6 ("rotate 90 CW to display")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(film_8bit)).save(turned, quality=95, exif=exif)
+    assert read_picture(turned, MAX_PIXELS).shape == film_8bit.shape
+    # the same picture up to JPEG's losses
+    assert np.abs(model_input_of(turned) - model_input_of(upright)).mean() < 0.02

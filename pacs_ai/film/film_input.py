@@ -101,13 +101,15 @@ def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Fil
 
 
 def read_picture(path: Path, max_pixels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as picture:  # reads the header only; pixels on convert()
-            if picture.width * picture.height > max_pixels:
-                raise PixelDataError(f"too-large: {picture.width} x {picture.height} pixels "
+        with Image.open(path) as opened:  # reads the header only; pixels once transposed
+            if opened.width * opened.height > max_pixels:
+                raise PixelDataError(f"too-large: {opened.width} x {opened.height} pixels "
                                      f"exceeds the limit of {max_pixels} pixels")
+            # upright as a viewer shows it: an export may store it turned, with EXIF Orientation
+            picture = ImageOps.exif_transpose(opened)
             if picture.mode.startswith("I") or picture.mode == "F":
                 # 16-bit (and 32-bit) grayscale, as radiographs are often exported: convert("L")
                 # would clip every value over 255 to white, so keep the values themselves.
