@@ -1,8 +1,11 @@
 """Log set-up: JSON in the journal, and no patient-identifying values ever."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import logging, structlog
@@ -44,8 +47,6 @@ except ZeroDivisionError:
 def run_with_stderr_in(tmp_path, priority_prefix: str, journal_stream: str | None) -> list[str]:
     """Run LEVELS_SCRIPT with stderr in a file; JOURNAL_STREAM as systemd sets it for the
     stream it hands the service ("device:inode"): "match" names that very file."""
-    import os
-
     path = tmp_path / "stderr"
     with open(path, "w") as stderr:
         env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
@@ -82,8 +83,6 @@ def test_no_priority_prefix_off_the_journal_unless_asked(tmp_path):
 
 
 def test_a_config_error_reaches_the_journal_as_an_error(tmp_path):
-    import os
-
     bad = tmp_path / "bad.toml"
     bad.write_text("[listener]\nport = 0\n")
     path = tmp_path / "stderr"
@@ -95,3 +94,43 @@ def test_a_config_error_reaches_the_journal_as_an_error(tmp_path):
     assert result.returncode == 2
     assert path.read_text().startswith("<3>pacs-ai serve: error: ")
     assert "[listener] port" in path.read_text()
+
+
+PROCESSES_SCRIPT = """
+import multiprocessing, structlog
+from pacs_ai.ops.logs import configure_logging
+
+def log_lines(who):
+    configure_logging(fmt="json")
+    log = structlog.get_logger()
+    for n in range(3000):
+        log.info("line", who=who, n=n, padding="x" * 200)
+
+if __name__ == "__main__":
+    processes = [multiprocessing.Process(target=log_lines, args=(who,)) for who in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+"""
+
+
+@pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
+def test_processes_sharing_stderr_never_merge_two_lines(tmp_path, unbuffered):
+    """The service's helper processes log to the stderr they share with it (the journal's
+    stream, or a file opened for appending): each event must reach it in one write, or another
+    process's event lands between an event and its newline and both lines are lost to a
+    parser."""
+    script = tmp_path / "many.py"
+    script.write_text(PROCESSES_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"  # as the systemd unit and the container run the service
+    path = tmp_path / "stderr"
+    with open(path, "ab") as stderr:
+        subprocess.run([sys.executable, str(script)], stderr=stderr, env=env, timeout=120,
+                       check=True)
+    lines = path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line one whole event
+    assert sorted((e["who"], e["n"]) for e in events) == [
+        (who, n) for who in range(3) for n in range(3000)]

@@ -89,6 +89,8 @@ def configure_logging(level: str = "info", fmt: str = "auto",
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per event, newline included (print() writes the newline apart): the helper
+        # processes share this stderr, and another's event between the two merges two lines.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
