@@ -29,6 +29,42 @@ def test_json_lines_without_patient_values():
         assert secret not in result.stderr
 
 
+VALUES_SCRIPT = """
+import io, sys
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pacs_ai.ops.logs import configure_logging
+if sys.argv[1] == "configured":
+    configure_logging(fmt="json")
+ds = Dataset()
+ds.file_meta = FileMetaDataset()
+ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+ds.PatientBirthDate = "31.12.1987"  # not a DA: pydicom's warning quotes it
+ds.PatientAge = "77 Y"  # not an AS
+buf = io.BytesIO()
+ds.save_as(buf, enforce_file_format=True)
+buf.seek(0)
+read = pydicom.dcmread(buf)
+print(read.PatientBirthDate, read.PatientAge, file=open("/dev/null", "w"))
+"""
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["logging configured", "bare"])
+def test_pydicoms_warnings_quoting_values_never_reach_stderr(configured):
+    """pydicom warns through `warnings` too, quoting the value (a birth date, a name): printed to
+    stderr, the journal, for every film with a malformed one. Bare, the script shows that it
+    does; with the service's logging, nothing of it appears."""
+    result = subprocess.run([sys.executable, "-c", VALUES_SCRIPT,
+                             "configured" if configured else "bare"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    leaked = [value for value in ("31.12.1987", "77 Y") if value in result.stderr]
+    assert leaked == ([] if configured else ["31.12.1987", "77 Y"]), result.stderr
+
+
 LEVELS_SCRIPT = """
 import sys, structlog
 from pacs_ai.ops.logs import configure_logging

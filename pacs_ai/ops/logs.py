@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import structlog
@@ -33,11 +34,16 @@ def drop_patient_identifiers(_logger: Any, _method: str, event_dict: dict[str, A
 
 def silence_library_value_logs() -> None:
     """pydicom's warnings quote element values ("Invalid value for VR DA: '19700101'"), which
-    can be a birth date or a name: they never reach the journal. Our own code logs the reason."""
+    can be a birth date or a name: they never reach the journal. Our own code logs the reason.
+    pydicom sends each one twice, to its logger and through `warnings` (printed to stderr, once
+    per film for a value that differs); highdicom's warnings read values too."""
     pydicom_logger = logging.getLogger("pydicom")
     pydicom_logger.handlers.clear()
     pydicom_logger.addHandler(logging.NullHandler())
     pydicom_logger.propagate = False
+    for library in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
+    warnings.filterwarnings("ignore", message="Invalid value for VR")  # whoever it is raised for
 
 
 # structlog level (add_log_level: log.exception() is "error") -> syslog priority (RFC 5424).
