@@ -165,6 +165,11 @@ def test_since_takes_a_date_or_a_moment():
     assert parse_since("2026-12-01T08:30") - midnight == 8.5 * 3600
     with pytest.raises(UserError, match="--since"):
         parse_since("last week")
+    with pytest.raises(UserError, match="--since"):
+        parse_since("")
+    # a well-formed date the local clock cannot place: a one-line error, not a traceback
+    with pytest.raises(UserError, match="--since '0001-01-01': out of range"):
+        parse_since("0001-01-01")
 
 
 # --- the command on a queue the worker and the shadow filled ------------------------------------
@@ -240,7 +245,15 @@ def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     no_queue.write_text(f'[storage]\nspool_dir = "{tmp_path / "nothing"}"\n')
     missing = pacs_ai("compare", "--config", str(no_queue))
     assert missing.returncode == 2 and "no job queue" in missing.stderr
-    assert "Traceback" not in bad.stderr + missing.stderr + future.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = pacs_ai("compare", "--config", str(config), "--out", str(blocker / "out"))
+    assert unwritable.returncode == 2
+    assert f"error: --out {blocker / 'out'}: {blocker} is not a folder" in unwritable.stderr
+    empty_since = pacs_ai("compare", "--config", str(config), "--since", "")
+    assert empty_since.returncode == 2 and "--since ''" in empty_since.stderr
+    assert "Traceback" not in (bad.stderr + missing.stderr + future.stderr + unwritable.stderr
+                               + empty_since.stderr)
 
 
 def test_films_outside_the_shadows_age_range_are_counted_apart_not_compared(tmp_path):

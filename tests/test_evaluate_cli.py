@@ -470,6 +470,21 @@ def test_usage_errors_exit_2_with_a_message(site, models, tmp_path):
     assert not (tmp_path / "out").exists(), "nothing is written for a usage error"
 
 
+def test_an_out_folder_that_cannot_be_made_is_named_before_the_films(site, models, tmp_path):
+    """--out under a file: a one-line error naming it (a traceback after every film was
+    classified before), and nothing written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    result = evaluate(str(site["folder"]), "--model", str(models["tiny"]),
+                      "--out", str(blocker / "report"))
+    assert result.returncode == 2
+    assert f"pacs-ai evaluate: error: --out {blocker / 'report'}: {blocker} is not a folder" \
+        in result.stderr
+    _no_traceback(result)
+    assert result.stdout == "", "the error comes before the films are classified"
+    assert blocker.read_text() == "not a folder\n"
+
+
 def test_unusable_labels_exit_1_with_a_message(models, tmp_path):
     model = ["--model", str(models["tiny"]), "--out", str(tmp_path / "out")]
     write_pictures(tmp_path / "flat", 2, seed=4)

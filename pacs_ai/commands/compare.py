@@ -38,13 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
-    from pacs_ai.evaluate import comparison
+    from pacs_ai.evaluate import comparison, report_folder
     from pacs_ai.model.site_threshold import file_sha256
     from pacs_ai.queue.jobs import JobStore
     from pacs_ai.queue.spool import Spool
 
     config = load_config(args.config)
-    since = comparison.parse_since(args.since) if args.since else None
+    since = comparison.parse_since(args.since) if args.since is not None else None
+    out = Path(args.out) if args.out else Path(f"compare-{datetime.date.today().isoformat()}")
+    report_folder.check(out)  # before the labels' DICOM files are read
     labels = comparison.read_labels(Path(args.labels)) if args.labels else None
     store = JobStore.open(Spool(config.storage.spool_dir).db_path, create=False)
     try:
@@ -63,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         results, live_sha256=file_sha256(live_path) if live_path.is_file() else None,
         shadow_sha256=file_sha256(shadow_path) if shadow_path is not None else None,
         labels=labels, context=context)
-    out = Path(args.out) if args.out else Path(f"compare-{datetime.date.today().isoformat()}")
     comparison.write_outputs(out, summary, rows)
     if args.json:
         print(json.dumps(summary, indent=2))

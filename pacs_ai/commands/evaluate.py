@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pacs_ai.config import load_config
     from pacs_ai.errors import UserError
+    from pacs_ai.evaluate import report_folder
     from pacs_ai.evaluate import site_evaluation as evaluation
     from pacs_ai.evaluate.offline_classification import classify_files
     from pacs_ai.model.intended_use import format_age_range, site_model_info
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--sensitivity-floor must be above 0 and at most 1, not {floor:g}")
     configure_logging("warning")  # on stderr; stdout carries the summary
     config = load_config(args.config)
+    out = Path(args.out) if args.out else Path(f"evaluation-{datetime.date.today().isoformat()}")
+    report_folder.check(out)  # before the films, not after an hour of them
     try:
         labelled = evaluation.labelled_films(
             Path(args.folder), Path(args.labels) if args.labels is not None else None)
@@ -111,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         rows, threshold=model.info.threshold, floor=floor, context=context,
         config_lines=lambda threshold: _proposed_lines(threshold, own, model.sha256, config,
                                                        site_ood_threshold))
-    out = Path(args.out) if args.out else Path(f"evaluation-{datetime.date.today().isoformat()}")
     evaluation.write_outputs(out, rows, summary)
     if args.json:
         print(json.dumps(summary, indent=2))

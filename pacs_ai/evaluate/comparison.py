@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pacs_ai.errors import UserError
+from pacs_ai.evaluate import report_folder
 from pacs_ai.evaluate.site_evaluation import LABEL_VALUES, read_labels_csv, summarise
 from pacs_ai.queue.shadow_records import ShadowResult, ShadowStatus
 
@@ -320,9 +321,14 @@ def parse_since(text: str) -> float:
     except ValueError:
         raise UserError(f"--since {text!r}: expected a date such as 2026-12-01 or a date and "
                         "time such as 2026-12-01T08:00") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # local time, as the admin means it
-    return moment.timestamp()
+    try:
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # local time, as the admin means it
+        return moment.timestamp()
+    # a moment the local clock cannot place (0001-01-01, or 9999-12-31 west of UTC)
+    except (ValueError, OverflowError, OSError):
+        raise UserError(f"--since {text!r}: out of range; give a date such as "
+                        "2026-12-01") from None
 
 
 def write_outputs(out: Path, summary: dict[str, Any], rows: list[dict]) -> dict[str, str]:
@@ -331,20 +337,18 @@ def write_outputs(out: Path, summary: dict[str, Any], rows: list[dict]) -> dict[
 
     from pacs_ai.evaluate.comparison_html import render_report, scatter_svg
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"report_html": out / "report.html", "scatter_svg": out / "scatter.svg",
-             "films_csv": out / "films.csv", "summary_json": out / "summary.json"}
-    summary["outputs"] = {key: str(path) for key, path in paths.items()}
-    with paths["films_csv"].open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FILM_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if row.get(key) is None else row[key]
-                             for key in FILM_COLUMNS})
-    scatter = scatter_svg(summary, rows)
-    paths["scatter_svg"].write_text(scatter + "\n", encoding="utf-8")
-    paths["summary_json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    paths["report_html"].write_text(render_report(summary, scatter), encoding="utf-8")
+    with report_folder.writing(out):
+        paths = {"report_html": out / "report.html", "scatter_svg": out / "scatter.svg",
+                 "films_csv": out / "films.csv", "summary_json": out / "summary.json"}
+        summary["outputs"] = {key: str(path) for key, path in paths.items()}
+        with paths["films_csv"].open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FILM_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: "" if row.get(key) is None else row[key]
+                                 for key in FILM_COLUMNS})
+        scatter = scatter_svg(summary, rows)
+        paths["scatter_svg"].write_text(scatter + "\n", encoding="utf-8")
+        paths["summary_json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        paths["report_html"].write_text(render_report(summary, scatter), encoding="utf-8")
     return summary["outputs"]

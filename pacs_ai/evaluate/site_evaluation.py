@@ -22,6 +22,7 @@ import numpy as np
 
 from pacs_ai.errors import UserError
 from pacs_ai.evaluate.evaluation import metrics_at, roc_auc, roc_curve, wilson_interval
+from pacs_ai.evaluate import report_folder
 from pacs_ai.evaluate.offline_classification import expand_paths
 
 CLASS_NAMES = ("normal", "pneumonia")  # label 0, label 1
@@ -392,19 +393,17 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     """results.csv, summary.json and report.html in `out` (created); returns their paths."""
     from pacs_ai.evaluate.evaluation_html import render_report
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"results_csv": out / "results.csv", "summary_json": out / "summary.json",
-             "report_html": out / "report.html"}
-    summary["outputs"] = {key: str(path) for key, path in paths.items()}
-    with paths["results_csv"].open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if row.get(key) is None else row[key]
-                             for key in RESULT_COLUMNS})
-    paths["summary_json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    paths["report_html"].write_text(render_report(summary), encoding="utf-8")
+    with report_folder.writing(out):
+        paths = {"results_csv": out / "results.csv", "summary_json": out / "summary.json",
+                 "report_html": out / "report.html"}
+        summary["outputs"] = {key: str(path) for key, path in paths.items()}
+        with paths["results_csv"].open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: "" if row.get(key) is None else row[key]
+                                 for key in RESULT_COLUMNS})
+        paths["summary_json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        paths["report_html"].write_text(render_report(summary), encoding="utf-8")
     return summary["outputs"]
 

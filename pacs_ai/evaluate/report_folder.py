@@ -1,0 +1,40 @@
+"""The --out folder of `pacs-ai evaluate` and `pacs-ai compare`: checked before the work starts,
+so that an hour of classification does not end in a traceback for a folder that cannot be
+written; a write that fails all the same is a one-line error naming the folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pacs_ai.errors import UserError
+
+
+def check(out: Path) -> None:
+    """UserError unless `out` is a folder that can be written, or one that can be created.
+    Creates nothing: a run that fails before its report leaves no empty folder."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+        where = out
+    else:
+        where = next(parent for parent in out.absolute().parents if parent.exists())
+        if not where.is_dir():
+            raise UserError(f"--out {out}: {where} is not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in {where}")
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Creates `out` for the writes in the block; an OSError there (a read-only file system, a
+    full disk) becomes a UserError that names the folder."""
+    check(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write the report: "
+                        f"{error.strerror or error}") from None
