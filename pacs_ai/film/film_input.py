@@ -109,7 +109,7 @@ def read_picture(path: Path, max_pixels: int) -> np.ndarray:
                 raise PixelDataError(f"too-large: {opened.width} x {opened.height} pixels "
                                      f"exceeds the limit of {max_pixels} pixels")
             # upright as a viewer shows it: an export may store it turned, with EXIF Orientation
-            picture = ImageOps.exif_transpose(opened)
+            picture = transparent_border_removed(ImageOps.exif_transpose(opened))
             if picture.mode.startswith("I") or picture.mode == "F":
                 # 16-bit (and 32-bit) grayscale, as radiographs are often exported: convert("L")
                 # would clip every value over 255 to white, so keep the values themselves.
@@ -119,6 +119,20 @@ def read_picture(path: Path, max_pixels: int) -> np.ndarray:
         raise PixelDataError(f"too-large: {error}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"unreadable: not a readable PNG/JPEG ({error})") from None
+
+
+def transparent_border_removed(picture: Any) -> Any:
+    """The picture cropped to its opaque part: a film saved on a transparent canvas (a viewer's
+    "save image") has a border that is no part of the film, and the grey under it (white from
+    some tools) would be read as film. Transparency inside that box is left as it is."""
+    if picture.mode == "P" and "transparency" in picture.info:
+        picture = picture.convert("RGBA")  # a palette's transparent index (PNG tRNS)
+    if "A" not in picture.getbands():
+        return picture
+    box = picture.getchannel("A").getbbox()  # the pixels not wholly transparent
+    if box is None or box == (0, 0, picture.width, picture.height):
+        return picture  # wholly transparent (nothing to go by) or no border
+    return picture.crop(box)
 
 
 def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
