@@ -489,6 +489,17 @@ def test_dismiss_all_takes_every_failed_job_not_dismissed_yet(store, spool):
     assert store.find("1.3").state == "classifying"
 
 
+def test_a_job_named_twice_is_dismissed_once(store, spool):
+    """`pacs-ai dismiss 1 1`, or a job's number and its UID: one job dismissed, listed once
+    (was: listed twice and counted as 2 dismissed)."""
+    admit(store, spool, "1.1")
+    [job] = store.claim(1)
+    store.mark_failed(job.id, Stage.CLASSIFY, "decode-failed: x")
+    dismissed, unknown = store.dismiss([str(job.id), "1.1", str(job.id)])
+    assert [entry.id for entry in dismissed] == [job.id] and unknown == []
+    assert store.dismissed_count() == 1
+
+
 @pytest.mark.parametrize("stage, code, fixable", [
     ("classify", "too-large", False), ("classify", "decode-failed", False),
     ("classify", "truncated-pixel-data", False), ("classify", "bad-pixel-header", False),

@@ -456,7 +456,8 @@ class JobStore:
                                      f"state = '{JobState.FAILED}'", (key,)).fetchone()
                     if row is None:
                         unknown.append(key)
-                    elif Job(*row).dismissed_at is None:
+                    # a key given twice, or a job's number and its UID, dismiss it once
+                    elif Job(*row).dismissed_at is None and row not in rows:
                         rows.append(row)
                 if unknown:  # all or nothing: a mistyped key changes nothing
                     return [], unknown
