@@ -26,9 +26,20 @@ EXIT_NEEDS_ADMIN = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: ./spool)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--limit", type=int, default=10, metavar="N",
+    parser.add_argument("--limit", type=_count, default=10, metavar="N",
                         help="how many retrying deliveries, recent failures and recent "
                              "skips to list (default 10 of each)")
+
+
+def _count(text: str) -> int:
+    """--limit: 0 or more; argparse makes ArgumentTypeError a usage error naming --limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def _time(timestamp: float | None) -> str | None:
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spool_state = health.spool_state(spool, config.storage.min_free_bytes)
         destinations = health.destinations_state(store, config)
-        report = {"spool": str(spool.root), **collect(store, max(args.limit, 0)),
+        report = {"spool": str(spool.root), **collect(store, args.limit),
                   "spool_free_bytes": spool_state["free_bytes"],
                   "min_free_bytes": spool_state["min_free_bytes"],
                   "spool_writable": spool_state["writable"],
