@@ -89,6 +89,18 @@ def test_max_pixels_option_refuses_large_images(tiny_model):
     assert results[0]["status"] == "error" and results[0]["reason"].startswith("too-large: ")
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_a_max_pixels_that_no_film_could_meet_is_a_usage_error(tiny_model, value):
+    """--max-pixels 0 or -1 refused every film as too-large, exit 1, as if the films were at
+    fault; now exit 2 naming the option, before any film is read."""
+    entry = next(e for e in MANIFEST if e["expected_status"] == "ok")
+    code, results, stderr = classify("--model", str(tiny_model), "--max-pixels", value,
+                                     str(SAMPLE_DICOMS / entry["file"]))
+    assert code == 2 and results == []
+    assert "pacs-ai classify: error: argument --max-pixels: " in stderr
+    assert "Traceback" not in stderr
+
+
 def test_prepare_says_how_long_the_file_took_and_what_it_came_to(tmp_path):
     from pacs_ai.config import DEFAULT_MAX_PIXELS, FilterPolicy
     from pacs_ai.film.film_input import PrepareStatus, prepare

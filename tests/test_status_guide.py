@@ -246,7 +246,7 @@ def test_the_guide_sample_of_status_with_the_pacs_unreachable_is_a_real_run(tmp_
     # a negative --limit is a usage error (it printed no list at all, exit 1, before)
     negative = status_at(SAMPLE_TAKEN, config_path, "--limit", "-5")
     assert negative.returncode == 2 and negative.stdout == ""
-    assert "argument --limit: -5 is negative" in negative.stderr
+    assert "argument --limit: -5 is below 0" in negative.stderr
 
 
 def test_the_guide_sample_of_a_film_that_cannot_be_decoded_is_a_real_run(tmp_path):

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from pacs_ai.commands.arguments import whole_number
+
 HELP = "classify DICOM, PNG or JPEG files or folders; prints one JSON line per file"
 
 
@@ -13,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="files or folders (a folder walk passes over .md/.json/.txt "
                              "files and hidden files)")
-    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+    parser.add_argument("--max-pixels", type=whole_number(1), default=None, metavar="N",
                         help="refuse images declaring more pixels than this "
                              "(default: the service's limit)")
     parser.add_argument("--model", help="model file (default: the shipped model)")

@@ -18,6 +18,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from pacs_ai.commands.arguments import whole_number
+
 HELP = ("show jobs per state, the backlog, deliveries per destination, the latest failures and "
         "what needs an admin (exit status 1 when something does)")
 EXIT_NEEDS_ADMIN = 1
@@ -26,20 +28,9 @@ EXIT_NEEDS_ADMIN = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: ./spool)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--limit", type=_count, default=10, metavar="N",
+    parser.add_argument("--limit", type=whole_number(0), default=10, metavar="N",
                         help="how many retrying deliveries, recent failures and recent "
                              "skips to list (default 10 of each)")
-
-
-def _count(text: str) -> int:
-    """--limit: 0 or more; argparse makes ArgumentTypeError a usage error naming --limit."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _time(timestamp: float | None) -> str | None:
