@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pacs_ai.film.pixels import (PixelDataError, apply_window, check_pixel_header, display_array,
@@ -65,6 +67,19 @@ def test_first_window_of_several_is_used():
     display = display_array(ds)
     stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ROWS, COLUMNS)
     np.testing.assert_allclose(display, apply_window(stored.astype(float), 1000, 1000), atol=1e-6)
+
+
+@pytest.mark.parametrize("center, width", [(b"2047,75 ", b"4096"), (b"2048", b"4095,5 "),
+                                           (b"2048", b"wide")],
+                         ids=["decimal-comma-center", "decimal-comma-width", "not-a-number"])
+def test_an_unreadable_window_is_no_window(center, width):
+    # Some localised modality software writes Window Center/Width with a decimal comma; pydicom
+    # then gives the text as it is. Like a width under 1, it is no usable window: the film gets
+    # the robust window (a viewer's auto window) instead of failing as decode-failed.
+    ds = dataset()
+    for tag, value in ((0x00281050, center), (0x00281051, width)):
+        ds[tag] = RawDataElement(Tag(tag), "DS", len(value), value, 0, False, True)
+    np.testing.assert_array_equal(display_array(ds), display_array(dataset()))
 
 
 def test_rescale_is_applied_before_the_window():

@@ -281,12 +281,16 @@ def apply_voi(values: np.ndarray, ds: Dataset, *, in_place: bool = False) -> np.
 
 
 def first_window(ds: Dataset) -> tuple[float, float] | None:
-    """The first Window Center/Width pair, or None when absent or unusable (width < 1)."""
+    """The first Window Center/Width pair, or None when absent or unusable (width < 1, or not
+    numbers: pydicom gives an invalid DS, such as a decimal comma, as its text)."""
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is None or width is None or center == "" or width == "":
         return None
-    center_value = float(_first(center))
-    width_value = float(_first(width))
+    try:
+        center_value = float(_first(center))
+        width_value = float(_first(width))
+    except (TypeError, ValueError):
+        return None  # a viewer falls back to its auto window; so does apply_voi
     if not np.isfinite(center_value) or not np.isfinite(width_value) or width_value < 1:
         return None
     return center_value, width_value
