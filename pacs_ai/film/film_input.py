@@ -125,14 +125,30 @@ def transparent_border_removed(picture: Any) -> Any:
     """The picture cropped to its opaque part: a film saved on a transparent canvas (a viewer's
     "save image") has a border that is no part of the film, and the grey under it (white from
     some tools) would be read as film. Transparency inside that box is left as it is."""
-    if picture.mode == "P" and "transparency" in picture.info:
-        picture = picture.convert("RGBA")  # a palette's transparent index (PNG tRNS)
-    if "A" not in picture.getbands():
-        return picture
-    box = picture.getchannel("A").getbbox()  # the pixels not wholly transparent
+    opacity = _opacity(picture)
+    box = opacity.getbbox() if opacity is not None else None  # the pixels not wholly transparent
     if box is None or box == (0, 0, picture.width, picture.height):
-        return picture  # wholly transparent (nothing to go by) or no border
+        return picture  # no transparency, wholly transparent (nothing to go by), or no border
     return picture.crop(box)
+
+
+def _opacity(picture: Any) -> Any:
+    """The picture's opacity as an 8-bit image (0: transparent), or None without transparency:
+    an alpha channel, or PNG's tRNS key (one grey, colour or palette index is transparent)."""
+    from PIL import Image
+
+    if "A" in picture.getbands():
+        return picture.getchannel("A")
+    key = picture.info.get("transparency")
+    if key is None:
+        return None
+    if picture.mode == "P":
+        return picture.convert("RGBA").getchannel("A")
+    if picture.mode in ("L", "RGB") or picture.mode.startswith("I;16"):
+        values = np.asarray(picture)  # a 16-bit grey's key is 16-bit, so not via convert
+        opaque = values != key if values.ndim == 2 else np.any(values != np.asarray(key), axis=-1)
+        return Image.fromarray(opaque.astype(np.uint8))
+    return None
 
 
 def read_dicom_image(path: Path, policy: FilterPolicy, max_pixels: int) -> FilmPicture:
