@@ -298,6 +298,23 @@ def test_labels_from_a_csv(site, models, tmp_path):
                for note in summary["notes"])
 
 
+def test_labels_as_excel_writes_them_in_a_semicolon_locale(models, tmp_path):
+    """A BOM, CRLF, `;` between the columns, no header, and file names holding a comma (left
+    unquoted, as it is not the separator): each row is read as path;label (the comma in the
+    first row's name was taken as the separator, and every row refused)."""
+    films = write_pictures(tmp_path / "films", 4, seed=6, prefix="scan, é")
+    spellings = ("Normal", "PNEUMONIA ", "0", "pneumonia")
+    rows = "".join(f"{film.name};{label}\r\n" for film, label in zip(films, spellings))
+    csv_path = tmp_path / "films" / "labels.csv"
+    csv_path.write_bytes(("\ufeff" + rows).encode("utf-8"))
+    result = evaluate(str(tmp_path / "films"), "--labels", str(csv_path),
+                      "--model", str(models["tiny"]), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    given = {row["path"]: row["label"] for row in read_results(tmp_path / "out")}
+    assert given == {str(film): label for film, label in
+                     zip(films, ("normal", "pneumonia", "normal", "pneumonia"))}
+
+
 def test_a_model_that_abstains_on_every_film(site, models, tmp_path):
     result = evaluate(str(site["folder"]), "--model", str(models["abstains"]),
                       "--out", str(tmp_path / "out"))

@@ -36,7 +36,8 @@ import numpy as np
 
 from pacs_ai.errors import UserError
 from pacs_ai.evaluate import report_folder
-from pacs_ai.evaluate.site_evaluation import LABEL_VALUES, read_labels_csv, summarise
+from pacs_ai.evaluate.site_evaluation import (LABEL_VALUES, labels_delimiter, read_labels_csv,
+                                             summarise)
 from pacs_ai.queue.shadow_records import ShadowResult, ShadowStatus
 
 SUMMARY_FORMAT = "pacs-ai-comparison/1"
@@ -112,8 +113,8 @@ def read_labels(csv_path: Path) -> Labels:
         raise UserError(f"cannot read labels file {csv_path}: {error}") from None
     first = next((line for line in text.splitlines() if line.strip()
                   and not line.lstrip().startswith("#")), "")
-    delimiter = next((d for d in (",", ";", "\t") if d in first), ",")
-    header = [cell.strip().lower() for cell in first.split(delimiter)]
+    delimiter = labels_delimiter(first)
+    header = [cell.strip().lower() for cell in next(csv.reader([first], delimiter=delimiter), [])]
     key = next((column for column in KEY_COLUMNS if column in header), None)
     if key is not None:
         return _keyed_labels(csv_path, text, delimiter, key)

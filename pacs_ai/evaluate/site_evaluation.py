@@ -27,6 +27,7 @@ from pacs_ai.evaluate.offline_classification import expand_paths
 
 CLASS_NAMES = ("normal", "pneumonia")  # label 0, label 1
 LABEL_VALUES = {"normal": 0, "pneumonia": 1, "0": 0, "1": 1}
+DELIMITERS = (",", ";", "\t")  # of a labels CSV, in order of preference
 # Fewer classified films than this in a class: the figures are printed with a warning.
 MIN_FILMS_PER_CLASS = 50
 # More out-of-distribution abstentions than this share of the films: a warning.
@@ -105,6 +106,18 @@ def _from_class_folders(folder: Path) -> LabelledSet:
     return labelled
 
 
+def labels_delimiter(first_line: str) -> str:
+    """The separator of a labels CSV, from its first row: the first of `,` `;` tab that makes it
+    a header naming `label` or a row `path<sep>label`; a file name may hold the others (Excel
+    in a semicolon locale writes `scan, 2.dcm;normal` unquoted). Else the first that occurs."""
+    for delimiter in DELIMITERS:
+        cells = [cell.strip().lower()
+                 for cell in next(csv.reader([first_line], delimiter=delimiter), [])]
+        if "label" in cells or (len(cells) == 2 and cells[1] in LABEL_VALUES):
+            return delimiter
+    return next((d for d in DELIMITERS if d in first_line), ",")
+
+
 def read_labels_csv(csv_path: Path, folder: Path) -> LabelledSet:
     """Rows `path,label` (an optional header row naming the columns path and label; `;` or tab
     also accepted as the separator); label normal/pneumonia or 0/1, any case; paths relative
@@ -119,7 +132,7 @@ def read_labels_csv(csv_path: Path, folder: Path) -> LabelledSet:
     except OSError as error:
         raise UserError(f"cannot read labels file {csv_path}: {error.strerror}") from None
     first_line = next((line for line in text.splitlines() if line.strip()), "")
-    delimiter = next((d for d in (",", ";", "\t") if d in first_line), ",")
+    delimiter = labels_delimiter(first_line)
     base = csv_path.resolve().parent
     films: list[Film] = []
     problems: list[str] = []
