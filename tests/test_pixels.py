@@ -82,6 +82,18 @@ def test_an_unreadable_window_is_no_window(center, width):
     np.testing.assert_array_equal(display_array(ds), display_array(dataset()))
 
 
+@pytest.mark.parametrize("tag", [0x00281053, 0x00281052], ids=["slope", "intercept"])
+def test_a_rescale_that_is_not_a_number_is_a_bad_header(tag):
+    # Unlike a window, a rescale cannot be done without: it says what the stored values mean
+    # (a negative slope turns them over). The reason names the header, not a decoder.
+    ds = dataset()
+    ds[tag] = RawDataElement(Tag(tag), "DS", 4, b"1,5 ", 0, False, True)
+    with pytest.raises(PixelDataError) as error:
+        display_array(ds)
+    assert reason_code(error) == "bad-pixel-header"
+    assert "Rescale" in str(error.value) and "'1,5'" in str(error.value)
+
+
 def test_rescale_is_applied_before_the_window():
     # stored 0..3070, slope 2, intercept -1000 -> modality values -1000..5140
     ds = dataset(RescaleSlope="2", RescaleIntercept="-1000", WindowCenter="0", WindowWidth="100")

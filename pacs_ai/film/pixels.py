@@ -253,14 +253,26 @@ def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     modality_luts = ds.get("ModalityLUTSequence")
     if modality_luts:
         return _lookup(stored, modality_luts[0], ds)[0]
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope = _rescale_number(ds, "RescaleSlope", 1.0)
+    intercept = _rescale_number(ds, "RescaleIntercept", 0.0)
     values = stored.astype(np.float32)
     if slope != 1.0:
         values *= np.float32(slope)
     if intercept != 0.0:
         values += np.float32(intercept)
     return values
+
+
+def _rescale_number(ds: Dataset, keyword: str, default: float) -> float:
+    """Rescale Slope or Intercept (`default` when absent or empty). pydicom gives an invalid DS
+    (a decimal comma, say) as its text; unlike a window, a rescale cannot be done without."""
+    value = ds.get(keyword, default) or default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        name = "Rescale Slope" if keyword == "RescaleSlope" else "Rescale Intercept"
+        raise PixelDataError(f"bad-pixel-header: {name} is {str(value)!r}, not a "
+                             "number") from None
 
 
 def apply_voi(values: np.ndarray, ds: Dataset, *, in_place: bool = False) -> np.ndarray:
