@@ -315,6 +315,23 @@ def test_labels_as_excel_writes_them_in_a_semicolon_locale(models, tmp_path):
                      zip(films, ("normal", "pneumonia", "normal", "pneumonia"))}
 
 
+def test_a_second_run_the_same_day_keeps_the_first_report(site, models, tmp_path):
+    """Without --out, the report goes to ./evaluation-YYYY-MM-DD; a second run that day (another
+    model, another config) goes beside it, -2, instead of overwriting it."""
+    import datetime
+
+    first = evaluate(str(site["folder"]), "--model", str(models["tiny"]), cwd=tmp_path)
+    second = evaluate(str(site["folder"]), "--model", str(models["tiny"]),
+                      "--sensitivity-floor", "0.9", cwd=tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    folder = tmp_path / f"evaluation-{datetime.date.today().isoformat()}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [folder.name, f"{folder.name}-2"]
+    floors = [json.loads((path / "summary.json").read_text())["proposed_threshold"]["floor"]
+              for path in (folder, tmp_path / f"{folder.name}-2")]
+    assert floors == [0.95, 0.9]
+    assert f"written:    {folder.name}-2/report.html" in second.stdout
+
+
 def test_a_model_that_abstains_on_every_film(site, models, tmp_path):
     result = evaluate(str(site["folder"]), "--model", str(models["abstains"]),
                       "--out", str(tmp_path / "out"))

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Instance UID)")
     parser.add_argument("--out", metavar="DIR",
                         help="where report.html, scatter.svg, films.csv and summary.json go "
-                             "(default ./compare-YYYY-MM-DD)")
+                             "(default ./compare-YYYY-MM-DD, or -2, -3, ... "
+                             "after it when that exists)")
     parser.add_argument("--json", action="store_true",
                         help="print summary.json instead of the text summary")
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     since = comparison.parse_since(args.since) if args.since is not None else None
-    out = Path(args.out) if args.out else Path(f"compare-{datetime.date.today().isoformat()}")
+    out = (Path(args.out) if args.out
+           else report_folder.default_folder("compare"))
     report_folder.check(out)  # before the labels' DICOM files are read
     labels = comparison.read_labels(Path(args.labels)) if args.labels else None
     store = JobStore.open(Spool(config.storage.spool_dir).db_path, create=False)

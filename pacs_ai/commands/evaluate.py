@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"sensitivity on these films is >= S (default {DEFAULT_FLOOR})")
     parser.add_argument("--out", metavar="DIR",
                         help="where report.html, results.csv and summary.json go "
-                             "(default ./evaluation-YYYY-MM-DD)")
+                             "(default ./evaluation-YYYY-MM-DD, or -2, -3, ... "
+                             "after it when that exists)")
     parser.add_argument("--json", action="store_true",
                         help="print summary.json instead of the text summary")
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--sensitivity-floor must be above 0 and at most 1, not {floor:g}")
     configure_logging("warning")  # on stderr; stdout carries the summary
     config = load_config(args.config)
-    out = Path(args.out) if args.out else Path(f"evaluation-{datetime.date.today().isoformat()}")
+    out = (Path(args.out) if args.out
+           else report_folder.default_folder("evaluation"))
     report_folder.check(out)  # before the films, not after an hour of them
     try:
         labelled = evaluation.labelled_films(

@@ -4,12 +4,24 @@ written; a write that fails all the same is a one-line error naming the folder."
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pacs_ai.errors import UserError
+
+
+def default_folder(prefix: str) -> Path:
+    """./PREFIX-YYYY-MM-DD, or -2, -3, ... after it when a run earlier today left that one: a
+    second run the same day (another model, another config) keeps the first run's report."""
+    first = Path(f"{prefix}-{datetime.date.today().isoformat()}")
+    folder, number = first, 1
+    while folder.exists():
+        number += 1
+        folder = Path(f"{first}-{number}")
+    return folder
 
 
 def check(out: Path) -> None:
