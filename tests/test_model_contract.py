@@ -87,6 +87,14 @@ def test_not_a_model_file_and_missing_file_are_refused(tmp_path):
         PneumoniaModel.load(junk)
     with pytest.raises(ModelContractError, match="not found"):
         PneumoniaModel.load(tmp_path / "absent.pt")
+    # the two that torch or the check above misnamed: a folder was "not found", an empty file
+    # "istream reader failed: getting the current position"
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(ModelContractError, match="model file is not a file: .*folder.pt"):
+        PneumoniaModel.load(tmp_path / "folder.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelContractError, match="model file is empty: .*empty.pt"):
+        PneumoniaModel.load(tmp_path / "empty.pt")
 
 
 def test_cli_prints_a_message_not_a_traceback(tmp_path):

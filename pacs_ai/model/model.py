@@ -182,7 +182,9 @@ class PneumoniaModel:
 
         model_path = Path(path) if path is not None else default_model_path()
         if not model_path.is_file():
-            raise ModelContractError(f"model file not found: {model_path}")
+            raise ModelContractError(f"model file not found: {model_path}"
+                                     if not model_path.exists()
+                                     else f"model file is not a file: {model_path}")
         extra_files = {METADATA_FILE: ""}
         try:
             # read once: the digest is of the very bytes loaded, even if the file is replaced
@@ -190,6 +192,9 @@ class PneumoniaModel:
         except OSError as error:
             raise ModelContractError(f"cannot read model file {model_path}: "
                                      f"{error.strerror}") from None
+        if not data:  # torch would say "istream reader failed: getting the current position"
+            raise ModelContractError(f"model file is empty: {model_path} (0 bytes; a copy that "
+                                     "did not finish?)")
         try:
             with warnings.catch_warnings():  # TorchScript is our contract; keep the logs clean
                 warnings.simplefilter("ignore", DeprecationWarning)
