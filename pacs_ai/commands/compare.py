@@ -1,7 +1,7 @@
 """`pacs-ai compare`: the live model and the [shadow] model over the films both assessed, from
 the job queue the service keeps (it may be running meanwhile). Exit status 0 with figures, 1
 when the queue holds no film both assessed (in the period asked), 2 for usage errors (a bad
-config, date or labels file, no queue yet)."""
+config, date or labels file, no queue yet, an --out folder that cannot be written)."""
 
 from __future__ import annotations
 

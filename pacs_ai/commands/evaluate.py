@@ -4,7 +4,8 @@ The films go through the same steps as in the service (filters, intended age, de
 model, abstention), with the threshold, age range and unknown_age the config would put in
 force. Exit status 0 when the figures were computed, 1 when nothing (or no film of a class) could be
 classified or the labels give no figures, 2 for usage errors (a missing folder, a CSV row whose
-file is missing or whose label is unknown, a bad config or model file).
+file is missing or whose label is unknown, a bad config or model file, an --out folder that
+cannot be written: checked before the films are classified).
 """
 
 from __future__ import annotations
