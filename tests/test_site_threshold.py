@@ -173,6 +173,14 @@ def test_the_proposed_lines_are_accepted_for_their_file_only(tmp_path, tiny_mode
     other = pacs_ai_cli("model", "--config", str(config), "--model", str(shipped.path))
     assert other.returncode == 2
     assert f"the model file is {shipped.info.label}" in other.stderr
+    assert other.stdout == "", "no card for a config the service would refuse"
+    # --json makes the same check (it printed the metadata and exited 0 before)
+    as_json = pacs_ai_cli("model", "--config", str(config), "--model", str(shipped.path), "--json")
+    assert as_json.returncode == 2 and as_json.stdout == ""
+    assert f"the model file is {shipped.info.label}" in as_json.stderr
+    accepted = pacs_ai_cli("model", "--config", str(config), "--json")
+    assert accepted.returncode == 0 and json.loads(accepted.stdout)["version"] == \
+        tiny.info.version
 
 
 # --- an ood_threshold, bound the same way -----------------------------------------------------

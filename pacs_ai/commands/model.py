@@ -28,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
         path = config.model_path()
     model = PneumoniaModel.load(path)
     metadata = model.info.metadata
+    # the checks the service makes at start, before anything is printed, --json or not: an
+    # admin's pre-restart check must not pass where the service would refuse the config
+    site = _site_settings(config, model.info, model.sha256) if config is not None else None
+    shadow = (_shadow(config) if config is not None and config.shadow.model is not None
+              else None)
     if args.json:
         print(json.dumps(metadata, indent=2, sort_keys=True))
         return 0
@@ -43,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"):
         if key in metrics:
             print(f"val {key + ':':<13}{metrics[key]:.4f}")
-    if config is not None:
-        print(f"site:       {_site_settings(config, model.info, model.sha256)}")
-        if config.shadow.model is not None:
-            print(f"shadow:     {_shadow(config)}")
+    if site is not None:
+        print(f"site:       {site}")
+    if shadow is not None:
+        print(f"shadow:     {shadow}")
     return 0
 
 
