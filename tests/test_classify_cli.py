@@ -80,6 +80,17 @@ def test_only_broken_input_exits_non_zero_with_reasons(tiny_model, tmp_path):
     assert by_file(results)["no-such-file.dcm"]["reason"].startswith("unreadable: ")
 
 
+def test_a_folder_without_films_is_named(tiny_model, tmp_path):
+    """An empty folder (or one of notes only): exit 1 saying there was no file, not that
+    "nothing could be classified", which reads as films that failed."""
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "README.md").write_text("films go here\n")
+    code, results, stderr = classify("--model", str(tiny_model), str(tmp_path / "exports"))
+    assert code == 1 and results == []
+    assert f"pacs-ai classify: no file to classify in {tmp_path / 'exports'}" in stderr
+    assert "nothing could be classified" not in stderr
+
+
 @pytest.mark.timeout(300)
 def test_max_pixels_option_refuses_large_images(tiny_model):
     entry = next(e for e in MANIFEST if e["expected_status"] == "ok")
