@@ -250,10 +250,21 @@ def test_the_command_on_what_the_shadow_recorded(tmp_path, tiny_model):
     unwritable = pacs_ai("compare", "--config", str(config), "--out", str(blocker / "out"))
     assert unwritable.returncode == 2
     assert f"error: --out {blocker / 'out'}: {blocker} is not a folder" in unwritable.stderr
+    # a labels CSV named as a report file in --out is refused, not overwritten by the report
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    (trial / "films.csv").write_text("sop_instance_uid,label\n" + "".join(
+        f"{r.sop_instance_uid},normal\n" for r in recorded))
+    labels_text = (trial / "films.csv").read_text()
+    clash = pacs_ai("compare", "--config", str(config), "--labels", str(trial / "films.csv"),
+                    "--out", str(trial))
+    assert clash.returncode == 2, clash.stdout
+    assert f"its films.csv would overwrite {trial / 'films.csv'}" in clash.stderr
+    assert (trial / "films.csv").read_text() == labels_text
     empty_since = pacs_ai("compare", "--config", str(config), "--since", "")
     assert empty_since.returncode == 2 and "--since ''" in empty_since.stderr
     assert "Traceback" not in (bad.stderr + missing.stderr + future.stderr + unwritable.stderr
-                               + empty_since.stderr)
+                               + empty_since.stderr + clash.stderr)
 
 
 def test_films_outside_the_shadows_age_range_are_counted_apart_not_compared(tmp_path):

@@ -315,6 +315,23 @@ def test_labels_as_excel_writes_them_in_a_semicolon_locale(models, tmp_path):
                      zip(films, ("normal", "pneumonia", "normal", "pneumonia"))}
 
 
+def test_the_report_never_overwrites_the_labels_csv(models, tmp_path):
+    """A labels CSV named results.csv in the --out folder: refused before the films (it was
+    read, then overwritten by the report's results.csv: the site's labels lost)."""
+    films = write_pictures(tmp_path / "films", 2, seed=7)
+    labels = tmp_path / "trial" / "results.csv"
+    labels.parent.mkdir()
+    text = "".join(f"../films/{film.name},{label}\n" for film, label in zip(films, ("0", "1")))
+    labels.write_text(text)
+    result = evaluate(str(tmp_path / "films"), "--labels", str(labels),
+                      "--model", str(models["tiny"]), "--out", str(tmp_path / "trial"))
+    assert result.returncode == 2, result.stdout
+    assert f"its results.csv would overwrite {labels}" in result.stderr
+    _no_traceback(result)
+    assert labels.read_text() == text
+    assert sorted(path.name for path in labels.parent.iterdir()) == ["results.csv"]
+
+
 def test_a_second_run_the_same_day_keeps_the_first_report(site, models, tmp_path):
     """Without --out, the report goes to ./evaluation-YYYY-MM-DD; a second run that day (another
     model, another config) goes beside it, -2, instead of overwriting it."""

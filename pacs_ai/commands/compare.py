@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     since = comparison.parse_since(args.since) if args.since is not None else None
     out = (Path(args.out) if args.out
            else report_folder.default_folder("compare"))
-    report_folder.check(out)  # before the labels' DICOM files are read
-    labels = comparison.read_labels(Path(args.labels)) if args.labels else None
+    labels_csv = Path(args.labels) if args.labels else None
+    # before the labels' DICOM files are read; never over the labels CSV
+    report_folder.check(out, comparison.OUTPUT_FILES.values(), [labels_csv])
+    labels = comparison.read_labels(labels_csv) if labels_csv is not None else None
     store = JobStore.open(Spool(config.storage.spool_dir).db_path, create=False)
     try:
         results = store.shadow_results(received_since=since)

@@ -66,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     out = (Path(args.out) if args.out
            else report_folder.default_folder("evaluation"))
-    report_folder.check(out)  # before the films, not after an hour of them
+    labels_csv = Path(args.labels) if args.labels is not None else None
+    # before the films, not after an hour of them; never over the labels CSV
+    report_folder.check(out, evaluation.OUTPUT_FILES.values(), [labels_csv])
     try:
         labelled = evaluation.labelled_films(
-            Path(args.folder), Path(args.labels) if args.labels is not None else None)
+            Path(args.folder), labels_csv)
     except evaluation.LabelsUnusable as error:
         print(f"pacs-ai evaluate: labels unusable: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,9 @@ from pacs_ai.evaluate.site_evaluation import (LABEL_VALUES, labels_delimiter, re
                                              summarise)
 from pacs_ai.queue.shadow_records import ShadowResult, ShadowStatus
 
+OUTPUT_FILES = {"report_html": "report.html", "scatter_svg": "scatter.svg",
+                "films_csv": "films.csv", "summary_json": "summary.json"}  # in the --out folder
+
 SUMMARY_FORMAT = "pacs-ai-comparison/1"
 OUTCOMES = ("pneumonia", "normal", "abstained")
 FILM_COLUMNS = ("sop_instance_uid", "received_at", "live_probability", "live_outcome",
@@ -339,8 +342,7 @@ def write_outputs(out: Path, summary: dict[str, Any], rows: list[dict]) -> dict[
     from pacs_ai.evaluate.comparison_html import render_report, scatter_svg
 
     with report_folder.writing(out):
-        paths = {"report_html": out / "report.html", "scatter_svg": out / "scatter.svg",
-                 "films_csv": out / "films.csv", "summary_json": out / "summary.json"}
+        paths = {key: out / name for key, name in OUTPUT_FILES.items()}
         summary["outputs"] = {key: str(path) for key, path in paths.items()}
         with paths["films_csv"].open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=FILM_COLUMNS)

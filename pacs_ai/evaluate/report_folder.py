@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,9 +24,16 @@ def default_folder(prefix: str) -> Path:
     return folder
 
 
-def check(out: Path) -> None:
-    """UserError unless `out` is a folder that can be written, or one that can be created.
+def check(out: Path, files: Iterable[str] = (), inputs: Iterable[Path | None] = ()) -> None:
+    """UserError unless `out` is a folder that can be written, or one that can be created, and
+    none of the report's `files` in it is one of the run's `inputs` (a labels CSV named
+    films.csv beside `compare --out`'s films.csv would be overwritten by it).
     Creates nothing: a run that fails before its report leaves no empty folder."""
+    written = {(out / name).resolve(): name for name in files}
+    for given in inputs:
+        if given is not None and given.resolve() in written:
+            raise UserError(f"--out {out}: its {written[given.resolve()]} would overwrite "
+                            f"{given}, which this run reads; choose another --out")
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")

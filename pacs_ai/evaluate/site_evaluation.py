@@ -39,6 +39,8 @@ OOD_CODE = "out-of-distribution"
 THRESHOLD_MARGIN = 1e-6
 RESULT_COLUMNS = ("path", "label", "status", "probability", "finding", "reason", "ood_score")
 SUMMARY_FORMAT = "pacs-ai-evaluation/1"
+OUTPUT_FILES = {"results_csv": "results.csv", "summary_json": "summary.json",
+                "report_html": "report.html"}  # in the --out folder
 MAX_PROBLEMS_SHOWN = 10
 
 
@@ -407,8 +409,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     from pacs_ai.evaluate.evaluation_html import render_report
 
     with report_folder.writing(out):
-        paths = {"results_csv": out / "results.csv", "summary_json": out / "summary.json",
-                 "report_html": out / "report.html"}
+        paths = {key: out / name for key, name in OUTPUT_FILES.items()}
         summary["outputs"] = {key: str(path) for key, path in paths.items()}
         with paths["results_csv"].open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
