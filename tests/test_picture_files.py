@@ -116,3 +116,24 @@ def test_a_transparent_border_is_not_part_of_the_film(tmp_path, film_8bit, mode,
     # exactly the plain PNG's (the 16-bit one up to a tie split by the resize's rounding)
     assert np.abs(model_input_of(bordered) - model_input_of(plain)).max() < (
         1e-3 if mode == "I;16" else 1e-9)
+
+
+def test_a_pipe_named_as_a_film_is_refused_not_waited_on(tmp_path):
+    """`pacs-ai classify PATH` with a FIFO (a folder walk skips them; a named path does not):
+    reading it would block until a writer came, which is never."""
+    import os
+    import threading
+
+    fifo = tmp_path / "film.dcm"
+    os.mkfifo(fifo)
+    outcome = {}
+    reader = threading.Thread(target=lambda: outcome.update(
+        prepared=prepare(fifo, FilterPolicy(), MAX_PIXELS)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # unblock the reader before failing
+        with open(fifo, "wb"):
+            pass
+    assert not reader.is_alive(), "prepare waited on the pipe"
+    prepared = outcome["prepared"]
+    assert prepared.status == "error" and prepared.reason.startswith("unreadable: not a regular")

@@ -86,6 +86,8 @@ def read_display_image(path: Path, policy: FilterPolicy, max_pixels: int) -> Fil
     Raises SkipImage for images outside the model's scope, ValueError ("<code>: <detail>")
     for unreadable ones.
     """
+    if path.exists() and not path.is_file():  # a pipe would block the read below for good
+        raise ValueError("unreadable: not a regular file (a folder, a pipe or a device)")
     with path.open("rb") as handle:
         head = handle.read(132)
     if head[128:132] == b"DICM":
